@@ -1,0 +1,202 @@
+"""Model configuration: MiniMind's field names and defaults, plus named presets.
+
+`ModelConfig()` with no arguments is MiniMind-3 (768 hidden x 8 layers, ~64M parameters).
+Derived sizes (`head_dim`, `intermediate_size`, `moe_intermediate_size`) may be left as None
+and are resolved in `__post_init__` exactly as MiniMind resolves them, so after construction
+they are always plain ints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+# YaRN settings MiniMind uses when `inference_rope_scaling` is on (see model.py for the formula).
+YARN_ROPE_SCALING: dict[str, Any] = {
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "factor": 16,
+    "original_max_position_embeddings": 2048,
+    "attention_factor": 1.0,
+    "type": "yarn",
+}
+
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+# Overrides on top of the dataclass defaults (which are minimind-3 itself).
+PRESETS: dict[str, dict[str, Any]] = {
+    # MiniMind-3: 768 x 8, GQA 8/4, ~64M parameters.
+    "minimind-3": {},
+    # MiniMind-3-MoE: same trunk, 4 experts, top-1 -> ~198M total, ~64M active.
+    "minimind-3-moe": {"use_moe": True, "num_experts": 4, "num_experts_per_tok": 1},
+    # MiniMind2-Small / MiniMind2 sizes (~26M / ~104M). MiniMind2 used an intermediate size of
+    # 64 * ceil(hidden * 8/3 / 64); note MiniMind2-era checkpoints had no q_norm/k_norm, so they do
+    # not load into this (MiniMind-3) architecture with strict=True.
+    "minimind2-small": {
+        "hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "intermediate_size": 1408,
+    },
+    "minimind2": {
+        "hidden_size": 768, "num_hidden_layers": 16, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "intermediate_size": 2048,
+    },
+    # Tiny model for tests and smoke runs (~0.5M parameters, most of them the embedding).
+    "debug": {
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 512,
+    },
+}
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of the MiniMind decoder (field names and defaults as MiniMind's config).
+
+    Args:
+        vocab_size: Number of token ids (embedding rows).
+        hidden_size: Width of the residual stream.
+        num_hidden_layers: Number of transformer blocks.
+        num_attention_heads: Query heads per attention layer.
+        num_key_value_heads: Key/value heads (grouped-query attention); must divide the query heads.
+        head_dim: Width of one head; None means hidden_size // num_attention_heads.
+        intermediate_size: SwiGLU hidden width; None means ceil(hidden_size * pi / 64) * 64.
+        hidden_act: MLP activation (only "silu" is supported).
+        max_position_embeddings: Longest context the RoPE tables are meant for.
+        rms_norm_eps: Epsilon of every RMSNorm.
+        rope_theta: RoPE base.
+        inference_rope_scaling: Turn on YaRN RoPE scaling (MiniMind's settings, factor 16 from 2048).
+        dropout: Dropout on embeddings, attention probabilities and attention output.
+        flash_attn: Kept for MiniMind compatibility; attention always uses
+            `F.scaled_dot_product_attention`, which picks the fastest kernel itself.
+        tie_word_embeddings: Share the embedding matrix with the output head.
+        bos_token_id: Begin-of-sequence token id.
+        eos_token_id: End-of-sequence token id.
+        use_moe: Replace every MLP with a mixture of experts.
+        num_experts: Experts per MoE layer.
+        num_experts_per_tok: Experts each token is routed to (top-k).
+        moe_intermediate_size: Hidden width of one expert; None means intermediate_size.
+        norm_topk_prob: Renormalise the top-k routing weights to sum to one.
+        router_aux_loss_coef: Weight of the load-balancing loss (training only).
+    """
+
+    vocab_size: int = 6400
+    hidden_size: int = 768
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    inference_rope_scaling: bool = False
+    dropout: float = 0.0
+    flash_attn: bool = True
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    use_moe: bool = False
+    num_experts: int = 4
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: Optional[int] = None
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 5e-4
+
+    def __post_init__(self) -> None:
+        """Resolve derived sizes the way MiniMind does, then validate everything."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            _check_positive_int(name, getattr(self, name))
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                    f"({self.num_attention_heads}), or give head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = math.ceil(self.hidden_size * math.pi / 64) * 64
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        self._validate()
+
+    def _validate(self) -> None:
+        """Raise ValueError for inconsistent settings (called by __post_init__)."""
+        for name in ("head_dim", "intermediate_size", "moe_intermediate_size"):
+            _check_positive_int(name, getattr(self, name))
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 1:
+            raise ValueError(f"rms_norm_eps must be > 0 and rope_theta > 1, got {self.rms_norm_eps}, {self.rope_theta}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name} ({value}) must be in [0, vocab_size={self.vocab_size})")
+        if self.use_moe:
+            _check_positive_int("num_experts", self.num_experts)
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                                 f"[1, num_experts={self.num_experts}]")
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+
+    @property
+    def rope_scaling(self) -> Optional[dict[str, Any]]:
+        """MiniMind's YaRN settings when `inference_rope_scaling` is on, else None."""
+        return dict(YARN_ROPE_SCALING) if self.inference_rope_scaling else None
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """Build a named preset (see `PRESETS`), with field overrides applied on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (derived sizes resolved); `from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from a dict of field values; unknown keys raise ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields are {sorted(known)}")
+        return cls(**d)
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(total, active-per-token) parameter counts computed from the config alone.
+
+        Tied embeddings are counted once. "Active" counts the router and only
+        `num_experts_per_tok` experts per MoE layer; for a dense model it equals the total.
+        """
+        h, hd = self.hidden_size, self.head_dim
+        attn = h * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads) + 2 * hd
+        norms = 2 * h
+        if self.use_moe:
+            expert = 3 * h * self.moe_intermediate_size
+            router = h * self.num_experts
+            mlp_total, mlp_active = router + self.num_experts * expert, router + self.num_experts_per_tok * expert
+        else:
+            mlp_total = mlp_active = 3 * h * self.intermediate_size
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        rest = embed + h  # embeddings (+ untied head) + final norm
+        layers = self.num_hidden_layers
+        return rest + layers * (attn + norms + mlp_total), rest + layers * (attn + norms + mlp_active)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    """Raise ValueError unless `value` is a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

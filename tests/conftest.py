@@ -1,0 +1,13 @@
+"""Shared pytest fixtures."""
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The read-only shared data folder beside the checkout (skips the test if it is absent)."""
+    path = Path(__file__).resolve().parents[2] / "shared"
+    if not path.is_dir():
+        pytest.skip(f"shared data folder not found: {path}")
+    return path

@@ -1,0 +1,323 @@
+"""Tests for minimind_pl.model: MiniMind weight format, equivalence with Qwen3, masks, cache, MoE, YaRN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minimind_pl.config import ModelConfig
+from minimind_pl.model import MiniMindForCausalLM, rope_frequencies, yarn_ramp_bounds
+
+V = 6400
+
+
+def debug_model(seed: int = 0, **overrides) -> MiniMindForCausalLM:
+    """A tiny model with every weight random (norm weights around 1), in eval mode."""
+    torch.manual_seed(seed)
+    model = MiniMindForCausalLM(ModelConfig.from_preset("debug", **overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def minimind_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random fp16 state dict in the format of MiniMind's `out/*.pth` files, built from the
+    documented key names (tied: `lm_head.weight` and `model.embed_tokens.weight` both present)."""
+    g = torch.Generator().manual_seed(seed)
+    c, d, i = config.hidden_size, config.head_dim, config.intermediate_size
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, c), "model.norm.weight": (c,)}
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (config.num_attention_heads * d, c),
+            p + "self_attn.k_proj.weight": (config.num_key_value_heads * d, c),
+            p + "self_attn.v_proj.weight": (config.num_key_value_heads * d, c),
+            p + "self_attn.o_proj.weight": (c, config.num_attention_heads * d),
+            p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
+            p + "input_layernorm.weight": (c,), p + "post_attention_layernorm.weight": (c,),
+        })
+        if config.use_moe:
+            shapes[p + "mlp.gate.weight"] = (config.num_experts, c)
+            mlps = [p + f"mlp.experts.{e}." for e in range(config.num_experts)]
+            i = config.moe_intermediate_size
+        else:
+            mlps = [p + "mlp."]
+        for m in mlps:
+            shapes.update({m + "gate_proj.weight": (i, c), m + "up_proj.weight": (i, c),
+                           m + "down_proj.weight": (c, i)})
+    sd = {k: (0.05 * torch.randn(s, generator=g)).half() for k, s in shapes.items()}
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return sd
+
+
+# ----------------------------------------------------------------------------- structure and weights
+
+
+def test_forward_shapes_and_tied_head() -> None:
+    model = debug_model()
+    out = model(torch.randint(0, V, (2, 7)))
+    assert out.logits.shape == (2, 7, V) and out.past_key_values is None
+    assert out.aux_loss.shape == () and out.aux_loss.item() == 0.0
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model(torch.randint(0, V, (2, 7)), logits_to_keep=1).logits.shape == (2, 1, V)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_minimind_state_dict_loads_strict_and_round_trips(use_moe: bool) -> None:
+    config = ModelConfig.from_preset("debug", use_moe=use_moe)
+    sd = minimind_state_dict(config)
+    model = MiniMindForCausalLM(config)
+    model.load_weights(sd, strict=True)
+    own = model.state_dict()
+    assert set(own) == set(sd)
+    assert all(torch.equal(own[k], sd[k].float()) for k in sd)
+    again = MiniMindForCausalLM(config)
+    again.load_state_dict({k: v.half() for k, v in own.items()})
+    x = torch.randint(0, V, (1, 9))
+    assert torch.equal(model.eval()(x).logits, again.eval()(x).logits)
+
+
+def test_state_dict_errors_name_the_keys() -> None:
+    config = ModelConfig.from_preset("debug")
+    model = MiniMindForCausalLM(config)
+    sd = minimind_state_dict(config)
+    missing = {k: v for k, v in sd.items() if k != "model.layers.1.self_attn.q_norm.weight"}
+    with pytest.raises(ValueError, match=r"missing keys \['model.layers.1.self_attn.q_norm.weight'\]"):
+        model.load_weights(missing)
+    with pytest.raises(ValueError, match=r"unexpected keys \['model.layers.0.mlp.bias'\]"):
+        model.load_weights({**sd, "model.layers.0.mlp.bias": torch.zeros(3)})
+    bad_shape = {**sd, "model.norm.weight": torch.ones(65)}
+    with pytest.raises(ValueError, match=r"model.norm.weight: got \(65,\), model has \(64,\)"):
+        model.load_state_dict(bad_shape)
+    model.load_state_dict(missing, strict=False)  # non-strict loading is still possible
+
+
+def test_tied_embeddings_accept_one_name_and_reject_disagreement() -> None:
+    config = ModelConfig.from_preset("debug")
+    sd = minimind_state_dict(config)
+    model = MiniMindForCausalLM(config)
+    model.load_weights({k: v for k, v in sd.items() if k != "lm_head.weight"})  # Hugging Face style
+    assert torch.equal(model.lm_head.weight, sd["model.embed_tokens.weight"].float())
+    with pytest.raises(ValueError, match="differ"):
+        model.load_weights({**sd, "lm_head.weight": torch.zeros_like(sd["lm_head.weight"])})
+
+
+def test_untied_model_has_its_own_head() -> None:
+    model = debug_model(tie_word_embeddings=False)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_meta_device_init_then_materialise() -> None:
+    """Rotary frequencies survive `torch.device("meta")` construction (FSDP-style init)."""
+    reference = debug_model()
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(reference.config)
+    model.to_empty(device="cpu")
+    model.load_state_dict(reference.state_dict())
+    x = torch.randint(0, V, (1, 12))
+    torch.testing.assert_close(model.eval()(x).logits, reference(x).logits, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- against transformers
+
+
+def copy_weights_to_hf(model: MiniMindForCausalLM, hf: torch.nn.Module) -> None:
+    """Load our weights into a Qwen3 / Qwen3-MoE model (experts fused as transformers 5 stores them)."""
+    sd = dict(model.state_dict())
+    for layer in range(model.config.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp."
+        # ours: experts.{e}.{gate,up,down}_proj; transformers: gate_up_proj (E, 2I, C), down_proj (E, C, I)
+        if model.config.use_moe:
+            experts = range(model.config.num_experts)
+            sd[p + "experts.gate_up_proj"] = torch.stack([
+                torch.cat([sd.pop(p + f"experts.{e}.gate_proj.weight"), sd.pop(p + f"experts.{e}.up_proj.weight")])
+                for e in experts])
+            sd[p + "experts.down_proj"] = torch.stack([sd.pop(p + f"experts.{e}.down_proj.weight") for e in experts])
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and not [k for k in missing if k != "lm_head.weight"]
+
+
+def hf_config_kwargs(config: ModelConfig) -> dict:
+    """Qwen3Config arguments matching a ModelConfig."""
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings, attention_dropout=0.0,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+    )
+
+
+@pytest.mark.parametrize("yarn", [False, True])
+def test_matches_transformers_qwen3(yarn: bool) -> None:
+    transformers = pytest.importorskip("transformers")
+    overrides = {"max_position_embeddings": 32768, "inference_rope_scaling": True} if yarn else {}
+    model = debug_model(**overrides)
+    kwargs = hf_config_kwargs(model.config)
+    if yarn:  # MiniMind's YaRN equals transformers' YaRN with attention_factor 1.0
+        kwargs["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "original_max_position_embeddings": 2048,
+                                     "attention_factor": 1.0}
+    hf_config = transformers.Qwen3Config(**kwargs)
+    hf_config._attn_implementation = "eager"
+    hf = transformers.Qwen3ForCausalLM(hf_config).eval()
+    copy_weights_to_hf(model, hf)
+    x = torch.randint(0, V, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, hf(input_ids=x).logits, rtol=0, atol=1e-4)
+
+
+def test_moe_matches_transformers_qwen3_moe() -> None:
+    """MiniMind's MoE is Qwen3-MoE's sparse block with every layer sparse (decoder_sparse_step=1,
+    mlp_only_layers=[]), softmax router `mlp.gate`, top-k, norm_topk_prob and no shared expert.
+
+    Where they differ: (1) the aux loss -- MiniMind adds one loss per layer (sum over layers of
+    E * sum_e load_e * mean_prob_e, already times the coefficient, training mode only), Qwen3-MoE
+    pools loads and probabilities over all layers first and returns the loss without the
+    coefficient (and can exclude padding via attention_mask); they agree for one layer;
+    (2) MiniMind adds 1e-20 when renormalising the top-k weights; (3) transformers stores experts
+    fused (gate_up_proj / down_proj 3-D tensors), MiniMind as separate Linear modules.
+    """
+    transformers = pytest.importorskip("transformers")
+    model = debug_model(use_moe=True, num_experts=4, num_experts_per_tok=2, num_hidden_layers=1)
+    c = model.config
+    hf_config = transformers.Qwen3MoeConfig(
+        **hf_config_kwargs(c), num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+        moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=c.norm_topk_prob,
+        decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=c.router_aux_loss_coef,
+        output_router_logits=True)
+    hf_config._attn_implementation = "eager"
+    hf = transformers.Qwen3MoeForCausalLM(hf_config).eval()
+    copy_weights_to_hf(model, hf)
+    x = torch.randint(0, V, (2, 24))
+    model.train()  # dropout is 0; training mode only switches the aux loss on
+    out = model(x)
+    with torch.no_grad():
+        hf_out = hf(input_ids=x)
+    torch.testing.assert_close(out.logits, hf_out.logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.aux_loss, c.router_aux_loss_coef * hf_out.aux_loss, rtol=1e-5, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- masks and cache
+
+
+def test_packed_documents_match_separate_documents() -> None:
+    model = debug_model()
+    docs = [torch.randint(0, V, (1, n)) for n in (5, 9, 3)]
+    packed = torch.cat(docs, dim=1)
+    position_ids = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
+    doc_ids = torch.cat([torch.full((d.shape[1],), i) for i, d in enumerate(docs)])[None]
+    logits = model(packed, position_ids=position_ids, doc_ids=doc_ids).logits
+    alone = torch.cat([model(d).logits for d in docs], dim=1)
+    torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5)
+    # without doc_ids the documents would see each other: the check above can fail
+    assert not torch.allclose(model(packed, position_ids=position_ids).logits, alone, atol=1e-3)
+
+
+def test_left_padding_matches_unpadded() -> None:
+    model = debug_model()
+    x = torch.randint(0, V, (1, 6))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), x], dim=1)
+    mask = torch.tensor([[0] * 4 + [1] * 6])
+    position_ids = torch.tensor([[0] * 4 + list(range(6))])
+    out = model(padded, position_ids=position_ids, attention_mask=mask).logits[:, 4:]
+    assert torch.isfinite(model(padded, position_ids=position_ids, attention_mask=mask).logits).all()
+    torch.testing.assert_close(out, model(x).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_kv_cache_matches_full_forward(use_moe: bool) -> None:
+    model = debug_model(use_moe=use_moe)
+    x = torch.randint(0, V, (2, 12))
+    full = model(x).logits
+    out = model(x[:, :5], use_cache=True)
+    pieces, cache = [out.logits], out.past_key_values
+    for chunk in (x[:, 5:6], x[:, 6:10], x[:, 10:12]):  # single tokens and multi-token chunks
+        out = model(chunk, past_key_values=cache, use_cache=True)
+        pieces.append(out.logits)
+        cache = out.past_key_values
+    assert cache[0][0].shape == (2, model.config.num_key_value_heads, 12, model.config.head_dim)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- MoE
+
+
+def test_moe_aux_loss_positive_with_grad_and_train_only() -> None:
+    model = debug_model(use_moe=True).train()
+    out = model(torch.randint(0, V, (2, 16)))
+    assert out.aux_loss.shape == () and out.aux_loss.item() > 0
+    out.aux_loss.backward()
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+    # balanced routing gives coef * k per layer: 4 experts, top-1, 2 layers -> about 2 * 5e-4
+    assert 0.5 * 2 * 5e-4 < out.aux_loss.item() < 4 * 2 * 5e-4
+    assert model.eval()(torch.randint(0, V, (2, 16))).aux_loss.item() == 0.0
+
+
+def test_moe_top2_and_unused_experts() -> None:
+    model = debug_model(use_moe=True, num_experts=8, num_experts_per_tok=2).train()
+    out = model(torch.randint(0, V, (1, 3)))  # 3 tokens x 2 slots < 8 experts: some get nothing
+    (out.logits.sum() + out.aux_loss).backward()
+    grads = [e.up_proj.weight.grad for e in model.model.layers[0].mlp.experts]
+    assert any(g is None for g in grads) and any(g is not None for g in grads)
+
+
+# ----------------------------------------------------------------------------- YaRN
+
+
+def test_yarn_frequencies_and_short_context() -> None:
+    """MiniMind's YaRN is static: it rescales the frequencies for every position, so it DOES change
+    short-context logits (we check that honestly); what stays is: high-frequency pairs up to the
+    ramp start are untouched, pairs from the ramp end on are divided by the factor, and a token at
+    position 0 (no rotation at all) gets exactly the same logits."""
+    plain = ModelConfig.from_preset("debug", max_position_embeddings=32768)
+    scaled = ModelConfig.from_preset("debug", max_position_embeddings=32768, inference_rope_scaling=True)
+    f0, _ = rope_frequencies(plain)
+    f1, attention_factor = rope_frequencies(scaled)
+    low, high = yarn_ramp_bounds(16, 1e6, 2048, 32, 1)
+    assert (low, high) == (1, 4) and attention_factor == 1.0
+    assert torch.equal(f1[: low + 1], f0[: low + 1])
+    torch.testing.assert_close(f1[high:], f0[high:] / 16)
+    assert ((f1[low + 1:high] < f0[low + 1:high]) & (f1[low + 1:high] > f0[low + 1:high] / 16)).all()
+
+    model, yarn_model = debug_model(max_position_embeddings=32768), MiniMindForCausalLM(scaled)
+    yarn_model.load_state_dict(model.state_dict())
+    yarn_model.eval()
+    x = torch.randint(0, V, (1, 64))
+    assert torch.equal(model(x[:, :1]).logits, yarn_model(x[:, :1]).logits)
+    assert not torch.allclose(model(x).logits, yarn_model(x).logits, atol=1e-4)
+
+
+def test_yarn_off_when_context_not_extended() -> None:
+    # MiniMind applies YaRN only when max_position_embeddings / 2048 > 1
+    plain = ModelConfig.from_preset("debug")
+    scaled = ModelConfig.from_preset("debug", inference_rope_scaling=True)
+    assert torch.equal(rope_frequencies(plain)[0], rope_frequencies(scaled)[0])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_token_ids_out_of_range() -> None:
+    model = debug_model()
+    with pytest.raises(ValueError, match=r"\[0, 6400\)"):
+        model(torch.tensor([[1, 2, 6400]]))
+    with pytest.raises(ValueError, match="min -1"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.zeros(1, 3))
+
+
+def test_bad_input_shapes() -> None:
+    model = debug_model()
+    x = torch.randint(0, V, (2, 5))
+    with pytest.raises(ValueError, match="position_ids shape"):
+        model(x, position_ids=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model(x, attention_mask=torch.ones(2, 4))
+    cache = model(x, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="doc_ids cannot be combined"):
+        model(x[:, :1], doc_ids=torch.zeros(2, 1, dtype=torch.long), past_key_values=cache)
