@@ -1,0 +1,611 @@
+"""Tokenizer for minimind_pl: Hugging Face tokenizer directories read with the `tokenizers` library.
+
+A tokenizer directory holds ``tokenizer.json`` (the `tokenizers` model) and ``tokenizer_config.json``
+(special tokens and the Jinja chat template): the layout MiniMind and Hugging Face use. MiniMind's own
+tokenizer loads unchanged, and chat templates render exactly as ``transformers`` renders them, without
+importing ``transformers``.
+"""
+from __future__ import annotations
+
+import codecs
+import functools
+import hashlib
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+ROLES = ("system", "user", "assistant", "tool")
+
+# MiniMind's added tokens, in id order 0..35. The first 21 are "special" (skipped by
+# skip_special_tokens); the tool/think/buffer tokens after them are plain added tokens.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
+    "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>", "<tts_text_bos_single>",
+]
+CONTROL_TOKENS = [
+    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+] + [f"<|buffer{i}|>" for i in range(1, 10)]
+ADDED_TOKENS = SPECIAL_TOKENS + CONTROL_TOKENS
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+
+# Our ChatML template with <think> blocks and <tool_call>/<tool_response>, written to render
+# the same text as MiniMind's template (tests/test_tokenizer.py checks this).
+CHAT_TEMPLATE = r"""
+{%- set first = messages[0] if messages else {} -%}
+{%- if tools -%}
+    {{- '<|im_start|>system\n' -}}
+    {%- if first.role == 'system' -%}{{- first.content + '\n\n' -}}{%- endif -%}
+    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' -}}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' -}}
+    {%- for tool in tools -%}{{- '\n' ~ tool | tojson -}}{%- endfor -%}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments' -}}
+    {{- ' within <tool_call></tool_call> XML tags:\n<tool_call>\n' -}}
+    {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' -}}
+{%- elif first.role == 'system' -%}
+    {{- '<|im_start|>system\n' + first.content + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for m in messages -%}
+    {%- set text = m.content if m.content is string else '' -%}
+    {%- if m.role == 'user' or (m.role == 'system' and not loop.first) -%}
+        {{- '<|im_start|>' ~ m.role ~ '\n' ~ text ~ '<|im_end|>\n' -}}
+    {%- elif m.role == 'assistant' -%}
+        {%- if m.reasoning_content is string -%}
+            {%- set think = m.reasoning_content -%}
+        {%- elif '</think>' in text -%}
+            {%- set think = text.partition('</think>')[0].rpartition('<think>')[2] -%}
+            {%- set text = text.rpartition('</think>')[2] -%}
+        {%- else -%}
+            {%- set think = '' -%}
+        {%- endif -%}
+        {{- '<|im_start|>assistant\n<think>\n' ~ think.strip('\n') ~ '\n</think>\n\n' ~ text.lstrip('\n') -}}
+        {%- if m.tool_calls -%}
+            {%- for call in m.tool_calls -%}
+                {%- if text or not loop.first -%}{{- '\n' -}}{%- endif -%}
+                {%- set fn = call.function if call.function else call -%}
+                {{- '<tool_call>\n{"name": "' ~ fn.name ~ '", "arguments": ' -}}
+                {{- fn.arguments if fn.arguments is string else fn.arguments | tojson -}}
+                {{- '}\n</tool_call>' -}}
+            {%- endfor -%}
+        {%- endif -%}
+        {{- '<|im_end|>\n' -}}
+    {%- elif m.role == 'tool' -%}
+        {%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
+        {{- '\n<tool_response>\n' ~ text ~ '\n</tool_response>' -}}
+        {%- if loop.last or loop.nextitem.role != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+    {%- if open_thinking is defined and open_thinking is true -%}
+        {{- '<think>\n' -}}
+    {%- else -%}
+        {{- '<think>\n\n</think>\n\n' -}}
+    {%- endif -%}
+{%- endif -%}
+""".strip()
+
+
+# ====================================================================== helpers
+def _byte_decoder() -> dict[str, int]:
+    """Map each character of the GPT-2 byte-level alphabet back to the byte it stands for."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = {b: b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + extra
+            extra += 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def _read_text(path: Path) -> str:
+    """Read a UTF-8 JSON file, checking that it parses; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"corrupt JSON in {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return text
+
+
+def _token_content(value: Any) -> Optional[str]:
+    """Text of a special-token entry: a string or an AddedToken-like dict."""
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+# ====================================================================== Jinja (as transformers)
+class _GenerationTag(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` support: renders its body unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        """Parse the block into a call that returns its body."""
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        """Return the rendered body."""
+        return caller()
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """JSON filter as transformers defines it: no HTML escaping, unicode kept, keys unsorted."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _raise_exception(message: str) -> None:
+    """Template global that aborts rendering with ``message``."""
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    """Template global: the current local time formatted with ``fmt``."""
+    return datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Compile a chat template in the sandboxed environment transformers uses."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise ValueError(f"chat template has a syntax error (line {exc.lineno}): {exc.message}") from exc
+
+
+# ====================================================================== messages
+def _parse_json_field(value: Any, what: str, where: str) -> Any:
+    """``json.loads`` a JSON-string field (as MiniMind's data stores tools/tool_calls)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: `{what}` is not valid JSON: {exc}") from exc
+
+
+def _check_message(index: int, message: Any) -> str:
+    """Validate one message; return a 'message I (role R)' label for later errors."""
+    if not isinstance(message, Mapping):
+        raise ValueError(f"message {index} must be a dict, got {type(message).__name__}")
+    role = message.get("role")
+    where = f"message {index} (role {role!r})"
+    if role not in ROLES:
+        raise ValueError(f"{where}: unknown role, expected one of {', '.join(ROLES)}")
+    content = message.get("content")
+    if content is None and not (role == "assistant" and message.get("tool_calls")):
+        raise ValueError(f"{where}: missing `content`")
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"{where}: `content` must be a string, got {type(content).__name__}")
+    return where
+
+
+def _alias_reasoning(message: dict) -> dict:
+    """Fill ``reasoning_content`` (and ``thinking``) from any reasoning field, as transformers does."""
+    for key in ("reasoning_content", "thinking", "reasoning"):
+        if message.get(key) is not None:
+            reasoning = message[key]
+            return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
+def prepare_messages(messages: Sequence[Mapping], tools: Any = None) -> tuple[list[dict], Optional[list]]:
+    """Validate and normalize messages for a chat template, the way MiniMind's SFT data does.
+
+    JSON-string ``tools`` (on a system message) and ``tool_calls`` (on an assistant message) are
+    parsed; when ``tools`` is None the system message's ``tools`` are used. Keys set to None are
+    dropped and reasoning fields aliased, as transformers does. Returns (messages, tools).
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("cannot apply a chat template to an empty conversation")
+    out = []
+    found_tools = None
+    for index, raw in enumerate(messages):
+        where = _check_message(index, raw)
+        message = {k: v for k, v in raw.items() if v is not None}
+        if message["role"] == "system" and message.get("tools"):
+            found_tools = _parse_json_field(message["tools"], "tools", where)
+        if message.get("tool_calls"):
+            message["tool_calls"] = _parse_json_field(message["tool_calls"], "tool_calls", where)
+        out.append(_alias_reasoning(message))
+    tools = found_tools if tools is None else _parse_json_field(tools, "tools", "tools argument")
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError(f"tools must be a list of JSON schemas, got {type(tools).__name__}")
+    return out, tools
+
+
+# ====================================================================== Tokenizer
+class Tokenizer:
+    """Byte-level BPE tokenizer with MiniMind's special tokens and chat template.
+
+    Build it with :meth:`from_file` (or :func:`train_tokenizer`). It pickles by its JSON text,
+    so DataLoader workers get their own copy.
+    """
+
+    def __init__(self, tokenizer_json: str, config_json: str) -> None:
+        """Wrap the texts of ``tokenizer.json`` and ``tokenizer_config.json``.
+
+        Args:
+            tokenizer_json: the text of ``tokenizer.json``.
+            config_json: the text of ``tokenizer_config.json``.
+        """
+        self._json = tokenizer_json
+        self._config_json = config_json
+        self._config = json.loads(config_json)
+        try:
+            self._tok = _HFTokenizer.from_str(tokenizer_json)
+        except Exception as exc:  # the library raises a bare Exception
+            raise ValueError(f"invalid {TOKENIZER_FILE}: {exc}") from exc
+        digest = hashlib.sha256(tokenizer_json.encode("utf-8") + config_json.encode("utf-8"))
+        self._fingerprint = digest.hexdigest()
+        self._byte_level = (json.loads(tokenizer_json).get("decoder") or {}).get("type") == "ByteLevel"
+        self._id_bytes: Optional[list[bytes]] = None
+        self._special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
+    # ------------------------------------------------------------------ load / save / pickle
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        """Load a tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``).
+
+        Raises FileNotFoundError for a missing directory or file, ValueError for corrupt JSON.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"tokenizer directory not found: {root}")
+        return cls(_read_text(root / TOKENIZER_FILE), _read_text(root / CONFIG_FILE))
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (byte-identical) into ``path``."""
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / TOKENIZER_FILE).write_bytes(self._json.encode("utf-8"))
+        (root / CONFIG_FILE).write_bytes(self._config_json.encode("utf-8"))
+        return root
+
+    def __getstate__(self) -> dict:
+        """Pickle by the two JSON texts only."""
+        return {"json": self._json, "config": self._config_json}
+
+    def __setstate__(self, state: dict) -> None:
+        """Rebuild from :meth:`__getstate__` output."""
+        self.__init__(state["json"], state["config"])
+
+    def __repr__(self) -> str:
+        """Short description: vocabulary size and fingerprint prefix."""
+        return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint[:12]})"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _special_id(self, key: str, default: str) -> int:
+        """Id of the special token named by config ``key`` (falling back to ``default``)."""
+        text = _token_content(self._config.get(key)) or default
+        tid = self._tok.token_to_id(text)
+        if tid is None:
+            raise ValueError(f"{key} {text!r} is not in the vocabulary")
+        return tid
+
+    @property
+    def bos_id(self) -> int:
+        """Id of the begin-of-turn token (``<|im_start|>`` = 1 for MiniMind)."""
+        return self._special_id("bos_token", BOS_TOKEN)
+
+    @property
+    def eos_id(self) -> int:
+        """Id of the end-of-turn token (``<|im_end|>`` = 2 for MiniMind)."""
+        return self._special_id("eos_token", EOS_TOKEN)
+
+    @property
+    def pad_id(self) -> int:
+        """Id of the padding token (``<|endoftext|>`` = 0 for MiniMind)."""
+        return self._special_id("pad_token", PAD_TOKEN)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 hex digest of the tokenizer.json + tokenizer_config.json bytes."""
+        return self._fingerprint
+
+    @property
+    def config(self) -> dict:
+        """The parsed ``tokenizer_config.json`` (treat as read-only)."""
+        return self._config
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """Named special tokens from the config (``bos_token``, ``eos_token``, ...), as template variables."""
+        named = {k: _token_content(v) for k, v in self._config.items() if k.endswith("_token")}
+        return {k: v for k, v in named.items() if isinstance(v, str)}
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; nothing is added (special tokens written in the text are kept)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of many texts, encoded in parallel by the `tokenizers` library."""
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [enc.ids for enc in encodings]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of token ids."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+        """Texts of many id lists."""
+        return self._tok.decode_batch([list(b) for b in batch], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        """Id of a token string, or None if it is not in the vocabulary."""
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> Optional[str]:
+        """Token string of an id, or None if out of range."""
+        return self._tok.id_to_token(token_id)
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a special added token (dropped by ``skip_special_tokens``)."""
+        return token_id in self._special_ids
+
+    # ------------------------------------------------------------------ chat template
+    def chat_template(self, tools: Any = None) -> str:
+        """The Jinja chat template source (the ``tool_use`` one of a named set when tools are given)."""
+        template = self._config.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+            template = named.get("tool_use") if tools and "tool_use" in named else named.get("default")
+        if not isinstance(template, str) or not template:
+            raise ValueError(f"{CONFIG_FILE} has no usable `chat_template`")
+        return template
+
+    def apply_chat_template(self, messages: Sequence[Mapping], tools: Optional[list] = None,
+                            add_generation_prompt: bool = False, open_thinking: bool = False,
+                            **template_vars: Any) -> str:
+        """Render a conversation with the tokenizer's chat template, exactly as transformers would.
+
+        Args:
+            messages: dicts with ``role`` (system/user/assistant/tool) and ``content``; optional
+                ``reasoning_content``, ``tools`` (system; list or JSON string) and ``tool_calls``
+                (assistant; list or JSON string).
+            tools: tool JSON schemas (list or JSON string); default: the system message's ``tools``.
+            add_generation_prompt: append the assistant header to prompt a reply.
+            open_thinking: with ``add_generation_prompt``, leave a ``<think>`` block open for the model.
+            **template_vars: extra variables for the template.
+
+        Raises ValueError naming the message index and role for bad messages, or the template error.
+        """
+        chat, tools = prepare_messages(messages, tools)
+        template = compile_chat_template(self.chat_template(tools))
+        variables = {**self.special_tokens_map, "open_thinking": open_thinking, **template_vars}
+        try:
+            return template.render(messages=chat, tools=tools, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+        except (jinja2.exceptions.TemplateError, TypeError, AttributeError, KeyError) as exc:
+            raise ValueError(f"chat template failed to render: {type(exc).__name__}: {exc}") from exc
+
+    # ------------------------------------------------------------------ streaming
+    def token_bytes(self, token_id: int) -> bytes:
+        """Raw UTF-8 bytes a token stands for (byte-level tokenizers; added tokens are their text)."""
+        if self._id_bytes is None:
+            self._id_bytes = self._build_id_bytes()
+        if not 0 <= token_id < len(self._id_bytes):
+            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{len(self._id_bytes) - 1})")
+        return self._id_bytes[token_id]
+
+    def _build_id_bytes(self) -> list[bytes]:
+        """Table id -> bytes."""
+        table = [b""] * self.vocab_size
+        added = {tid: tok.content for tid, tok in self._tok.get_added_tokens_decoder().items()}
+        for token, tid in self._tok.get_vocab(with_added_tokens=True).items():
+            if tid in added:
+                table[tid] = added[tid].encode("utf-8")
+            else:
+                table[tid] = bytes(_BYTE_DECODER[ch] for ch in token if ch in _BYTE_DECODER)
+        return table
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> "StreamDecoder":
+        """A decoder for token-by-token output that never emits a broken character."""
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: ``push(id)`` returns only the text completed by that token.
+
+    Bytes of an unfinished UTF-8 character are held until the character completes, so a
+    multi-byte character split over tokens is never emitted as U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        """Args:
+            tokenizer: the Tokenizer whose ids are pushed.
+            skip_special_tokens: drop special tokens (``<|im_end|>``, ...) from the output.
+        """
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids: list[int] = []
+        self._emitted = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one token id; return the newly completed text (possibly '')."""
+        if self._skip and self._tok.is_special(token_id):
+            return ""
+        if self._tok._byte_level:
+            return self._utf8.decode(self._tok.token_bytes(token_id))
+        self._ids.append(token_id)
+        text = self._tok.decode(self._ids)
+        return "" if text.endswith("\ufffd") else self._take(text)
+
+    def _take(self, text: str) -> str:
+        """Return the part of ``text`` not emitted yet (generic, non byte-level path)."""
+        new, self._emitted = text[len(self._emitted):], text
+        return new
+
+    def flush(self) -> str:
+        """Return text still held back; an unfinished character becomes U+FFFD."""
+        if self._tok._byte_level:
+            return self._utf8.decode(b"", final=True)
+        return self._take(self._tok.decode(self._ids))
+
+
+# ====================================================================== training
+def iter_jsonl_texts(files: Sequence[str | Path]) -> Iterator[str]:
+    """Stream the training texts of jsonl files, line by line.
+
+    Yields the ``text`` of pretrain lines and the ``content`` / ``reasoning_content`` of every
+    message of ``conversations`` (SFT) and ``chosen`` / ``rejected`` (DPO) lines. Blank lines are
+    skipped; a line that is not a JSON object raises ValueError naming file and line.
+    """
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"training file not found: {path}")
+        with path.open("r", encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if line.strip():
+                    yield from _line_texts(line, f"{path}:{lineno}")
+
+
+def _line_texts(line: str, where: str) -> Iterator[str]:
+    """Texts of one jsonl line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: invalid JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if isinstance(record.get("text"), str):
+        yield record["text"]
+    for key in ("conversations", "chosen", "rejected"):
+        for message in record.get(key) or []:
+            if isinstance(message, dict):
+                for field in ("content", "reasoning_content"):
+                    if isinstance(message.get(field), str) and message[field]:
+                        yield message[field]
+
+
+def _added_tokens_config() -> dict[str, dict]:
+    """``added_tokens_decoder`` entries for MiniMind's 36 added tokens."""
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    return {str(i): {"content": tok, **flags, "special": tok in SPECIAL_TOKENS}
+            for i, tok in enumerate(ADDED_TOKENS)}
+
+
+def tokenizer_config(chat_template: str = CHAT_TEMPLATE, model_max_length: int = 131072) -> dict:
+    """The ``tokenizer_config.json`` contents for a MiniMind-layout tokenizer."""
+    return {
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
+        "added_tokens_decoder": _added_tokens_config(),
+        "additional_special_tokens": SPECIAL_TOKENS[1:],
+        "bos_token": BOS_TOKEN, "clean_up_tokenization_spaces": False, "eos_token": EOS_TOKEN,
+        "legacy": True, "model_max_length": model_max_length, "pad_token": PAD_TOKEN,
+        "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": PAD_TOKEN,
+        "chat_template": chat_template,
+    }
+
+
+def _build_bpe(vocab_size: int, show_progress: bool) -> tuple[_HFTokenizer, trainers.BpeTrainer]:
+    """An empty byte-level BPE tokenizer and its trainer, set up as MiniMind does."""
+    minimum = len(ADDED_TOKENS) + 256
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size must be at least {minimum} (added tokens + 256 bytes), got {vocab_size}")
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=ADDED_TOKENS,
+                                  show_progress=show_progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    return tok, trainer
+
+
+def _mark_control_tokens(tokenizer_json: str) -> str:
+    """Make the tool/think/buffer tokens plain (non-special) added tokens, as in MiniMind's file."""
+    data = json.loads(tokenizer_json)
+    for entry in data.get("added_tokens", []):
+        if entry["content"] in CONTROL_TOKENS:
+            entry["special"] = False
+    return json.dumps(data, ensure_ascii=False, indent=2)
+
+
+def train_tokenizer(files: Sequence[str | Path], vocab_size: int, out_dir: str | Path,
+                    show_progress: bool = True) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on jsonl files the way MiniMind does and save it.
+
+    Args:
+        files: jsonl files (pretrain ``text`` lines and/or ``conversations`` lines), streamed.
+        vocab_size: final vocabulary size, MiniMind's 36 added tokens included (ids 0..35).
+        out_dir: directory that receives ``tokenizer.json`` + ``tokenizer_config.json``.
+        show_progress: show the `tokenizers` library's progress bar.
+
+    Returns the trained :class:`Tokenizer`, loaded back from ``out_dir``.
+    """
+    if not files:
+        raise ValueError("train_tokenizer needs at least one jsonl file")
+    tok, trainer = _build_bpe(vocab_size, show_progress)
+    tok.train_from_iterator(iter_jsonl_texts(files), trainer=trainer)
+    tok.decoder = decoders.ByteLevel()
+    for i, token in enumerate(ADDED_TOKENS):
+        if tok.token_to_id(token) != i:
+            raise RuntimeError(f"added token {token!r} did not get id {i}")
+    config = json.dumps(tokenizer_config(), ensure_ascii=False, indent=2)
+    tokenizer = Tokenizer(_mark_control_tokens(tok.to_str()), config)
+    tokenizer.save(out_dir)
+    return Tokenizer.from_file(out_dir)
+
+
+def chars_per_token(tokenizer: Tokenizer, texts: Sequence[str]) -> float:
+    """Characters per token of ``tokenizer`` over ``texts`` (higher = better compression)."""
+    tokens = sum(len(ids) for ids in tokenizer.encode_batch(list(texts)))
+    return sum(len(t) for t in texts) / max(tokens, 1)
+
+
+def tokenizer_command(data: list[str], vocab_size: int = 6400, out: str = "checkpoints/tokenizer") -> None:
+    """Train a byte-level BPE tokenizer on jsonl files and save it in Hugging Face layout.
+
+    Args:
+        data: jsonl files to train on (pretrain ``text`` lines and/or ``conversations`` lines).
+        vocab_size: vocabulary size, MiniMind's 36 added tokens included.
+        out: output directory (tokenizer.json + tokenizer_config.json).
+    """
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(data, vocab_size, out)
+    seconds = time.perf_counter() - start
+    sample = [t for _, t in zip(range(2000), iter_jsonl_texts(data))]
+    print(f"trained {tokenizer.vocab_size}-token byte-level BPE on {len(data)} file(s) in {seconds:.1f}s")
+    print(f"saved to {Path(out).resolve()}  (fingerprint {tokenizer.fingerprint[:16]})")
+    print(f"chars/token on the first {len(sample)} training texts: {chars_per_token(tokenizer, sample):.3f}")
