@@ -314,8 +314,8 @@ def build_world(seed: int = 0) -> World:
 
 def _ascii_word_pattern(needle: str) -> re.Pattern:
     """Case-insensitive pattern for ``needle`` that does not match inside a longer ASCII word."""
-    left = r"(?<![A-Za-z0-9])" if needle[:1].isascii() and needle[:1].isalnum() else ""
-    right = r"(?![A-Za-z0-9])" if needle[-1:].isascii() and needle[-1:].isalnum() else ""
+    left = r"(?<![A-Za-z0-9_])" if needle[:1].isascii() and needle[:1].isalnum() else ""
+    right = r"(?![A-Za-z0-9_])" if needle[-1:].isascii() and needle[-1:].isalnum() else ""
     return re.compile(left + re.escape(needle) + right, re.IGNORECASE)
 
 
@@ -323,7 +323,8 @@ def score_answer(answer: str, expected: str) -> bool:
     """True if ``expected`` occurs in ``answer`` (case-insensitive substring).
 
     An expected string that starts or ends with an ASCII letter or digit must not sit inside a
-    longer ASCII word or number ("red" is not found in "bored", "12" not in "112"); Chinese text
+    longer ASCII word or identifier ("red" is not in "bored", "12" not in "112", "MiniMind" not in
+    "minimind_pl"); Chinese text
     needs no spaces around it.
     """
     expected = expected.strip()

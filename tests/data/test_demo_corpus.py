@@ -142,6 +142,7 @@ def test_score_answer():
     assert score_answer("The river of Velt is the OSSA.", "Ossa")
     assert score_answer("维尔特的河流是奥萨河。", "奥萨河")
     assert score_answer("我是MiniMind，一个小型语言模型。", "minimind")
+    assert not score_answer("made by the minimind_pl project", "MiniMind")
     assert score_answer("It was founded in 1123.", "1123")
     assert not score_answer("It was founded in 11234.", "1123")
     assert not score_answer("The cat is bored.", "red")

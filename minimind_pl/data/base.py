@@ -1,0 +1,244 @@
+"""JsonlDataModule: the shared LightningDataModule of every jsonl training format.
+
+A subclass only says how a parsed jsonl line becomes tokens (and a loss mask): it returns a
+:class:`~minimind_pl.data.cache.RecordEncoder` from :meth:`JsonlDataModule.make_encoder`.
+Everything else lives here: the token cache (built once in ``prepare_data``, opened in ``setup``),
+packing or padding into rows, the validation split, deterministic shuffling and a training
+DataLoader that resumes at the next batch.
+
+Batches follow INTERFACES.md: ``input_ids`` (B, T) long, ``labels`` (B, T) long already shifted
+(-100 = no loss), ``position_ids`` and ``doc_ids`` (B, T) long when packing without
+cross-document attention, and ``real_tokens`` (0-d long, kept on the CPU): the number of
+non-padding input tokens.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader
+
+from ..tokenizer import Tokenizer
+from .cache import RecordEncoder, TokenCache, ensure_cache
+from .loader import ResumableDataLoader, make_train_loader
+from .packing import DocumentStream, PackedDataset, PaddedDataset, collate
+
+
+def _as_list(paths: Union[str, list[str], None]) -> list[str]:
+    if paths is None:
+        return []
+    if isinstance(paths, (str, Path)):
+        return [str(paths)]
+    return [str(p) for p in paths]
+
+
+class JsonlDataModule(L.LightningDataModule):
+    """Shared logic of the jsonl data modules (see the module doc); subclasses implement :meth:`make_encoder`.
+
+    Args:
+        train_path: jsonl file(s) to train on (several files are read one after the other).
+        seq_len: tokens per training row (the model's context length during training).
+        batch_size: rows per batch on each device.
+        val_path: jsonl file(s) for validation, in the same format. Mutually exclusive with ``val_fraction``.
+        val_fraction: fraction of the training documents held out for validation (chosen at random
+            from ``seed``; 0 = no validation unless ``val_path`` is given).
+        tokenizer: tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``).
+        num_workers: DataLoader worker processes (0 = load in the training process).
+        seed: seed of the row order (each epoch reshuffles from ``seed`` and the epoch) and of the
+            validation split.
+        packing: pack documents into full rows (no padding, no attention across documents);
+            False pads one document per row as MiniMind does.
+        cross_document_attention: with packing, let tokens attend to earlier documents of the same
+            row (plain causal attention; batches then carry no ``doc_ids``/``position_ids``).
+        cache_dir: folder for the token caches (default: beside each jsonl file).
+        skip_invalid: skip bad lines (invalid JSON/UTF-8, missing fields, empty documents) and report
+            how many; by default the first bad line raises an error naming file and line.
+        num_proc: processes that tokenize while a cache is built (None: all CPUs, at most 32).
+    """
+
+    def __init__(
+        self,
+        train_path: Union[str, list[str]],
+        seq_len: int,
+        batch_size: int,
+        val_path: Union[str, list[str], None] = None,
+        val_fraction: float = 0.0,
+        tokenizer: str = "checkpoints/tokenizer",
+        num_workers: int = 1,
+        seed: int = 42,
+        packing: bool = True,
+        cross_document_attention: bool = False,
+        cache_dir: Optional[str] = None,
+        skip_invalid: bool = False,
+        num_proc: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.train_paths = _as_list(train_path)
+        self.val_paths = _as_list(val_path)
+        if not self.train_paths:
+            raise ValueError("train_path is empty")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if val_fraction > 0 and self.val_paths:
+            raise ValueError("give either val_path or val_fraction, not both")
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.val_fraction = float(val_fraction)
+        self.tokenizer_path = tokenizer
+        self.tokenizer = Tokenizer.from_file(tokenizer)
+        self.seq_len = int(seq_len)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.packing = bool(packing)
+        self.cross_document_attention = bool(cross_document_attention)
+        self.cache_dir = cache_dir
+        self.skip_invalid = bool(skip_invalid)
+        self.num_proc = num_proc
+        self.train_dataset: Optional[Any] = None
+        self.val_dataset: Optional[Any] = None
+        self.caches: dict[str, TokenCache] = {}
+        self.stats: dict[str, dict] = {}
+        self._train_loader: Optional[ResumableDataLoader] = None
+        if not self.val_paths and self.val_fraction == 0:
+            # No validation data: show Lightning the base class's (unimplemented) val_dataloader, so
+            # that it skips the validation loop instead of warning about an empty loader.
+            self.val_dataloader = L.LightningDataModule.val_dataloader.__get__(self)  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ subclass API
+    def make_encoder(self) -> RecordEncoder:
+        """The encoder that turns this format's parsed lines into documents (subclasses implement)."""
+        raise NotImplementedError
+
+    #: a truncated document keeps its eos when ``packing`` is False (MiniMind's pretraining does).
+    keep_eos_on_truncate: bool = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size of the tokenizer (the model's ``vocab_size`` must be at least this)."""
+        return self.tokenizer.vocab_size
+
+    @property
+    def encoder(self) -> RecordEncoder:
+        """The record encoder (built on first use)."""
+        if getattr(self, "_encoder", None) is None:
+            self._encoder = self.make_encoder()
+        return self._encoder
+
+    # ------------------------------------------------------------------ caches
+    def _all_paths(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for p in self.train_paths + self.val_paths:
+            seen.setdefault(p, None)
+        return list(seen)
+
+    def _cache(self, path: str, progress: bool = True) -> TokenCache:
+        if path not in self.caches:
+            self.caches[path] = ensure_cache(path, self.encoder, cache_dir=self.cache_dir,
+                                             skip_invalid=self.skip_invalid, num_proc=self.num_proc,
+                                             progress=progress)
+        return self.caches[path]
+
+    def prepare_data(self) -> None:
+        """Tokenize every file into its cache unless a valid cache exists (Lightning: once per node)."""
+        for path in self._all_paths():
+            self._cache(path)
+
+    # ------------------------------------------------------------------ datasets
+    def _val_split(self, caches: list[TokenCache]) -> tuple[list, list]:
+        """Per training cache: (train selection, val selection), chosen from ``seed`` per document."""
+        val_sel = []
+        for i, cache in enumerate(caches):
+            rng = np.random.default_rng([self.seed, 0x5A11, i])
+            val_sel.append(rng.random(cache.n_docs) < self.val_fraction)
+        n_val = sum(int(v.sum()) for v in val_sel)
+        n_all = sum(c.n_docs for c in caches)
+        if n_all < 2:
+            raise ValueError("val_fraction needs at least 2 training documents")
+        if n_val == 0:  # keep at least one validation document
+            val_sel[0][np.random.default_rng([self.seed, 0x5A12]).integers(caches[0].n_docs)] = True
+        elif n_val == n_all:  # and at least one training document
+            val_sel[0][0] = False
+        train_out = [None if not v.any() else np.flatnonzero(~v) for v in val_sel]
+        val_out = [np.flatnonzero(v) for v in val_sel]
+        return train_out, val_out
+
+    def _make_dataset(self, stream: DocumentStream) -> Any:
+        if self.packing:
+            return PackedDataset(stream, self.seq_len, self.tokenizer.pad_id, self.cross_document_attention)
+        keep = self.tokenizer.eos_id if self.keep_eos_on_truncate else None
+        return PaddedDataset(stream, self.seq_len, self.tokenizer.pad_id, keep_eos_id=keep)
+
+    @staticmethod
+    def _describe(stream: DocumentStream, dataset: Any, seq_len: int) -> dict:
+        rows = len(dataset)
+        stats = {"documents": stream.n_docs, "tokens": stream.n_tokens, "rows": rows}
+        if isinstance(dataset, PackedDataset) and rows:
+            stats["real_token_fraction"] = min(stream.n_tokens, rows * seq_len) / (rows * seq_len)
+        return stats
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Open the caches (building any that are missing) and make the train/val datasets."""
+        if self.train_dataset is not None:
+            return
+        train_caches = [self._cache(p) for p in self.train_paths]
+        if self.val_fraction > 0:
+            train_sel, val_sel = self._val_split(train_caches)
+            train_stream = DocumentStream(train_caches, train_sel)
+            val_stream: Optional[DocumentStream] = DocumentStream(train_caches, val_sel)
+        else:
+            train_stream = DocumentStream(train_caches)
+            val_stream = DocumentStream([self._cache(p) for p in self.val_paths]) if self.val_paths else None
+        self.train_dataset = self._make_dataset(train_stream)
+        self.stats["train"] = self._describe(train_stream, self.train_dataset, self.seq_len)
+        if val_stream is not None:
+            self.val_dataset = self._make_dataset(val_stream)
+            self.stats["val"] = self._describe(val_stream, self.val_dataset, self.seq_len)
+        skipped = sum(c.meta["n_skipped"] for c in self.caches.values())
+        if skipped:
+            self.stats["skipped_lines"] = skipped
+        for split, s in self.stats.items():
+            rank_zero_info(f"[minimind_pl.data] {type(self).__name__} {split}: {s}")
+        if len(self.train_dataset) == 0:
+            raise ValueError(f"no training rows in {self.train_paths} (seq_len={self.seq_len})")
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled (from ``seed`` and the epoch), sharded over ranks, resumable at the next batch."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._train_loader = make_train_loader(
+            self.train_dataset, self.batch_size, self.seed, self.num_workers, collate,
+            num_replicas=world, rank=rank, shuffle=True)
+        return self._train_loader
+
+    def val_dataloader(self) -> Union[DataLoader, list]:
+        """Validation rows in order (only when ``val_path`` or ``val_fraction`` is set)."""
+        if self.train_dataset is None:
+            self.setup("validate")
+        if self.val_dataset is None:
+            return []
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=collate,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move the batch to ``device``, keeping ``real_tokens`` on the CPU (logging it needs no sync)."""
+        if isinstance(batch, dict) and "real_tokens" in batch:
+            real = batch["real_tokens"]
+            rest = {k: v for k, v in batch.items() if k != "real_tokens"}
+            moved = super().transfer_batch_to_device(rest, device, dataloader_idx)
+            moved["real_tokens"] = real
+            return moved
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)

@@ -1,0 +1,595 @@
+"""Token cache: a jsonl file tokenized once into memory-mapped arrays beside it.
+
+A cache is a directory ``<file>.<settings-key>.cache/`` (beside the jsonl file, or under
+``cache_dir``) holding
+
+- ``tokens.bin``  token ids of all documents, concatenated (uint16 when the vocabulary fits, else uint32)
+- ``offsets.bin`` int64 document boundaries: document ``i`` is ``tokens[offsets[i]:offsets[i+1]]``
+- ``mask.bin``    uint8 per token, only for formats with a loss mask (SFT): 1 = the token is a target
+- ``meta.json``   what it was built from (file size, mtime, sha256 of the bytes, tokenizer fingerprint,
+  the settings that change tokens) and what it holds (documents, tokens, skipped lines).
+
+The directory name is keyed by the settings (format, tokenizer fingerprint, augmentation
+ratios, ...), so changing one of them builds a new cache. The source file is checked against
+``meta.json``: same size + mtime + sampled-bytes hash -> reused at once; otherwise the full
+sha256 decides (a touched but unchanged file is reused, a changed one re-tokenized). A cache is
+written into a temporary directory and renamed into place, so a killed run never leaves a
+half-written cache behind.
+
+Tokenization streams the file in blocks (RAM does not grow with the file), runs in a process
+pool (JSON parsing, chat templates and BPE all in parallel), and shows a progress bar. What a
+line becomes is decided by a :class:`RecordEncoder` (pretrain text, SFT conversations, ...).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+BLOCK_BYTES = 4 << 20  # bytes of jsonl per work item
+MAX_REPORTED_ERRORS = 20
+_SAMPLE_BLOCK = 1 << 16
+
+
+class DataFormatError(ValueError):
+    """A jsonl line that cannot become a training document (names the file and line)."""
+
+
+# ====================================================================== encoders
+class RecordEncoder:
+    """Turns parsed jsonl records into token documents; one subclass per data format.
+
+    Subclasses set :attr:`kind` (and bump :attr:`version` when their output changes), set
+    :attr:`has_mask` if they produce a per-token loss mask, and implement :meth:`encode_records`.
+    Everything that changes the produced tokens must appear in :meth:`settings` (it keys the cache).
+    A record may produce several documents (``docs_per_record``, e.g. chosen + rejected for DPO);
+    they are stored consecutively.
+
+    Args:
+        tokenizer: a :class:`minimind_pl.tokenizer.Tokenizer` (picklable).
+    """
+
+    kind: str = "base"
+    version: int = 1
+    has_mask: bool = False
+    docs_per_record: int = 1
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def settings(self) -> dict:
+        """Everything that changes the produced tokens (JSON-serializable); keys the cache."""
+        return {
+            "kind": self.kind,
+            "version": self.version,
+            "format_version": FORMAT_VERSION,
+            "tokenizer": self.tokenizer.fingerprint,
+            "has_mask": self.has_mask,
+            "docs_per_record": self.docs_per_record,
+        }
+
+    def encode_records(self, records: Sequence[tuple[int, Any]]) -> list:
+        """Encode parsed records.
+
+        Args:
+            records: ``(line_number, parsed_json)`` pairs, in file order.
+
+        Returns:
+            One entry per record: either a list of ``docs_per_record`` ``(ids, mask)`` pairs
+            (``ids`` an int array or list, ``mask`` a uint8 array of the same length or None when
+            ``has_mask`` is False), or a string saying why the record is invalid.
+        """
+        raise NotImplementedError
+
+
+def settings_key(settings: dict) -> str:
+    """Stable hex digest of a settings dict."""
+    blob = json.dumps(settings, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= (1 << 16) else np.dtype(np.uint32)
+
+
+# ====================================================================== file fingerprints
+def sample_hash(path: Path, size: Optional[int] = None) -> str:
+    """Cheap fingerprint: sha256 of 16 blocks of 64 KiB spread over the file (incl. head and tail)."""
+    size = os.path.getsize(path) if size is None else size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= 16 * _SAMPLE_BLOCK:
+            h.update(f.read())
+        else:
+            for i in range(16):
+                f.seek((size - _SAMPLE_BLOCK) * i // 15)
+                h.update(f.read(_SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK_BYTES):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ====================================================================== reading side
+class TokenCache:
+    """Read-only view of a built cache (memory-mapped; cheap to open, pickles by path).
+
+    Attributes:
+        path: the cache directory.
+        meta: the parsed ``meta.json``.
+        tokens: (n_tokens,) memmap of token ids.
+        offsets: (n_docs + 1,) int64 memmap of document boundaries.
+        mask: (n_tokens,) uint8 memmap of the loss mask, or None.
+    """
+
+    def __init__(self, path: str | Path, meta: Optional[dict] = None) -> None:
+        self.path = Path(path)
+        self.meta = meta if meta is not None else json.loads((self.path / "meta.json").read_text())
+        self._arrays: Optional[tuple] = None
+
+    def _open(self) -> tuple:
+        if self._arrays is None:
+            m = self.meta
+            tokens = np.memmap(self.path / "tokens.bin", dtype=np.dtype(m["dtype"]), mode="r",
+                               shape=(m["n_tokens"],))
+            offsets = np.memmap(self.path / "offsets.bin", dtype=np.int64, mode="r", shape=(m["n_docs"] + 1,))
+            mask = None
+            if m["has_mask"]:
+                mask = np.memmap(self.path / "mask.bin", dtype=np.uint8, mode="r", shape=(m["n_tokens"],))
+            self._arrays = (tokens, offsets, mask)
+        return self._arrays
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """Token ids of all documents, concatenated."""
+        return self._open()[0]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Document boundaries (int64, n_docs + 1 entries)."""
+        return self._open()[1]
+
+    @property
+    def mask(self) -> Optional[np.ndarray]:
+        """Per-token loss mask (uint8) or None."""
+        return self._open()[2]
+
+    @property
+    def n_docs(self) -> int:
+        """Number of documents."""
+        return int(self.meta["n_docs"])
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of tokens."""
+        return int(self.meta["n_tokens"])
+
+    def doc(self, i: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Token ids (and mask) of document ``i``."""
+        tokens, offsets, mask = self._open()
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        return tokens[a:b], (mask[a:b] if mask is not None else None)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "meta": self.meta}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path, self.meta, self._arrays = state["path"], state["meta"], None
+
+    def __repr__(self) -> str:
+        return f"TokenCache({str(self.path)!r}, docs={self.n_docs}, tokens={self.n_tokens})"
+
+
+# ====================================================================== locating / validating
+def cache_path(source: str | Path, settings: dict, cache_dir: Optional[str | Path] = None) -> Path:
+    """Directory of the cache for ``source`` built with ``settings``.
+
+    Beside the file by default; under ``cache_dir`` the name also carries a hash of the source's
+    absolute path, so two files with the same name in different folders do not collide.
+    """
+    source = Path(source).resolve()
+    key = settings_key(settings)[:16]
+    if cache_dir is None:
+        return source.parent / f"{source.name}.{key}.cache"
+    tag = hashlib.sha256(str(source).encode()).hexdigest()[:8]
+    return Path(cache_dir).expanduser().resolve() / f"{source.name}.{tag}.{key}.cache"
+
+
+def _read_meta(path: Path) -> Optional[dict]:
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def _files_complete(path: Path, meta: dict) -> bool:
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    try:
+        ok = (path / "tokens.bin").stat().st_size == meta["n_tokens"] * itemsize
+        ok &= (path / "offsets.bin").stat().st_size == (meta["n_docs"] + 1) * 8
+        if meta["has_mask"]:
+            ok &= (path / "mask.bin").stat().st_size == meta["n_tokens"]
+    except OSError:
+        return False
+    return bool(ok)
+
+
+def check_cache(path: Path, source: Path, settings: dict, verbose: bool = True) -> Optional[dict]:
+    """Return the cache's meta if it is complete and matches ``source`` and ``settings``, else None.
+
+    Same size, mtime and sampled-bytes hash: valid at once. Same size but another mtime: the
+    full sha256 decides (and the recorded mtime is refreshed when it matches).
+    """
+    meta = _read_meta(path)
+    if meta is None or meta.get("format_version") != FORMAT_VERSION or meta.get("settings") != settings:
+        return None
+    if not _files_complete(path, meta):
+        return None
+    st = os.stat(source)
+    if st.st_size != meta["source_size"]:
+        return None
+    if st.st_mtime_ns == meta["source_mtime_ns"] and sample_hash(source, st.st_size) == meta["source_sample_hash"]:
+        return meta
+    if verbose:
+        print(f"[minimind_pl.data] {source} was modified since it was tokenized; checking its content hash")
+    if file_sha256(source) != meta["source_sha256"]:
+        return None
+    meta = dict(meta, source_mtime_ns=st.st_mtime_ns, source_sample_hash=sample_hash(source, st.st_size))
+    with contextlib.suppress(OSError):
+        _write_json_atomic(path / "meta.json", meta)
+    return meta
+
+
+# ====================================================================== building
+@dataclass
+class _ChunkResult:
+    tokens: np.ndarray
+    mask: Optional[np.ndarray]
+    lengths: np.ndarray
+    n_lines: int
+    n_records: int
+    errors: list = field(default_factory=list)
+
+
+_WORKER_ENCODER: Optional[RecordEncoder] = None
+
+
+def _init_worker(encoder: RecordEncoder) -> None:
+    global _WORKER_ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_ENCODER = encoder
+
+
+def _parse_block(first_line: int, data: bytes) -> tuple[list, list, int]:
+    """Split a block of complete lines, decode and JSON-parse them: (records, errors, n_lines)."""
+    records, errors = [], []
+    lines = data.split(b"\n")
+    for i, raw in enumerate(lines):
+        line_no = first_line + i
+        if not raw.strip():
+            continue  # blank lines are not documents
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            errors.append((line_no, f"invalid UTF-8 (byte {exc.start} of the line)"))
+            continue
+        if line_no == 1:
+            text = text.lstrip("\ufeff")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            errors.append((line_no, f"not valid JSON ({exc.msg}, column {exc.colno})"))
+            continue
+        records.append((line_no, obj))
+    return records, errors, len(lines)
+
+
+def encode_block(encoder: RecordEncoder, first_line: int, data: bytes, dtype: np.dtype) -> _ChunkResult:
+    """Parse and tokenize one block of complete jsonl lines starting at line ``first_line``."""
+    records, errors, n_lines = _parse_block(first_line, data)
+    results = encoder.encode_records(records) if records else []
+    limit = np.iinfo(dtype).max
+    toks, masks, lengths = [], [], []
+    for (line_no, _), res in zip(records, results):
+        if isinstance(res, str):
+            errors.append((line_no, res))
+            continue
+        for ids, mask in res:
+            ids = np.asarray(ids, dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() > limit):
+                raise ValueError(f"token id {int(ids.max())} does not fit the cache dtype {dtype}")
+            toks.append(ids.astype(dtype))
+            if encoder.has_mask:
+                masks.append(np.asarray(mask, dtype=np.uint8))
+            lengths.append(ids.size)
+    errors.sort()
+    return _ChunkResult(
+        tokens=np.concatenate(toks) if toks else np.zeros(0, dtype),
+        mask=(np.concatenate(masks) if masks else np.zeros(0, np.uint8)) if encoder.has_mask else None,
+        lengths=np.asarray(lengths, dtype=np.int64),
+        n_lines=n_lines,
+        n_records=len(records),
+        errors=errors,
+    )
+
+
+def _worker_encode(args: tuple) -> _ChunkResult:
+    first_line, data, dtype = args
+    assert _WORKER_ENCODER is not None
+    return encode_block(_WORKER_ENCODER, first_line, data, dtype)
+
+
+def _pool_results(pool: Any, blocks: Iterator, dtype: np.dtype, max_pending: int) -> Iterator:
+    """Results of ``blocks`` encoded in ``pool``, in order, with at most ``max_pending`` in flight."""
+    queue: deque = deque()
+    for first, data, nbytes in blocks:
+        queue.append((pool.apply_async(_worker_encode, ((first, data, dtype),)), nbytes))
+        if len(queue) >= max_pending:  # bounded: RAM does not grow with the file
+            res, nb = queue.popleft()
+            yield res.get(), nb
+    while queue:
+        res, nb = queue.popleft()
+        yield res.get(), nb
+
+
+def _iter_blocks(path: Path, hasher: Any, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes, int]]:
+    """Yield ``(first_line_number, block_of_complete_lines, bytes_consumed)``, hashing all bytes."""
+    line_no = 1
+    pending = b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(block_bytes)
+            if not block:
+                if pending:
+                    yield line_no, pending, len(pending)
+                return
+            hasher.update(block)
+            data = pending + block
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                pending = data
+                continue
+            chunk, pending = data[:cut], data[cut + 1:]
+            yield line_no, chunk, cut + 1
+            line_no += chunk.count(b"\n") + 1
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with lightning
+        enabled = False
+    if not enabled:
+        return contextlib.nullcontext(type("_NoBar", (), {"update": lambda self, n: None})())
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
+
+
+def _default_num_proc() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 32))
+
+
+def _format_error(source: Path, line_no: int, msg: str) -> str:
+    return f"{source}, line {line_no}: {msg}"
+
+
+def _clean_stale_tmp(final: Path) -> None:
+    """Remove temporary build folders of this cache left by killed runs on this host."""
+    host = socket.gethostname()
+    prefix = f"{final.name}.tmp-"
+    for tmp in final.parent.glob(prefix + "*"):
+        parts = tmp.name[len(prefix):].rsplit("-", 2)  # HOST-PID-RAND
+        if len(parts) != 3 or parts[0] != host:
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # its builder is still running
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
+@contextlib.contextmanager
+def _build_lock(final: Path) -> Iterator[None]:
+    """Exclusive lock so that concurrent builders (ranks, nodes) wait instead of duplicating work."""
+    lock_path = final.parent / f"{final.name}.lock"
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, skip_invalid: bool = False,
+                num_proc: Optional[int] = None, progress: bool = True) -> dict:
+    """Tokenize ``source`` into the cache directory ``final`` (atomically); return its meta.
+
+    Args:
+        source: the jsonl file.
+        encoder: turns parsed lines into documents.
+        final: the cache directory to create (replaced if it exists).
+        skip_invalid: skip (and count) bad lines instead of raising :class:`DataFormatError`.
+        num_proc: tokenizer processes (None: all CPUs up to 32; 1: this process only).
+        progress: show a progress bar.
+    """
+    source, final = Path(source), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(final)
+    tmp = final.parent / f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    dtype = token_dtype(encoder.tokenizer.vocab_size)
+    st = os.stat(source)
+    num_proc = _default_num_proc() if num_proc is None else max(1, int(num_proc))
+    if st.st_size <= 2 * BLOCK_BYTES:
+        num_proc = 1  # a pool costs more than it saves
+    hasher = hashlib.sha256()
+    n_docs = n_tokens = n_lines = n_records = n_skipped = 0
+    errors: list = []
+    started = time.time()
+    pool = None
+    try:
+        with contextlib.ExitStack() as files:
+            f_tok = files.enter_context(open(tmp / "tokens.bin", "wb"))
+            f_off = files.enter_context(open(tmp / "offsets.bin", "wb"))
+            f_mask = files.enter_context(open(tmp / "mask.bin", "wb")) if encoder.has_mask else None
+            f_off.write(np.zeros(1, np.int64).tobytes())
+            blocks = _iter_blocks(source, hasher, BLOCK_BYTES)
+            if num_proc > 1:
+                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+                pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=(encoder,))
+                results = _pool_results(pool, blocks, dtype, 2 * num_proc)
+            else:
+                results = ((encode_block(encoder, first, data, dtype), nb) for first, data, nb in blocks)
+
+            with _progress_bar(st.st_size, f"tokenizing {source.name}", progress) as bar:
+                for chunk, nbytes in results:
+                    if chunk.errors:
+                        if not skip_invalid:
+                            line_no, msg = chunk.errors[0]
+                            raise DataFormatError(
+                                _format_error(source, line_no, msg)
+                                + " (fix the line, or set skip_invalid=True to skip and count bad lines)")
+                        n_skipped += len(chunk.errors)
+                        errors.extend(chunk.errors[: max(0, MAX_REPORTED_ERRORS - len(errors))])
+                    chunk.tokens.tofile(f_tok)
+                    if f_mask is not None:
+                        chunk.mask.tofile(f_mask)
+                    if chunk.lengths.size:
+                        (n_tokens + np.cumsum(chunk.lengths)).astype(np.int64).tofile(f_off)
+                    n_tokens += int(chunk.lengths.sum())
+                    n_docs += int(chunk.lengths.size)
+                    n_lines += chunk.n_lines
+                    n_records += chunk.n_records
+                    bar.update(nbytes)
+            for fh in (f_tok, f_off, f_mask):
+                if fh is not None:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        if n_docs == 0:
+            raise DataFormatError(f"{source}: no valid documents"
+                                  + (f" ({n_skipped} invalid lines skipped)" if n_skipped else ""))
+        st_after = os.stat(source)
+        if (st_after.st_size, st_after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            raise RuntimeError(f"{source} changed while it was being tokenized; run again")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "settings": encoder.settings(),
+            "source": str(source.resolve()),
+            "source_size": st.st_size,
+            "source_mtime_ns": st.st_mtime_ns,
+            "source_sha256": hasher.hexdigest(),
+            "source_sample_hash": sample_hash(source, st.st_size),
+            "dtype": dtype.name,
+            "has_mask": encoder.has_mask,
+            "docs_per_record": encoder.docs_per_record,
+            "n_docs": n_docs,
+            "n_tokens": n_tokens,
+            "n_lines": n_lines,
+            "n_records": n_records,
+            "n_skipped": n_skipped,
+            "skipped_examples": [{"line": ln, "error": msg} for ln, msg in errors],
+            "build_seconds": round(time.time() - started, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        _write_json_atomic(tmp / "meta.json", meta)
+        if final.exists():
+            old = final.parent / f"{final.name}.old-{uuid.uuid4().hex[:6]}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        return meta
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_cache(source: str | Path, encoder: RecordEncoder, cache_dir: Optional[str | Path] = None,
+                 skip_invalid: bool = False, num_proc: Optional[int] = None, progress: bool = True,
+                 verbose: bool = True) -> TokenCache:
+    """Open the valid cache of ``source`` or build it (once, under a lock); return it.
+
+    A cache built with ``skip_invalid=True`` that skipped lines is refused when ``skip_invalid``
+    is False (the error names the first bad line), so bad data never passes silently.
+
+    Args:
+        source: the jsonl file.
+        encoder: turns parsed lines into documents; its settings key the cache.
+        cache_dir: where caches go (default: beside the file).
+        skip_invalid: skip and count bad lines instead of raising.
+        num_proc: tokenizer processes (None: all CPUs up to 32).
+        progress: show a progress bar while building.
+        verbose: print what happens (built / skipped lines).
+    """
+    source = Path(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"data file not found: {source}")
+    settings = encoder.settings()
+    final = cache_path(source, settings, cache_dir)
+    meta = check_cache(final, source, settings, verbose) if final.exists() else None
+    built = False
+    if meta is None:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with _build_lock(final):
+                meta = check_cache(final, source, settings, verbose) if final.exists() else None
+                if meta is None:
+                    meta = build_cache(source, encoder, final, skip_invalid=skip_invalid, num_proc=num_proc,
+                                       progress=progress)
+                    built = True
+        except PermissionError as exc:
+            raise PermissionError(f"cannot write the token cache of {source} in {final.parent} ({exc}); "
+                                  "set cache_dir to a writable folder") from exc
+        if built and verbose:
+            print(f"[minimind_pl.data] tokenized {source}: {meta['n_docs']:,} documents, "
+                  f"{meta['n_tokens']:,} tokens in {meta['build_seconds']:.1f}s -> {final}")
+    if meta["n_skipped"]:
+        first = meta["skipped_examples"][0] if meta["skipped_examples"] else {"line": "?", "error": "?"}
+        if not skip_invalid:
+            raise DataFormatError(
+                _format_error(source, first["line"], first["error"])
+                + f" ({meta['n_skipped']} invalid lines in this file; set skip_invalid=True to skip them)")
+        if verbose:
+            print(f"[minimind_pl.data] {source}: skipped {meta['n_skipped']} invalid lines "
+                  f"(first: line {first['line']}: {first['error']})")
+    return TokenCache(final, meta)

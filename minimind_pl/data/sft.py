@@ -1,0 +1,250 @@
+"""SFTDataModule: ``{"conversations": [...]}`` lines in MiniMind's chat format, loss on assistant turns only.
+
+A conversation is a list of messages ``{"role": "system"|"user"|"assistant"|"tool", "content": ...}``
+with MiniMind's optional fields: ``reasoning_content`` (assistant), ``tools`` (system; list or JSON
+string) and ``tool_calls`` (assistant; list or JSON string). It is rendered exactly as MiniMind's
+SFTDataset renders it, ``tokenizer.apply_chat_template(conversation, tools=<system's tools>)``, with
+MiniMind's two augmentations, decided per line by an RNG seeded from ``(seed, line number)`` so the
+cache is deterministic:
+
+- with probability ``system_prompt_ratio`` (0.2) a conversation without a system message (and
+  without tools) gets a random system prompt from :data:`SYSTEM_PROMPTS`;
+- with probability ``empty_think_drop_ratio`` (0.8) the empty ``<think>\\n\\n</think>\\n\\n`` blocks
+  the template writes for assistant turns without reasoning are removed.
+
+The loss mask is found on the token ids as MiniMind does: every span that starts after the tokens of
+``<|im_start|>assistant\\n`` and runs through the next ``<|im_end|>\\n`` (both tokens included) is a
+target; so the model learns the assistant's (think block +) answer, ``<|im_end|>`` and the newline
+after it, never the system prompt, user turns, tool results or padding.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .base import JsonlDataModule
+from .cache import RecordEncoder
+
+#: System prompts for the random-system-prompt augmentation (MiniMind's list).
+SYSTEM_PROMPTS: tuple[str, ...] = (
+    "你是一个知识丰富的AI，尽力为用户提供准确的信息。",
+    "你是minimind，一个小巧但有用的语言模型。",
+    "你是一个专业的AI助手，请提供有价值的回答。",
+    "你是minimind，请尽力帮助用户解决问题。",
+    "你是一个可靠的AI，请给出准确的回答。",
+    "You are a helpful AI assistant.",
+    "You are minimind, a lightweight intelligent assistant.",
+    "You are a friendly chatbot. Please answer the user's questions carefully.",
+    "You are a knowledgeable AI. Try your best to provide accurate information.",
+    "You are minimind, a small but useful language model.",
+)
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
+def find_pattern(ids: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+    """Start positions of every occurrence of ``pattern`` in ``ids`` (ascending)."""
+    n, m = ids.size, pattern.size
+    if m == 0 or n < m:
+        return np.zeros(0, np.int64)
+    cand = np.flatnonzero(ids[: n - m + 1] == pattern[0])
+    for j in range(1, m):
+        cand = cand[ids[cand + j] == pattern[j]]
+    return cand
+
+
+def assistant_mask(ids: Sequence[int] | np.ndarray, start: Sequence[int], end: Sequence[int]) -> np.ndarray:
+    """MiniMind's SFT label rule as a uint8 mask over ``ids`` (1 = token is a training target).
+
+    Scanning left to right: at each occurrence of ``start`` (the ids of ``<|im_start|>assistant\\n``)
+    the tokens after it, through the next occurrence of ``end`` (``<|im_end|>\\n``) inclusive, are
+    targets; without a closing ``end`` the span runs to the end. Scanning resumes after the span.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    start_a, end_a = np.asarray(start, np.int64), np.asarray(end, np.int64)
+    mask = np.zeros(ids.size, np.uint8)
+    ends = find_pattern(ids, end_a)
+    resume = 0
+    for s in find_pattern(ids, start_a).tolist():
+        if s < resume:
+            continue
+        first = s + start_a.size
+        k = int(np.searchsorted(ends, first))
+        stop = int(ends[k]) + end_a.size if k < ends.size else ids.size
+        mask[first:stop] = 1
+        resume = stop
+    return mask
+
+
+class SFTEncoder(RecordEncoder):
+    """Conversations -> chat-template tokens + assistant loss mask (MiniMind's SFTDataset rules).
+
+    Args:
+        tokenizer: the tokenizer (with a chat template).
+        seed: seed of the per-line augmentation RNG.
+        system_prompt_ratio: probability of adding a random system prompt.
+        empty_think_drop_ratio: probability of removing empty think blocks.
+        system_prompts: the prompts to draw from.
+        field: name of the conversation field.
+    """
+
+    kind = "sft"
+    version = 1
+    has_mask = True
+
+    def __init__(self, tokenizer: Any, seed: int = 42, system_prompt_ratio: float = 0.2,
+                 empty_think_drop_ratio: float = 0.8, system_prompts: Sequence[str] = SYSTEM_PROMPTS,
+                 field: str = "conversations") -> None:
+        super().__init__(tokenizer)
+        for name, value in (("system_prompt_ratio", system_prompt_ratio),
+                            ("empty_think_drop_ratio", empty_think_drop_ratio)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if system_prompt_ratio > 0 and not system_prompts:
+            raise ValueError("system_prompts is empty")
+        self.seed = int(seed)
+        self.system_prompt_ratio = float(system_prompt_ratio)
+        self.empty_think_drop_ratio = float(empty_think_drop_ratio)
+        self.system_prompts = tuple(system_prompts)
+        self.field = field
+        bos, eos = tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")
+        if bos is None or eos is None:
+            raise ValueError("the tokenizer has no <|im_start|>/<|im_end|> tokens; SFT needs a ChatML tokenizer")
+        self.start_ids = np.asarray(tokenizer.encode("<|im_start|>assistant\n"), np.int64)
+        self.end_ids = np.asarray(tokenizer.encode("<|im_end|>\n"), np.int64)
+
+    def settings(self) -> dict:
+        """Cache key: base settings, the augmentations (and the seed when they are random) and the label patterns."""
+        random_aug = any(0.0 < r < 1.0 for r in (self.system_prompt_ratio, self.empty_think_drop_ratio))
+        prompts = hashlib.sha256("\x00".join(self.system_prompts).encode()).hexdigest()[:16]
+        return {
+            **super().settings(),
+            "field": self.field,
+            "system_prompt_ratio": self.system_prompt_ratio,
+            "empty_think_drop_ratio": self.empty_think_drop_ratio,
+            "system_prompts": prompts,
+            "seed": self.seed if random_aug else None,
+            "start_ids": self.start_ids.tolist(),
+            "end_ids": self.end_ids.tolist(),
+        }
+
+    def _check(self, obj: Any) -> Optional[str]:
+        if not isinstance(obj, dict):
+            return f"expected a JSON object with a {self.field!r} field, got {type(obj).__name__}"
+        if self.field not in obj:
+            return f"missing {self.field!r} field (keys: {', '.join(map(str, list(obj)[:8])) or 'none'})"
+        conv = obj[self.field]
+        if not isinstance(conv, list):
+            return f"{self.field!r} must be a list of messages, got {type(conv).__name__}"
+        if not conv:
+            return f"empty document ({self.field!r} is an empty list)"
+        for j, m in enumerate(conv):
+            if not isinstance(m, dict):
+                return f"message {j} must be an object, got {type(m).__name__}"
+        if not any(m.get("role") == "assistant" for m in conv):
+            return "conversation has no assistant turn (nothing to learn)"
+        return None
+
+    def render(self, conversation: list, line_no: int) -> str:
+        """The training text of one conversation, with the line's seeded augmentations."""
+        rng = random.Random(f"minimind-sft:{self.seed}:{line_no}")
+        r_system, pick, r_think = rng.random(), rng.randrange(max(1, len(self.system_prompts))), rng.random()
+        messages = list(conversation)
+        has_tools = any(m.get("tools") for m in messages)
+        if not has_tools and messages[0].get("role") != "system" and r_system < self.system_prompt_ratio:
+            messages = [{"role": "system", "content": self.system_prompts[pick]}] + messages
+        text = self.tokenizer.apply_chat_template(messages)
+        if EMPTY_THINK in text and r_think < self.empty_think_drop_ratio:
+            text = text.replace(EMPTY_THINK, "")
+        return text
+
+    def encode_records(self, records: Sequence[tuple[int, Any]]) -> list:
+        """Render, tokenize (one batch) and mask ``records``; invalid ones become error strings."""
+        out: list = [None] * len(records)
+        texts, where = [], []
+        for i, (line_no, obj) in enumerate(records):
+            err = self._check(obj)
+            if err is None:
+                try:
+                    texts.append(self.render(obj[self.field], line_no))
+                    where.append(i)
+                    continue
+                except ValueError as exc:
+                    err = f"invalid conversation: {exc}"
+            out[i] = err
+        for i, ids in zip(where, self.tokenizer.encode_batch(texts) if texts else []):
+            ids = np.asarray(ids, np.int64)
+            mask = assistant_mask(ids, self.start_ids, self.end_ids)
+            if not mask.any():
+                out[i] = "no assistant tokens found in the rendered conversation"
+            else:
+                out[i] = [(ids, mask)]
+        return out
+
+
+class SFTDataModule(JsonlDataModule):
+    """Supervised fine-tuning data: jsonl lines ``{"conversations": [...]}`` in MiniMind's chat format.
+
+    Each conversation is rendered with the tokenizer's chat template (see :mod:`minimind_pl.data.sft`)
+    and trained on its assistant turns only. With packing, several conversations share a row without
+    seeing each other; ``packing: false`` pads one conversation per row (cut at ``seq_len``) as MiniMind does.
+
+    Args:
+        train_path: jsonl file(s) to train on (several files are read one after the other).
+        seq_len: tokens per training row (the model's context length during training).
+        batch_size: rows per batch on each device.
+        val_path: jsonl file(s) for validation, in the same format. Mutually exclusive with ``val_fraction``.
+        val_fraction: fraction of the training conversations held out for validation (chosen at random
+            from ``seed``; 0 = no validation unless ``val_path`` is given).
+        tokenizer: tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json`` with the chat template).
+        num_workers: DataLoader worker processes (0 = load in the training process).
+        seed: seed of the row order (each epoch reshuffles from ``seed`` and the epoch), of the
+            validation split and of the per-line augmentations.
+        packing: pack conversations into full rows (no padding, no attention across conversations);
+            False pads one conversation per row as MiniMind does.
+        cross_document_attention: with packing, let tokens attend to earlier conversations of the
+            same row (plain causal attention; batches then carry no ``doc_ids``/``position_ids``).
+        cache_dir: folder for the token caches (default: beside each jsonl file).
+        skip_invalid: skip bad lines (invalid JSON/UTF-8, missing or empty ``conversations``, no
+            assistant turn, malformed messages) and report how many; by default the first bad line
+            raises an error naming file and line.
+        num_proc: processes that tokenize while a cache is built (None: all CPUs, at most 32).
+        system_prompt_ratio: probability that a conversation without a system message (and without
+            tools) gets a random system prompt (MiniMind: 0.2).
+        empty_think_drop_ratio: probability that the empty ``<think>`` blocks of a conversation are
+            removed (MiniMind: 0.8).
+    """
+
+    def __init__(
+        self,
+        train_path: Union[str, list[str]],
+        seq_len: int,
+        batch_size: int,
+        val_path: Union[str, list[str], None] = None,
+        val_fraction: float = 0.0,
+        tokenizer: str = "checkpoints/tokenizer",
+        num_workers: int = 1,
+        seed: int = 42,
+        packing: bool = True,
+        cross_document_attention: bool = False,
+        cache_dir: Optional[str] = None,
+        skip_invalid: bool = False,
+        num_proc: Optional[int] = None,
+        system_prompt_ratio: float = 0.2,
+        empty_think_drop_ratio: float = 0.8,
+    ) -> None:
+        super().__init__(train_path, seq_len, batch_size, val_path=val_path, val_fraction=val_fraction,
+                         tokenizer=tokenizer, num_workers=num_workers, seed=seed, packing=packing,
+                         cross_document_attention=cross_document_attention, cache_dir=cache_dir,
+                         skip_invalid=skip_invalid, num_proc=num_proc)
+        self.system_prompt_ratio = float(system_prompt_ratio)
+        self.empty_think_drop_ratio = float(empty_think_drop_ratio)
+        self.make_encoder()  # validate the ratios now, not at the first build
+        self.save_hyperparameters()
+
+    def make_encoder(self) -> SFTEncoder:
+        """Chat-template rendering with the seeded augmentations, assistant-only mask."""
+        return SFTEncoder(self.tokenizer, seed=self.seed, system_prompt_ratio=self.system_prompt_ratio,
+                          empty_think_drop_ratio=self.empty_think_drop_ratio)

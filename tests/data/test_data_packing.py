@@ -1,0 +1,143 @@
+"""Packing: full rows, correct doc_ids / position_ids / labels, long documents continued, padded mode."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from minimind_pl.data import PretrainDataModule
+from minimind_pl.data.packing import IGNORE_INDEX, collate
+
+
+@pytest.fixture(scope="module")
+def pretrain_cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pretrain_cache"))
+
+
+def _dm(corpus, tok_dir, cache_dir, **kw):
+    args = dict(seq_len=256, batch_size=8, tokenizer=tok_dir, cache_dir=cache_dir, num_workers=0)
+    args.update(kw)
+    dm = PretrainDataModule(str(corpus / "pretrain_real.jsonl"), **args)
+    dm.setup("fit")
+    return dm
+
+
+def _check_rows(dataset, cache, seq_len):
+    """Every row: doc_ids/positions consistent; stream reconstructs; each non-BOS token is a label once."""
+    stream, n_labels = [], 0
+    for r in range(len(dataset)):
+        s = dataset[r]
+        ids, labels, doc, pos = s["input_ids"], s["labels"], s["doc_ids"], s["position_ids"]
+        assert ids.shape == labels.shape == doc.shape == pos.shape == (seq_len,)
+        assert doc[0] == 0 and np.all(np.diff(doc) >= 0) and np.all(np.diff(doc) <= 1)
+        starts = np.flatnonzero(np.r_[True, np.diff(doc) != 0])
+        for a, b in zip(starts, list(starts[1:]) + [seq_len]):
+            assert np.array_equal(pos[a:b], np.arange(b - a)), "positions restart at 0 in every document"
+        # a label is -100 exactly where the next token starts another document (or is padding)
+        boundary = np.r_[np.diff(doc) != 0, False]
+        assert np.all(labels[boundary] == IGNORE_INDEX)
+        # next-token labels inside a row
+        inside = ~boundary[:-1] & (labels[:-1] != IGNORE_INDEX)
+        assert np.array_equal(labels[:-1][inside], ids[1:][inside])
+        real = s["real_tokens"]
+        stream.append(ids[:real])
+        n_labels += int((labels != IGNORE_INDEX).sum())
+    stream = np.concatenate(stream)
+    assert np.array_equal(stream, np.asarray(cache.tokens, dtype=np.int64)), "rows tile the token stream"
+    return n_labels
+
+
+def test_packing_fills_rows(corpus, tok_dir, pretrain_cache_dir):
+    dm = _dm(corpus, tok_dir, pretrain_cache_dir)
+    stats = dm.stats["train"]
+    assert stats["real_token_fraction"] >= 0.99
+    loader = dm.train_dataloader()
+    real = total = 0
+    for batch in loader:
+        real += int(batch["real_tokens"])
+        total += batch["input_ids"].numel()
+    assert real / total >= 0.99
+    # every token is an input exactly once per pass over the rows
+    assert sum(dm.train_dataset[i]["real_tokens"] for i in range(len(dm.train_dataset))) == stats["tokens"]
+
+
+def test_packed_rows_are_consistent(corpus, tok_dir, pretrain_cache_dir):
+    dm = _dm(corpus, tok_dir, pretrain_cache_dir, seq_len=64)
+    cache = dm.caches[str(corpus / "pretrain_real.jsonl")]
+    n_labels = _check_rows(dm.train_dataset, cache, 64)
+    # every token except each document's first (its BOS) is predicted exactly once
+    assert n_labels == cache.n_tokens - cache.n_docs
+    bos = dm.tokenizer.bos_id
+    s = dm.train_dataset[3]
+    first_of_doc = np.flatnonzero(np.r_[False, np.diff(s["doc_ids"]) != 0])
+    assert np.all(s["input_ids"][first_of_doc] == bos)
+
+
+def test_long_document_continues_in_next_row(corpus, tok_dir, pretrain_cache_dir):
+    dm = _dm(corpus, tok_dir, pretrain_cache_dir, seq_len=16)
+    cache = dm.caches[str(corpus / "pretrain_real.jsonl")]
+    doc0, _ = cache.doc(0)
+    assert doc0.size > 40
+    rows = [dm.train_dataset[i] for i in range(3)]
+    # the first document fills rows 0..2 entirely, positions restart at each row
+    joined = np.concatenate([r["input_ids"] for r in rows])
+    assert np.array_equal(joined, doc0[:48])
+    for r in rows:
+        assert np.all(r["doc_ids"] == 0)
+        assert np.array_equal(r["position_ids"], np.arange(16))
+        # the last token of a row predicts the first token of the next row (same document)
+        assert np.all(r["labels"] != IGNORE_INDEX)
+    assert rows[0]["labels"][-1] == rows[1]["input_ids"][0]
+
+
+def test_cross_document_attention_and_collate(corpus, tok_dir, pretrain_cache_dir):
+    dm = _dm(corpus, tok_dir, pretrain_cache_dir, seq_len=32, cross_document_attention=True)
+    s = dm.train_dataset[0]
+    assert set(s) == {"input_ids", "labels", "real_tokens"}
+    dm2 = _dm(corpus, tok_dir, pretrain_cache_dir, seq_len=32)
+    s2 = dm2.train_dataset[0]
+    assert np.array_equal(s["labels"], s2["labels"]) and np.array_equal(s["input_ids"], s2["input_ids"])
+    batch = collate([dm2.train_dataset[i] for i in range(4)])
+    assert set(batch) == {"input_ids", "labels", "doc_ids", "position_ids", "real_tokens"}
+    for k in ("input_ids", "labels", "doc_ids", "position_ids"):
+        assert batch[k].dtype == torch.long and batch[k].shape == (4, 32)
+    assert batch["real_tokens"].dim() == 0 and batch["real_tokens"].dtype == torch.long
+    assert int(batch["real_tokens"]) == 4 * 32
+
+
+def test_last_row_is_padded(tmp_path, tok_dir, write_jsonl):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "hello world"}, {"text": "a second document here"}])
+    dm = PretrainDataModule(str(path), seq_len=8, batch_size=2, tokenizer=tok_dir, cache_dir=str(tmp_path),
+                            num_workers=0)
+    dm.setup("fit")
+    n = dm.stats["train"]["tokens"]
+    last = dm.train_dataset[len(dm.train_dataset) - 1]
+    real = last["real_tokens"]
+    assert real == n - 8 * (len(dm.train_dataset) - 1)
+    assert np.all(last["input_ids"][real:] == dm.tokenizer.pad_id)
+    assert np.all(last["labels"][real - 1:] == IGNORE_INDEX)
+    assert np.all(last["doc_ids"][real:] == last["doc_ids"][real - 1] + 1)
+
+
+def test_padded_mode_matches_minimind(tmp_path, tok_dir, write_jsonl):
+    long_text = "春眠不觉晓，处处闻啼鸟。" * 20
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "short one"}, {"text": long_text}])
+    dm = PretrainDataModule(str(path), seq_len=16, batch_size=2, tokenizer=tok_dir, cache_dir=str(tmp_path),
+                            num_workers=0, packing=False)
+    dm.setup("fit")
+    tok = dm.tokenizer
+    assert len(dm.train_dataset) == 2
+    short = dm.train_dataset[0]
+    ids = [tok.bos_id] + tok.encode("short one") + [tok.eos_id]
+    assert set(short) == {"input_ids", "labels", "real_tokens"}
+    assert short["real_tokens"] == len(ids)
+    assert list(short["input_ids"][: len(ids)]) == ids
+    assert np.all(short["input_ids"][len(ids):] == tok.pad_id)
+    assert list(short["labels"][: len(ids) - 1]) == ids[1:]
+    assert np.all(short["labels"][len(ids) - 1:] == IGNORE_INDEX)
+    long = dm.train_dataset[1]
+    full = [tok.bos_id] + tok.encode(long_text)
+    # truncated: bos + text[:seq_len - 1] + eos (as MiniMind keeps eos after truncating)
+    assert list(long["input_ids"]) == full[:16]
+    assert list(long["labels"]) == full[1:16] + [tok.eos_id]
+    assert long["real_tokens"] == 16

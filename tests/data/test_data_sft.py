@@ -1,0 +1,157 @@
+"""SFT data: labels cover exactly the assistant turns (MiniMind's rule), seeded augmentations, tools."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from minimind_pl.data import SFTDataModule
+from minimind_pl.data.packing import IGNORE_INDEX
+from minimind_pl.data.sft import EMPTY_THINK, SYSTEM_PROMPTS, assistant_mask
+
+END = "<|im_end|>\n"
+
+
+def _spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.flatnonzero(np.diff(np.r_[0, mask.astype(np.int8), 0]))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def _label_texts(tok, ids, mask) -> list[str]:
+    return [tok.decode(ids[a:b].tolist()) for a, b in _spans(mask)]
+
+
+@pytest.fixture(scope="module")
+def sft_dm(corpus, tok_dir, tmp_path_factory):
+    dm = SFTDataModule(str(corpus / "sft_real.jsonl"), seq_len=256, batch_size=4, tokenizer=tok_dir,
+                       cache_dir=str(tmp_path_factory.mktemp("sft_cache")), num_workers=0)
+    dm.setup("fit")
+    return dm
+
+
+def test_labels_are_exactly_the_assistant_answers(sft_dm, corpus):
+    tok = sft_dm.tokenizer
+    cache = sft_dm.caches[str(corpus / "sft_real.jsonl")]
+    lines = (corpus / "sft_real.jsonl").read_text(encoding="utf-8").splitlines()
+    assert cache.n_docs == len(lines)
+    with_system = kept_think = 0
+    for i, line in enumerate(lines):
+        conv = json.loads(line)["conversations"]
+        ids, mask = cache.doc(i)
+        text = tok.decode(ids.tolist())
+        labels = _label_texts(tok, ids, mask)
+        answers = [m["content"] for m in conv if m["role"] == "assistant"]
+        assert len(labels) == len(answers)
+        for label, answer in zip(labels, answers):
+            if label.startswith(EMPTY_THINK):
+                kept_think += 1
+                label = label[len(EMPTY_THINK):]
+            assert label == answer + END
+        for m in conv:  # prompts never carry a loss
+            if m["role"] != "assistant":
+                assert all(m["content"] not in lab for lab in labels)
+        with_system += text.startswith("<|im_start|>system\n")
+        assert text.endswith(END)
+    n = len(lines)
+    assert 0.12 * n < with_system < 0.28 * n  # system_prompt_ratio=0.2
+    assert 0.12 * n < kept_think < 0.28 * n  # empty_think_drop_ratio=0.8
+
+
+def test_packed_sft_labels_follow_the_mask(sft_dm, corpus):
+    cache = sft_dm.caches[str(corpus / "sft_real.jsonl")]
+    stream_mask = np.asarray(cache.mask).astype(bool)
+    ds = sft_dm.train_dataset
+    n_labels = 0
+    for r in range(len(ds)):
+        s = ds[r]
+        start = r * 256
+        lab = s["labels"] != IGNORE_INDEX
+        # label t targets stream token start + t + 1: only masked (assistant) tokens are targets
+        targets = start + 1 + np.flatnonzero(lab)
+        assert np.all(stream_mask[targets])
+        n_labels += int(lab.sum())
+    assert n_labels == int(stream_mask.sum())  # and every assistant token is learned once
+
+
+def test_augmentations_deterministic_and_switchable(corpus, tok_dir, tmp_path):
+    path = str(corpus / "sft_real.jsonl")
+    a = SFTDataModule(path, seq_len=64, batch_size=2, tokenizer=tok_dir, cache_dir=str(tmp_path / "a"), num_workers=0)
+    b = SFTDataModule(path, seq_len=64, batch_size=2, tokenizer=tok_dir, cache_dir=str(tmp_path / "b"), num_workers=0)
+    ca, cb = a._cache(path, progress=False), b._cache(path, progress=False)
+    assert np.array_equal(ca.tokens, cb.tokens) and np.array_equal(ca.mask, cb.mask)
+    plain = SFTDataModule(path, seq_len=64, batch_size=2, tokenizer=tok_dir, cache_dir=str(tmp_path / "a"),
+                          num_workers=0, system_prompt_ratio=0.0, empty_think_drop_ratio=0.0)
+    cp = plain._cache(path, progress=False)
+    tok = plain.tokenizer
+    for i in range(0, cp.n_docs, 50):
+        text = tok.decode(cp.doc(i)[0].tolist())
+        assert not text.startswith("<|im_start|>system") and EMPTY_THINK in text
+    always = SFTDataModule(path, seq_len=64, batch_size=2, tokenizer=tok_dir, cache_dir=str(tmp_path / "a"),
+                           num_workers=0, system_prompt_ratio=1.0, empty_think_drop_ratio=1.0)
+    cw = always._cache(path, progress=False)
+    for i in range(0, cw.n_docs, 50):
+        text = tok.decode(cw.doc(i)[0].tolist())
+        assert EMPTY_THINK not in text
+        assert any(text.startswith(f"<|im_start|>system\n{p}<|im_end|>\n") for p in SYSTEM_PROMPTS)
+
+
+def test_tools_reasoning_and_multi_turn(tmp_path, tok_dir, write_jsonl):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "查询天气",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    records = [
+        {"conversations": [
+            {"role": "system", "content": "# Tools", "tools": json.dumps(tools, ensure_ascii=False)},
+            {"role": "user", "content": "北京天气怎么样？"},
+            {"role": "assistant", "content": "", "tool_calls": json.dumps([{"name": "get_weather", "arguments": {"city": "北京"}}], ensure_ascii=False)},
+            {"role": "tool", "content": "{\"temp\": 20}"},
+            {"role": "assistant", "content": "北京现在20度。"}]},
+        {"conversations": [
+            {"role": "user", "content": "1+1等于几？"},
+            {"role": "assistant", "content": "等于2。", "reasoning_content": "这是简单的加法。"},
+            {"role": "user", "content": "再加1呢？"},
+            {"role": "assistant", "content": "等于3。"}]},
+    ]
+    path = write_jsonl(tmp_path / "sft.jsonl", records)
+    dm = SFTDataModule(str(path), seq_len=64, batch_size=2, tokenizer=tok_dir, cache_dir=str(tmp_path),
+                       num_workers=0, system_prompt_ratio=1.0, empty_think_drop_ratio=1.0)
+    cache = dm._cache(str(path), progress=False)
+    tok = dm.tokenizer
+    ids, mask = cache.doc(0)
+    text = tok.decode(ids.tolist())
+    assert text.startswith("<|im_start|>system\n# Tools\n\n# Tools")  # tools: no random system prompt
+    labels = _label_texts(tok, ids, mask)
+    assert labels == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>' + END,
+                      "北京现在20度。" + END]
+    ids, mask = cache.doc(1)
+    labels = _label_texts(tok, ids, mask)
+    assert labels == ["<think>\n这是简单的加法。\n</think>\n\n等于2。" + END, "等于3。" + END]
+
+
+def _minimind_labels(ids: list, start: list, end: list) -> list:
+    """MiniMind's SFTDataset.generate_labels loop, verbatim in behaviour (reference for the test)."""
+    labels = [0] * len(ids)
+    i = 0
+    while i < len(ids):
+        if ids[i:i + len(start)] == start:
+            s = i + len(start)
+            e = s
+            while e < len(ids):
+                if ids[e:e + len(end)] == end:
+                    break
+                e += 1
+            for j in range(s, min(e + len(end), len(ids))):
+                labels[j] = 1
+            i = e + len(end) if e < len(ids) else len(ids)
+        else:
+            i += 1
+    return labels
+
+
+def test_assistant_mask_matches_minimind_loop():
+    rng = random.Random(0)
+    start, end = [1, 7, 8, 3], [2, 3]
+    for _ in range(300):
+        ids = [rng.choice([1, 2, 3, 7, 8, 9]) for _ in range(rng.randint(0, 60))]
+        assert assistant_mask(ids, start, end).tolist() == _minimind_labels(ids, start, end)
