@@ -1,0 +1,118 @@
+"""``python main.py chat``: talk to a trained model in the terminal, with streaming output."""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterator, TextIO
+
+import torch
+
+from minimind_pl.generate import stream_generate
+from minimind_pl.inference import load_model, load_tokenizer
+from minimind_pl.model import MiniMindForCausalLM
+from minimind_pl.tokenizer import Tokenizer
+
+
+class ChatSession:
+    """A conversation with a model: keeps the history and streams each answer as text."""
+
+    def __init__(self, model: MiniMindForCausalLM, tokenizer: Tokenizer, system: str | None = None,
+                 history_turns: int = 4, open_thinking: bool = False, **sampling) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.system, self.history_turns, self.open_thinking = system, history_turns, open_thinking
+        self.sampling = sampling
+        self.history: list[dict[str, str]] = []
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """Token ids of the system prompt, the kept history and the new user turn, ready to answer."""
+        kept = self.history[-2 * self.history_turns:] if self.history_turns > 0 else []
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + kept
+        messages.append({"role": "user", "content": user_text})
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, open_thinking=self.open_thinking)
+        return self.tokenizer.encode(text)
+
+    def stream_answer(self, user_text: str) -> Iterator[str]:
+        """Yield the answer piece by piece (never a broken character); record the turn in the history."""
+        decoder = self.tokenizer.stream_decoder()
+        pieces: list[str] = []
+        ids = self.prompt_ids(user_text)
+        for token in stream_generate(self.model, ids, eos_token_id=self.tokenizer.eos_id, **self.sampling):
+            piece = decoder.push(token)
+            if piece:
+                pieces.append(piece)
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            pieces.append(tail)
+            yield tail
+        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": "".join(pieces)}]
+
+
+def chat_command(
+    ckpt: str,
+    lora: str | None = None,
+    prompt: str | None = None,
+    tokenizer: str | None = None,
+    preset: str | None = None,
+    system: str | None = None,
+    open_thinking: bool = False,
+    history_turns: int = 4,
+    max_new_tokens: int = 512,
+    temperature: float = 0.85,
+    top_p: float = 0.85,
+    top_k: int = 50,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    device: str = "auto",
+) -> None:
+    """Chat with a model in the terminal; answers stream as they are generated.
+
+    Args:
+        ckpt: A Lightning .ckpt of any stage, a MiniMind .pth or a Hugging Face directory.
+        lora: A LoRA adapter file (LoRA stage .ckpt or MiniMind LoRA .pth) run on top of ``ckpt``, unmerged.
+        prompt: Answer this one prompt and exit, instead of an interactive session.
+        tokenizer: Tokenizer directory (default: the one recorded with the checkpoint).
+        preset: Model preset of a MiniMind .pth, which stores no config (default minimind-3).
+        system: An optional system prompt.
+        open_thinking: Let the model write its reasoning in a <think> block before the answer.
+        history_turns: How many earlier question/answer pairs the model sees (0 = none).
+        max_new_tokens: Longest answer in tokens.
+        temperature: Sampling temperature; 0 means greedy.
+        top_p: Nucleus sampling threshold.
+        top_k: Sample among the k most likely tokens (0 = all).
+        repetition_penalty: Penalty (>1) on tokens already in the prompt or answer.
+        seed: Random seed for reproducible sampling.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = load_model(ckpt, preset=preset, device=device, lora=lora)
+    session = ChatSession(
+        model, load_tokenizer(ckpt, tokenizer), system=system, history_turns=history_turns,
+        open_thinking=open_thinking, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, do_sample=temperature > 0,
+    )
+    if prompt is not None:
+        print_answer(session, prompt, sys.stdout)
+        return
+    print("chat with the model; an empty line or Ctrl-D ends the session")
+    while True:
+        try:
+            user_text = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if not user_text:
+            break
+        print("model> ", end="")
+        print_answer(session, user_text, sys.stdout)
+
+
+def print_answer(session: ChatSession, user_text: str, out: TextIO) -> str:
+    """Stream one answer to ``out`` and return it whole."""
+    parts = []
+    for piece in session.stream_answer(user_text):
+        out.write(piece)
+        out.flush()
+        parts.append(piece)
+    out.write("\n")
+    return "".join(parts)

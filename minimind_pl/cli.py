@@ -1,0 +1,104 @@
+"""Command line: ``python main.py <command> ...``.
+
+Training commands (``fit``, ``validate``, ``test``) go to Lightning's ``LightningCLI`` with the stage
+and data classes chosen in YAML (``class_path`` / ``init_args``). The other commands are typed Python
+functions exposed through jsonargparse, so every command parses and documents its arguments the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any, Callable
+
+from lightning.pytorch.cli import LightningCLI
+
+from minimind_pl.callbacks import SyncFreeProgressBar
+
+TRAINING_COMMANDS = {
+    "fit": "train a stage: python main.py fit --config configs/<preset>/<stage>.yaml [--ckpt_path to resume]",
+    "validate": "validation loss/perplexity of a checkpoint: python main.py validate --config ... --ckpt_path ...",
+    "test": "run the test loop of a stage (same arguments as validate)",
+}
+
+# command -> (module, function, one-line help). Modules are imported only when their command runs.
+TOOL_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("minimind_pl.demo", "demo_command", "generate the demo corpus and train every stage on CPU, then chat"),
+    "tokenizer": ("minimind_pl.tokenizer", "tokenizer_command", "train a byte-level BPE tokenizer on jsonl files"),
+    "chat": ("minimind_pl.chat", "chat_command", "chat with a checkpoint in the terminal (streaming)"),
+    "generate": ("minimind_pl.generate_data", "generate_command",
+                 "answer prompts with a teacher checkpoint, writing SFT jsonl (black-box distillation)"),
+    "export": ("minimind_pl.export", "export_command",
+               "write a checkpoint as a MiniMind .pth or a Hugging Face (Qwen3) directory for transformers/vLLM/llama.cpp"),
+    "serve": ("minimind_pl.serve", "serve_command", "OpenAI-compatible chat API and a web chat page"),
+    "eval": ("minimind_pl.evaluate", "eval_command",
+             "loss / perplexity / bits per byte on a jsonl, or multiple-choice accuracy"),
+}
+
+
+class MiniMindCLI(LightningCLI):
+    """LightningCLI with the project's argument links and defaults."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """Share the tokenizer and the row length between data and model.
+
+        The stage checks that the tokenizer fits the model's vocabulary and the rows fit its positions,
+        and uses the tokenizer to log generated samples.
+        """
+        parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
+        parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
+
+
+def run_lightning(args: list[str], extra_callbacks: list | None = None) -> MiniMindCLI:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ...) with the given arguments.
+
+    ``extra_callbacks`` are added to every run beside the ones the config names (programmatic use).
+    """
+    from lightning import LightningDataModule
+
+    from minimind_pl.stages import Stage
+
+    return MiniMindCLI(
+        Stage,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        trainer_defaults={"callbacks": [SyncFreeProgressBar(), *(extra_callbacks or [])]},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def run_tool(command: str, args: list[str]) -> Any:
+    """Parse ``args`` against the typed signature of a tool command's function and call it."""
+    from jsonargparse import CLI
+
+    module_name, function_name, _ = TOOL_COMMANDS[command]
+    function: Callable = getattr(importlib.import_module(module_name), function_name)
+    return CLI(function, args=args, prog=f"main.py {command}", as_positional=False)
+
+
+def usage() -> str:
+    """The top-level ``--help`` text: every command with one line each."""
+    lines = ["usage: python main.py <command> [--help] [arguments]", "", "training (LightningCLI):"]
+    lines += [f"  {name:<10} {text}" for name, text in TRAINING_COMMANDS.items()]
+    lines += ["", "tools:"]
+    lines += [f"  {name:<10} {text}" for name, (_, _, text) in TOOL_COMMANDS.items()]
+    lines += ["", "python main.py <command> --help shows the arguments of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point of ``python main.py`` and the ``minimind-pl`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return None
+    command, rest = argv[0], argv[1:]
+    if command in TOOL_COMMANDS:
+        return run_tool(command, rest)
+    if command in TRAINING_COMMANDS:
+        return run_lightning(argv)
+    print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+    raise SystemExit(2)

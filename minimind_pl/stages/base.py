@@ -1,0 +1,278 @@
+"""The base LightningModule every training stage builds on.
+
+A stage owns one ``MiniMindForCausalLM`` (``self.model``), the optimizer and the schedule. Subclasses
+override only what differs: ``compute_loss`` (and, where needed, what they freeze or hold beside the
+model). Lightning owns the loop, precision, strategy and checkpointing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from minimind_pl.checkpoints import load_model_weights
+from minimind_pl.config import ModelConfig
+from minimind_pl.losses import IGNORE_INDEX
+from minimind_pl.model import MiniMindForCausalLM
+
+
+class Stage(L.LightningModule):
+    """Shared training logic: model construction, weight import, AdamW, warmup + cosine, logging."""
+
+    def __init__(
+        self,
+        config: ModelConfig | None = None,
+        init_weights: str | None = None,
+        learning_rate: float = 5e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_ratio: float = 0.0,
+        min_lr_ratio: float = 0.1,
+        tokenizer: str | None = None,
+        seq_len: int | None = None,
+        sample_prompts: list[str] | None = None,
+        sample_max_new_tokens: int = 48,
+        peak_tflops: float | None = None,
+        compile: bool = False,
+    ) -> None:
+        """Build the transformer for a training stage.
+
+        Args:
+            config: The model architecture (MiniMind's field names; unset fields keep the minimind-3
+                defaults). Override single fields with ``--model.config.<field>``.
+            init_weights: Start from these weights: a Lightning ``.ckpt`` of any stage, a MiniMind ``.pth``
+                or a Hugging Face directory. ``None`` starts from random weights.
+            learning_rate: Peak learning rate of AdamW.
+            weight_decay: AdamW weight decay, applied to weight matrices only (not norms or embeddings'
+                biases; the project has no biases).
+            betas: AdamW betas.
+            warmup_ratio: Fraction of the optimizer steps spent in linear warmup (0 = none, as MiniMind).
+            min_lr_ratio: The cosine schedule ends at ``learning_rate * min_lr_ratio`` (MiniMind: 0.1).
+            tokenizer: Tokenizer directory, linked from ``--data.tokenizer``: checked against the model's
+                vocabulary and used to log generated samples.
+            seq_len: Training row length, linked from ``--data.seq_len``: checked against
+                ``max_position_embeddings`` and used for the MFU estimate.
+            sample_prompts: Prompts completed greedily at each validation and logged to TensorBoard as text.
+            sample_max_new_tokens: Length of those samples in tokens.
+            peak_tflops: Peak bf16 matmul TFLOP/s of the accelerator; when set, MFU is logged.
+            compile: Compile the transformer with ``torch.compile``.
+        """
+        super().__init__()
+        if config is None:
+            config = ModelConfig()
+        elif isinstance(config, dict):  # checkpoints store the config as a plain dict
+            config = ModelConfig.from_dict(config)
+        self.save_hyperparameters(ignore=["config"])
+        self.hparams["config"] = config.to_dict()
+        self.config = config
+        check_fits(config, tokenizer, seq_len)
+        self.model = MiniMindForCausalLM(config)
+        if init_weights:
+            self.load_initial_weights(init_weights)
+        if compile:
+            self.model.compile()
+        self.val_loss = MeanMetric()
+        self._tokens_since_log = 0
+        self._last_log_time: float | None = None
+        self._tokenizer = None
+
+    # ----------------------------------------------------------------- weights
+    def load_initial_weights(self, path: str) -> None:
+        """Load ``path`` (.ckpt / .pth / HF dir / LoRA checkpoint, merged) into the transformer.
+
+        Names must match exactly, and the architecture must be the one this stage was configured with.
+        """
+        state_dict, saved_config = weights_for_init(path)
+        if saved_config is not None:
+            diff = architecture_diff(ModelConfig.from_dict(saved_config), self.config)
+            if diff:
+                raise ValueError(f"{path} was trained with another architecture ({diff}); pass the same config")
+        self.model.load_weights(state_dict, strict=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the model config as a plain dict so every tool can rebuild the model from the ckpt."""
+        checkpoint["model_config"] = self.config.to_dict()
+        checkpoint["stage"] = type(self).__name__
+
+    # -------------------------------------------------------------------- steps
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return the loss to minimise and extra tensors to log. Each stage overrides this."""
+        raise NotImplementedError
+
+    def forward_batch(self, batch: dict[str, torch.Tensor]):
+        """Run the transformer on a batch from the data modules (packed or padded rows)."""
+        return self.model(
+            batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids")
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One micro-batch: compute the stage's loss and log it (no GPU->CPU sync here)."""
+        loss, logs = self.compute_loss(batch)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
+        for name, value in logs.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False)
+        self._tokens_since_log += int(batch["real_tokens"]) if "real_tokens" in batch else 0
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate the token-weighted validation loss."""
+        loss, _ = self.compute_loss(batch)
+        weight = (batch["labels"] != IGNORE_INDEX).sum()
+        self.val_loss.update(loss.detach(), weight)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log validation loss, perplexity, and a few generated samples."""
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, sync_dist=False, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss.clamp(max=30)), sync_dist=False)
+        if not self.trainer.sanity_checking:
+            self.log_samples()
+
+    # --------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (decay on matrices only, fused on CUDA) with linear warmup and cosine to ``min_lr_ratio``."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas, fused=fused)
+        total = max(self.total_optimizer_steps(), 1)
+        warmup = int(total * self.hparams.warmup_ratio)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, total, warmup, self.hparams.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, for the schedule.
+
+        Counted from a fresh train loader of the DataModule rather than ``trainer.estimated_stepping_batches``:
+        that property sets up the fit loop's loader before a resumed checkpoint is restored, and Lightning
+        then never hands the saved loader position back (Lightning issue #20550), so a resumed run would
+        restart its epoch from the first batch.
+        """
+        trainer = self.trainer
+        datamodule = trainer.datamodule
+        if datamodule is None:  # dataloaders passed to fit() directly: the loop position is not ours
+            return int(trainer.estimated_stepping_batches)
+        batches = len(datamodule.train_dataloader())
+        limit = trainer.limit_train_batches
+        batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        by_epochs = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        by_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        candidates = [n for n in (by_epochs, by_steps) if n is not None]
+        return min(candidates) if candidates else int(trainer.estimated_stepping_batches)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip through the Trainer's setting and log the global grad norm it measured (one fused norm)."""
+        plain = type(self.trainer.strategy).__name__ in {"SingleDeviceStrategy", "DDPStrategy"}
+        if not plain or gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        max_norm = gradient_clip_val if gradient_clip_val else float("inf")
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log learning rate and real (non-padding) tokens per second once per logging interval."""
+        if self.global_step % self.trainer.log_every_n_steps != 0 or self.trainer.fit_loop._should_accumulate():
+            return
+        now = time.perf_counter()
+        if self._last_log_time is not None:
+            tokens_per_sec = self._tokens_since_log * self.trainer.world_size / max(now - self._last_log_time, 1e-9)
+            self.log("train/tokens_per_sec", tokens_per_sec, on_step=True, on_epoch=False)
+            if self.hparams.peak_tflops:
+                mfu = tokens_per_sec * self.flops_per_token() / (self.hparams.peak_tflops * 1e12 * self.trainer.world_size)
+                self.log("train/mfu", mfu, on_step=True, on_epoch=False)
+        self._last_log_time, self._tokens_since_log = now, 0
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 x active parameters + attention over the row (PaLM appendix B)."""
+        cfg = self.config
+        _, active = cfg.num_parameters()
+        attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (self.hparams.seq_len or 0)
+        return 6 * active + attention
+
+    # -------------------------------------------------------------- samples
+    def sample_prompt_ids(self, tokenizer) -> list[list[int]]:
+        """Token ids of the sample prompts; stages that chat render them with the chat template."""
+        return [[tokenizer.bos_id] + tokenizer.encode(p) for p in self.hparams.sample_prompts or []]
+
+    @torch.no_grad()
+    def log_samples(self) -> None:
+        """Greedy completions of ``sample_prompts``, written to TensorBoard as text (rank 0 only)."""
+        if not self.hparams.sample_prompts or not self.hparams.tokenizer or self.global_rank != 0:
+            return
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_text"):
+            return
+        from minimind_pl.generate import generate
+        from minimind_pl.tokenizer import Tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_file(self.hparams.tokenizer)
+        tok = self._tokenizer
+        prompts = self.sample_prompt_ids(tok)
+        outputs = generate(self.model, prompts, max_new_tokens=self.hparams.sample_max_new_tokens,
+                           do_sample=False, eos_token_id=tok.eos_id)
+        lines = [f"**{p}** → {tok.decode(o)}" for p, o in zip(self.hparams.sample_prompts, outputs)]
+        experiment.add_text("samples", "\n\n".join(lines), global_step=self.global_step)
+
+
+def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Learning-rate factor: linear warmup to 1, then cosine from 1 down to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_fits(config: ModelConfig, tokenizer: str | None, seq_len: int | None) -> None:
+    """Fail early, with both numbers, when the tokenizer or the rows do not fit the model."""
+    if tokenizer and (Path(tokenizer) / "tokenizer.json").exists():
+        from minimind_pl.tokenizer import Tokenizer
+
+        vocab = Tokenizer.from_file(tokenizer).vocab_size
+        if vocab > config.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer} has {vocab} tokens but the model's vocab_size is "
+                             f"{config.vocab_size}; set --model.config.vocab_size {vocab}")
+    if seq_len and seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+
+
+# Fields that change no weight shape or value: a run may set them differently from its starting weights.
+TRAINING_ONLY_FIELDS = {"dropout", "router_aux_loss_coef", "flash_attn", "inference_rope_scaling",
+                        "max_position_embeddings"}
+
+
+def architecture_diff(saved: ModelConfig, current: ModelConfig) -> str:
+    """Name the architecture fields where two configs differ, e.g. ``hidden_size: 512 != 768``."""
+    a, b = saved.to_dict(), current.to_dict()
+    return ", ".join(f"{k}: {a[k]!r} != {b.get(k)!r}" for k in a
+                     if k not in TRAINING_ONLY_FIELDS and a[k] != b.get(k))
+
+
+def weights_for_init(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Weights and config to start a stage from; a LoRA checkpoint is merged into its base first."""
+    from minimind_pl.lora import is_lora_file, merge_lora
+
+    if not is_lora_file(path):
+        return load_model_weights(path)
+    from minimind_pl.inference import load_model
+
+    merged = merge_lora(load_model(path, device="cpu"))
+    return merged.state_dict(), merged.config.to_dict()
