@@ -1,0 +1,239 @@
+"""Tests for minimind_pl.lora and the LoRA stage: exactness, freezing, adapter files, resume, wrong bases."""
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from minimind_pl.config import ModelConfig
+from minimind_pl.inference import load_model
+from minimind_pl.lora import (
+    DEFAULT_TARGETS, MINIMIND_TARGETS, LoRAConfig, LoRALinear, apply_lora, apply_lora_file, count_parameters,
+    is_lora_file, lora_modules, lora_state_dict, merge_lora, read_lora_file, save_lora,
+)
+from minimind_pl.model import MiniMindForCausalLM
+from minimind_pl.stages import LoRA
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A very small model so every test runs in well under a second of compute."""
+    return ModelConfig.from_preset("debug", vocab_size=128, **overrides)
+
+
+def make_model(seed: int = 0, **overrides) -> MiniMindForCausalLM:
+    """A seeded tiny model in eval mode."""
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(tiny_config(**overrides)).eval()
+
+
+def randomize_adapters(model: nn.Module) -> None:
+    """Give every lora_B non-zero values, so the adapters really change the output."""
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.normal_(0.0, 0.05)
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a forward pass without gradients."""
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_fresh_adapter_changes_nothing():
+    model = make_model()
+    before = logits(model, IDS)
+    names = apply_lora(model)
+    assert len(names) == 7 * model.config.num_hidden_layers
+    assert torch.equal(logits(model, IDS), before)
+
+
+def test_merged_and_unmerged_give_the_same_logits():
+    model = make_model()
+    base_keys = set(model.state_dict())
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+    randomize_adapters(model)
+    unmerged = logits(model, IDS)
+    assert not torch.allclose(unmerged, logits(make_model(), IDS), atol=1e-4)  # the adapters matter
+    merge_lora(model)
+    assert not lora_modules(model) and set(model.state_dict()) == base_keys
+    assert torch.allclose(logits(model, IDS), unmerged, atol=1e-5)
+
+
+def test_base_names_are_kept_and_everything_else_is_frozen():
+    model = make_model()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model)
+    state = model.state_dict()
+    assert "model.layers.0.self_attn.q_proj.weight" in state
+    assert "model.layers.0.self_attn.q_proj.lora_A" in state
+    result = model.load_state_dict(base_state, strict=False)  # a base checkpoint still loads
+    assert not result.unexpected_keys and all(k.endswith(("lora_A", "lora_B")) for k in result.missing_keys)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+
+
+def test_targets_minimind_choice_moe_and_typos():
+    model = make_model()
+    apply_lora(model, LoRAConfig(targets=MINIMIND_TARGETS))
+    assert {n.rsplit(".", 1)[-1] for n in lora_modules(model)} == set(MINIMIND_TARGETS)
+    moe = make_model(use_moe=True, num_experts=2)
+    names = apply_lora(moe)
+    assert "model.layers.0.mlp.experts.1.down_proj" in names
+    assert "model.layers.0.mlp.gate" not in names  # the router stays a plain frozen layer
+    with pytest.raises(ValueError, match="qproj"):
+        apply_lora(make_model(), LoRAConfig(targets=("qproj",)))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(model)
+
+
+def test_lora_linear_keeps_bias_and_config_validation():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = LoRALinear(base, rank=2)
+    x = torch.randn(3, 6)
+    assert torch.equal(layer(x), base(x)) and layer.bias is base.bias
+    with pytest.raises(ValueError, match="rank"):
+        LoRAConfig(rank=0)
+
+
+def test_adapter_file_roundtrip_and_contents(tmp_path):
+    model = make_model()
+    apply_lora(model, LoRAConfig(rank=4, targets=MINIMIND_TARGETS))
+    randomize_adapters(model)
+    path = save_lora(model, tmp_path / "adapter.pth", base="base.pth")
+    raw = torch.load(path, weights_only=True)
+    assert set(raw["lora_state_dict"]) == set(lora_state_dict(model))
+    assert all(k.endswith(("lora_A", "lora_B")) for k in raw["lora_state_dict"])
+    assert is_lora_file(path) and read_lora_file(path).base == "base.pth"
+    fresh = apply_lora_file(make_model(), path)
+    assert torch.equal(logits(fresh, IDS), logits(model, IDS))
+
+
+def test_minimind_lora_file_loads(tmp_path):
+    """MiniMind's own adapter files (``<module>.lora.A.weight``, scale 1) load and give the same update."""
+    model = make_model()
+    apply_lora(model, LoRAConfig(rank=4, targets=MINIMIND_TARGETS))
+    randomize_adapters(model)
+    theirs = {k.replace(".lora_A", ".lora.A.weight").replace(".lora_B", ".lora.B.weight"): v
+              for k, v in lora_state_dict(model).items()}
+    torch.save(theirs, tmp_path / "lora_identity_64.pth")
+    fresh = apply_lora_file(make_model(), tmp_path / "lora_identity_64.pth")
+    assert read_lora_file(tmp_path / "lora_identity_64.pth").config.targets == MINIMIND_TARGETS
+    assert torch.equal(logits(fresh, IDS), logits(model, IDS))
+
+
+def test_wrong_base_is_a_clear_error(tmp_path):
+    model = make_model()
+    apply_lora(model)
+    save_lora(model, tmp_path / "adapter.pth")
+    with pytest.raises(ValueError, match="another base model.*hidden_size"):
+        apply_lora_file(make_model(hidden_size=32), tmp_path / "adapter.pth")
+    bare = {k.replace(".lora_A", ".lora.A.weight").replace(".lora_B", ".lora.B.weight"): v
+            for k, v in lora_state_dict(model).items()}  # no config recorded: shapes and names decide
+    torch.save(bare, tmp_path / "bare.pth")
+    with pytest.raises(ValueError, match="does not fit.*shape"):
+        apply_lora_file(make_model(hidden_size=32, num_attention_heads=4), tmp_path / "bare.pth")
+    with pytest.raises(ValueError, match="does not fit.*no module model.layers.1"):
+        apply_lora_file(make_model(num_hidden_layers=1), tmp_path / "bare.pth")
+    torch.save(make_model().state_dict(), tmp_path / "full.pth")
+    assert not is_lora_file(tmp_path / "full.pth")
+    with pytest.raises(ValueError, match="no LoRA adapter tensors"):
+        apply_lora_file(make_model(), tmp_path / "full.pth")
+
+
+# ----------------------------------------------------------------------------- the Lightning stage
+
+
+def batches(n: int = 4, batch: int = 2, length: int = 16) -> list[dict[str, torch.Tensor]]:
+    """In-memory batches in the data modules' format (labels already shifted, -100 ignored)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 128, (batch, length + 1), generator=g)
+        labels = ids[:, 1:].clone()
+        labels[:, : length // 2] = -100  # like SFT: only the answer is learned
+        out.append({"input_ids": ids[:, :-1], "labels": labels, "real_tokens": torch.tensor(batch * length)})
+    return out
+
+
+def make_trainer(max_steps: int, root) -> L.Trainer:
+    """A quiet CPU trainer for a few steps."""
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                     num_sanity_val_steps=0, limit_val_batches=0)
+
+
+@pytest.fixture()
+def base_path(tmp_path):
+    """A saved base model (MiniMind .pth layout) for ``--model.init_weights``."""
+    path = tmp_path / "base.pth"
+    torch.save(make_model().state_dict(), path)
+    return path
+
+
+def make_stage(base_path) -> LoRA:
+    """The LoRA stage on the tiny base, rank 4, a learning rate big enough to move in 3 steps."""
+    return LoRA(config=tiny_config(), init_weights=str(base_path), lora_rank=4, learning_rate=1e-2)
+
+
+def test_stage_trains_only_adapters_and_checkpoints_hold_only_them(tmp_path, base_path):
+    stage = make_stage(base_path)
+    base_before = {k: v.clone() for k, v in stage.model.state_dict().items() if not k.endswith(("lora_A", "lora_B"))}
+    b_before = stage.model.model.layers[0].self_attn.q_proj.lora_B.clone()
+    trainer = make_trainer(3, tmp_path)
+    trainer.fit(stage, DataLoader(batches(), batch_size=None))
+    after = stage.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base_before.items())  # bit-identical base
+    assert not torch.equal(stage.model.model.layers[0].self_attn.q_proj.lora_B, b_before)
+    trainable, total = count_parameters(stage.model)
+    assert trainable == sum(t.numel() for t in lora_state_dict(stage.model).values()) < total
+
+    ckpt = tmp_path / "lora.ckpt"
+    trainer.save_checkpoint(ckpt)
+    raw = torch.load(ckpt, weights_only=True)
+    assert raw["state_dict"] and all(k.endswith(("lora_A", "lora_B")) for k in raw["state_dict"])
+    assert raw["lora_base"] == str(base_path) and raw["lora_config"]["rank"] == 4
+    assert raw["model_config"] == tiny_config().to_dict()
+
+    # inference: base + adapter unmerged, from the base and --lora, or from the LoRA checkpoint alone
+    expected = logits(stage.model.eval(), IDS)
+    assert torch.allclose(logits(load_model(str(base_path), device="cpu", lora=str(ckpt)), IDS), expected)
+    assert torch.allclose(logits(load_model(str(ckpt), device="cpu"), IDS), expected)
+
+
+def test_resume_from_adapter_only_checkpoint(tmp_path, base_path):
+    stage = make_stage(base_path)
+    trainer = make_trainer(2, tmp_path)
+    trainer.fit(stage, DataLoader(batches(), batch_size=None))
+    ckpt = tmp_path / "lora.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = {k: v.clone() for k, v in stage.adapter_state_dict().items()}
+
+    restored = make_stage(base_path)  # fresh adapters; the resume must bring the trained ones back
+    make_trainer(2, tmp_path).fit(restored, DataLoader(batches(), batch_size=None), ckpt_path=ckpt)
+    assert all(torch.equal(restored.adapter_state_dict()[k], v) for k, v in saved.items())
+
+    resumed = make_stage(base_path)
+    trainer = make_trainer(3, tmp_path)
+    trainer.fit(resumed, DataLoader(batches(), batch_size=None), ckpt_path=ckpt)
+    assert trainer.global_step == 3
+
+
+def test_resume_rejects_checkpoints_of_other_stages(tmp_path, base_path):
+    bogus = tmp_path / "other.ckpt"
+    stage = make_stage(base_path)
+    trainer = make_trainer(1, tmp_path)
+    trainer.fit(stage, DataLoader(batches(1), batch_size=None))
+    trainer.save_checkpoint(bogus)
+    raw = torch.load(bogus, weights_only=True)
+    del raw["lora_config"]
+    torch.save(raw, bogus)
+    with pytest.raises(ValueError, match="not written by the LoRA stage"):
+        make_trainer(2, tmp_path).fit(make_stage(base_path), DataLoader(batches(1), batch_size=None), ckpt_path=bogus)
+
+
+def test_default_targets_cover_attention_and_mlp():
+    assert set(DEFAULT_TARGETS) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
