@@ -1,0 +1,345 @@
+"""The OpenAI-compatible server: real `openai` client on loopback, errors, concurrency, the web page."""
+
+from __future__ import annotations
+
+import http.client
+import inspect
+import json
+import shutil
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from minimind_pl.config import ModelConfig
+from minimind_pl.model import CausalLMOutput, MiniMindForCausalLM
+from minimind_pl.serve import ChatEngine, OutputParser, StopMatcher, make_server, serve_command
+from minimind_pl.tokenizer import Tokenizer
+
+SCRIPT = "<think>\nLet me think.\n</think>\n\nHello there, friend!"
+TOOL_SCRIPT = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+class ScriptedModel(nn.Module):
+    """Answers every prompt with the same token ids (then eos) under greedy decoding; records the prompt."""
+
+    def __init__(self, script: list[int], eos: int = 2, vocab_size: int = 6400) -> None:
+        super().__init__()
+        self.config = ModelConfig.from_preset("debug", vocab_size=vocab_size)
+        self.anchor = nn.Parameter(torch.zeros(1))  # gives the model a device
+        self.script, self.eos, self.prompt_len, self.prompts = script + [eos], eos, 0, []
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
+                logits_to_keep=0, **_):
+        past = past_key_values[0][0].shape[2] if past_key_values else 0
+        if not past_key_values:
+            self.prompt_len = input_ids.shape[1]
+            self.prompts.append(input_ids[0].tolist())
+        produced = past + input_ids.shape[1] - self.prompt_len  # tokens generated so far
+        logits = torch.full((input_ids.shape[0], 1, self.config.vocab_size), -1e4)
+        logits[:, 0, self.script[min(produced, len(self.script) - 1)]] = 1e4
+        length = past + input_ids.shape[1]
+        cache = [(torch.zeros(1, 1, length, 1), torch.zeros(1, 1, length, 1))]
+        return CausalLMOutput(logits, torch.zeros(()), cache)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(shared_dir: Path) -> Tokenizer:
+    """MiniMind's tokenizer."""
+    return Tokenizer.from_file(shared_dir / "minimind")
+
+
+def start(engine: ChatEngine, **kwargs):
+    """Start a server on a free loopback port in a thread; returns (server, base_url)."""
+    server = make_server(engine, port=0, **kwargs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer):
+    """A server whose model always answers SCRIPT."""
+    model = ScriptedModel(tokenizer.encode(SCRIPT))
+    server, url = start(ChatEngine(model, tokenizer, model_name="minimind-test"), max_body_bytes=4096)
+    yield server, url, model
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def random_server(tokenizer):
+    """A server with a real (random, debug-size) transformer."""
+    torch.manual_seed(0)
+    server, url = start(ChatEngine(MiniMindForCausalLM(ModelConfig.from_preset("debug")).eval(), tokenizer))
+    yield url
+    server.shutdown()
+    server.server_close()
+
+
+def client(url: str, key: str = "unused"):
+    """An openai client for the server."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def raw(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON or text) of one plain HTTP request."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read().decode("utf-8")
+    conn.close()
+    try:
+        return response.status, json.loads(data)
+    except json.JSONDecodeError:
+        return response.status, data
+
+
+# ---------------------------------------------------------------------------- parsing units
+
+
+def test_output_parser_splits_thinking_across_any_chunking():
+    for size in (1, 2, 3, 7, 100):
+        parser = OutputParser()
+        events = []
+        for i in range(0, len(SCRIPT), size):
+            events += parser.feed(SCRIPT[i:i + size])
+        events += parser.finish()
+        reasoning = "".join(v for k, v in events if k == "reasoning")
+        content = "".join(v for k, v in events if k == "content")
+        assert (reasoning, content) == ("Let me think.", "Hello there, friend!"), size
+
+
+def test_output_parser_open_thinking_and_tool_calls():
+    parser = OutputParser(open_thinking=True, parse_tools=True)
+    events = parser.feed("plan it\n</think>\n\n" + TOOL_SCRIPT) + parser.finish()
+    assert [k for k, _ in events] == ["reasoning", "content", "tool_call"]
+    call = events[-1][1]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "北京"}'}
+    broken = OutputParser(parse_tools=True)
+    events = broken.feed("<tool_call>not json</tool_call>") + broken.finish()
+    assert events == [("content", "<tool_call>not json</tool_call>")]
+
+
+def test_stop_matcher_holds_back_partial_stops():
+    stop = StopMatcher(["END", "xyz"])
+    assert [stop.feed(piece) for piece in ["abc x", "y", "1 E", "N", "D tail"]] == ["abc ", "", "xy1 ", "", ""]
+    assert stop.stopped and stop.feed("more") == ""
+    assert StopMatcher([]).feed("E") == "E"
+
+
+# ---------------------------------------------------------------------------- the API
+
+
+def test_chat_completion_with_reasoning_and_usage(scripted, tokenizer):
+    _, url, _ = scripted
+    response = client(url).chat.completions.create(model="minimind-test", messages=[{"role": "user", "content": "hi"}])
+    message = response.choices[0].message
+    assert message.content == "Hello there, friend!"
+    assert message.model_extra["reasoning_content"] == "Let me think."
+    assert response.choices[0].finish_reason == "stop"
+    assert response.usage.completion_tokens == len(tokenizer.encode(SCRIPT))  # eos is not counted
+    assert response.model == "minimind-test"
+
+
+def test_streaming_ends_with_done_and_matches(scripted):
+    _, url, _ = scripted
+    stream = client(url).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
+    assert (reasoning, content) == ("Let me think.", "Hello there, friend!")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.total_tokens > 0
+    status, text = raw(url, "POST", "/v1/chat/completions",
+                       json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode(),
+                       {"Content-Type": "application/json"})
+    assert status == 200 and text.rstrip().endswith("data: [DONE]")
+
+
+def test_sampling_stop_max_tokens_and_thinking_kwargs(scripted, tokenizer):
+    _, url, model = scripted
+    api = client(url)
+    response = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                           stop=["friend"], temperature=0.0, top_p=0.5)
+    assert response.choices[0].message.content == "Hello there, "
+    short = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    api.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                extra_body={"chat_template_kwargs": {"open_thinking": True}})
+    assert tokenizer.decode(model.prompts[-1]).endswith("<|im_start|>assistant\n<think>\n")
+
+
+def test_tool_calls(tokenizer):
+    model = ScriptedModel(tokenizer.encode(TOOL_SCRIPT))
+    server, url = start(ChatEngine(model, tokenizer))
+    try:
+        api = client(url)
+        messages = [{"role": "user", "content": "北京天气？"}]
+        response = api.chat.completions.create(model="m", messages=messages, tools=TOOLS)
+        choice = response.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "北京"}
+        assert "get_weather" in tokenizer.decode(model.prompts[-1])  # the tools reached the template
+        chunks = list(api.chat.completions.create(model="m", messages=messages, tools=TOOLS, stream=True))
+        calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+        assert calls[0].function.name == "get_weather" and calls[0].index == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_models_health_and_page(scripted):
+    _, url, _ = scripted
+    assert [m.id for m in client(url).models.list().data] == ["minimind-test"]
+    assert raw(url, "GET", "/health") == (200, {"status": "ok"})
+    status, page = raw(url, "GET", "/")
+    assert status == 200 and "<details" in page and "/v1/chat/completions" in page
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (json.dumps({"model": "m"}).encode(), "messages"),
+    (json.dumps({"messages": []}).encode(), "messages"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), "messages[0].role"),
+    (json.dumps({"messages": [{"role": "user", "content": 3}]}).encode(), "messages[0].content"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10 ** 9}).encode(), "max_tokens"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(), "max_tokens"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(), "temperature"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "stop": [1]}).encode(), "stop"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 2}).encode(), "n"),
+])
+def test_bad_requests_get_openai_errors(scripted, body, param):
+    _, url, _ = scripted
+    status, data = raw(url, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    assert status == 400
+    assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["param"] == param
+
+
+def test_oversized_body_unknown_route_and_context(scripted):
+    server, url, _ = scripted
+    status, data = raw(url, "POST", "/v1/chat/completions", b"x" * 5000, {"Content-Type": "application/json"})
+    assert status == 413 and data["error"]["code"] == "request_too_large"
+    assert raw(url, "GET", "/v1/nothing")[0] == 404
+    long = {"messages": [{"role": "user", "content": "字" * 600}], "max_tokens": 10}
+    status, data = raw(url, "POST", "/v1/chat/completions", json.dumps(long).encode())
+    assert status == 400 and data["error"]["code"] == "context_length_exceeded"
+    assert raw(url, "GET", "/health")[0] == 200  # still serving
+
+
+def test_api_key(tokenizer):
+    openai = pytest.importorskip("openai")
+    server, url = start(ChatEngine(ScriptedModel(tokenizer.encode("ok")), tokenizer), api_key="sk-test")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            client(url, key="wrong").models.list()
+        response = client(url, key="sk-test").chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}])
+        assert response.choices[0].message.content == "ok"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_binds_loopback_by_default(tokenizer):
+    assert inspect.signature(serve_command).parameters["host"].default == "127.0.0.1"
+    server = make_server(ChatEngine(ScriptedModel([5]), tokenizer), port=0)
+    assert server.server_address[0] == "127.0.0.1"
+    server.server_close()
+
+
+def test_concurrent_clients_each_get_a_complete_answer(scripted):
+    _, url, _ = scripted
+    api = client(url)
+
+    def ask(i: int) -> str:
+        messages = [{"role": "user", "content": f"question {i}"}]
+        if i % 2:
+            return api.chat.completions.create(model="m", messages=messages).choices[0].message.content
+        chunks = api.chat.completions.create(model="m", messages=messages, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(ask, range(6)))
+    assert answers == ["Hello there, friend!"] * 6
+
+
+def test_client_leaving_mid_stream_frees_the_model(scripted):
+    _, url, _ = scripted
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert sock.recv(64).startswith(b"HTTP/1.0 200")
+    response = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "again"}])
+    assert response.choices[0].message.content == "Hello there, friend!"
+
+
+def test_real_transformer_answers(random_server):
+    api = client(random_server)
+    response = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "你好"}], max_tokens=6,
+                                           seed=1, extra_body={"chat_template_kwargs": {"open_thinking": True}})
+    assert response.usage.completion_tokens <= 6
+    again = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "你好"}], max_tokens=6,
+                                        seed=1, extra_body={"chat_template_kwargs": {"open_thinking": True}})
+    assert again.choices[0].message.model_dump() == response.choices[0].message.model_dump()  # seeded
+
+
+# ---------------------------------------------------------------------------- the web page in a browser
+
+
+def browser():
+    """Headless Debian chromium through selenium, or skip."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def test_web_page_streams_folds_thinking_and_keeps_the_conversation(scripted, tokenizer, tmp_path):
+    _, url, model = scripted
+    driver = browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        driver.get(url + "/")
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "model").text == "minimind-test")
+        for turn, question in enumerate(["first question", "second question"], start=1):
+            box = driver.find_element(By.ID, "input")
+            box.send_keys(question)
+            box.send_keys(Keys.ENTER)
+            WebDriverWait(driver, 30).until(
+                lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']")) == turn)
+        bubbles = driver.find_elements(By.CSS_SELECTOR, ".assistant")
+        assert [b.find_element(By.CLASS_NAME, "answer").text for b in bubbles] == ["Hello there, friend!"] * 2
+        details = bubbles[0].find_element(By.CSS_SELECTOR, "details.thinking")
+        assert details.get_attribute("open") is None  # folded
+        assert "Let me think." in details.get_attribute("textContent")
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error")
+        prompt = tokenizer.decode(model.prompts[-1])  # the second request carried the first turn
+        assert "first question" in prompt and "Hello there, friend!" in prompt and "second question" in prompt
+        driver.save_screenshot(str(tmp_path / "chat.png"))
+    finally:
+        driver.quit()
