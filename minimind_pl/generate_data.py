@@ -1,0 +1,208 @@
+"""``python main.py generate``: black-box distillation data, a teacher's answers to prompts in SFT format.
+
+Each output line is ``{"conversations": [...the prompt's messages..., {"role": "assistant", "content":
+answer}]}``; a ``<think>...</think>`` block in the answer goes to ``reasoning_content``. Any SFT run
+trains on the file as it is. Lines are appended and flushed one by one, so an interrupted run loses at
+most the batch in flight: started again with the same ``--out``, it skips the prompts already answered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from tqdm import tqdm
+
+from minimind_pl.generate import generate
+from minimind_pl.inference import load_model, load_tokenizer, pick_device
+from minimind_pl.tokenizer import Tokenizer
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def prompt_messages(record: dict, where: str) -> list[dict]:
+    """The messages to answer: ``{"prompt": text}`` or ``{"conversations": [...]}`` (a final assistant
+    message, as in ordinary SFT data, is dropped so that the teacher answers instead).
+
+    Args:
+        record: One parsed jsonl line.
+        where: ``file:line`` for error messages.
+    """
+    if isinstance(record.get("prompt"), str):
+        return [{"role": "user", "content": record["prompt"]}]
+    messages = record.get("conversations")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f"{where}: expected {{\"conversations\": [messages]}} or {{\"prompt\": text}}")
+    if messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError(f"{where}: the last message to answer must be the user's")
+    return messages
+
+
+def read_prompts(path: str | Path) -> list[list[dict]]:
+    """Every prompt of a jsonl file as a list of messages; a bad line raises ValueError naming it."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err})") from err
+            prompts.append(prompt_messages(record, where))
+    return prompts
+
+
+def prompt_key(messages: list[dict]) -> str:
+    """A canonical string of a prompt's messages, to recognise prompts already answered."""
+    return json.dumps(messages, ensure_ascii=False, sort_keys=True)
+
+
+def answered_keys(out: Path) -> Counter:
+    """Count the prompts answered in ``out``; a torn last line (a killed run) is cut off the file."""
+    if not out.exists():
+        return Counter()
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with open(out, "r+b") as f:
+            f.truncate(len(data))
+    done = Counter()
+    for line_no, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                done[prompt_key(json.loads(line)["conversations"][:-1])] += 1
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{out}:{line_no}: not an answer line of this tool ({err!r})") from err
+    return done
+
+
+def pending_prompts(prompts: list[list[dict]], done: Counter) -> list[list[dict]]:
+    """The prompts not yet answered (duplicates count: two equal prompts need two answers)."""
+    done = Counter(done)
+    pending = []
+    for messages in prompts:
+        key = prompt_key(messages)
+        if done[key] > 0:
+            done[key] -= 1
+        else:
+            pending.append(messages)
+    return pending
+
+
+def split_reasoning(text: str, opened: bool = False) -> tuple[str, Optional[str]]:
+    """``(answer, reasoning or None)`` of a generated reply; the reasoning is the text before ``</think>``.
+
+    Args:
+        text: The decoded reply.
+        opened: The prompt left a ``<think>`` block open (``open_thinking``), so the reply starts inside
+            it; a reply that never closes it (cut by ``max_new_tokens``) is all reasoning, no answer.
+    """
+    head, sep, tail = text.partition(THINK_CLOSE)
+    if not sep:
+        return ("", text.strip() or None) if opened else (text.strip(), None)
+    head = head.strip()
+    if head.startswith(THINK_OPEN):
+        head = head[len(THINK_OPEN):].strip()
+    return tail.strip(), (head or None)
+
+
+def sft_record(messages: list[dict], reply: str, opened: bool = False) -> dict:
+    """An SFT line: the prompt's messages plus the assistant's answer (and its reasoning, if any)."""
+    answer, reasoning = split_reasoning(reply, opened)
+    assistant = {"role": "assistant", "content": answer}
+    if reasoning:
+        assistant["reasoning_content"] = reasoning
+    return {"conversations": [*messages, assistant]}
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    """Consecutive chunks of ``size`` items."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def encode_prompts(tokenizer: Tokenizer, batch: list[list[dict]], open_thinking: bool) -> list[list[int]]:
+    """Chat-template each prompt with the assistant's generation header."""
+    return [tokenizer.encode(tokenizer.apply_chat_template(m, add_generation_prompt=True, open_thinking=open_thinking))
+            for m in batch]
+
+
+def generate_command(
+    ckpt: str,
+    data: str,
+    out: str,
+    max_new_tokens: int = 512,
+    temperature: float = 0.85,
+    top_p: float = 0.85,
+    batch_size: int = 16,
+    open_thinking: bool = False,
+    seed: int = 42,
+    tokenizer: Optional[str] = None,
+    preset: Optional[str] = None,
+    lora: Optional[str] = None,
+    device: str = "auto",
+) -> str:
+    """Answer every prompt of ``data`` with the teacher ``ckpt`` and write SFT jsonl to ``out`` (resumable).
+
+    Args:
+        ckpt: The teacher: a Lightning .ckpt, a MiniMind .pth (see ``preset``) or a Hugging Face directory.
+        data: Prompts, jsonl: SFT lines whose last message is the user's (a final assistant message is
+            dropped and answered anew) or ``{"prompt": text}`` lines.
+        out: Output jsonl. If it exists, prompts already answered there are skipped and new lines appended.
+        max_new_tokens: Longest answer in tokens.
+        temperature: Sampling temperature (0 = greedy).
+        top_p: Nucleus sampling threshold.
+        batch_size: Prompts generated together (left-padded, KV cache).
+        open_thinking: Leave a ``<think>`` block open in the prompt so that the teacher reasons first; the
+            reasoning is written to ``reasoning_content``.
+        seed: Seed of the sampling.
+        tokenizer: Tokenizer directory; default: the one recorded with the checkpoint.
+        preset: Model preset of a .pth checkpoint (default: read off the tensor shapes).
+        lora: A LoRA adapter file run on top of the teacher's weights (unmerged).
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda:0``, ...
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out_path = Path(out)
+    prompts = read_prompts(data)
+    pending = pending_prompts(prompts, answered_keys(out_path))
+    already = len(prompts) - len(pending)
+    print(f"{len(prompts)} prompts in {data}; {already} already answered in {out_path}", flush=True)
+    if not pending:
+        return str(out_path)
+    model = load_model(ckpt, preset=preset, device=device, lora=lora)
+    tok = load_tokenizer(ckpt, tokenizer)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=tok.eos_id,
+                    generator=torch.Generator(device=pick_device(device)).manual_seed(seed))
+    with tqdm(total=len(prompts), initial=already, desc="generate", unit="prompt") as bar:
+        truncated = append_answers(model, tok, pending, out_path, batch_size, open_thinking, sampling, bar.update)
+    if truncated:
+        print(f"warning: {truncated} of {len(pending)} answers were cut at max_new_tokens={max_new_tokens}; "
+              "raise it or filter them before training", flush=True)
+    return str(out_path)
+
+
+def append_answers(model: torch.nn.Module, tok: Tokenizer, pending: list[list[dict]], out: Path, batch_size: int,
+                   open_thinking: bool, sampling: dict, progress: Callable[[int], Any]) -> int:
+    """Answer ``pending`` batch by batch, appending one flushed SFT line per prompt; returns how many were cut."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    truncated = 0
+    with open(out, "a", encoding="utf-8") as f:
+        for batch in batches(pending, batch_size):
+            replies = generate(model, encode_prompts(tok, batch, open_thinking), **sampling)
+            for messages, ids in zip(batch, replies):
+                record = sft_record(messages, tok.decode(ids), opened=open_thinking)
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.flush()
+                truncated += len(ids) >= sampling["max_new_tokens"]
+            progress(len(batch))
+    return truncated

@@ -1,0 +1,115 @@
+"""White-box knowledge distillation: a student learns from the labels and from a frozen teacher's logits.
+
+MiniMind's recipe (trainer/train_distillation.py): on SFT data, loss = alpha * CE(labels) +
+(1 - alpha) * T² * KL(teacher ∥ student) over the answer tokens, alpha 0.5, T 1.5, lr 5e-6 (see
+``configs/minimind3/distill.yaml``). The teacher may have any architecture (dense, MoE, larger) as long
+as it shares the tokenizer. It lives beside the student but is not a submodule: it never enters the
+optimizer, the state dict or the checkpoints, stays in eval mode, and follows the student's device.
+
+Black-box distillation (train on a teacher's generated answers) is ``python main.py generate`` followed
+by an ordinary SFT run; see ``minimind_pl/generate_data.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.aggregation import MeanMetric
+
+from minimind_pl.inference import load_model
+from minimind_pl.losses import IGNORE_INDEX, distillation_loss
+from minimind_pl.model import MiniMindForCausalLM
+from minimind_pl.stages.pretrain import SFT
+
+
+class Distill(SFT):
+    """Supervised fine-tuning of a student towards both the labels and a frozen teacher's distributions."""
+
+    def __init__(
+        self,
+        teacher: Optional[str] = None,
+        teacher_preset: Optional[str] = None,
+        alpha: float = 0.5,
+        temperature: float = 1.5,
+        learning_rate: float = 5e-6,
+        **kwargs: Any,
+    ) -> None:
+        """Build the student (``config``, ``init_weights``) and load the frozen teacher.
+
+        Args:
+            teacher: The teacher's weights: a Lightning ``.ckpt`` of any stage, a MiniMind ``.pth`` (with
+                ``teacher_preset``) or a Hugging Face directory. Its architecture may differ from the
+                student's, its vocabulary may not. Required for training.
+            teacher_preset: Model preset of a ``.pth`` teacher (a .pth holds no config); without it the
+                config is read off the tensor shapes.
+            alpha: Weight of the cross entropy on the labels; the KL term gets ``1 - alpha`` (MiniMind: 0.5).
+            temperature: Softmax temperature of both distributions in the KL term (MiniMind: 1.5).
+            learning_rate: Peak learning rate (MiniMind's distillation: 5e-6).
+            kwargs: The arguments of ``SFT`` and ``Stage`` (``config`` of the student, ``init_weights``, ...).
+        """
+        super().__init__(learning_rate=learning_rate, **kwargs)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self._teacher: tuple[MiniMindForCausalLM, ...] = ()  # a tuple hides it from nn.Module registration
+        if teacher:
+            self.set_teacher(load_model(teacher, preset=teacher_preset, device="cpu"))
+        self.val_kl = MeanMetric()
+
+    # ------------------------------------------------------------------ teacher
+    @property
+    def teacher(self) -> MiniMindForCausalLM:
+        """The frozen teacher (not a submodule, so not in ``state_dict()`` or ``parameters()``)."""
+        if not self._teacher:
+            raise ValueError("the Distill stage needs a teacher: pass --model.init_args.teacher PATH")
+        return self._teacher[0]
+
+    def set_teacher(self, model: MiniMindForCausalLM) -> None:
+        """Freeze ``model`` and hold it as the teacher, after checking that it shares the vocabulary."""
+        if model.config.vocab_size != self.config.vocab_size:
+            raise ValueError(f"teacher and student need the same tokenizer: the teacher's vocab_size is "
+                             f"{model.config.vocab_size}, the student's {self.config.vocab_size}")
+        model.requires_grad_(False).eval()
+        self._teacher = (model,)
+        total, _ = model.config.num_parameters()
+        rank_zero_info(f"distillation teacher: {total / 1e6:.2f}M parameters, frozen")
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's logits on the batch, the teacher first moved to the student's device and dtype."""
+        teacher, reference = self.teacher, self.model.lm_head.weight
+        if teacher.lm_head.weight.device != reference.device or teacher.lm_head.weight.dtype != reference.dtype:
+            teacher.to(device=reference.device, dtype=reference.dtype)
+        teacher.eval()
+        out = teacher(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+        return out.logits
+
+    # ------------------------------------------------------------------- losses
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``alpha * (CE + MoE aux) + (1 - alpha) * T² * KL(teacher ∥ student)`` over the answer tokens."""
+        out = self.forward_batch(batch)
+        labels = batch["labels"]
+        ce_loss = self.lm_loss(out.logits, labels)
+        kl_loss = distillation_loss(out.logits, self.teacher_logits(batch), labels, self.hparams.temperature)
+        alpha = self.hparams.alpha
+        loss = alpha * (ce_loss + out.aux_loss) + (1 - alpha) * kl_loss
+        logs = {"ce_loss": ce_loss.detach(), "kl_loss": kl_loss.detach()}
+        if self.config.use_moe:
+            logs["aux_loss"] = out.aux_loss.detach()
+        return loss, logs
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Validation reports the student's plain cross entropy (``val/loss``, ``val/ppl``) and ``val/kl``."""
+        _, logs = self.compute_loss(batch)
+        weight = (batch["labels"] != IGNORE_INDEX).sum()
+        self.val_loss.update(logs["ce_loss"], weight)
+        self.val_kl.update(logs["kl_loss"], weight)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the KL term beside the base stage's validation metrics."""
+        self.log("val/kl", self.val_kl.compute(), sync_dist=False)
+        self.val_kl.reset()
+        super().on_validation_epoch_end()

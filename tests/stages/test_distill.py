@@ -1,0 +1,116 @@
+"""The Distill stage (a frozen teacher beside the student) and SFT's up-weighted reasoning tags."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from minimind_pl.checkpoints import read_checkpoint
+from minimind_pl.config import ModelConfig
+from minimind_pl.data import SFTDataModule
+from minimind_pl.inference import load_model
+from minimind_pl.losses import IGNORE_INDEX, causal_lm_loss, token_weights, weighted_causal_lm_loss
+from minimind_pl.stages import SFT, Distill
+
+TEACHER = ModelConfig.from_preset("debug")  # 64 x 2, MiniMind's 6400-token vocabulary
+STUDENT = ModelConfig.from_preset("debug", hidden_size=32, num_hidden_layers=1)
+
+
+def trainer(steps: int, val_batches: int = 0) -> L.Trainer:
+    """A quiet CPU trainer for a few steps."""
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=val_batches,
+                     num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False)
+
+
+@pytest.fixture(scope="module")
+def files(shared_dir: Path, tmp_path_factory) -> dict[str, str]:
+    """A slice of the shared SFT corpus and MiniMind's tokenizer (caches in a temporary folder)."""
+    tmp = tmp_path_factory.mktemp("distill")
+    lines = (shared_dir / "corpus" / "sft_real.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp / "train.jsonl").write_text("".join(lines[:160]), encoding="utf-8")
+    (tmp / "val.jsonl").write_text("".join(lines[160:200]), encoding="utf-8")
+    return {"train": str(tmp / "train.jsonl"), "val": str(tmp / "val.jsonl"), "dir": str(tmp),
+            "tokenizer": str(shared_dir / "minimind")}
+
+
+def datamodule(files: dict[str, str]) -> SFTDataModule:
+    """Packed 32-token rows, 4 per batch, no workers."""
+    return SFTDataModule(train_path=files["train"], val_path=files["val"], tokenizer=files["tokenizer"],
+                         seq_len=32, batch_size=4, num_workers=0, cache_dir=str(Path(files["dir"]) / "cache"),
+                         num_proc=1)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(files: dict[str, str]) -> str:
+    """A debug-size teacher fine-tuned for a few steps, saved as a Lightning checkpoint."""
+    L.seed_everything(0)
+    stage = SFT(config=TEACHER, learning_rate=3e-3)
+    fit = trainer(15)
+    fit.fit(stage, datamodule=datamodule(files))
+    path = str(Path(files["dir"]) / "teacher.ckpt")
+    fit.save_checkpoint(path)
+    return path
+
+
+def fixed_batch(files: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The first validation batch."""
+    dm = datamodule(files)
+    dm.setup("validate")
+    return next(iter(dm.val_dataloader()))
+
+
+def test_distillation_lowers_kl_and_leaves_the_teacher_alone(files, teacher_ckpt):
+    L.seed_everything(1)
+    stage = Distill(config=STUDENT, teacher=teacher_ckpt, learning_rate=3e-3, alpha=0.5, temperature=1.5)
+    teacher_before = {k: v.clone() for k, v in stage.teacher.state_dict().items()}
+    batch = fixed_batch(files)
+    with torch.no_grad():
+        _, before = stage.compute_loss(batch)
+    fit = trainer(15, val_batches=2)
+    fit.fit(stage, datamodule=datamodule(files))
+    with torch.no_grad():
+        _, after = stage.compute_loss(batch)
+    assert after["kl_loss"] < 0.9 * before["kl_loss"]
+    metrics = fit.validate(stage, datamodule=datamodule(files), verbose=False)[0]
+    assert {"val/kl", "val/loss", "val/ppl"} <= set(metrics)
+    teacher = stage.teacher
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+
+    # the teacher is in no parameter list and no checkpoint; the student's checkpoint loads alone
+    assert sum(p.numel() for p in stage.parameters()) == sum(p.numel() for p in stage.model.parameters())
+    path = Path(files["dir"]) / "student.ckpt"
+    fit.save_checkpoint(path)
+    state = read_checkpoint(path)["state_dict"]
+    assert set(state) == {f"model.{k}" for k in stage.model.state_dict()}
+    assert load_model(str(path), device="cpu").config == STUDENT
+
+
+def test_teacher_needs_the_same_vocabulary(teacher_ckpt):
+    with pytest.raises(ValueError, match="same tokenizer"):
+        Distill(config=ModelConfig.from_preset("debug", vocab_size=1024), teacher=teacher_ckpt)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        Distill(config=STUDENT).compute_loss({"input_ids": torch.ones(1, 4, dtype=torch.long),
+                                              "labels": torch.ones(1, 4, dtype=torch.long)})
+
+
+def test_sft_upweights_think_tags_in_training_only(files):
+    stage = SFT(config=TEACHER, tokenizer=files["tokenizer"], special_token_weight=10.0)
+    with pytest.warns(UserWarning, match="not single tokens"):  # <answer> is several tokens in MiniMind's
+        think = stage.special_token_ids(torch.device("cpu"))
+    assert think.tolist() == [25, 26]  # <think>, </think>
+    ids = torch.tensor([[1, 25, 300, 26, 400, 2]])
+    labels = torch.tensor([[IGNORE_INDEX, 25, 300, 26, 400, 2]])
+    batch = {"input_ids": ids, "labels": labels}
+    with torch.no_grad():
+        logits = stage.model(ids).logits
+        stage.train()
+        weighted, _ = stage.compute_loss(batch)
+        stage.eval()
+        plain, _ = stage.compute_loss(batch)
+    assert torch.allclose(weighted, weighted_causal_lm_loss(logits, labels, token_weights(labels, think, 10.0)))
+    assert torch.allclose(plain, causal_lm_loss(logits, labels)) and weighted > plain
+
