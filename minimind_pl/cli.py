@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from typing import Any, Callable
 
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from minimind_pl.callbacks import SyncFreeProgressBar
@@ -48,6 +50,13 @@ class MiniMindCLI(LightningCLI):
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
         parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        """Add the sync-free progress bar unless the config disables the bar or names another one."""
+        named = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in named):
+            callbacks = [*callbacks, SyncFreeProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
 
 def run_lightning(args: list[str], extra_callbacks: list | None = None) -> MiniMindCLI:
     """Run a LightningCLI subcommand (``fit``, ``validate``, ...) with the given arguments.
@@ -58,13 +67,15 @@ def run_lightning(args: list[str], extra_callbacks: list | None = None) -> MiniM
 
     from minimind_pl.stages import Stage
 
+    # The arguments are always passed explicitly (main() strips the program name; the demo builds its own).
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return MiniMindCLI(
         Stage,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
-        trainer_defaults={"callbacks": [SyncFreeProgressBar(), *(extra_callbacks or [])]},
+        trainer_defaults={"callbacks": list(extra_callbacks or [])},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

@@ -108,6 +108,7 @@ class JsonlDataModule(L.LightningDataModule):
         self.caches: dict[str, TokenCache] = {}
         self.stats: dict[str, dict] = {}
         self._train_loader: Optional[ResumableDataLoader] = None
+        self.save_hyperparameters()  # also collects the arguments of a subclass's __init__
         if not self.val_paths and self.val_fraction == 0:
             # No validation data: show Lightning the base class's (unimplemented) val_dataloader, so
             # that it skips the validation loop instead of warning about an empty loader.

@@ -86,28 +86,6 @@ class PretrainDataModule(JsonlDataModule):
 
     keep_eos_on_truncate = True
 
-    def __init__(
-        self,
-        train_path: Union[str, list[str]],
-        seq_len: int,
-        batch_size: int,
-        val_path: Union[str, list[str], None] = None,
-        val_fraction: float = 0.0,
-        tokenizer: str = "checkpoints/tokenizer",
-        num_workers: int = 1,
-        seed: int = 42,
-        packing: bool = True,
-        cross_document_attention: bool = False,
-        cache_dir: Optional[str] = None,
-        skip_invalid: bool = False,
-        num_proc: Optional[int] = None,
-    ) -> None:
-        super().__init__(train_path, seq_len, batch_size, val_path=val_path, val_fraction=val_fraction,
-                         tokenizer=tokenizer, num_workers=num_workers, seed=seed, packing=packing,
-                         cross_document_attention=cross_document_attention, cache_dir=cache_dir,
-                         skip_invalid=skip_invalid, num_proc=num_proc)
-        self.save_hyperparameters()
-
     def make_encoder(self) -> PretrainEncoder:
         """Text documents wrapped in bos/eos."""
         return PretrainEncoder(self.tokenizer)
