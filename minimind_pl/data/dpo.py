@@ -1,0 +1,345 @@
+"""DPODataModule: MiniMind's ``dpo.jsonl`` preference pairs (``{"chosen": [msgs], "rejected": [msgs]}``).
+
+Each line holds one conversation twice: the same prompt messages, then a final assistant answer that
+is preferred (``chosen``) or not (``rejected``). A pair is tokenized once into the shared token cache
+(:mod:`minimind_pl.data.cache`) as two consecutive documents, chosen then rejected:
+
+- the prompt is what the chat template renders before the final answer, as at inference
+  (``add_generation_prompt=True``); precisely, the longest common prefix of that generation prompt and
+  both full renderings, so a ``<think>`` block in an answer belongs to the answer;
+- the answer is the rest of the rendering up to and including ``<|im_end|>``; only its tokens are
+  targets (the loss covers the final assistant answer, nothing else);
+- prompt and answer are tokenized separately (the tokens the model would generate after the prompt).
+
+Bad pairs (prompts that differ, an empty answer, a last message that is not the assistant's, a pair
+too long for ``seq_len`` with ``overlong="error"``) raise an error naming file and line, or are skipped
+and counted with ``skip_invalid``. With ``overlong="truncate"`` the prompt loses its oldest tokens
+first (the same cut on both sides, so the prompts stay identical) and the answers are cut only if
+they alone do not fit; such pairs are counted (``stats["truncated_pairs"]``).
+
+Batches hold ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels``
+(B, T) long with labels already shifted (-100 = no loss), ``index`` (B,) long (the pair's index in its
+dataset, for precomputed reference log-probs) and ``real_tokens`` (0-d long): T is the longest
+sequence of the batch (chosen or rejected), not a fixed length.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..tokenizer import Tokenizer
+from .base import JsonlDataModule
+from .cache import RecordEncoder, ensure_cache
+from .loader import ResumableDataLoader, make_train_loader
+from .packing import IGNORE_INDEX, DocumentStream
+
+MASK_TARGET = 1  # mask bit: this token is a target (part of the final answer)
+MASK_TRUNCATED = 2  # mask bit, on a document's first token: the pair was cut to fit seq_len
+OVERLONG_MODES = ("truncate", "error")
+SIDES = ("chosen", "rejected")
+
+
+def _common_prefix(texts: Sequence[str]) -> str:
+    """Longest common prefix of several strings."""
+    first, last = min(texts), max(texts)
+    n = 0
+    while n < len(first) and first[n] == last[n]:
+        n += 1
+    return first[:n]
+
+
+def _check_pair(obj: Any) -> Optional[str]:
+    """Why ``obj`` is not a valid preference pair, or None."""
+    if not isinstance(obj, dict) or any(side not in obj for side in SIDES):
+        keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
+        return f"expected a JSON object with 'chosen' and 'rejected' message lists (got: {keys or 'none'})"
+    for side in SIDES:
+        msgs = obj[side]
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, Mapping) for m in msgs):
+            return f"'{side}' must be a non-empty list of messages"
+        if msgs[-1].get("role") != "assistant":
+            return f"the last '{side}' message must be the assistant's answer (role {msgs[-1].get('role')!r})"
+        content = msgs[-1].get("content")
+        if not isinstance(content, str) or not content.strip():
+            return f"empty {side} answer"
+    chosen, rejected = obj["chosen"][:-1], obj["rejected"][:-1]
+    if not chosen:
+        return "a pair needs a prompt: at least one message before the final answer"
+    if chosen != rejected:
+        k = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        return f"chosen and rejected have different prompts (first difference at message {k})"
+    return None
+
+
+class DPOEncoder(RecordEncoder):
+    """A preference pair -> two documents (chosen, rejected): prompt tokens + answer tokens.
+
+    The mask marks answer tokens with ``MASK_TARGET``; the first token of a truncated pair's documents
+    also carries ``MASK_TRUNCATED``. See the module doc for how prompt and answer are split.
+
+    Args:
+        tokenizer: the tokenizer (its chat template renders the conversations).
+        max_tokens: the most tokens a document may have (``seq_len + 1``: inputs plus the last target).
+        overlong: ``"truncate"`` (prompt first) or ``"error"`` for pairs longer than ``max_tokens``.
+    """
+
+    kind = "dpo"
+    version = 1
+    has_mask = True
+    docs_per_record = 2
+
+    def __init__(self, tokenizer: Any, max_tokens: int, overlong: str = "truncate") -> None:
+        super().__init__(tokenizer)
+        if overlong not in OVERLONG_MODES:
+            raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+        self.max_tokens = int(max_tokens)
+        self.overlong = overlong
+
+    def settings(self) -> dict:
+        """Cache key: the base settings plus the length limit and what happens beyond it."""
+        return {**super().settings(), "max_tokens": self.max_tokens, "overlong": self.overlong}
+
+    def split_texts(self, obj: dict) -> tuple[str, str, str]:
+        """``(prompt, chosen answer, rejected answer)`` texts of a valid pair (see the module doc)."""
+        tok = self.tokenizer
+        generation = tok.apply_chat_template(obj["chosen"][:-1], add_generation_prompt=True)
+        full = [tok.apply_chat_template(obj[side]) for side in SIDES]
+        prompt = _common_prefix([generation, *full])
+        eos = tok.id_to_token(tok.eos_id)
+        answers = [text[len(prompt):] for text in full]
+        answers = [a[: a.rindex(eos) + len(eos)] if eos and eos in a else a.rstrip("\n") for a in answers]
+        return prompt, answers[0], answers[1]
+
+    def encode_records(self, records: Sequence[tuple[int, Any]]) -> list:
+        """Validate, render and tokenize the pairs; invalid ones become error strings."""
+        out: list = [None] * len(records)
+        texts: list[str] = []
+        for i, (_, obj) in enumerate(records):
+            try:
+                out[i] = _check_pair(obj) or len(texts)
+                if not isinstance(out[i], str):
+                    texts.extend(self.split_texts(obj))
+            except ValueError as exc:  # the chat template names the bad message
+                out[i] = str(exc)
+        ids = self.tokenizer.encode_batch(texts) if texts else []
+        for i, res in enumerate(out):
+            if not isinstance(res, str):
+                out[i] = self.make_documents(*ids[res:res + 3])
+        return out
+
+    def make_documents(self, prompt: list[int], chosen: list[int], rejected: list[int]) -> Union[list, str]:
+        """The two ``(ids, mask)`` documents of a pair, fitted into ``max_tokens``, or an error string."""
+        if not chosen or not rejected:
+            return "empty answer after tokenization"
+        longest = len(prompt) + max(len(chosen), len(rejected))
+        excess = longest - self.max_tokens
+        if excess > 0 and self.overlong == "error":
+            return (f"pair of {longest} tokens is longer than seq_len + 1 = {self.max_tokens} "
+                    "(raise seq_len, or set overlong='truncate')")
+        keep_prompt = len(prompt) - min(max(excess, 0), max(len(prompt) - 1, 0))
+        prompt = prompt[len(prompt) - keep_prompt:]
+        docs = []
+        for answer in (chosen, rejected):
+            answer = answer[: self.max_tokens - len(prompt)]
+            ids = np.asarray(prompt + answer, dtype=np.int64)
+            mask = np.zeros(ids.size, np.uint8)
+            mask[len(prompt):] = MASK_TARGET
+            mask[0] |= MASK_TRUNCATED if excess > 0 else 0
+            docs.append((ids, mask))
+        return docs
+
+
+class DPODataset(Dataset):
+    """Preference pairs read from a :class:`DocumentStream` of (chosen, rejected) document pairs.
+
+    Args:
+        stream: documents in pairs: ``2 i`` is pair ``i``'s chosen, ``2 i + 1`` its rejected.
+    """
+
+    def __init__(self, stream: DocumentStream) -> None:
+        if stream.n_docs % 2:
+            raise ValueError("a DPO stream must hold whole pairs (an even number of documents)")
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return self.stream.n_docs // 2
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        sample: dict = {"index": index}
+        for k, side in enumerate(SIDES):
+            ids, mask = self.stream.doc(2 * index + k)
+            sample[side] = (ids.astype(np.int64), mask)
+        return sample
+
+    def truncated_pairs(self) -> int:
+        """How many pairs were cut to fit ``seq_len`` (read off the first mask byte of each chosen document)."""
+        total = 0
+        for part in range(len(self.stream.caches)):
+            _, mask, starts, _, contiguous = self.stream._part(part)
+            firsts = np.asarray(starts[:-1] if contiguous else starts)[0::2]
+            total += int(np.count_nonzero(np.asarray(mask[firsts]) & MASK_TRUNCATED))
+        return total
+
+
+def collate_pairs(samples: Sequence[dict], pad_id: int) -> dict:
+    """Pad chosen and rejected sequences to the longest one of the batch; shift the labels.
+
+    Returns the batch described in the module doc.
+    """
+    length = max(s[side][0].size for s in samples for side in SIDES) - 1
+    batch: dict = {}
+    real = 0
+    for side in SIDES:
+        inputs = np.full((len(samples), length), pad_id, np.int64)
+        labels = np.full((len(samples), length), IGNORE_INDEX, np.int64)
+        for row, sample in enumerate(samples):
+            ids, mask = sample[side]
+            n = ids.size - 1
+            inputs[row, :n] = ids[:-1]
+            labels[row, :n] = np.where(mask[1:] & MASK_TARGET, ids[1:], IGNORE_INDEX)
+            real += n
+        batch[f"{side}_input_ids"] = torch.from_numpy(inputs)
+        batch[f"{side}_labels"] = torch.from_numpy(labels)
+    batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+    batch["real_tokens"] = torch.tensor(real, dtype=torch.long)
+    return batch
+
+
+class _PairCollate:
+    """Picklable ``collate_fn`` (DataLoader workers) binding the padding id."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        return collate_pairs(samples, self.pad_id)
+
+
+class _PairCount:
+    """A cache seen as its pairs (for the base class's validation split, which counts documents)."""
+
+    def __init__(self, n_docs: int) -> None:
+        self.n_docs = n_docs // 2
+
+
+class DPODataModule(JsonlDataModule):
+    """Preference pairs for DPO (MiniMind's ``dpo.jsonl``): see the module doc for the batch format.
+
+    Args:
+        train_path: jsonl file(s) of ``{"chosen": [messages], "rejected": [messages]}`` lines.
+        seq_len: the most input tokens of a chosen or rejected sequence (MiniMind's DPO: 1024); batches
+            are padded to their longest sequence only.
+        batch_size: pairs per batch on each device (each pair is two sequences).
+        val_path: jsonl file(s) of held-out pairs. Mutually exclusive with ``val_fraction``.
+        val_fraction: fraction of the training pairs held out for validation (chosen from ``seed``).
+        tokenizer: tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json`` with the chat template).
+        num_workers: DataLoader worker processes (0 = load in the training process).
+        seed: seed of the pair order (reshuffled every epoch) and of the validation split.
+        overlong: what a pair longer than ``seq_len`` gets: ``"truncate"`` (the prompt's oldest tokens
+            first, the answers only if they alone do not fit; counted) or ``"error"`` (stop, naming file and line).
+        cache_dir: folder for the token caches (default: beside each jsonl file).
+        skip_invalid: skip bad pairs (invalid JSON, prompts that differ, empty answers, ...) and report
+            how many; by default the first bad line raises an error naming file and line.
+        num_proc: processes that tokenize while a cache is built (None: all CPUs, at most 32).
+    """
+
+    def __init__(
+        self,
+        train_path: Union[str, list[str]],
+        seq_len: int = 1024,
+        batch_size: int = 4,
+        val_path: Union[str, list[str], None] = None,
+        val_fraction: float = 0.0,
+        tokenizer: str = "checkpoints/tokenizer",
+        num_workers: int = 1,
+        seed: int = 42,
+        overlong: str = "truncate",
+        cache_dir: Optional[str] = None,
+        skip_invalid: bool = False,
+        num_proc: Optional[int] = None,
+    ) -> None:
+        if overlong not in OVERLONG_MODES:
+            raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
+        super().__init__(train_path, seq_len, batch_size, val_path=val_path, val_fraction=val_fraction,
+                         tokenizer=tokenizer, num_workers=num_workers, seed=seed, packing=False,
+                         cache_dir=cache_dir, skip_invalid=skip_invalid, num_proc=num_proc)
+        self.overlong = overlong
+        self.save_hyperparameters()
+
+    def make_encoder(self) -> DPOEncoder:
+        """Pairs rendered with the chat template, fitted into ``seq_len + 1`` tokens."""
+        return DPOEncoder(self.tokenizer, self.seq_len + 1, self.overlong)
+
+    def _val_split(self, caches: list) -> tuple[list, list]:
+        """The base class's split, drawn per pair; each selected pair keeps both its documents."""
+        train_sel, val_sel = super()._val_split([_PairCount(c.n_docs) for c in caches])
+        return [None if s is None else _pair_docs(s) for s in train_sel], [_pair_docs(s) for s in val_sel]
+
+    def _make_dataset(self, stream: DocumentStream) -> DPODataset:
+        return DPODataset(stream)
+
+    @staticmethod
+    def _describe(stream: DocumentStream, dataset: Any, seq_len: int) -> dict:
+        return {"pairs": len(dataset), "tokens": stream.n_tokens, "truncated_pairs": dataset.truncated_pairs()}
+
+    @property
+    def collate_fn(self) -> _PairCollate:
+        """Pads each batch to its longest sequence."""
+        return _PairCollate(self.tokenizer.pad_id)
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled (from ``seed`` and the epoch), sharded over ranks, resumable at the next batch."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._train_loader = make_train_loader(self.train_dataset, self.batch_size, self.seed, self.num_workers,
+                                               self.collate_fn, num_replicas=world, rank=rank, shuffle=True)
+        return self._train_loader
+
+    def val_dataloader(self) -> Union[DataLoader, list]:
+        """Validation pairs in order ([] when there is no validation data)."""
+        if self.train_dataset is None:
+            self.setup("validate")
+        return self.reference_dataloader("val") if self.val_dataset is not None else []
+
+    def reference_dataloader(self, split: str) -> DataLoader:
+        """Every pair of ``split`` ("train" or "val") once, in index order, on this process.
+
+        The DPO stage reads it to precompute the reference log-probs (``precompute_reference``).
+        """
+        if self.train_dataset is None:
+            self.setup("fit")
+        dataset = {"train": self.train_dataset, "val": self.val_dataset}[split]
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=self.collate_fn, pin_memory=torch.cuda.is_available())
+
+
+def _pair_docs(pairs: np.ndarray) -> np.ndarray:
+    """Document indices of pairs: ``[2p, 2p + 1]`` for each pair ``p``, in order."""
+    return (2 * np.asarray(pairs, np.int64)[:, None] + np.arange(2)).reshape(-1)
+
+
+def pair_loader(path: Union[str, Path], tokenizer: Union[str, Tokenizer], seq_len: int = 1024,
+                batch_size: int = 8, cache_dir: Optional[str] = None) -> DataLoader:
+    """Ordered batches of every pair in one jsonl file (for evaluation, e.g. preference accuracy).
+
+    Args:
+        path: a ``dpo.jsonl``-format file.
+        tokenizer: tokenizer directory or :class:`Tokenizer`.
+        seq_len: pairs longer than this are truncated (prompt first).
+        batch_size: pairs per batch.
+        cache_dir: folder for the token cache (default: beside the file).
+    """
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
+    cache = ensure_cache(path, DPOEncoder(tok, seq_len + 1), cache_dir=cache_dir, progress=False, verbose=False)
+    return DataLoader(DPODataset(DocumentStream([cache])), batch_size=batch_size, shuffle=False,
+                      collate_fn=_PairCollate(tok.pad_id))

@@ -1,0 +1,197 @@
+"""``python main.py demo``: the whole pipeline on an embedded synthetic corpus, on the CPU, in minutes.
+
+Each stage runs through the shipped ``configs/demo/<stage>.yaml`` and LightningCLI, exactly as a user's
+``python main.py fit --config ...`` would; the demo only points the configs at its own data and output
+folders. The scorecard reports what the models really answer (greedy decoding, substring check).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minimind_pl.cli import run_lightning
+from minimind_pl.data.demo_corpus import score_answer, write_demo_corpus
+from minimind_pl.data.dpo import pair_loader
+from minimind_pl.generate import generate
+from minimind_pl.inference import load_model
+from minimind_pl.stages.dpo import preference_accuracy
+from minimind_pl.tokenizer import Tokenizer, train_tokenizer
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
+
+
+@dataclass
+class DemoRun:
+    """What the demo's steps share: its files, the checkpoint of each stage and the scorecard rows."""
+
+    data_dir: Path
+    ckpt_dir: Path
+    corpus: dict[str, Path]
+    tokenizer_dir: Path
+    max_epochs: int | None = None
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    val_ppl: dict[str, float] = field(default_factory=dict)
+    scores: list[tuple[str, str]] = field(default_factory=list)
+
+
+def fit_stage(run: DemoRun, stage: str, train: str, val: str, init_weights: str | None = None,
+              extra: list[str] | None = None) -> str:
+    """``python main.py fit --config configs/demo/<stage>.yaml`` on the demo's files; returns last.ckpt."""
+    config = CONFIG_DIR / f"{stage}.yaml"
+    if not config.exists():
+        raise FileNotFoundError(f"demo config not found: {config} (run the demo from a source checkout)")
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(run.ckpt_dir / stage), "save_last": True}}]
+    args = ["fit", "--config", str(config),
+            "--data.init_args.train_path", str(run.corpus[train]),
+            "--data.init_args.val_path", str(run.corpus[val]),
+            "--data.init_args.tokenizer", str(run.tokenizer_dir),
+            "--trainer.logger.init_args.save_dir", str(run.ckpt_dir),
+            "--trainer.callbacks", json.dumps(callbacks)]
+    if init_weights:
+        args += ["--model.init_args.init_weights", init_weights]
+    if run.max_epochs is not None:
+        args += ["--trainer.max_epochs", str(run.max_epochs)]
+    print(f"\n=== {stage}: python main.py {' '.join(args[:3])} ...", flush=True)
+    cli = run_lightning(args + list(extra or []))
+    ppl = cli.trainer.callback_metrics.get("val/ppl")
+    if ppl is not None:
+        run.val_ppl[stage] = float(ppl)
+    run.checkpoints[stage] = cli.trainer.checkpoint_callback.last_model_path
+    return run.checkpoints[stage]
+
+
+def ask(ckpt: str, tokenizer: Tokenizer, questions: list[str], lora: str | None = None,
+        max_new_tokens: int = 40) -> list[str]:
+    """Greedy answers of a checkpoint to single-turn chat questions (batched, KV cache)."""
+    model = load_model(ckpt, device="cpu", **({"lora": lora} if lora else {}))
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                                              add_generation_prompt=True)) for q in questions]
+    outputs = generate(model, prompts, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_id)
+    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All records of a jsonl file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def accuracy(answers: list[str], expected: list[str]) -> float:
+    """Share of answers that contain their expected string (``score_answer``)."""
+    return sum(score_answer(a, e) for a, e in zip(answers, expected)) / max(len(expected), 1)
+
+
+def score_facts(run: DemoRun, tokenizer: Tokenizer, stage: str, lora: str | None = None) -> float:
+    """Held-out fact accuracy of a stage's model: facts seen in pretraining, never asked in SFT."""
+    qa = read_jsonl(run.corpus["heldout_qa"])
+    answers = ask(run.checkpoints[stage], tokenizer, [r["question"] for r in qa], lora=lora)
+    score = accuracy(answers, [r["answer"] for r in qa])
+    run.scores.append((f"held-out fact accuracy after {stage}", f"{score:.0%} of {len(qa)}"))
+    return score
+
+
+def score_identity(run: DemoRun, tokenizer: Tokenizer, stage: str, key: str = "answer",
+                   lora: str | None = None) -> list[str]:
+    """Ask the identity questions; record how many answers name the expected assistant."""
+    qa = read_jsonl(run.corpus["identity_qa"])
+    answers = ask(run.checkpoints[stage], tokenizer, [r["question"] for r in qa], lora=lora)
+    score = accuracy(answers, [r[key] for r in qa])
+    run.scores.append((f"identity answers naming '{qa[0][key]}' after {stage}", f"{score:.0%} of {len(qa)}"))
+    return answers
+
+
+def show_chats(run: DemoRun, tokenizer: Tokenizer, stage: str, questions: list[str]) -> None:
+    """Print a few example conversations with a stage's model."""
+    print(f"\n--- example chats ({stage}) ---")
+    for question, answer in zip(questions, ask(run.checkpoints[stage], tokenizer, questions)):
+        print(f"user: {question}\nassistant: {answer}\n")
+
+
+def demo_lora_step(run: DemoRun, tokenizer: Tokenizer, sft_ckpt: str) -> str:
+    """LoRA: an identity adapter on the SFT model renames the assistant (Lumen / 流明).
+
+    The scorecard shows the renamed identity answers before and after, and the held-out fact accuracy
+    with the adapter (the frozen base keeps its knowledge). Returns the adapter checkpoint, which
+    holds only the adapter tensors and finds its base by itself.
+    """
+    score_identity(run, tokenizer, "sft", key="lora_answer")
+    adapter = fit_stage(run, "lora", "lora_identity", "sft_val", init_weights=sft_ckpt)
+    score_identity(run, tokenizer, "lora", key="lora_answer")
+    score_facts(run, tokenizer, "lora")
+    show_chats(run, tokenizer, "lora", ["Who are you?", "你是谁？", "What is 3 + 4?"])
+    return adapter
+
+
+def demo_distill_step(run: DemoRun, tokenizer: Tokenizer, sft_ckpt: str) -> str:
+    """White-box distillation: a 2-layer, 96-wide student learns the SFT data from the labels and the SFT
+    model's distributions (``configs/demo/distill.yaml``). The scorecard sets its held-out fact accuracy
+    and identity answers beside the teacher's. Returns the student's checkpoint (the teacher is not in it).
+    """
+    student = fit_stage(run, "distill", "sft", "sft_val", extra=["--model.init_args.teacher", sft_ckpt])
+    score_facts(run, tokenizer, "distill")
+    score_identity(run, tokenizer, "distill")
+    return student
+
+
+def score_preferences(run: DemoRun, stage: str) -> float:
+    """Held-out preference accuracy of a stage's model: the share of dpo_val.jsonl pairs whose chosen answer
+    it finds more likely than the rejected one."""
+    pairs = pair_loader(run.corpus["dpo_val"], run.tokenizer_dir, seq_len=128)
+    score = preference_accuracy(load_model(run.checkpoints[stage], device="cpu"), pairs)
+    run.scores.append((f"held-out preference accuracy after {stage}", f"{score:.0%} of {len(pairs.dataset)}"))
+    return score
+
+
+def demo_dpo_step(run: DemoRun, sft_ckpt: str) -> str:
+    """DPO: from the SFT model, prefer right facts, sums and identities over wrong ones
+    (``configs/demo/dpo.yaml``). The scorecard shows the preference accuracy on held-out pairs before
+    (SFT) and after (DPO). Returns the DPO checkpoint (the frozen reference is not in it)."""
+    score_preferences(run, "sft")
+    dpo = fit_stage(run, "dpo", "dpo", "dpo_val", init_weights=sft_ckpt)
+    score_preferences(run, "dpo")
+    return dpo
+
+
+def print_scorecard(run: DemoRun, seconds: float) -> None:
+    """The final table: validation perplexity per stage, then each score."""
+    rows = [(f"validation perplexity after {s}", f"{p:.2f}") for s, p in run.val_ppl.items()] + run.scores
+    width = max(len(name) for name, _ in rows)
+    print("\n=== scorecard ===")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(f"{'total time':<{width}}  {seconds / 60:.1f} min")
+
+
+def demo_command(out_dir: str = "data/demo", ckpt_dir: str = "checkpoints/demo", vocab_size: int = 1024,
+                 seed: int = 0, max_epochs: int | None = None) -> dict[str, str]:
+    """Run the whole pipeline on the embedded bilingual demo corpus on the CPU, then print a scorecard.
+
+    Args:
+        out_dir: Where the generated corpus and the trained tokenizer go.
+        ckpt_dir: Where checkpoints and TensorBoard logs go (``tensorboard --logdir`` it).
+        vocab_size: Vocabulary size of the demo tokenizer (the demo configs' model uses 1024).
+        seed: Seed of the synthetic world.
+        max_epochs: Override every stage's epochs (for a quicker, weaker run).
+    """
+    start = time.perf_counter()
+    data_dir = Path(out_dir)
+    corpus = write_demo_corpus(data_dir, seed=seed)
+    tokenizer_dir = data_dir / "tokenizer"
+    print(f"corpus written to {data_dir}; training a {vocab_size}-token tokenizer", flush=True)
+    tokenizer = train_tokenizer([corpus["pretrain"], corpus["sft"]], vocab_size, tokenizer_dir, show_progress=False)
+    run = DemoRun(data_dir, Path(ckpt_dir), corpus, tokenizer_dir, max_epochs=max_epochs)
+    pretrain = fit_stage(run, "pretrain", "pretrain", "pretrain_val")
+    fit_stage(run, "sft", "sft", "sft_val", init_weights=pretrain)
+    score_facts(run, tokenizer, "pretrain")
+    score_facts(run, tokenizer, "sft")
+    score_identity(run, tokenizer, "sft")
+    demo_dpo_step(run, run.checkpoints["sft"])
+    demo_lora_step(run, tokenizer, run.checkpoints["sft"])
+    demo_distill_step(run, tokenizer, run.checkpoints["sft"])
+    show_chats(run, tokenizer, "sft", ["Who are you?", "What is 3 + 4?", "你是谁？", "5加2等于几？"])
+    print_scorecard(run, time.perf_counter() - start)
+    return dict(run.checkpoints)

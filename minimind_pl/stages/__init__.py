@@ -1,0 +1,9 @@
+"""Training stages: one LightningModule each, all on ``Stage``."""
+
+from minimind_pl.stages.base import Stage
+from minimind_pl.stages.distill import Distill
+from minimind_pl.stages.dpo import DPO
+from minimind_pl.stages.lora import LoRA
+from minimind_pl.stages.pretrain import SFT, Pretrain
+
+__all__ = ["Stage", "Pretrain", "SFT", "LoRA", "Distill", "DPO"]

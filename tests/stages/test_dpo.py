@@ -1,0 +1,93 @@
+"""The DPO stage: loss at the start, reference handling (frozen, unsaved, precomputable) and a short real fit."""
+import math
+from itertools import islice
+
+import lightning as L
+import pytest
+import torch
+
+from minimind_pl.config import ModelConfig
+from minimind_pl.data import DPODataModule
+from minimind_pl.stages import DPO
+from minimind_pl.stages.dpo import preference_accuracy
+
+
+@pytest.fixture(scope="module")
+def pairs_file(shared_dir, tmp_path_factory):
+    """The first 16 pairs of the shared real DPO corpus (poems: recitations and authors)."""
+    path = tmp_path_factory.mktemp("dpo") / "dpo_real_16.jsonl"
+    with open(shared_dir / "corpus" / "dpo_real.jsonl", encoding="utf-8") as f:
+        path.write_text("".join(islice(f, 16)), encoding="utf-8")
+    return path
+
+
+def _datamodule(pairs_file, shared_dir, **kwargs):
+    args = dict(seq_len=64, batch_size=4, val_path=str(pairs_file), tokenizer=str(shared_dir / "minimind"),
+                num_workers=0, cache_dir=str(pairs_file.parent / "cache"))
+    dm = DPODataModule(str(pairs_file), **{**args, **kwargs})
+    dm.setup("fit")
+    return dm
+
+
+def _stage(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return DPO(config=ModelConfig.from_preset("debug"), **{"beta": 0.1, "learning_rate": 5e-3, **kwargs})
+
+
+def test_loss_is_log2_at_start_and_precomputed_reference_gives_the_same_loss(pairs_file, shared_dir):
+    dm = _datamodule(pairs_file, shared_dir)
+    batch = next(iter(dm.train_dataloader()))
+    live, pre = _stage(), _stage(precompute_reference=True)
+    assert torch.equal(live.model.lm_head.weight, pre.model.lm_head.weight)
+    loss, logs = live.compute_loss(batch)
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-5) and logs["reward_accuracy"].item() == 0.0
+    pre.precompute_reference_logps({"train": dm.reference_dataloader("train")}, {"train": len(dm.train_dataset)})
+    assert pre._reference == ()  # released: training holds one model
+    with torch.no_grad():  # move the policy a little: both must still agree
+        for module in (live, pre):
+            module.model.lm_head.weight.add_(0.01)
+    assert torch.allclose(live.compute_loss(batch)[0], pre.compute_loss(batch)[0], atol=1e-5)
+
+
+def test_reference_is_frozen_and_not_part_of_the_module():
+    stage = _stage()
+    reference = stage.reference_model()
+    assert not reference.training and not any(p.requires_grad for p in reference.parameters())
+    assert all(k.startswith("model.") for k in stage.state_dict())
+    assert len(list(stage.parameters())) == len(list(stage.model.parameters()))
+
+
+def test_short_fit_on_real_pairs_raises_reward_accuracy_and_keeps_the_reference(pairs_file, shared_dir, tmp_path):
+    dm = _datamodule(pairs_file, shared_dir)
+    stage = _stage()
+    reference_before = {k: v.clone() for k, v in stage.reference_model().state_dict().items()}
+    before = preference_accuracy(stage.model, dm.reference_dataloader("train"))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        check_val_every_n_epoch=4, default_root_dir=tmp_path)
+    trainer.fit(stage, datamodule=dm)
+    assert trainer.callback_metrics["val/reward_accuracy"].item() >= 0.9  # val = the training pairs
+    after = preference_accuracy(stage.model, dm.reference_dataloader("train"))
+    assert after > before  # raw preference rises too (answer lengths differ, so it need not reach 1)
+    reference_after = stage.reference_model().state_dict()
+    assert all(torch.equal(reference_before[k], reference_after[k]) for k in reference_before)
+    trainer.save_checkpoint(tmp_path / "dpo.ckpt")
+    saved = torch.load(tmp_path / "dpo.ckpt", weights_only=True)["state_dict"]
+    assert sorted(saved) == sorted(f"model.{k}" for k in stage.model.state_dict())
+
+
+def test_fit_with_precomputed_reference_starts_at_log2(pairs_file, shared_dir, tmp_path):
+    dm = _datamodule(pairs_file, shared_dir)
+    stage = _stage(precompute_reference=True)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            losses.append(trainer.callback_metrics["train/dpo_loss"].item())
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
+                        limit_val_batches=1, callbacks=[Record()], default_root_dir=tmp_path)
+    trainer.fit(stage, datamodule=dm)
+    assert math.isclose(losses[0], math.log(2), rel_tol=1e-5)
+    assert set(stage._reference_logps) == {"train", "val"} and stage._reference == ()
