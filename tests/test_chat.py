@@ -1,0 +1,45 @@
+"""``python main.py chat``: streamed answers equal plain greedy generation; the history is kept."""
+
+import torch
+
+from minimind_pl.chat import ChatSession
+from minimind_pl.cli import main
+from minimind_pl.config import ModelConfig
+from minimind_pl.generate import generate
+from minimind_pl.model import MiniMindForCausalLM
+from minimind_pl.tokenizer import Tokenizer
+
+
+def tiny_checkpoint(tmp_path, tokenizer_dir):
+    """A stage-format checkpoint of a random debug model that records its tokenizer."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(ModelConfig.from_preset("debug"))
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "model_config": model.config.to_dict(),
+                "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}, path)
+    return model.eval(), path
+
+
+def test_prompt_prints_the_greedy_answer(tmp_path, shared_dir, capsys):
+    tokenizer = Tokenizer.from_file(shared_dir / "minimind")
+    model, ckpt = tiny_checkpoint(tmp_path, shared_dir / "minimind")
+    main(["chat", "--ckpt", str(ckpt), "--prompt", "你好", "--max_new_tokens", "12", "--temperature", "0",
+          "--device", "cpu"])
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "你好"}],
+                                                            add_generation_prompt=True))
+    expected = tokenizer.decode(generate(model, [prompt], max_new_tokens=12, do_sample=False,
+                                         eos_token_id=tokenizer.eos_id)[0])
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_session_keeps_history_and_streams_whole_characters(tmp_path, shared_dir):
+    tokenizer = Tokenizer.from_file(shared_dir / "minimind")
+    model, _ = tiny_checkpoint(tmp_path, shared_dir / "minimind")
+    session = ChatSession(model, tokenizer, history_turns=1, max_new_tokens=6, do_sample=False)
+    first = "".join(session.stream_answer("你好"))
+    assert "\ufffd" not in first
+    text = tokenizer.decode(session.prompt_ids("再见"))
+    assert "你好" in text and first.strip() in text and text.count("<|im_start|>user") == 2
+    "".join(session.stream_answer("再见"))
+    assert tokenizer.decode(session.prompt_ids("三")).count("<|im_start|>user") == 2  # only 1 turn kept
