@@ -1,6 +1,6 @@
 """Command line: ``python main.py <command> ...``.
 
-Training commands (``fit``, ``validate``, ``test``) go to Lightning's ``LightningCLI`` with the stage
+Training commands (``fit``, ``validate``) go to Lightning's ``LightningCLI`` with the stage
 and data classes chosen in YAML (``class_path`` / ``init_args``). The other commands are typed Python
 functions exposed through jsonargparse, so every command parses and documents its arguments the same way.
 """
@@ -20,7 +20,6 @@ from minimind_pl.callbacks import SyncFreeProgressBar
 TRAINING_COMMANDS = {
     "fit": "train a stage: python main.py fit --config configs/<preset>/<stage>.yaml [--ckpt_path to resume]",
     "validate": "validation loss/perplexity of a checkpoint: python main.py validate --config ... --ckpt_path ...",
-    "test": "run the test loop of a stage (same arguments as validate)",
 }
 
 # command -> (module, function, one-line help). Modules are imported only when their command runs.
