@@ -63,25 +63,8 @@ class PretrainDataModule(JsonlDataModule):
     or padded one per row (``packing: false``; a too-long text is cut and still ends with eos, as in
     MiniMind). Every token after a document's first is a target.
 
-    Args:
-        train_path: jsonl file(s) to train on (several files are read one after the other).
-        seq_len: tokens per training row (the model's context length during training).
-        batch_size: rows per batch on each device.
-        val_path: jsonl file(s) for validation, in the same format. Mutually exclusive with ``val_fraction``.
-        val_fraction: fraction of the training documents held out for validation (chosen at random
-            from ``seed``; 0 = no validation unless ``val_path`` is given).
-        tokenizer: tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``).
-        num_workers: DataLoader worker processes (0 = load in the training process).
-        seed: seed of the row order (each epoch reshuffles from ``seed`` and the epoch) and of the
-            validation split.
-        packing: pack documents into full rows (no padding, no attention across documents);
-            False pads one document per row as MiniMind does.
-        cross_document_attention: with packing, let tokens attend to earlier documents of the same
-            row (plain causal attention; batches then carry no ``doc_ids``/``position_ids``).
-        cache_dir: folder for the token caches (default: beside each jsonl file).
-        skip_invalid: skip bad lines (invalid JSON/UTF-8, missing or blank ``text``) and report how
-            many; by default the first bad line raises an error naming file and line.
-        num_proc: processes that tokenize while a cache is built (None: all CPUs, at most 32).
+    Arguments: those of :class:`JsonlDataModule`; ``skip_invalid`` skips lines that are not JSON or
+    valid UTF-8, or whose ``text`` is missing or blank.
     """
 
     keep_eos_on_truncate = True
