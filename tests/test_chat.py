@@ -1,24 +1,17 @@
 """``python main.py chat``: streamed answers equal plain greedy generation; the history is kept."""
 
-import torch
-
 from minimind_pl.chat import ChatSession
 from minimind_pl.cli import main
-from minimind_pl.config import ModelConfig
 from minimind_pl.generate import generate
-from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
+
+from helpers import random_model, write_stage_checkpoint
 
 
 def tiny_checkpoint(tmp_path, tokenizer_dir):
-    """A stage-format checkpoint of a random debug model that records its tokenizer."""
-    torch.manual_seed(0)
-    model = MiniMindForCausalLM(ModelConfig.from_preset("debug"))
-    path = tmp_path / "tiny.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "model_config": model.config.to_dict(),
-                "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}, path)
-    return model.eval(), path
+    """A random debug model and a stage-format checkpoint of it that records its tokenizer."""
+    model = random_model()
+    return model, write_stage_checkpoint(model, tmp_path / "tiny.ckpt", tokenizer_dir)
 
 
 def test_prompt_prints_the_greedy_answer(tmp_path, shared_dir, capsys):

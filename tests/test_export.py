@@ -15,29 +15,13 @@ from minimind_pl.inference import load_model, load_tokenizer
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 
+from helpers import random_model, write_stage_checkpoint
+
 VARIANTS = {
     "dense": {},
     "moe": {"use_moe": True, "num_experts": 4, "num_experts_per_tok": 2},
     "yarn": {"inference_rope_scaling": True, "max_position_embeddings": 32768},
 }
-
-
-def random_model(seed: int = 0, **overrides) -> MiniMindForCausalLM:
-    """A debug-size model whose every weight is random (norm weights around one), in eval mode."""
-    torch.manual_seed(seed)
-    model = MiniMindForCausalLM(ModelConfig.from_preset("debug", **overrides))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-def write_stage_checkpoint(model: MiniMindForCausalLM, path: Path, tokenizer_dir: Path) -> Path:
-    """A file in the layout a Stage checkpoint has (weights under ``model.``, config, linked tokenizer)."""
-    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "model_config": model.config.to_dict(),
-                "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}, path)
-    return path
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

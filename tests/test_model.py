@@ -8,17 +8,9 @@ import torch
 from minimind_pl.config import ModelConfig
 from minimind_pl.model import MiniMindForCausalLM, rope_frequencies, yarn_ramp_bounds
 
+from helpers import random_model as debug_model
+
 V = 6400
-
-
-def debug_model(seed: int = 0, **overrides) -> MiniMindForCausalLM:
-    """A tiny model with every weight random (norm weights around 1), in eval mode."""
-    torch.manual_seed(seed)
-    model = MiniMindForCausalLM(ModelConfig.from_preset("debug", **overrides))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def minimind_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
