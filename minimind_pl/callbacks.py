@@ -1,11 +1,15 @@
-"""Callbacks the CLI adds to every training run."""
+"""Callbacks the CLI adds to every training run: a sync-free progress bar and the sample logger."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+
+from minimind_pl.generation import GREEDY, generate
+from minimind_pl.tokenizer import Tokenizer
 
 
 class SyncFreeProgressBar(TQDMProgressBar):
@@ -31,3 +35,31 @@ class SyncFreeProgressBar(TQDMProgressBar):
                 self._shown["loss"] = round(float(loss), 4)
             self._read_at_step = step
         return {**self._shown, **metrics}
+
+
+class SampleLogger(Callback):
+    """After each validation, complete the stage's ``sample_prompts`` greedily and log them as TensorBoard text.
+
+    Reads from the stage: ``hparams.sample_prompts``, ``hparams.sample_max_new_tokens``, ``hparams.tokenizer``
+    and ``sample_prompt_ids(tokenizer)`` (plain text or chat, by the stage's ``SAMPLE_STYLE``). Runs on
+    rank 0 only, and not during the sanity check. Does nothing for stages or loggers without them.
+    """
+
+    def __init__(self) -> None:
+        self._tokenizer: Tokenizer | None = None
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        """Generate and log the samples."""
+        hparams = pl_module.hparams
+        experiment = getattr(trainer.logger, "experiment", None)
+        if (trainer.sanity_checking or trainer.global_rank != 0 or not hparams.get("sample_prompts")
+                or not hparams.get("tokenizer") or not hasattr(experiment, "add_text")):
+            return
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_file(hparams.tokenizer)
+        tokenizer = self._tokenizer
+        outputs = generate(pl_module.model, pl_module.sample_prompt_ids(tokenizer), hparams.sample_max_new_tokens,
+                           GREEDY, tokenizer.eos_id)
+        lines = [f"**{p}** → {tokenizer.decode(o)}" for p, o in zip(hparams.sample_prompts, outputs)]
+        experiment.add_text("samples", "\n\n".join(lines), global_step=trainer.global_step)

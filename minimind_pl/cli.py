@@ -15,7 +15,7 @@ from typing import Any, Callable
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from minimind_pl.callbacks import SyncFreeProgressBar
+from minimind_pl.callbacks import SampleLogger, SyncFreeProgressBar
 
 TRAINING_COMMANDS = {
     "fit": "train a stage: python main.py fit --config configs/<preset>/<stage>.yaml [--ckpt_path to resume]",
@@ -24,15 +24,15 @@ TRAINING_COMMANDS = {
 
 # command -> (module, function, one-line help). Modules are imported only when their command runs.
 TOOL_COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("minimind_pl.demo", "demo_command", "generate the demo corpus and train every stage on CPU, then chat"),
-    "tokenizer": ("minimind_pl.tokenizer", "tokenizer_command", "train a byte-level BPE tokenizer on jsonl files"),
-    "chat": ("minimind_pl.chat", "chat_command", "chat with a checkpoint in the terminal (streaming)"),
-    "generate": ("minimind_pl.generate_data", "generate_command",
+    "demo": ("minimind_pl.demo.command", "demo_command", "generate the demo corpus and train every stage on CPU, then chat"),
+    "tokenizer": ("minimind_pl.commands.tokenizer", "tokenizer_command", "train a byte-level BPE tokenizer on jsonl files"),
+    "chat": ("minimind_pl.commands.chat", "chat_command", "chat with a checkpoint in the terminal (streaming)"),
+    "generate": ("minimind_pl.commands.generate", "generate_command",
                  "answer prompts with a teacher checkpoint, writing SFT jsonl (black-box distillation)"),
-    "export": ("minimind_pl.export", "export_command",
+    "export": ("minimind_pl.commands.export", "export_command",
                "write a checkpoint as a MiniMind .pth or a Hugging Face (Qwen3) directory for transformers/vLLM/llama.cpp"),
-    "serve": ("minimind_pl.serve", "serve_command", "OpenAI-compatible chat API and a web chat page"),
-    "eval": ("minimind_pl.evaluate", "eval_command",
+    "serve": ("minimind_pl.commands.serve", "serve_command", "OpenAI-compatible chat API and a web chat page"),
+    "eval": ("minimind_pl.commands.evaluate", "eval_command",
              "loss / perplexity / bits per byte on a jsonl, or multiple-choice accuracy"),
 }
 
@@ -50,8 +50,11 @@ class MiniMindCLI(LightningCLI):
         parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
-        """Add the sync-free progress bar unless the config disables the bar or names another one."""
+        """Add the sample logger and the sync-free progress bar (unless the config disables the bar or names
+        another one, or names its own sample logger)."""
         named = list(config.get("callbacks") or []) + list(callbacks)
+        if not any(isinstance(c, SampleLogger) for c in named):
+            callbacks = [*callbacks, SampleLogger()]
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in named):
             callbacks = [*callbacks, SyncFreeProgressBar()]
         return super()._instantiate_trainer(config, callbacks)

@@ -25,6 +25,11 @@ YARN_ROPE_SCALING: dict[str, Any] = {
 
 SUPPORTED_ACTIVATIONS = ("silu",)
 
+# Fields that change no weight's shape or value: a run, an adapter or an exported file may set them
+# differently from the weights they start from. Every other field is architecture.
+TRAINING_ONLY_FIELDS = frozenset({"dropout", "router_aux_loss_coef", "flash_attn", "inference_rope_scaling",
+                                  "max_position_embeddings"})
+
 # Overrides on top of the dataclass defaults (which are minimind-3 itself).
 PRESETS: dict[str, dict[str, Any]] = {
     # MiniMind-3: 768 x 8, GQA 8/4, ~64M parameters.
@@ -200,3 +205,14 @@ def _check_positive_int(name: str, value: Any) -> None:
     """Raise ValueError unless `value` is a positive int."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def architecture_diff(saved: "ModelConfig | dict[str, Any]", current: "ModelConfig | dict[str, Any]") -> str:
+    """Name the architecture fields where two configs differ, e.g. ``hidden_size: 512 != 768`` ('' if none).
+
+    Dicts may hold only some fields (a recorded config); a field missing on either side is not compared.
+    """
+    a = saved.to_dict() if isinstance(saved, ModelConfig) else dict(saved)
+    b = current.to_dict() if isinstance(current, ModelConfig) else dict(current)
+    return ", ".join(f"{k}: {a[k]!r} != {b[k]!r}" for k in a
+                     if k in b and k not in TRAINING_ONLY_FIELDS and a[k] != b[k])

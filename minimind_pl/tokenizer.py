@@ -2,29 +2,24 @@
 
 A tokenizer directory holds ``tokenizer.json`` (the `tokenizers` model) and ``tokenizer_config.json``
 (special tokens and the Jinja chat template): the layout MiniMind and Hugging Face use. MiniMind's own
-tokenizer loads unchanged, and chat templates render exactly as ``transformers`` renders them, without
-importing ``transformers``.
+tokenizer loads unchanged. Chat templates render through :mod:`minimind_pl.chat_format`, exactly as
+``transformers`` renders them; :meth:`Tokenizer.encode_chat` turns a conversation into token ids.
 """
 from __future__ import annotations
 
 import codecs
-import functools
 import hashlib
 import json
-import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from minimind_pl.chat_format import CHAT_TEMPLATE, render_chat, select_template
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
-ROLES = ("system", "user", "assistant", "tool")
 
 # MiniMind's added tokens, in id order 0..35. The first 21 are "special" (skipped by
 # skip_special_tokens); the tool/think/buffer tokens after them are plain added tokens.
@@ -40,62 +35,6 @@ CONTROL_TOKENS = [
 ] + [f"<|buffer{i}|>" for i in range(1, 10)]
 ADDED_TOKENS = SPECIAL_TOKENS + CONTROL_TOKENS
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-
-# Our ChatML template with <think> blocks and <tool_call>/<tool_response>, written to render
-# the same text as MiniMind's template (tests/test_tokenizer.py checks this).
-CHAT_TEMPLATE = r"""
-{%- set first = messages[0] if messages else {} -%}
-{%- if tools -%}
-    {{- '<|im_start|>system\n' -}}
-    {%- if first.role == 'system' -%}{{- first.content + '\n\n' -}}{%- endif -%}
-    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' -}}
-    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' -}}
-    {%- for tool in tools -%}{{- '\n' ~ tool | tojson -}}{%- endfor -%}
-    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments' -}}
-    {{- ' within <tool_call></tool_call> XML tags:\n<tool_call>\n' -}}
-    {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' -}}
-{%- elif first.role == 'system' -%}
-    {{- '<|im_start|>system\n' + first.content + '<|im_end|>\n' -}}
-{%- endif -%}
-{%- for m in messages -%}
-    {%- set text = m.content if m.content is string else '' -%}
-    {%- if m.role == 'user' or (m.role == 'system' and not loop.first) -%}
-        {{- '<|im_start|>' ~ m.role ~ '\n' ~ text ~ '<|im_end|>\n' -}}
-    {%- elif m.role == 'assistant' -%}
-        {%- if m.reasoning_content is string -%}
-            {%- set think = m.reasoning_content -%}
-        {%- elif '</think>' in text -%}
-            {%- set think = text.partition('</think>')[0].rpartition('<think>')[2] -%}
-            {%- set text = text.rpartition('</think>')[2] -%}
-        {%- else -%}
-            {%- set think = '' -%}
-        {%- endif -%}
-        {{- '<|im_start|>assistant\n<think>\n' ~ think.strip('\n') ~ '\n</think>\n\n' ~ text.lstrip('\n') -}}
-        {%- if m.tool_calls -%}
-            {%- for call in m.tool_calls -%}
-                {%- if text or not loop.first -%}{{- '\n' -}}{%- endif -%}
-                {%- set fn = call.function if call.function else call -%}
-                {{- '<tool_call>\n{"name": "' ~ fn.name ~ '", "arguments": ' -}}
-                {{- fn.arguments if fn.arguments is string else fn.arguments | tojson -}}
-                {{- '}\n</tool_call>' -}}
-            {%- endfor -%}
-        {%- endif -%}
-        {{- '<|im_end|>\n' -}}
-    {%- elif m.role == 'tool' -%}
-        {%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
-        {{- '\n<tool_response>\n' ~ text ~ '\n</tool_response>' -}}
-        {%- if loop.last or loop.nextitem.role != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
-    {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|im_start|>assistant\n' -}}
-    {%- if open_thinking is defined and open_thinking is true -%}
-        {{- '<think>\n' -}}
-    {%- else -%}
-        {{- '<think>\n\n</think>\n\n' -}}
-    {%- endif -%}
-{%- endif -%}
-""".strip()
 
 
 # ====================================================================== helpers
@@ -134,117 +73,6 @@ def _token_content(value: Any) -> Optional[str]:
     if isinstance(value, Mapping):
         return value.get("content")
     return value if isinstance(value, str) else None
-
-
-# ====================================================================== Jinja (as transformers)
-class _GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` support: renders its body unchanged."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        """Parse the block into a call that returns its body."""
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        """Return the rendered body."""
-        return caller()
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    """JSON filter as transformers defines it: no HTML escaping, unicode kept, keys unsorted."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def _raise_exception(message: str) -> None:
-    """Template global that aborts rendering with ``message``."""
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    """Template global: the current local time formatted with ``fmt``."""
-    return datetime.now().strftime(fmt)
-
-
-@functools.lru_cache(maxsize=16)
-def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template in the sandboxed environment transformers uses."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    try:
-        return env.from_string(source)
-    except jinja2.exceptions.TemplateSyntaxError as exc:
-        raise ValueError(f"chat template has a syntax error (line {exc.lineno}): {exc.message}") from exc
-
-
-# ====================================================================== messages
-def _parse_json_field(value: Any, what: str, where: str) -> Any:
-    """``json.loads`` a JSON-string field (as MiniMind's data stores tools/tool_calls)."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: `{what}` is not valid JSON: {exc}") from exc
-
-
-def _check_message(index: int, message: Any) -> str:
-    """Validate one message; return a 'message I (role R)' label for later errors."""
-    if not isinstance(message, Mapping):
-        raise ValueError(f"message {index} must be a dict, got {type(message).__name__}")
-    role = message.get("role")
-    where = f"message {index} (role {role!r})"
-    if role not in ROLES:
-        raise ValueError(f"{where}: unknown role, expected one of {', '.join(ROLES)}")
-    content = message.get("content")
-    if content is None and not (role == "assistant" and message.get("tool_calls")):
-        raise ValueError(f"{where}: missing `content`")
-    if content is not None and not isinstance(content, str):
-        raise ValueError(f"{where}: `content` must be a string, got {type(content).__name__}")
-    return where
-
-
-def _alias_reasoning(message: dict) -> dict:
-    """Fill ``reasoning_content`` (and ``thinking``) from any reasoning field, as transformers does."""
-    for key in ("reasoning_content", "thinking", "reasoning"):
-        if message.get(key) is not None:
-            reasoning = message[key]
-            return {"thinking": reasoning, **message, "reasoning_content": reasoning}
-    return message
-
-
-def prepare_messages(messages: Sequence[Mapping], tools: Any = None) -> tuple[list[dict], Optional[list]]:
-    """Validate and normalize messages for a chat template, the way MiniMind's SFT data does.
-
-    JSON-string ``tools`` (on a system message) and ``tool_calls`` (on an assistant message) are
-    parsed; when ``tools`` is None the system message's ``tools`` are used. Keys set to None are
-    dropped and reasoning fields aliased, as transformers does. Returns (messages, tools).
-    """
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
-    if not messages:
-        raise ValueError("cannot apply a chat template to an empty conversation")
-    out = []
-    found_tools = None
-    for index, raw in enumerate(messages):
-        where = _check_message(index, raw)
-        message = {k: v for k, v in raw.items() if v is not None}
-        if message["role"] == "system" and message.get("tools"):
-            found_tools = _parse_json_field(message["tools"], "tools", where)
-        if message.get("tool_calls"):
-            message["tool_calls"] = _parse_json_field(message["tool_calls"], "tool_calls", where)
-        out.append(_alias_reasoning(message))
-    tools = found_tools if tools is None else _parse_json_field(tools, "tools", "tools argument")
-    if tools is not None and not isinstance(tools, list):
-        raise ValueError(f"tools must be a list of JSON schemas, got {type(tools).__name__}")
-    return out, tools
 
 
 # ====================================================================== Tokenizer
@@ -385,13 +213,7 @@ class Tokenizer:
     # ------------------------------------------------------------------ chat template
     def chat_template(self, tools: Any = None) -> str:
         """The Jinja chat template source (the ``tool_use`` one of a named set when tools are given)."""
-        template = self._config.get("chat_template")
-        if isinstance(template, list):
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-            template = named.get("tool_use") if tools and "tool_use" in named else named.get("default")
-        if not isinstance(template, str) or not template:
-            raise ValueError(f"{CONFIG_FILE} has no usable `chat_template`")
-        return template
+        return select_template(self._config.get("chat_template"), tools, CONFIG_FILE)
 
     def apply_chat_template(self, messages: Sequence[Mapping], tools: Optional[list] = None,
                             add_generation_prompt: bool = False, open_thinking: bool = False,
@@ -409,14 +231,21 @@ class Tokenizer:
 
         Raises ValueError naming the message index and role for bad messages, or the template error.
         """
-        chat, tools = prepare_messages(messages, tools)
-        template = compile_chat_template(self.chat_template(tools))
-        variables = {**self.special_tokens_map, "open_thinking": open_thinking, **template_vars}
-        try:
-            return template.render(messages=chat, tools=tools, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **variables)
-        except (jinja2.exceptions.TemplateError, TypeError, AttributeError, KeyError) as exc:
-            raise ValueError(f"chat template failed to render: {type(exc).__name__}: {exc}") from exc
+        return render_chat(self._config.get("chat_template"), messages, tools, add_generation_prompt=add_generation_prompt,
+                           open_thinking=open_thinking, **{**self.special_tokens_map, **template_vars})
+
+    def encode_chat(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
+                    open_thinking: bool = False, tools: Optional[list] = None) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (by default ready for the reply).
+
+        Args:
+            messages: the conversation (see :meth:`apply_chat_template`).
+            add_generation_prompt: end with the assistant header, so the model writes the next turn.
+            open_thinking: leave a ``<think>`` block open for the model to reason in first.
+            tools: tool JSON schemas; default: the system message's ``tools``.
+        """
+        return self.encode(self.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                                    open_thinking=open_thinking))
 
     # ------------------------------------------------------------------ streaming
     def token_bytes(self, token_id: int) -> bytes:
@@ -592,20 +421,3 @@ def chars_per_token(tokenizer: Tokenizer, texts: Sequence[str]) -> float:
     """Characters per token of ``tokenizer`` over ``texts`` (higher = better compression)."""
     tokens = sum(len(ids) for ids in tokenizer.encode_batch(list(texts)))
     return sum(len(t) for t in texts) / max(tokens, 1)
-
-
-def tokenizer_command(data: list[str], vocab_size: int = 6400, out: str = "checkpoints/tokenizer") -> None:
-    """Train a byte-level BPE tokenizer on jsonl files and save it in Hugging Face layout.
-
-    Args:
-        data: jsonl files to train on (pretrain ``text`` lines and/or ``conversations`` lines).
-        vocab_size: vocabulary size, MiniMind's 36 added tokens included.
-        out: output directory (tokenizer.json + tokenizer_config.json).
-    """
-    start = time.perf_counter()
-    tokenizer = train_tokenizer(data, vocab_size, out)
-    seconds = time.perf_counter() - start
-    sample = [t for _, t in zip(range(2000), iter_jsonl_texts(data))]
-    print(f"trained {tokenizer.vocab_size}-token byte-level BPE on {len(data)} file(s) in {seconds:.1f}s")
-    print(f"saved to {Path(out).resolve()}  (fingerprint {tokenizer.fingerprint[:16]})")
-    print(f"chars/token on the first {len(sample)} training texts: {chars_per_token(tokenizer, sample):.3f}")

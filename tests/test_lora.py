@@ -6,10 +6,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from minimind_pl.config import ModelConfig
-from minimind_pl.inference import load_model
+from minimind_pl.checkpoints import load_model, read_torch_file
+from minimind_pl.checkpoints.adapters import apply_lora_file, is_adapter, read_lora_file, save_lora
 from minimind_pl.lora import (
-    DEFAULT_TARGETS, MINIMIND_TARGETS, LoRAConfig, LoRALinear, apply_lora, apply_lora_file, count_parameters,
-    is_lora_file, lora_modules, lora_state_dict, merge_lora, read_lora_file, save_lora,
+    DEFAULT_TARGETS, MINIMIND_TARGETS, LoRAConfig, LoRALinear, apply_lora, count_parameters, lora_modules,
+    lora_state_dict, merge_lora,
 )
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.stages import LoRA
@@ -107,7 +108,7 @@ def test_adapter_file_roundtrip_and_contents(tmp_path):
     raw = torch.load(path, weights_only=True)
     assert set(raw["lora_state_dict"]) == set(lora_state_dict(model))
     assert all(k.endswith(("lora_A", "lora_B")) for k in raw["lora_state_dict"])
-    assert is_lora_file(path) and read_lora_file(path).base == "base.pth"
+    assert is_adapter(read_torch_file(path)) and read_lora_file(path).base == "base.pth"
     fresh = apply_lora_file(make_model(), path)
     assert torch.equal(logits(fresh, IDS), logits(model, IDS))
 
@@ -139,7 +140,7 @@ def test_wrong_base_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not fit.*no module model.layers.1"):
         apply_lora_file(make_model(num_hidden_layers=1), tmp_path / "bare.pth")
     torch.save(make_model().state_dict(), tmp_path / "full.pth")
-    assert not is_lora_file(tmp_path / "full.pth")
+    assert not is_adapter(read_torch_file(tmp_path / "full.pth"))
     with pytest.raises(ValueError, match="no LoRA adapter tensors"):
         apply_lora_file(make_model(), tmp_path / "full.pth")
 

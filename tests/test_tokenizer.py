@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from minimind_pl.tokenizer import (
-    ADDED_TOKENS, CONTROL_TOKENS, Tokenizer, iter_jsonl_texts, tokenizer_command, train_tokenizer,
+    ADDED_TOKENS, CONTROL_TOKENS, Tokenizer, iter_jsonl_texts, train_tokenizer,
 )
+from minimind_pl.commands.tokenizer import tokenizer_command
 
 TEXTS = [
     "你好，世界！今天天气不错。",

@@ -2,7 +2,9 @@
 
 A stage owns one ``MiniMindForCausalLM`` (``self.model``), the optimizer and the schedule. Subclasses
 override only what differs: ``compute_loss`` (and, where needed, what they freeze or hold beside the
-model). Lightning owns the loop, precision, strategy and checkpointing.
+model: see ``side_models.FrozenModel``) and, for validation, which means they report
+(``VAL_METRICS``, ``validation_values``, ``validation_weight``). Lightning owns the loop, precision,
+strategy and checkpointing; generated samples are logged by ``callbacks.SampleLogger``.
 """
 
 from __future__ import annotations
@@ -14,16 +16,24 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
-from minimind_pl.checkpoints import load_model_weights
-from minimind_pl.config import ModelConfig
-from minimind_pl.losses import IGNORE_INDEX
+from minimind_pl.checkpoints import open_checkpoint
+from minimind_pl.config import ModelConfig, architecture_diff
 from minimind_pl.model import MiniMindForCausalLM
+from minimind_pl.tokenizer import Tokenizer
 
 
 class Stage(L.LightningModule):
     """Shared training logic: model construction, weight import, AdamW, warmup + cosine, logging."""
+
+    #: Validation means logged as ``val/<name>``; ``validation_values`` gives each batch's value.
+    VAL_METRICS: tuple[str, ...] = ("loss",)
+    #: Which of them the progress bar shows.
+    PROGRESS_METRICS: tuple[str, ...] = ("loss",)
+    #: How ``sample_prompts`` are given to the model: ``"text"`` as written, ``"chat"`` as a user turn.
+    SAMPLE_STYLE = "text"
 
     def __init__(
         self,
@@ -58,7 +68,8 @@ class Stage(L.LightningModule):
                 vocabulary and used to log generated samples.
             seq_len: Training row length, linked from ``--data.seq_len``: checked against
                 ``max_position_embeddings`` and used for the MFU estimate.
-            sample_prompts: Prompts completed greedily at each validation and logged to TensorBoard as text.
+            sample_prompts: Prompts completed greedily at each validation and logged to TensorBoard as text
+                (by ``callbacks.SampleLogger``, which ``main.py fit`` adds).
             sample_max_new_tokens: Length of those samples in tokens.
             peak_tflops: Peak bf16 matmul TFLOP/s of the accelerator; when set, MFU is logged.
             compile: Compile the transformer with ``torch.compile``.
@@ -77,10 +88,9 @@ class Stage(L.LightningModule):
             self.load_initial_weights(init_weights)
         if compile:
             self.model.compile()
-        self.val_loss = MeanMetric()
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in self.VAL_METRICS})
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
-        self._tokenizer = None
 
     # ----------------------------------------------------------------- weights
     def load_initial_weights(self, path: str) -> None:
@@ -88,12 +98,15 @@ class Stage(L.LightningModule):
 
         Names must match exactly, and the architecture must be the one this stage was configured with.
         """
-        state_dict, saved_config = weights_for_init(path)
-        if saved_config is not None:
-            diff = architecture_diff(ModelConfig.from_dict(saved_config), self.config)
+        checkpoint = open_checkpoint(path)
+        if checkpoint.model_config is not None:
+            diff = architecture_diff(checkpoint.model_config, self.config)
             if diff:
                 raise ValueError(f"{path} was trained with another architecture ({diff}); pass the same config")
-        self.model.load_weights(state_dict, strict=True)
+        if checkpoint.adapter is None:
+            self.model.load_weights(checkpoint.weights, strict=True)
+        else:  # a LoRA checkpoint: its adapters folded into its base
+            self.model.load_weights(checkpoint.build_model(merge=True).state_dict(), strict=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the model config as a plain dict so every tool can rebuild the model from the ckpt."""
@@ -105,11 +118,10 @@ class Stage(L.LightningModule):
         """Return the loss to minimise and extra tensors to log. Each stage overrides this."""
         raise NotImplementedError
 
-    def forward_batch(self, batch: dict[str, torch.Tensor]):
-        """Run the transformer on a batch from the data modules (packed or padded rows)."""
-        return self.model(
-            batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids")
-        )
+    def forward_batch(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None):
+        """Run the transformer (or another ``model``, e.g. a teacher) on a batch of packed or padded rows."""
+        model = self.model if model is None else model
+        return model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One micro-batch: compute the stage's loss and log it (no GPU->CPU sync here)."""
@@ -121,19 +133,32 @@ class Stage(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Accumulate the token-weighted validation loss."""
-        loss, _ = self.compute_loss(batch)
-        weight = (batch["labels"] != IGNORE_INDEX).sum()
-        self.val_loss.update(loss.detach(), weight)
+        """Add this batch's values (``validation_values``) to the validation means."""
+        loss, logs = self.compute_loss(batch)
+        values, weight = self.validation_values(batch, loss, logs), self.validation_weight(batch)
+        for name, metric in self.val_metrics.items():
+            metric.update(values[name], weight)
+
+    def validation_values(self, batch: dict[str, torch.Tensor], loss: torch.Tensor,
+                          logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each ``VAL_METRICS`` value of one batch: by default the loss and what ``compute_loss`` logs."""
+        return {"loss": loss.detach(), **logs}
+
+    def validation_weight(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """How much a batch counts in the validation means (default: every batch the same)."""
+        return 1.0
 
     def on_validation_epoch_end(self) -> None:
-        """Log validation loss, perplexity, and a few generated samples."""
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, sync_dist=False, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss.clamp(max=30)), sync_dist=False)
-        if not self.trainer.sanity_checking:
-            self.log_samples()
+        """Log each validation mean as ``val/<name>`` (plus what ``validation_logs`` derives)."""
+        means = {name: metric.compute() for name, metric in self.val_metrics.items()}
+        for metric in self.val_metrics.values():
+            metric.reset()
+        for name, value in self.validation_logs(means).items():
+            self.log(f"val/{name}", value, prog_bar=name in self.PROGRESS_METRICS)
+
+    def validation_logs(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What is logged from the validation means (a stage may add derived values)."""
+        return means
 
     # --------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -207,29 +232,12 @@ class Stage(L.LightningModule):
         return 6 * active + attention
 
     # -------------------------------------------------------------- samples
-    def sample_prompt_ids(self, tokenizer) -> list[list[int]]:
-        """Token ids of the sample prompts; stages that chat render them with the chat template."""
-        return [[tokenizer.bos_id] + tokenizer.encode(p) for p in self.hparams.sample_prompts or []]
-
-    @torch.no_grad()
-    def log_samples(self) -> None:
-        """Greedy completions of ``sample_prompts``, written to TensorBoard as text (rank 0 only)."""
-        if not self.hparams.sample_prompts or not self.hparams.tokenizer or self.global_rank != 0:
-            return
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_text"):
-            return
-        from minimind_pl.generate import generate
-        from minimind_pl.tokenizer import Tokenizer
-
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_file(self.hparams.tokenizer)
-        tok = self._tokenizer
-        prompts = self.sample_prompt_ids(tok)
-        outputs = generate(self.model, prompts, max_new_tokens=self.hparams.sample_max_new_tokens,
-                           do_sample=False, eos_token_id=tok.eos_id)
-        lines = [f"**{p}** → {tok.decode(o)}" for p, o in zip(self.hparams.sample_prompts, outputs)]
-        experiment.add_text("samples", "\n\n".join(lines), global_step=self.global_step)
+    def sample_prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
+        """Token ids of ``sample_prompts``: as text after bos, or rendered as chats (``SAMPLE_STYLE``)."""
+        prompts = self.hparams.sample_prompts or []
+        if self.SAMPLE_STYLE == "chat":
+            return [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+        return [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
 
 
 def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -243,8 +251,6 @@ def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float
 def check_fits(config: ModelConfig, tokenizer: str | None, seq_len: int | None) -> None:
     """Fail early, with both numbers, when the tokenizer or the rows do not fit the model."""
     if tokenizer and (Path(tokenizer) / "tokenizer.json").exists():
-        from minimind_pl.tokenizer import Tokenizer
-
         vocab = Tokenizer.from_file(tokenizer).vocab_size
         if vocab > config.vocab_size:
             raise ValueError(f"tokenizer {tokenizer} has {vocab} tokens but the model's vocab_size is "
@@ -252,27 +258,3 @@ def check_fits(config: ModelConfig, tokenizer: str | None, seq_len: int | None) 
     if seq_len and seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
-
-
-# Fields that change no weight shape or value: a run may set them differently from its starting weights.
-TRAINING_ONLY_FIELDS = {"dropout", "router_aux_loss_coef", "flash_attn", "inference_rope_scaling",
-                        "max_position_embeddings"}
-
-
-def architecture_diff(saved: ModelConfig, current: ModelConfig) -> str:
-    """Name the architecture fields where two configs differ, e.g. ``hidden_size: 512 != 768``."""
-    a, b = saved.to_dict(), current.to_dict()
-    return ", ".join(f"{k}: {a[k]!r} != {b.get(k)!r}" for k in a
-                     if k not in TRAINING_ONLY_FIELDS and a[k] != b.get(k))
-
-
-def weights_for_init(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Weights and config to start a stage from; a LoRA checkpoint is merged into its base first."""
-    from minimind_pl.lora import is_lora_file, merge_lora
-
-    if not is_lora_file(path):
-        return load_model_weights(path)
-    from minimind_pl.inference import load_model
-
-    merged = merge_lora(load_model(path, device="cpu"))
-    return merged.state_dict(), merged.config.to_dict()

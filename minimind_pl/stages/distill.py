@@ -3,11 +3,11 @@
 MiniMind's recipe (trainer/train_distillation.py): on SFT data, loss = alpha * CE(labels) +
 (1 - alpha) * T² * KL(teacher ∥ student) over the answer tokens, alpha 0.5, T 1.5, lr 5e-6 (see
 ``configs/minimind3/distill.yaml``). The teacher may have any architecture (dense, MoE, larger) as long
-as it shares the tokenizer. It lives beside the student but is not a submodule: it never enters the
-optimizer, the state dict or the checkpoints, stays in eval mode, and follows the student's device.
+as it shares the tokenizer. It is a ``side_models.FrozenModel``: it never enters the optimizer, the state
+dict or the checkpoints, stays in eval mode, and follows the student's device and dtype.
 
 Black-box distillation (train on a teacher's generated answers) is ``python main.py generate`` followed
-by an ordinary SFT run; see ``minimind_pl/generate_data.py``.
+by an ordinary SFT run; see ``minimind_pl/commands/generate.py``.
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics.aggregation import MeanMetric
 
-from minimind_pl.inference import load_model
-from minimind_pl.losses import IGNORE_INDEX, distillation_loss
+from minimind_pl.checkpoints import load_model
+from minimind_pl.losses import distillation_loss
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.stages.pretrain import SFT
+from minimind_pl.stages.side_models import FrozenModel
 
 
 class Distill(SFT):
     """Supervised fine-tuning of a student towards both the labels and a frozen teacher's distributions."""
+
+    VAL_METRICS = ("loss", "kl")
 
     def __init__(
         self,
@@ -54,38 +56,35 @@ class Distill(SFT):
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self._teacher: tuple[MiniMindForCausalLM, ...] = ()  # a tuple hides it from nn.Module registration
+        self._teacher: FrozenModel | None = None
         if teacher:
             self.set_teacher(load_model(teacher, preset=teacher_preset, device="cpu"))
-        self.val_kl = MeanMetric()
 
     # ------------------------------------------------------------------ teacher
     @property
     def teacher(self) -> MiniMindForCausalLM:
         """The frozen teacher (not a submodule, so not in ``state_dict()`` or ``parameters()``)."""
-        if not self._teacher:
+        return self._frozen_teacher().model
+
+    def _frozen_teacher(self) -> FrozenModel:
+        """The teacher's holder; a clear error when no teacher was given."""
+        if self._teacher is None:
             raise ValueError("the Distill stage needs a teacher: pass --model.init_args.teacher PATH")
-        return self._teacher[0]
+        return self._teacher
 
     def set_teacher(self, model: MiniMindForCausalLM) -> None:
         """Freeze ``model`` and hold it as the teacher, after checking that it shares the vocabulary."""
         if model.config.vocab_size != self.config.vocab_size:
             raise ValueError(f"teacher and student need the same tokenizer: the teacher's vocab_size is "
                              f"{model.config.vocab_size}, the student's {self.config.vocab_size}")
-        model.requires_grad_(False).eval()
-        self._teacher = (model,)
+        self._teacher = FrozenModel(model, "teacher")
         total, _ = model.config.num_parameters()
         rank_zero_info(f"distillation teacher: {total / 1e6:.2f}M parameters, frozen")
 
     @torch.no_grad()
     def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The teacher's logits on the batch, the teacher first moved to the student's device and dtype."""
-        teacher, reference = self.teacher, self.model.lm_head.weight
-        if teacher.lm_head.weight.device != reference.device or teacher.lm_head.weight.dtype != reference.dtype:
-            teacher.to(device=reference.device, dtype=reference.dtype)
-        teacher.eval()
-        out = teacher(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
-        return out.logits
+        return self.forward_batch(batch, self._frozen_teacher().follow(self.model)).logits
 
     # ------------------------------------------------------------------- losses
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -101,15 +100,7 @@ class Distill(SFT):
             logs["aux_loss"] = out.aux_loss.detach()
         return loss, logs
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Validation reports the student's plain cross entropy (``val/loss``, ``val/ppl``) and ``val/kl``."""
-        _, logs = self.compute_loss(batch)
-        weight = (batch["labels"] != IGNORE_INDEX).sum()
-        self.val_loss.update(logs["ce_loss"], weight)
-        self.val_kl.update(logs["kl_loss"], weight)
-
-    def on_validation_epoch_end(self) -> None:
-        """Log the KL term beside the base stage's validation metrics."""
-        self.log("val/kl", self.val_kl.compute(), sync_dist=False)
-        self.val_kl.reset()
-        super().on_validation_epoch_end()
+    def validation_values(self, batch: dict[str, torch.Tensor], loss: torch.Tensor,
+                          logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``val/loss`` is the student's plain cross entropy (so ``val/ppl`` compares), ``val/kl`` the KL term."""
+        return {"loss": logs["ce_loss"], "kl": logs["kl_loss"]}

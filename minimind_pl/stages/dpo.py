@@ -5,12 +5,12 @@ lr 4e-8, batch 4 pairs x 1024 tokens, 1 epoch; see ``configs/minimind3/dpo.yaml`
 ``losses.dpo_loss`` on whole-answer log-probs (``losses.token_log_probs`` summed over the answer tokens),
 plus the MoE router loss and an optional SFT term (``sft_weight`` x NLL of the chosen answers).
 
-The reference is a frozen copy of the starting weights (``init_weights``), made when the stage is built:
-eval mode, no gradients, never updated, and never saved (it is held outside the module tree, so it is
-not in ``state_dict`` nor ``parameters()``). It follows the policy's device and dtype when first used;
-a resumed run (``--ckpt_path``) rebuilds it from ``init_weights``. With ``precompute_reference`` its
-log-probs are computed once per pair at the start of fit (over the data module's train and val pairs,
-keyed by pair index) and the reference model is released, so training holds a single model.
+The reference is a frozen copy of the starting weights (``init_weights``), made when the stage is built
+(a ``side_models.FrozenModel``: eval mode, no gradients, never updated, never saved, following the
+policy's device and dtype); a resumed run (``--ckpt_path``) rebuilds it from ``init_weights``. With
+``precompute_reference`` its log-probs are computed once per pair at the start of fit (over the data
+module's train and val pairs, keyed by pair index) and the reference model is released, so training
+holds a single model.
 
 With several devices every rank holds a whole reference and, with ``precompute_reference``, computes the
 whole table. FSDP/DeepSpeed do not shard the reference: each device holds a full copy (with
@@ -25,14 +25,10 @@ from typing import Any, Iterable
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torchmetrics.aggregation import MeanMetric
 
 from minimind_pl.losses import IGNORE_INDEX, dpo_loss, sequence_log_probs, token_log_probs
-from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.stages.base import Stage
-from minimind_pl.stages.pretrain import SFT
-
-VAL_METRICS = ("dpo_loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+from minimind_pl.stages.side_models import FrozenModel
 
 
 def stack_pair(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,13 +63,6 @@ def preference_accuracy(model: nn.Module, batches: Iterable[dict[str, torch.Tens
     return wins / max(total, 1)
 
 
-def frozen_copy(model: MiniMindForCausalLM) -> MiniMindForCausalLM:
-    """A new transformer with ``model``'s weights, in eval mode, without gradients."""
-    copy = MiniMindForCausalLM(model.config)
-    copy.load_state_dict(model.state_dict())
-    return copy.eval().requires_grad_(False)
-
-
 def reward_logs(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
     """What DPO logs: its loss, mean rewards, mean margin and the share of pairs with a positive margin."""
     margin = chosen - rejected
@@ -84,7 +73,9 @@ def reward_logs(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor
 class DPO(Stage):
     """Preference optimisation against a frozen copy of the starting model (see the module doc)."""
 
-    sample_prompt_ids = SFT.sample_prompt_ids  # samples are chats, as after SFT
+    VAL_METRICS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+    PROGRESS_METRICS = ("loss", "reward_accuracy")
+    SAMPLE_STYLE = "chat"  # samples are chats, as after SFT
 
     def __init__(
         self,
@@ -108,22 +99,16 @@ class DPO(Stage):
         super().__init__(learning_rate=learning_rate, **kwargs)
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
-        # A tuple keeps the reference outside the module tree: not saved, not optimised, not moved by Lightning.
-        self._reference: tuple[MiniMindForCausalLM, ...] = (frozen_copy(self.model),)
+        self.reference = FrozenModel.copy_of(self.model, "reference")
         self._reference_logps: dict[str, torch.Tensor] = {}
-        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in VAL_METRICS})
 
     # ---------------------------------------------------------------- reference
-    def reference_model(self) -> MiniMindForCausalLM:
-        """The frozen reference, moved to the policy's device and dtype if needed."""
-        if not self._reference:
+    def reference_model(self) -> nn.Module:
+        """The frozen reference on the policy's device and in its dtype."""
+        if self.reference.released:
             raise RuntimeError("the reference model was released after precomputing its log-probs, and these "
                                "batches have none (precompute_reference needs a DPODataModule)")
-        reference = self._reference[0]
-        param, ref_param = next(self.model.parameters()), next(reference.parameters())
-        if (ref_param.device, ref_param.dtype) != (param.device, param.dtype):
-            reference.to(device=param.device, dtype=param.dtype)
-        return reference
+        return self.reference.follow(self.model)
 
     def reference_logps(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs ``(chosen, rejected)`` of a batch: precomputed for ``split``, else computed now."""
@@ -153,7 +138,7 @@ class DPO(Stage):
                 if torch.isnan(table).any():
                     raise RuntimeError(f"the {split} loader did not cover every pair once")
                 self._reference_logps[split] = table
-        self._reference = ()
+        self.reference.release()
         rank_zero_info(f"[DPO] reference log-probs precomputed for {sizes}; reference model released")
 
     def on_fit_start(self) -> None:
@@ -194,17 +179,11 @@ class DPO(Stage):
         training = self.trainer.training if self._trainer is not None else self.training
         return "train" if training else "val"
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Accumulate the pair-weighted DPO loss and reward statistics."""
-        _, logs = self.compute_loss(batch)
-        for name, metric in self.val_metrics.items():
-            metric.update(logs[name], batch["index"].numel())
+    def validation_values(self, batch: dict[str, torch.Tensor], loss: torch.Tensor,
+                          logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``val/loss`` is the DPO loss alone; the reward statistics beside it."""
+        return {**logs, "loss": logs["dpo_loss"]}
 
-    def on_validation_epoch_end(self) -> None:
-        """Log ``val/loss`` (the DPO loss), the rewards, margin and reward accuracy; then text samples."""
-        for name, metric in self.val_metrics.items():
-            key = "val/loss" if name == "dpo_loss" else f"val/{name}"
-            self.log(key, metric.compute(), prog_bar=name in ("dpo_loss", "reward_accuracy"))
-            metric.reset()
-        if not self.trainer.sanity_checking:
-            self.log_samples()
+    def validation_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """Batches count by their pairs."""
+        return batch["index"].numel()

@@ -16,9 +16,9 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from minimind_pl.lora import (
-    DEFAULT_TARGETS, LORA_SUFFIXES, LoRAConfig, absolute_path, apply_lora, count_parameters, describe, lora_state_dict,
-)
+from minimind_pl.checkpoints.adapters import adapter_record
+from minimind_pl.checkpoints.files import STAGE_PREFIX
+from minimind_pl.lora import DEFAULT_TARGETS, LORA_SUFFIXES, LoRAConfig, apply_lora, count_parameters, describe, lora_state_dict
 from minimind_pl.stages.pretrain import SFT
 
 
@@ -60,9 +60,7 @@ class LoRA(SFT):
         """Keep only the adapter tensors, plus the adapter settings and the base they belong to."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.endswith(LORA_SUFFIXES)}
-        checkpoint["lora_config"] = self.lora.to_dict()
-        checkpoint["lora_base"] = self.hparams.get("init_weights")
-        checkpoint["lora_base_absolute"] = absolute_path(self.hparams.get("init_weights"))
+        checkpoint.update(adapter_record(self.lora, self.hparams.get("init_weights")))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check that a checkpoint to resume from holds these adapters (it may lack the base weights)."""
@@ -72,7 +70,7 @@ class LoRA(SFT):
                              "from full weights use --model.init_weights, --ckpt_path only resumes a LoRA run")
         if LoRAConfig(**saved) != self.lora:
             raise ValueError(f"the checkpoint's adapters ({saved}) differ from this run's ({self.lora.to_dict()})")
-        expected = {f"model.{k}" for k in lora_state_dict(self.model)}
+        expected = {STAGE_PREFIX + k for k in lora_state_dict(self.model)}
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:
             raise ValueError(f"the checkpoint lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")

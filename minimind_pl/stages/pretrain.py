@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from minimind_pl.losses import causal_lm_loss, token_weights, weighted_causal_lm_loss
+from minimind_pl.losses import IGNORE_INDEX, causal_lm_loss, token_weights, weighted_causal_lm_loss
 from minimind_pl.stages.base import Stage
+from minimind_pl.tokenizer import Tokenizer
 
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -29,15 +30,26 @@ class Pretrain(Stage):
         """The language-modelling term: mean cross entropy over labelled positions."""
         return causal_lm_loss(logits, labels)
 
+    def validation_weight(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Batches count by their labelled tokens, so ``val/loss`` is the mean over tokens."""
+        return (batch["labels"] != IGNORE_INDEX).sum()
+
+    def validation_logs(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The means plus ``ppl`` = exp(loss) (clamped so a diverged run logs a finite number)."""
+        return {**means, "ppl": torch.exp(means["loss"].clamp(max=30))}
+
 
 class SFT(Pretrain):
     """Supervised fine-tuning: the same loss, on chat data whose labels cover only assistant turns.
 
-    It differs from ``Pretrain`` only in rendering its sample prompts as a chat; the data module makes
+    It differs from ``Pretrain`` only in rendering its sample prompts as a chat (and the optional tag
+    weighting below); the data module makes
     the labels, and the recipe (MiniMind: lr 1e-5) lives in ``configs/*/sft.yaml``. For reasoning data
     (``<think>`` blocks), ``special_token_weight`` up-weights the tag tokens as MiniMind's
     ``train_distill_reason.py`` does (``configs/minimind3/reason.yaml``).
     """
+
+    SAMPLE_STYLE = "chat"
 
     def __init__(self, special_token_weight: float = 1.0, special_tokens: tuple[str, ...] = REASONING_TAGS,
                  **kwargs: Any) -> None:
@@ -68,8 +80,6 @@ class SFT(Pretrain):
         if self._special_ids is None:
             if not self.hparams.tokenizer:
                 raise ValueError("special_token_weight needs the tokenizer (--data.tokenizer) to find the tag ids")
-            from minimind_pl.tokenizer import Tokenizer
-
             tokenizer = Tokenizer.from_file(self.hparams.tokenizer)
             found = {tag: tokenizer.token_to_id(tag) for tag in self.hparams.special_tokens}
             missing = [tag for tag, i in found.items() if i is None]
@@ -78,10 +88,3 @@ class SFT(Pretrain):
             self._special_ids = torch.tensor([i for i in found.values() if i is not None], dtype=torch.long)
         self._special_ids = self._special_ids.to(device)
         return self._special_ids
-
-    def sample_prompt_ids(self, tokenizer) -> list[list[int]]:
-        """Render each sample prompt as a user turn followed by the assistant's generation prompt."""
-        return [
-            tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
-            for p in self.hparams.sample_prompts or []
-        ]

@@ -7,10 +7,9 @@ import lightning as L
 import pytest
 import torch
 
-from minimind_pl.checkpoints import read_checkpoint
+from minimind_pl.checkpoints import load_model, read_torch_file
 from minimind_pl.config import ModelConfig
 from minimind_pl.data import SFTDataModule
-from minimind_pl.inference import load_model
 from minimind_pl.losses import IGNORE_INDEX, causal_lm_loss, token_weights, weighted_causal_lm_loss
 from minimind_pl.stages import SFT, Distill
 
@@ -84,7 +83,7 @@ def test_distillation_lowers_kl_and_leaves_the_teacher_alone(files, teacher_ckpt
     assert sum(p.numel() for p in stage.parameters()) == sum(p.numel() for p in stage.model.parameters())
     path = Path(files["dir"]) / "student.ckpt"
     fit.save_checkpoint(path)
-    state = read_checkpoint(path)["state_dict"]
+    state = read_torch_file(path)["state_dict"]
     assert set(state) == {f"model.{k}" for k in stage.model.state_dict()}
     assert load_model(str(path), device="cpu").config == STUDENT
 

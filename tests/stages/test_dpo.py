@@ -42,7 +42,7 @@ def test_loss_is_log2_at_start_and_precomputed_reference_gives_the_same_loss(pai
     loss, logs = live.compute_loss(batch)
     assert math.isclose(loss.item(), math.log(2), rel_tol=1e-5) and logs["reward_accuracy"].item() == 0.0
     pre.precompute_reference_logps({"train": dm.reference_dataloader("train")}, {"train": len(dm.train_dataset)})
-    assert pre._reference == ()  # released: training holds one model
+    assert pre.reference.released  # released: training holds one model
     with torch.no_grad():  # move the policy a little: both must still agree
         for module in (live, pre):
             module.model.lm_head.weight.add_(0.01)
@@ -90,4 +90,4 @@ def test_fit_with_precomputed_reference_starts_at_log2(pairs_file, shared_dir, t
                         limit_val_batches=1, callbacks=[Record()], default_root_dir=tmp_path)
     trainer.fit(stage, datamodule=dm)
     assert math.isclose(losses[0], math.log(2), rel_tol=1e-5)
-    assert set(stage._reference_logps) == {"train", "val"} and stage._reference == ()
+    assert set(stage._reference_logps) == {"train", "val"} and stage.reference.released

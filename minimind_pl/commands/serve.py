@@ -20,14 +20,14 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from minimind_pl.generate import stream_generate
+from minimind_pl.chat_format import ROLES, OutputParser, StopMatcher
+from minimind_pl.checkpoints import open_checkpoint, pick_device
+from minimind_pl.generation import SamplingSettings, stream_generate
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant", "tool")
 WEB_PAGE = Path(__file__).with_name("web") / "chat.html"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+DEFAULT = SamplingSettings()
 
 
 class APIError(Exception):
@@ -54,20 +54,17 @@ class APIError(Exception):
 
 
 @dataclass
-class Sampling:
+class ServerSettings:
     """Server-side defaults and limits for generation.
 
     Args:
-        temperature: Default sampling temperature (0 = greedy).
-        top_p: Default nucleus threshold.
-        top_k: Default top-k (0 = off); requests may send ``top_k`` as an extra field.
+        sampling: Sampling for requests that set none (requests may also send ``top_k`` and
+            ``repetition_penalty`` as extra fields).
         max_tokens: Default answer length when a request gives none.
         max_tokens_limit: Largest ``max_tokens`` a request may ask for.
     """
 
-    temperature: float = 0.85
-    top_p: float = 0.85
-    top_k: int = 50
+    sampling: SamplingSettings = DEFAULT
     max_tokens: int = 1024
     max_tokens_limit: int = 8192
 
@@ -81,16 +78,13 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     max_tokens: Optional[int] = None
-    temperature: float = 0.85
-    top_p: float = 0.85
-    top_k: int = 50
-    repetition_penalty: float = 1.0
+    sampling: SamplingSettings = DEFAULT
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
     open_thinking: bool = False
 
 
-def parse_chat_request(body: bytes, defaults: Sampling) -> ChatRequest:
+def parse_chat_request(body: bytes, defaults: ServerSettings) -> ChatRequest:
     """Validate a request body; raises ``APIError`` (400) naming the bad field."""
     try:
         data = json.loads(body.decode("utf-8"))
@@ -110,13 +104,22 @@ def parse_chat_request(body: bytes, defaults: Sampling) -> ChatRequest:
         stream=_typed(data, "stream", bool, False),
         include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
         max_tokens=parse_max_tokens(data, defaults.max_tokens_limit),
-        temperature=_number(data, "temperature", defaults.temperature, 0.0, 2.0),
-        top_p=_number(data, "top_p", defaults.top_p, 1e-6, 1.0),
-        top_k=int(_number(data, "top_k", defaults.top_k, 0, 1e9, integer=True)),
-        repetition_penalty=_number(data, "repetition_penalty", 1.0, 1e-3, 10.0),
+        sampling=parse_sampling(data, defaults.sampling),
         stop=parse_stop(data.get("stop")),
         seed=_typed(data, "seed", int, None),
         open_thinking=bool(kwargs.get("open_thinking", kwargs.get("enable_thinking", False))),
+    )
+
+
+def parse_sampling(data: dict[str, Any], defaults: SamplingSettings) -> SamplingSettings:
+    """The request's sampling fields, each checked against its range, over the server's defaults."""
+    temperature = _number(data, "temperature", defaults.temperature, 0.0, 2.0)
+    return SamplingSettings(
+        temperature=temperature,
+        top_p=_number(data, "top_p", defaults.top_p, 1e-6, 1.0),
+        top_k=int(_number(data, "top_k", defaults.top_k, 0, 1e9, integer=True)),
+        repetition_penalty=_number(data, "repetition_penalty", defaults.repetition_penalty, 1e-3, 10.0),
+        do_sample=temperature > 0,
     )
 
 
@@ -191,133 +194,6 @@ def _number(data: dict[str, Any], name: str, default: float, low: float, high: f
     return float(value)
 
 
-# ============================================================================ output parsing
-
-
-class StopMatcher:
-    """Cut generated text at the first stop string, holding back what may be the start of one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        """Args:
-            stops: The stop strings (may be empty).
-        """
-        self.stops, self.buffer, self.stopped = stops, "", False
-
-    def feed(self, text: str) -> str:
-        """Add text; return what is certainly before any stop string."""
-        if self.stopped:
-            return ""
-        self.buffer += text
-        hits = [self.buffer.find(s) for s in self.stops if s in self.buffer]
-        if hits:
-            self.stopped = True
-            out, self.buffer = self.buffer[:min(hits)], ""
-            return out
-        keep = max((n for s in self.stops for n in range(1, len(s)) if self.buffer.endswith(s[:n])), default=0)
-        out, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
-        return out
-
-    def flush(self) -> str:
-        """The held-back text at the end of generation."""
-        out, self.buffer = self.buffer, ""
-        return out
-
-
-class OutputParser:
-    """Split streamed model text into ``reasoning`` / ``content`` pieces and complete ``tool_call`` dicts.
-
-    Tags may arrive split across pieces; a suffix that could start a tag is held back. Newlines that
-    open a reasoning or content part, and those right before a tag or the end, are dropped (the chat
-    template's own layout, not the model's words).
-    """
-
-    def __init__(self, open_thinking: bool = False, parse_tools: bool = True) -> None:
-        """Args:
-            open_thinking: The prompt ended inside ``<think>``: text is reasoning until ``</think>``.
-            parse_tools: Turn ``<tool_call>`` blocks into tool calls (else they stay content).
-        """
-        self.state = "reasoning" if open_thinking else "content"
-        self.parse_tools = parse_tools
-        self.pending, self.newlines, self.at_start, self.tool_text = "", "", True, ""
-        self.tool_calls: list[dict[str, Any]] = []
-
-    def _tags(self) -> dict[str, str]:
-        """Tag -> next state, for the current state."""
-        if self.state == "reasoning":
-            return {THINK_CLOSE: "content"}
-        if self.state == "tool":
-            return {TOOL_CLOSE: "content"}
-        return {THINK_OPEN: "reasoning", **({TOOL_OPEN: "tool"} if self.parse_tools else {})}
-
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        """Add text; return events ``(kind, value)`` with kind ``reasoning``, ``content`` or ``tool_call``."""
-        self.pending += text
-        events: list[tuple[str, Any]] = []
-        while True:
-            tags = self._tags()
-            found = [(self.pending.find(t), t) for t in tags if t in self.pending]
-            if not found:
-                break
-            index, tag = min(found)
-            events += self._emit(self.pending[:index], final=True)
-            events += self._switch(tags[tag])
-            self.pending = self.pending[index + len(tag):]
-        keep = max((n for t in self._tags() for n in range(1, len(t)) if self.pending.endswith(t[:n])), default=0)
-        events += self._emit(self.pending[:len(self.pending) - keep], final=False)
-        self.pending = self.pending[len(self.pending) - keep:]
-        return events
-
-    def finish(self) -> list[tuple[str, Any]]:
-        """Events for the text still held at the end of generation."""
-        events = self._emit(self.pending, final=True)
-        self.pending = ""
-        if self.state == "tool":
-            events += self._switch("content")  # an unterminated call: parsed if it is complete JSON
-        return events
-
-    def _emit(self, text: str, final: bool) -> list[tuple[str, Any]]:
-        """Text of the current state, with the layout newlines handled."""
-        if self.state == "tool":
-            self.tool_text += text
-            return []
-        if self.at_start:
-            text = text.lstrip("\n")
-            self.at_start = not text
-        body = self.newlines + text
-        stripped = body.rstrip("\n")
-        self.newlines = "" if final else body[len(stripped):]
-        return [(self.state, stripped)] if stripped else []
-
-    def _switch(self, state: str) -> list[tuple[str, Any]]:
-        """Enter ``state``; leaving a tool block yields its call (or its raw text if it is not valid JSON)."""
-        events: list[tuple[str, Any]] = []
-        if self.state == "tool":
-            call = parse_tool_call(self.tool_text, len(self.tool_calls))
-            if call is not None:
-                self.tool_calls.append(call)
-                events.append(("tool_call", call))
-            elif self.tool_text.strip():
-                events.append(("content", f"{TOOL_OPEN}{self.tool_text}{TOOL_CLOSE}"))
-            self.tool_text = ""
-        self.state, self.newlines, self.at_start = state, "", True
-        return events
-
-
-def parse_tool_call(text: str, index: int) -> Optional[dict[str, Any]]:
-    """An OpenAI tool call from ``{"name": ..., "arguments": {...}}``, or None if it is not one."""
-    try:
-        data = json.loads(text.strip())
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-        return None
-    arguments = data.get("arguments", {})
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"index": index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": data["name"], "arguments": arguments}}
-
-
 # ============================================================================ engine
 
 
@@ -342,24 +218,22 @@ class ChatEngine:
     """The model, its tokenizer and one lock: turns ``ChatRequest`` objects into answers."""
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer: Tokenizer, model_name: str = "minimind",
-                 sampling: Sampling = Sampling()) -> None:
+                 settings: ServerSettings = ServerSettings()) -> None:
         """Args:
             model: The transformer (eval mode, on its device).
             tokenizer: Its tokenizer (chat template included).
             model_name: The id ``/v1/models`` lists and answers carry.
-            sampling: Defaults and limits for generation.
+            settings: Defaults and limits for generation.
         """
-        self.model, self.tokenizer, self.model_name, self.sampling = model, tokenizer, model_name, sampling
+        self.model, self.tokenizer, self.model_name, self.settings = model, tokenizer, model_name, settings
         self.lock = threading.Lock()
 
     def prompt_ids(self, request: ChatRequest) -> list[int]:
         """Render and tokenize the conversation; 400 if the template rejects it or it does not fit."""
         try:
-            text = self.tokenizer.apply_chat_template(request.messages, tools=request.tools,
-                                                      add_generation_prompt=True, open_thinking=request.open_thinking)
+            ids = self.tokenizer.encode_chat(request.messages, open_thinking=request.open_thinking, tools=request.tools)
         except ValueError as err:
             raise APIError(400, f"cannot render the conversation: {err}", param="messages") from err
-        ids = self.tokenizer.encode(text)
         context = self.model.config.max_position_embeddings
         wanted = request.max_tokens or 1
         if len(ids) + wanted > context:
@@ -371,13 +245,14 @@ class ChatEngine:
                ) -> Iterator[tuple[str, Any]]:
         """Generate under the lock, yielding parsed ``(kind, value)`` events; ``outcome`` collects the rest."""
         ids = self.prompt_ids(request) if ids is None else ids
-        budget = request.max_tokens or min(self.sampling.max_tokens, self.model.config.max_position_embeddings - len(ids))
+        budget = request.max_tokens or min(self.settings.max_tokens, self.model.config.max_position_embeddings - len(ids))
         outcome.prompt_tokens = len(ids)
         parser = OutputParser(request.open_thinking, parse_tools=bool(request.tools))
         stop = StopMatcher(request.stop)
         decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
         with self.lock:
-            for token in stream_generate(self.model, ids, **self._sampling_args(request, budget)):
+            for token in stream_generate(self.model, ids, budget, request.sampling, self.tokenizer.eos_id,
+                                         self._generator(request)):
                 outcome.completion_tokens += 1
                 yield from self._record(parser.feed(stop.feed(decoder.push(token))), outcome)
                 if stop.stopped:
@@ -389,14 +264,11 @@ class ChatEngine:
         if outcome.tool_calls:
             outcome.finish_reason = "tool_calls"
 
-    def _sampling_args(self, request: ChatRequest, budget: int) -> dict[str, Any]:
-        """Keyword arguments of ``stream_generate`` for a request."""
-        generator = None
-        if request.seed is not None:
-            generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(request.seed)
-        return {"max_new_tokens": budget, "temperature": request.temperature, "top_p": request.top_p,
-                "top_k": request.top_k, "repetition_penalty": request.repetition_penalty,
-                "do_sample": request.temperature > 0, "eos_token_id": self.tokenizer.eos_id, "generator": generator}
+    def _generator(self, request: ChatRequest) -> Optional[torch.Generator]:
+        """A seeded random generator on the model's device when the request gives a ``seed``."""
+        if request.seed is None:
+            return None
+        return torch.Generator(device=next(self.model.parameters()).device).manual_seed(request.seed)
 
     @staticmethod
     def _record(events: list[tuple[str, Any]], outcome: Outcome) -> Iterator[tuple[str, Any]]:
@@ -535,7 +407,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise APIError(404, f"no route POST {path}", code="not_found")
         self._authorize()
         engine = self.server.engine
-        request = parse_chat_request(self._read_body(), engine.sampling)
+        request = parse_chat_request(self._read_body(), engine.settings)
         if request.stream:
             self._send_stream(engine.stream(request))
         else:
@@ -626,9 +498,9 @@ def serve_command(
     port: int = 8998,
     api_key: str | None = None,
     model_name: str = "minimind",
-    temperature: float = 0.85,
-    top_p: float = 0.85,
-    top_k: int = 50,
+    temperature: float = DEFAULT.temperature,
+    top_p: float = DEFAULT.top_p,
+    top_k: int = DEFAULT.top_k,
     max_tokens: int = 1024,
     max_tokens_limit: int = 8192,
     max_body_bytes: int = 1 << 20,
@@ -653,13 +525,12 @@ def serve_command(
         max_body_bytes: Largest accepted request body.
         device: ``auto``, ``cpu`` or ``cuda``.
     """
-    from minimind_pl.inference import load_model, load_tokenizer
-    from minimind_pl.lora import merge_lora
-
-    model = merge_lora(load_model(ckpt, preset=preset, device=device, lora=lora))  # adapters folded in: faster
-    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                        max_tokens_limit=max_tokens_limit)
-    engine = ChatEngine(model, load_tokenizer(ckpt, tokenizer), model_name=model_name, sampling=sampling)
+    checkpoint = open_checkpoint(ckpt, lora)
+    model = checkpoint.build_model(preset, merge=True).to(pick_device(device))  # adapters folded in: faster
+    settings = ServerSettings(SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k,
+                                               do_sample=temperature > 0),
+                              max_tokens=max_tokens, max_tokens_limit=max_tokens_limit)
+    engine = ChatEngine(model, checkpoint.tokenizer(tokenizer), model_name=model_name, settings=settings)
     server = make_server(engine, host, port, api_key=api_key, max_body_bytes=max_body_bytes)
     print(f"serving {ckpt} as {model_name!r} on http://{host}:{server.server_address[1]}/ "
           f"(OpenAI API at /v1, web chat at /); Ctrl-C stops")

@@ -10,8 +10,8 @@ import torch
 
 from minimind_pl.cli import main
 from minimind_pl.config import ModelConfig
-from minimind_pl.export import config_from_hf, export_command, infer_config, load_hf_directory
-from minimind_pl.inference import load_model, load_tokenizer
+from minimind_pl.checkpoints import config_from_hf, infer_config, load_hf_directory, load_model, load_tokenizer
+from minimind_pl.commands.export import export_command
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 
@@ -187,7 +187,8 @@ def test_infer_config_from_shapes():
 
 
 def test_export_merges_a_lora_adapter(tmp_path, tokenizer_dir):
-    from minimind_pl.lora import LoRAConfig, apply_lora, save_lora
+    from minimind_pl.checkpoints import save_lora
+    from minimind_pl.lora import LoRAConfig, apply_lora
 
     model = random_model()
     base = write_stage_checkpoint(model, tmp_path / "base.ckpt", tokenizer_dir)

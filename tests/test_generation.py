@@ -1,4 +1,4 @@
-"""Tests for minimind_pl.generate: KV-cache decoding, batching, sampling controls, streaming."""
+"""Tests for minimind_pl.generation: KV-cache decoding, batching, sampling controls, streaming."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minimind_pl.config import ModelConfig
-from minimind_pl.generate import (
+from minimind_pl.generation import (
     apply_repetition_penalty, filter_top_k, filter_top_p, generate, sample_next, stream_generate,
 )
 from minimind_pl.model import MiniMindForCausalLM

@@ -17,7 +17,8 @@ from torch import nn
 
 from minimind_pl.config import ModelConfig
 from minimind_pl.model import CausalLMOutput, MiniMindForCausalLM
-from minimind_pl.serve import ChatEngine, OutputParser, StopMatcher, make_server, serve_command
+from minimind_pl.chat_format import OutputParser, StopMatcher
+from minimind_pl.commands.serve import ChatEngine, make_server, serve_command
 from minimind_pl.tokenizer import Tokenizer
 
 SCRIPT = "<think>\nLet me think.\n</think>\n\nHello there, friend!"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from minimind_pl.cli import main
 from minimind_pl.config import ModelConfig
-from minimind_pl.evaluate import choice_prompts, language_modeling, multiple_choice, read_jsonl
+from minimind_pl.commands.evaluate import choice_prompts, language_modeling, multiple_choice, read_jsonl
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 

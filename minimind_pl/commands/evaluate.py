@@ -25,6 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minimind_pl.checkpoints import open_checkpoint, pick_device
+from minimind_pl.data.pretrain import PretrainEncoder
+from minimind_pl.data.sft import SFTEncoder
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 
@@ -61,11 +64,9 @@ def eval_command(
         chat: Multiple choice: wrap the question in the chat template (for SFT models).
         device: ``auto``, ``cpu`` or ``cuda``.
     """
-    from minimind_pl.inference import load_model, load_tokenizer
-    from minimind_pl.lora import merge_lora
-
-    model = merge_lora(load_model(ckpt, preset=preset, device=device, lora=lora))  # adapters folded in: faster
-    tok = load_tokenizer(ckpt, tokenizer)
+    checkpoint = open_checkpoint(ckpt, lora)
+    model = checkpoint.build_model(preset, merge=True).to(pick_device(device))  # adapters folded in: faster
+    tok = checkpoint.tokenizer(tokenizer)
     records = list(read_jsonl(data, limit))
     kind = detect_format(records, data)
     if kind == "choice":
@@ -168,9 +169,6 @@ def scored_bytes(tokenizer: Tokenizer, ids: Sequence[int], scored: Sequence[int]
 
 def encode_documents(tokenizer: Tokenizer, records: Sequence[tuple[int, Any]], kind: str, path: str) -> list[Scored]:
     """Token ids and scored-token masks of every record, as the training data modules build them."""
-    from minimind_pl.data.pretrain import PretrainEncoder
-    from minimind_pl.data.sft import SFTEncoder
-
     if kind == "pretrain":
         encoder = PretrainEncoder(tokenizer)
     else:
@@ -228,8 +226,9 @@ def multiple_choice(model: MiniMindForCausalLM, tokenizer: Tokenizer, records: S
         letters = _checked_choices(record, f"{path}:{line_no}")
         prompt, continuations = choice_prompts(record, letters, mc_format)
         if chat:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        prompt_ids = tokenizer.encode(prompt)
+            prompt_ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        else:
+            prompt_ids = tokenizer.encode(prompt)
         spans.append((len(sequences), len(continuations)))
         answers.append(letters.index(str(record["answer"]).strip()))
         for text in continuations:

@@ -7,20 +7,32 @@ from typing import Iterator, TextIO
 
 import torch
 
-from minimind_pl.generate import stream_generate
-from minimind_pl.inference import load_model, load_tokenizer
+from minimind_pl.checkpoints import open_checkpoint, pick_device
+from minimind_pl.generation import SamplingSettings, stream_generate
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
+
+DEFAULT = SamplingSettings()
 
 
 class ChatSession:
     """A conversation with a model: keeps the history and streams each answer as text."""
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer: Tokenizer, system: str | None = None,
-                 history_turns: int = 4, open_thinking: bool = False, **sampling) -> None:
+                 history_turns: int = 4, open_thinking: bool = False, max_new_tokens: int = 512,
+                 sampling: SamplingSettings = DEFAULT) -> None:
+        """Args:
+            model: The model to talk to.
+            tokenizer: Its tokenizer (with the chat template).
+            system: An optional system prompt.
+            history_turns: How many earlier question/answer pairs the model sees (0 = none).
+            open_thinking: Let the model reason in a ``<think>`` block first.
+            max_new_tokens: Longest answer in tokens.
+            sampling: How tokens are chosen.
+        """
         self.model, self.tokenizer = model, tokenizer
         self.system, self.history_turns, self.open_thinking = system, history_turns, open_thinking
-        self.sampling = sampling
+        self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.history: list[dict[str, str]] = []
 
     def prompt_ids(self, user_text: str) -> list[int]:
@@ -28,15 +40,14 @@ class ChatSession:
         kept = self.history[-2 * self.history_turns:] if self.history_turns > 0 else []
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + kept
         messages.append({"role": "user", "content": user_text})
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, open_thinking=self.open_thinking)
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode_chat(messages, open_thinking=self.open_thinking)
 
     def stream_answer(self, user_text: str) -> Iterator[str]:
         """Yield the answer piece by piece (never a broken character); record the turn in the history."""
         decoder = self.tokenizer.stream_decoder()
         pieces: list[str] = []
         ids = self.prompt_ids(user_text)
-        for token in stream_generate(self.model, ids, eos_token_id=self.tokenizer.eos_id, **self.sampling):
+        for token in stream_generate(self.model, ids, self.max_new_tokens, self.sampling, self.tokenizer.eos_id):
             piece = decoder.push(token)
             if piece:
                 pieces.append(piece)
@@ -58,10 +69,10 @@ def chat_command(
     open_thinking: bool = False,
     history_turns: int = 4,
     max_new_tokens: int = 512,
-    temperature: float = 0.85,
-    top_p: float = 0.85,
-    top_k: int = 50,
-    repetition_penalty: float = 1.0,
+    temperature: float = DEFAULT.temperature,
+    top_p: float = DEFAULT.top_p,
+    top_k: int = DEFAULT.top_k,
+    repetition_penalty: float = DEFAULT.repetition_penalty,
     seed: int | None = None,
     device: str = "auto",
 ) -> None:
@@ -86,11 +97,12 @@ def chat_command(
     """
     if seed is not None:
         torch.manual_seed(seed)
-    model = load_model(ckpt, preset=preset, device=device, lora=lora)
+    checkpoint = open_checkpoint(ckpt, lora)
+    sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty)
     session = ChatSession(
-        model, load_tokenizer(ckpt, tokenizer), system=system, history_turns=history_turns,
-        open_thinking=open_thinking, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, do_sample=temperature > 0,
+        checkpoint.build_model(preset).to(pick_device(device)), checkpoint.tokenizer(tokenizer), system=system,
+        history_turns=history_turns, open_thinking=open_thinking, max_new_tokens=max_new_tokens, sampling=sampling,
     )
     if prompt is not None:
         print_answer(session, prompt, sys.stdout)

@@ -11,9 +11,8 @@ import torch
 from minimind_pl.cli import main
 from minimind_pl.config import ModelConfig
 from minimind_pl.data import SFTDataModule
-from minimind_pl.generate_data import (
-    answered_keys, pending_prompts, prompt_key, prompt_messages, split_reasoning, sft_record,
-)
+from minimind_pl.chat_format import split_reasoning
+from minimind_pl.commands.generate import answered_keys, pending_prompts, prompt_key, prompt_messages, sft_record
 from minimind_pl.model import MiniMindForCausalLM
 
 

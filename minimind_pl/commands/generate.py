@@ -16,11 +16,12 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from minimind_pl.generate import generate
-from minimind_pl.inference import load_model, load_tokenizer, pick_device
+from minimind_pl.chat_format import split_reasoning
+from minimind_pl.checkpoints import open_checkpoint, pick_device
+from minimind_pl.generation import SamplingSettings, generate
 from minimind_pl.tokenizer import Tokenizer
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+DEFAULT = SamplingSettings()
 
 
 def prompt_messages(record: dict, where: str) -> list[dict]:
@@ -96,23 +97,6 @@ def pending_prompts(prompts: list[list[dict]], done: Counter) -> list[list[dict]
     return pending
 
 
-def split_reasoning(text: str, opened: bool = False) -> tuple[str, Optional[str]]:
-    """``(answer, reasoning or None)`` of a generated reply; the reasoning is the text before ``</think>``.
-
-    Args:
-        text: The decoded reply.
-        opened: The prompt left a ``<think>`` block open (``open_thinking``), so the reply starts inside
-            it; a reply that never closes it (cut by ``max_new_tokens``) is all reasoning, no answer.
-    """
-    head, sep, tail = text.partition(THINK_CLOSE)
-    if not sep:
-        return ("", text.strip() or None) if opened else (text.strip(), None)
-    head = head.strip()
-    if head.startswith(THINK_OPEN):
-        head = head[len(THINK_OPEN):].strip()
-    return tail.strip(), (head or None)
-
-
 def sft_record(messages: list[dict], reply: str, opened: bool = False) -> dict:
     """An SFT line: the prompt's messages plus the assistant's answer (and its reasoning, if any)."""
     answer, reasoning = split_reasoning(reply, opened)
@@ -128,19 +112,13 @@ def batches(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
-def encode_prompts(tokenizer: Tokenizer, batch: list[list[dict]], open_thinking: bool) -> list[list[int]]:
-    """Chat-template each prompt with the assistant's generation header."""
-    return [tokenizer.encode(tokenizer.apply_chat_template(m, add_generation_prompt=True, open_thinking=open_thinking))
-            for m in batch]
-
-
 def generate_command(
     ckpt: str,
     data: str,
     out: str,
     max_new_tokens: int = 512,
-    temperature: float = 0.85,
-    top_p: float = 0.85,
+    temperature: float = DEFAULT.temperature,
+    top_p: float = DEFAULT.top_p,
     batch_size: int = 16,
     open_thinking: bool = False,
     seed: int = 42,
@@ -177,11 +155,13 @@ def generate_command(
     print(f"{len(prompts)} prompts in {data}; {already} already answered in {out_path}", flush=True)
     if not pending:
         return str(out_path)
-    model = load_model(ckpt, preset=preset, device=device, lora=lora)
-    tok = load_tokenizer(ckpt, tokenizer)
+    checkpoint = open_checkpoint(ckpt, lora)
+    model = checkpoint.build_model(preset).to(pick_device(device))
+    tok = checkpoint.tokenizer(tokenizer)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=tok.eos_id,
+    sampling = dict(max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id,
+                    sampling=SamplingSettings(temperature=temperature, top_p=top_p, do_sample=temperature > 0),
                     generator=torch.Generator(device=pick_device(device)).manual_seed(seed))
     with tqdm(total=len(prompts), initial=already, desc="generate", unit="prompt") as bar:
         truncated = append_answers(model, tok, pending, out_path, batch_size, open_thinking, sampling, bar.update)
@@ -198,7 +178,7 @@ def append_answers(model: torch.nn.Module, tok: Tokenizer, pending: list[list[di
     truncated = 0
     with open(out, "a", encoding="utf-8") as f:
         for batch in batches(pending, batch_size):
-            replies = generate(model, encode_prompts(tok, batch, open_thinking), **sampling)
+            replies = generate(model, [tok.encode_chat(m, open_thinking=open_thinking) for m in batch], **sampling)
             for messages, ids in zip(batch, replies):
                 record = sft_record(messages, tok.decode(ids), opened=open_thinking)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")

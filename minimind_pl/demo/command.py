@@ -12,15 +12,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minimind_pl.checkpoints import load_model
 from minimind_pl.cli import run_lightning
-from minimind_pl.data.demo_corpus import score_answer, write_demo_corpus
 from minimind_pl.data.dpo import pair_loader
-from minimind_pl.generate import generate
-from minimind_pl.inference import load_model
+from minimind_pl.demo.corpus import score_answer, write_demo_corpus
+from minimind_pl.generation import GREEDY, generate
 from minimind_pl.stages.dpo import preference_accuracy
 from minimind_pl.tokenizer import Tokenizer, train_tokenizer
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 
 @dataclass
@@ -67,10 +67,9 @@ def fit_stage(run: DemoRun, stage: str, train: str, val: str, init_weights: str 
 def ask(ckpt: str, tokenizer: Tokenizer, questions: list[str], lora: str | None = None,
         max_new_tokens: int = 40) -> list[str]:
     """Greedy answers of a checkpoint to single-turn chat questions (batched, KV cache)."""
-    model = load_model(ckpt, device="cpu", **({"lora": lora} if lora else {}))
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}],
-                                                              add_generation_prompt=True)) for q in questions]
-    outputs = generate(model, prompts, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_id)
+    model = load_model(ckpt, device="cpu", lora=lora)
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    outputs = generate(model, prompts, max_new_tokens, GREEDY, tokenizer.eos_id)
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
 
 

@@ -1,7 +1,8 @@
 """Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), MiniMind-style
 repetition penalty, batched prompts of different lengths (left padding), and streaming.
 
-`generate` and `stream_generate` work with any model whose forward matches
+`SamplingSettings` holds how the next token is chosen and MiniMind's defaults; every command takes its
+defaults from it. `generate` and `stream_generate` work with any model whose forward matches
 `MiniMindForCausalLM.forward`. The model runs in eval mode under `torch.inference_mode`
 only while a step is computed; its train/eval mode is restored after every step, so a paused
 `stream_generate` iterator never leaks inference mode or eval mode into the caller's code.
@@ -9,11 +10,52 @@ only while a step is computed; its train/eval mode is restored after every step,
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the next token is chosen. The defaults are MiniMind's (its chat and evaluation scripts).
+
+    Args:
+        temperature: Softmax temperature; 0 means greedy.
+        top_p: Nucleus sampling: keep the most likely tokens up to this probability mass (1 = off).
+        top_k: Sample only among the k most likely tokens (0 = no limit).
+        repetition_penalty: MiniMind's penalty on tokens of the prompt and output so far (1 = off).
+        do_sample: False means greedy decoding whatever the temperature.
+    """
+
+    temperature: float = 0.85
+    top_p: float = 0.85
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse unusable values with the numbers in the message."""
+        if self.temperature < 0 or self.top_k < 0:
+            raise ValueError(f"temperature and top_k must be >= 0, got {self.temperature}, {self.top_k}")
+        if not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError(f"top_p must be in (0, 1] and repetition_penalty > 0, got {self.top_p}, "
+                             f"{self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the most likely token is always taken."""
+        return not self.do_sample or self.temperature == 0
+
+    def with_overrides(self, **overrides: Any) -> "SamplingSettings":
+        """A copy with some fields changed (``None`` values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+GREEDY = SamplingSettings(do_sample=False)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -51,21 +93,20 @@ def filter_top_p(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next(
-    logits: Tensor, seen: Optional[Tensor] = None, temperature: float = 0.85, top_k: int = 50,
-    top_p: float = 0.85, repetition_penalty: float = 1.0, do_sample: bool = True,
-    generator: Optional[torch.Generator] = None,
-) -> Tensor:
+def sample_next(logits: Tensor, seen: Optional[Tensor] = None, sampling: SamplingSettings = SamplingSettings(),
+                generator: Optional[torch.Generator] = None, **overrides: Any) -> Tensor:
     """Pick the next token of every row from (B, V) logits; returns (B,) long.
 
-    Greedy (argmax after the repetition penalty) when do_sample is False or temperature is 0.
+    ``overrides`` change single fields of ``sampling`` (``temperature=0``, ``top_k=1``, ...). Greedy means
+    argmax after the repetition penalty.
     """
+    sampling = sampling.with_overrides(**overrides)
     logits = logits.float()
-    if repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-    if not do_sample or temperature == 0:
+    if sampling.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    if sampling.greedy:
         return logits.argmax(dim=-1)
-    logits = filter_top_p(filter_top_k(logits / temperature, top_k), top_p)
+    logits = filter_top_p(filter_top_k(logits / sampling.temperature, sampling.top_k), sampling.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
@@ -121,36 +162,25 @@ class _BatchDecoder:
         self.cache, self.logits = out.past_key_values, out.logits[:, -1]
 
 
-def _check_args(prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
-                top_p: float, repetition_penalty: float) -> None:
-    """Raise ValueError for unusable generation arguments."""
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 0 or temperature < 0 or top_k < 0:
-        raise ValueError(f"max_new_tokens, temperature and top_k must be >= 0, got "
-                         f"{max_new_tokens}, {temperature}, {top_k}")
-    if not 0 < top_p <= 1 or repetition_penalty <= 0:
-        raise ValueError(f"top_p must be in (0, 1] and repetition_penalty > 0, got {top_p}, {repetition_penalty}")
-
-
 def _decode_steps(
-    model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
-    top_p: float, repetition_penalty: float, do_sample: bool, eos_token_id: Optional[int],
-    generator: Optional[torch.Generator],
+    model: nn.Module, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingSettings,
+    eos_token_id: Optional[int], generator: Optional[torch.Generator],
 ) -> Iterator[list[Optional[int]]]:
     """Yield, per step, each row's new token (None for rows that already finished)."""
-    _check_args(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not prompts or max_new_tokens == 0:
         return
     with _inference_step(model):
-        decoder = _BatchDecoder(model, prompts, track_seen=repetition_penalty != 1.0)
+        decoder = _BatchDecoder(model, prompts, track_seen=sampling.repetition_penalty != 1.0)
     finished = [False] * len(prompts)
     for step in range(max_new_tokens):
         with _inference_step(model):
             if step > 0:
                 decoder.feed(tokens)
-            tokens = sample_next(decoder.logits, decoder.seen, temperature, top_k, top_p,
-                                 repetition_penalty, do_sample, generator)
+            tokens = sample_next(decoder.logits, decoder.seen, sampling, generator)
             if eos_token_id is not None:  # finished rows keep feeding eos; it is never emitted
                 tokens = tokens.masked_fill(torch.tensor(finished, device=tokens.device), eos_token_id)
         emitted: list[Optional[int]] = []
@@ -167,13 +197,10 @@ def generate(
     model: nn.Module,
     prompts: list[list[int]],
     max_new_tokens: int = 256,
-    temperature: float = 0.85,
-    top_k: int = 50,
-    top_p: float = 0.85,
-    repetition_penalty: float = 1.0,
-    do_sample: bool = True,
+    sampling: SamplingSettings = SamplingSettings(),
     eos_token_id: Optional[int] = 2,
     generator: Optional[torch.Generator] = None,
+    **overrides: Any,
 ) -> list[list[int]]:
     """Continue every prompt; returns the new token ids per prompt (eos excluded).
 
@@ -181,17 +208,14 @@ def generate(
         model: a `MiniMindForCausalLM` (or anything with the same forward).
         prompts: token ids per prompt; lengths may differ (left padding is handled here).
         max_new_tokens: most tokens to generate per prompt.
-        temperature: softmax temperature; 0 means greedy.
-        top_k: sample only among the k most likely tokens (0 = no limit).
-        top_p: nucleus sampling threshold (1 = off).
-        repetition_penalty: MiniMind-style penalty on tokens of the prompt and output (1 = off).
-        do_sample: False means greedy decoding.
+        sampling: how tokens are chosen (`GREEDY` for greedy decoding).
         eos_token_id: a row stops after producing it (None = never stop early).
         generator: random generator for sampling; must live on the model's device.
+        overrides: single fields of `sampling` (e.g. ``do_sample=False``, ``temperature=0.7``).
     """
+    sampling = sampling.with_overrides(**overrides)
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in _decode_steps(model, prompts, max_new_tokens, temperature, top_k, top_p,
-                              repetition_penalty, do_sample, eos_token_id, generator):
+    for step in _decode_steps(model, prompts, max_new_tokens, sampling, eos_token_id, generator):
         for out, token in zip(outputs, step):
             if token is not None:
                 out.append(token)
@@ -202,16 +226,13 @@ def stream_generate(
     model: nn.Module,
     prompt: list[int],
     max_new_tokens: int = 256,
-    temperature: float = 0.85,
-    top_k: int = 50,
-    top_p: float = 0.85,
-    repetition_penalty: float = 1.0,
-    do_sample: bool = True,
+    sampling: SamplingSettings = SamplingSettings(),
     eos_token_id: Optional[int] = 2,
     generator: Optional[torch.Generator] = None,
+    **overrides: Any,
 ) -> Iterator[int]:
     """Yield the new token ids of one prompt one by one, as they are produced (see `generate`)."""
-    for step in _decode_steps(model, [prompt], max_new_tokens, temperature, top_k, top_p,
-                              repetition_penalty, do_sample, eos_token_id, generator):
+    sampling = sampling.with_overrides(**overrides)
+    for step in _decode_steps(model, [prompt], max_new_tokens, sampling, eos_token_id, generator):
         if step[0] is not None:
             yield step[0]

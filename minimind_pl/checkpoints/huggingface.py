@@ -1,5 +1,6 @@
-"""Moving weights between formats: Lightning ``.ckpt`` -> MiniMind ``.pth`` | Hugging Face (Qwen3) directory,
-and reading Hugging Face directories (ours, or MiniMind's own ``model_type: minimind`` folders) back.
+"""Hugging Face model folders, both directions: write a ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM`` folder
+(``config.json``, ``model.safetensors``, ``generation_config.json``, the tokenizer) and read one back
+(ours, or MiniMind's own ``model_type: minimind`` folders).
 
 MiniMind's parameter names are Hugging Face Qwen3's, so no tensor is renamed anywhere: a dense model is
 a ``Qwen3ForCausalLM`` and an MoE model a ``Qwen3MoeForCausalLM`` (experts stored one by one,
@@ -13,67 +14,22 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from minimind_pl.checkpoints.files import DTYPES, HEAD, read_torch_file
 from minimind_pl.config import YARN_ROPE_SCALING, ModelConfig
+from minimind_pl.generation import SamplingSettings
 
 SAFETENSORS_FILE = "model.safetensors"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 QWEN3_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # MiniMind2-era config names -> today's ModelConfig names
 MINIMIND_ALIASES = {"n_routed_experts": "num_experts", "aux_loss_alpha": "router_aux_loss_coef"}
-EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
-# ============================================================================ export
-
-
-def export_command(
-    ckpt: str,
-    out: str,
-    format: Literal["minimind", "hf"] = "minimind",
-    tokenizer: str | None = None,
-    preset: str | None = None,
-    lora: str | None = None,
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16",
-) -> Path:
-    """Export a checkpoint as a MiniMind .pth state dict or a Hugging Face (Qwen3) directory.
-
-    Args:
-        ckpt: A Lightning .ckpt of any stage, a MiniMind .pth or a Hugging Face directory.
-        out: Output file (``minimind``: e.g. ``full_sft_768.pth``) or directory (``hf``).
-        format: ``minimind`` (the state dict MiniMind's eval_llm.py --weight loads) or ``hf`` (config.json,
-            model.safetensors, generation_config.json and the tokenizer, for transformers / vLLM / llama.cpp).
-        tokenizer: Tokenizer directory for ``hf`` (default: the one recorded with the checkpoint).
-        preset: Model preset of a MiniMind .pth, which stores no config (default: read from the tensor shapes).
-        lora: A LoRA adapter file to merge into the weights before exporting.
-        dtype: Weight dtype on disk: ``float16`` (MiniMind's), ``bfloat16`` or ``float32``.
-    """
-    from minimind_pl.inference import load_model, load_tokenizer
-    from minimind_pl.lora import merge_lora
-
-    if format not in ("minimind", "hf"):
-        raise ValueError(f"unknown export format {format!r}; use 'minimind' or 'hf'")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
-    model = merge_lora(load_model(ckpt, preset=preset, device="cpu", lora=lora))  # adapters folded into W
-    if format == "minimind":
-        path = save_minimind(model.state_dict(), out, DTYPES[dtype])
-    else:
-        path = save_hf_directory(model.state_dict(), model.config, load_tokenizer(ckpt, tokenizer), out, dtype)
-    print(f"exported {ckpt} -> {path} ({format}, {dtype})")
-    return path
-
-
-def save_minimind(state_dict: dict[str, torch.Tensor], out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-    """Write a MiniMind ``.pth``: every tensor (tied ``lm_head.weight`` kept) in ``dtype``, MiniMind's names."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}, path)
-    return path
+# ============================================================================ writing
 
 
 def save_hf_directory(state_dict: dict[str, torch.Tensor], config: ModelConfig, tokenizer, out: str | Path,
@@ -170,15 +126,16 @@ def check_yarn_bounds(config: ModelConfig) -> None:
 
 
 def generation_config(config: ModelConfig, tokenizer) -> dict[str, Any]:
-    """``generation_config.json``: special tokens and MiniMind's default sampling (chat.py's defaults)."""
+    """``generation_config.json``: special tokens and MiniMind's default sampling (``SamplingSettings``)."""
+    sampling = SamplingSettings()
     return {
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": tokenizer.pad_id,
-        "do_sample": True,
-        "temperature": 0.85,
-        "top_p": 0.85,
-        "top_k": 50,
+        "do_sample": sampling.do_sample,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
     }
 
 
@@ -188,6 +145,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 # ============================================================================ import
+
+
+# ============================================================================ reading
 
 
 def load_hf_directory(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -313,43 +273,7 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    from minimind_pl.checkpoints import read_checkpoint
-
-    return read_checkpoint(path)
+    return read_torch_file(path)
 
 
 # ============================================================================ .pth without a config
-
-
-def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """A ModelConfig dict read off a MiniMind state dict's tensor shapes.
-
-    Sizes, heads (via the q/k norm width), experts and tying are in the shapes; what is not
-    (``rope_theta``, ``max_position_embeddings``, ``rms_norm_eps``, YaRN) keeps MiniMind's defaults.
-    """
-    if EMBED not in state_dict and HEAD not in state_dict:
-        raise ValueError(f"cannot infer a model config: the state dict has neither {EMBED} nor {HEAD}")
-    embed = state_dict.get(EMBED, state_dict.get(HEAD))
-    layers = {int(k.split(".")[2]) for k in state_dict if k.startswith("model.layers.")}
-    if not layers:
-        raise ValueError("cannot infer a model config: the state dict has no model.layers.*")
-    p = "model.layers.0."
-    head_dim = state_dict[p + "self_attn.q_norm.weight"].shape[0]
-    fields: dict[str, Any] = {
-        "vocab_size": embed.shape[0], "hidden_size": embed.shape[1], "num_hidden_layers": max(layers) + 1,
-        "head_dim": head_dim,
-        "num_attention_heads": state_dict[p + "self_attn.q_proj.weight"].shape[0] // head_dim,
-        "num_key_value_heads": state_dict[p + "self_attn.k_proj.weight"].shape[0] // head_dim,
-        "tie_word_embeddings": HEAD not in state_dict or EMBED not in state_dict
-        or torch.equal(state_dict[HEAD], state_dict[EMBED]),
-    }
-    experts = {int(k.split(".")[5]) for k in state_dict if k.startswith(p + "mlp.experts.")}
-    if experts:
-        fields.update(use_moe=True, num_experts=max(experts) + 1,
-                      moe_intermediate_size=state_dict[p + "mlp.experts.0.gate_proj.weight"].shape[0])
-        fields["intermediate_size"] = fields["moe_intermediate_size"]
-    else:
-        fields["intermediate_size"] = state_dict[p + "mlp.gate_proj.weight"].shape[0]
-    if fields["head_dim"] * fields["num_attention_heads"] == fields["hidden_size"]:
-        fields.pop("head_dim")  # the default; keeps the config identical to a preset's
-    return ModelConfig.from_dict(fields).to_dict()

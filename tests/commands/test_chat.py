@@ -1,8 +1,8 @@
 """``python main.py chat``: streamed answers equal plain greedy generation; the history is kept."""
 
-from minimind_pl.chat import ChatSession
+from minimind_pl.commands.chat import ChatSession
 from minimind_pl.cli import main
-from minimind_pl.generate import generate
+from minimind_pl.generation import GREEDY, generate
 from minimind_pl.tokenizer import Tokenizer
 
 from helpers import random_model, write_stage_checkpoint
@@ -29,7 +29,7 @@ def test_prompt_prints_the_greedy_answer(tmp_path, shared_dir, capsys):
 def test_session_keeps_history_and_streams_whole_characters(tmp_path, shared_dir):
     tokenizer = Tokenizer.from_file(shared_dir / "minimind")
     model, _ = tiny_checkpoint(tmp_path, shared_dir / "minimind")
-    session = ChatSession(model, tokenizer, history_turns=1, max_new_tokens=6, do_sample=False)
+    session = ChatSession(model, tokenizer, history_turns=1, max_new_tokens=6, sampling=GREEDY)
     first = "".join(session.stream_answer("你好"))
     assert "\ufffd" not in first
     text = tokenizer.decode(session.prompt_ids("再见"))

@@ -1,11 +1,11 @@
-"""Tests for the deterministic demo corpus (minimind_pl/data/demo_corpus.py)."""
+"""Tests for the deterministic demo corpus (minimind_pl/demo/corpus.py)."""
 import json
 import re
 from pathlib import Path
 
 import pytest
 
-from minimind_pl.data.demo_corpus import (
+from minimind_pl.demo.corpus import (
     FILE_NAMES, IDENTITY_NAME, LORA_NAME, LORA_NAME_ZH, build_world, mentions_fact, score_answer,
     write_demo_corpus,
 )

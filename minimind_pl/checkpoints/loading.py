@@ -1,0 +1,143 @@
+"""Open any supported checkpoint once and get everything needed to use it.
+
+:func:`open_checkpoint` reads a file (or folder) a single time and returns a :class:`Checkpoint`: the
+transformer's weights in MiniMind's names, the model config when the file records one, the tokenizer
+folder it was trained with, and the LoRA adapters to put on top. It accepts
+
+- a Lightning ``.ckpt`` of any stage (weights under ``state_dict`` with the stage's ``model.`` prefix,
+  the config under ``model_config``, the tokenizer under ``hyper_parameters.tokenizer``),
+- a LoRA stage checkpoint or adapter file (its recorded base is opened for the weights),
+- a MiniMind ``.pth`` (a bare state dict; no config: a preset or the tensor shapes give it),
+- a Hugging Face folder (``config.json`` + weights), as written by ``export`` or MiniMind.
+
+:func:`load_model` (the public ``minimind_pl.load_model``) builds the model from it in eval mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from minimind_pl.checkpoints.adapters import LoRAFile, adapter_from_raw, apply_adapter, is_adapter, read_lora_file, resolve_base
+from minimind_pl.checkpoints.files import STAGE_PREFIX, read_torch_file, strip_prefix
+from minimind_pl.checkpoints.huggingface import load_hf_directory
+from minimind_pl.checkpoints.minimind import infer_config
+from minimind_pl.config import ModelConfig
+from minimind_pl.lora import merge_lora
+from minimind_pl.model import MiniMindForCausalLM
+from minimind_pl.tokenizer import Tokenizer
+
+
+@dataclass
+class Checkpoint:
+    """What one checkpoint holds, read once.
+
+    Args:
+        path: The file or folder as given.
+        weights: The base transformer's weights in MiniMind's parameter names (CPU, possibly memory-mapped).
+        model_config: The recorded ``ModelConfig`` as a dict; None for a MiniMind ``.pth``.
+        tokenizer_dir: The tokenizer folder the model was trained with, when recorded.
+        adapter: LoRA adapters to put on top of ``weights`` (a LoRA checkpoint, or ``lora=`` given).
+        adapter_path: Where the adapters were read from.
+        stage: The training stage that wrote a Lightning checkpoint (``Pretrain``, ``SFT``, ...).
+    """
+
+    path: str
+    weights: dict[str, torch.Tensor]
+    model_config: Optional[dict[str, Any]] = None
+    tokenizer_dir: Optional[str] = None
+    adapter: Optional[LoRAFile] = None
+    adapter_path: Optional[str] = None
+    stage: Optional[str] = None
+
+    def config(self, preset: Optional[str] = None) -> ModelConfig:
+        """The model config: recorded, else the ``preset``, else read off the tensor shapes."""
+        if self.model_config is not None:
+            return ModelConfig.from_dict(self.model_config)
+        if preset is not None:
+            return ModelConfig.from_preset(preset)
+        return ModelConfig.from_dict(infer_config(self.weights))
+
+    def build_model(self, preset: Optional[str] = None, merge: bool = False) -> MiniMindForCausalLM:
+        """The transformer with these weights (float32, CPU, eval mode); adapters on top, merged if ``merge``."""
+        model = MiniMindForCausalLM(self.config(preset))
+        model.load_weights({k: v.float() for k, v in self.weights.items()}, strict=True)
+        if self.adapter is not None:
+            apply_adapter(model, self.adapter, self.adapter_path or self.path)
+            if merge:
+                merge_lora(model)
+        return model.eval()
+
+    def tokenizer(self, override: Optional[str] = None) -> Tokenizer:
+        """``override`` if given, else the recorded tokenizer; a clear error if neither."""
+        directory = override or self.tokenizer_dir
+        if directory is None:
+            raise ValueError(f"no tokenizer is recorded with {self.path}; pass --tokenizer DIR")
+        return Tokenizer.from_file(directory)
+
+
+def open_checkpoint(path: str | Path, lora: Optional[str | Path] = None) -> Checkpoint:
+    """Read ``path`` (see the module doc) and, if given, the adapter file ``lora`` — each exactly once."""
+    path = Path(path)
+    if path.is_dir():
+        weights, config = load_hf_directory(path)
+        tokenizer = str(path) if (path / "tokenizer.json").exists() else None
+        checkpoint = Checkpoint(str(path), weights, config, tokenizer)
+    else:
+        checkpoint = _from_raw(path, read_torch_file(path))
+    if lora is not None:
+        if checkpoint.adapter is not None:
+            raise ValueError(f"{path} is itself a LoRA checkpoint; give its base as the checkpoint and --lora {lora}")
+        checkpoint.adapter, checkpoint.adapter_path = read_lora_file(lora), str(lora)
+    return checkpoint
+
+
+def _from_raw(path: Path, raw: Any) -> Checkpoint:
+    """A checkpoint from a loaded ``.ckpt`` / ``.pth``: stage checkpoint, adapter file or bare state dict."""
+    tokenizer = (raw.get("hyper_parameters") or {}).get("tokenizer") if isinstance(raw, dict) else None
+    if is_adapter(raw):
+        adapter = adapter_from_raw(raw, path)
+        base = open_checkpoint(resolve_base(adapter, path))
+        if base.adapter is not None:
+            raise ValueError(f"the base {base.path} of the LoRA adapter {path} is itself an adapter")
+        return Checkpoint(str(path), base.weights, base.model_config or adapter.model_config,
+                          tokenizer or base.tokenizer_dir, adapter, str(path), raw.get("stage"))
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        weights = strip_prefix(raw["state_dict"], STAGE_PREFIX)
+        if not weights:
+            raise ValueError(f"{path} holds no transformer weights (no keys starting with '{STAGE_PREFIX}')")
+        return Checkpoint(str(path), weights, raw.get("model_config"), tokenizer, stage=raw.get("stage"))
+    if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        return Checkpoint(str(path), raw)
+    raise ValueError(f"{path} is neither a Lightning checkpoint, a MiniMind state dict nor a LoRA adapter file")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` means CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(path: str | Path, preset: Optional[str] = None, device: str = "auto",
+               lora: Optional[str | Path] = None) -> MiniMindForCausalLM:
+    """The transformer of any supported checkpoint, in eval mode, on ``device``.
+
+    Args:
+        path: A Lightning ``.ckpt`` of any stage (a LoRA checkpoint loads its recorded base plus its
+            adapters), a MiniMind ``.pth`` or a Hugging Face folder.
+        preset: Model preset of a ``.pth``, which stores no config (default: read off the tensor shapes).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
+        lora: An adapter file to put on top, unmerged.
+    """
+    return open_checkpoint(path, lora).build_model(preset).to(pick_device(device))
+
+
+def load_tokenizer(path: str | Path, tokenizer: Optional[str] = None) -> Tokenizer:
+    """``tokenizer`` if given, else the one recorded with the checkpoint at ``path``."""
+    if tokenizer is not None:
+        return Tokenizer.from_file(tokenizer)
+    return open_checkpoint(path).tokenizer()
