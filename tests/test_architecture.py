@@ -1,0 +1,119 @@
+"""The package's shape: no import cycles, lower floors never import higher ones, the public API at the top."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import minimind_pl
+
+PACKAGE = Path(minimind_pl.__file__).parent
+
+# Floors, lowest first: a module may import its own floor and the ones below, never one above.
+CORE = ("config", "model", "losses", "lora", "tokenizer", "chat_format", "generation", "checkpoints")
+TRAINING = ("data", "stages", "callbacks")
+COMMANDS = ("commands", "demo", "cli")
+
+
+def module_name(path: Path) -> str:
+    """``minimind_pl.x.y`` of a file of the package."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """The package's modules that ``path`` imports anywhere (module level or inside functions)."""
+    name, found = module_name(path), set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in modules}
+    return found - {name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports."""
+    files = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(f) for f in files}
+    return {module_name(f): imported_modules(f, modules) for f in files}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path ``[a, b, ..., a]``, or None. A package importing its own submodules
+    (``x/__init__.py`` re-exporting ``x.y``) is not a cycle unless ``x.y`` imports ``x`` back."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def floor(module: str) -> int:
+    """0 = core, 1 = training, 2 = commands; the package's ``__init__`` counts as core."""
+    top = module.split(".")[1] if "." in module else ""
+    for level, names in enumerate((CORE, TRAINING, COMMANDS)):
+        if top in names:
+            return level
+    assert module == "minimind_pl", f"{module} belongs to no floor: add it to CORE, TRAINING or COMMANDS"
+    return 0
+
+
+def test_find_cycle_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_package_has_no_import_cycle():
+    assert find_cycle(import_graph()) is None
+
+
+def test_lower_floors_never_import_higher_ones():
+    upward = [f"{a} -> {b}" for a, deps in import_graph().items() for b in deps if floor(b) > floor(a)]
+    assert not upward, "library code imports a command or training module: " + ", ".join(upward)
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level packages a file imports (``lightning``, ``torch``, ``minimind_pl``, ...)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add((node.module or "").split(".")[0])
+    return names
+
+
+def test_the_core_does_not_import_lightning():
+    """The model, tokenizer, generation and weight formats work without Lightning (plain PyTorch)."""
+    core = [f for f in PACKAGE.rglob("*.py") if floor(module_name(f)) == 0]
+    assert [module_name(f) for f in core if "lightning" in top_level_imports(f)] == []
+
+
+def test_public_api_imports_alone_without_lightning():
+    """``from minimind_pl import ...`` in a fresh interpreter loads neither Lightning nor any command."""
+    code = ("import sys; from minimind_pl import ModelConfig, MiniMindForCausalLM, Tokenizer, load_model; "
+            "print(sorted(m for m in sys.modules if m.startswith(('lightning', 'minimind_pl.commands', "
+            "'minimind_pl.stages', 'minimind_pl.demo'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
