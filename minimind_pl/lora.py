@@ -16,7 +16,6 @@ Adapter files (writing, reading, putting them on a model) are :mod:`minimind_pl.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch

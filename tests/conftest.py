@@ -11,3 +11,9 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder not found: {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(shared_dir: Path) -> Path:
+    """MiniMind's own tokenizer folder (read-only, shared)."""
+    return shared_dir / "minimind"

@@ -26,3 +26,9 @@ def write_stage_checkpoint(model: MiniMindForCausalLM, path: Path, tokenizer_dir
                 "model_config": model.config.to_dict(),
                 "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}, path)
     return path
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of a forward pass without gradients."""
+    with torch.no_grad():
+        return model(ids).logits.float()

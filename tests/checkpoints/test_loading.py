@@ -14,19 +14,9 @@ from minimind_pl.checkpoints import open_checkpoint, save_hf_directory, save_lor
 from minimind_pl.lora import LoRAConfig, apply_lora, merge_lora
 from minimind_pl.tokenizer import Tokenizer
 
-from helpers import random_model, write_stage_checkpoint
+from helpers import logits, random_model, write_stage_checkpoint
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 2]])
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits
-
-
-@pytest.fixture
-def tokenizer_dir(shared_dir: Path) -> Path:
-    return shared_dir / "minimind"
 
 
 @pytest.fixture
@@ -66,9 +56,9 @@ def test_lora_run_opens_each_file_once_with_weights_config_tokenizer_and_adapter
     assert checkpoint.model_config == adapted.config.to_dict()
     assert checkpoint.tokenizer_dir == str(tokenizer_dir)
     assert checkpoint.adapter.config.alpha == 12.0 and checkpoint.adapter_path == str(adapter_path)
-    torch.testing.assert_close(logits(checkpoint.build_model()), logits(adapted), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(checkpoint.build_model(), IDS), logits(adapted, IDS), atol=1e-5, rtol=0)
     merged = checkpoint.build_model(merge=True)
-    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(merged, IDS), logits(adapted, IDS), atol=1e-5, rtol=0)
     assert set(merged.state_dict()) == set(random_model().state_dict())  # no adapter names left
 
 
@@ -78,7 +68,7 @@ def test_base_plus_lora_argument_equals_the_adapter_alone(lora_run, monkeypatch)
     model = load_model(str(base_path), device="cpu", lora=str(adapter_path))
     assert reads == Counter({"adapter.pt": 1, "sft.ckpt": 1})
     assert not model.training
-    torch.testing.assert_close(logits(model), logits(adapted), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, IDS), logits(adapted, IDS), atol=1e-5, rtol=0)
 
 
 def test_every_format_loads_the_same_model(tmp_path, tokenizer_dir):
@@ -87,10 +77,10 @@ def test_every_format_loads_the_same_model(tmp_path, tokenizer_dir):
     pth = save_minimind(model.state_dict(), tmp_path / "full.pth", torch.float32)
     hf = save_hf_directory(model.state_dict(), model.config, Tokenizer.from_file(tokenizer_dir), tmp_path / "hf",
                            "float32")
-    expected = logits(model)
+    expected = logits(model, IDS)
     for path, preset in ((stage, None), (pth, "debug"), (hf, None)):
         loaded = load_model(str(path), preset=preset, device="cpu")
-        torch.testing.assert_close(logits(loaded), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(logits(loaded, IDS), expected, atol=1e-6, rtol=0)
     assert open_checkpoint(stage).stage is None and open_checkpoint(hf).tokenizer_dir == str(hf)
     assert open_checkpoint(pth).model_config is None  # a .pth records no config
 
@@ -109,4 +99,5 @@ def test_lora_given_twice_and_missing_tokenizer_are_clear_errors(lora_run, tmp_p
 def test_merge_lora_of_the_built_model_matches_build_with_merge(lora_run):
     _, adapter_path, _ = lora_run
     checkpoint = open_checkpoint(adapter_path)
-    torch.testing.assert_close(logits(merge_lora(checkpoint.build_model())), logits(checkpoint.build_model(merge=True)))
+    torch.testing.assert_close(logits(merge_lora(checkpoint.build_model()), IDS),
+                               logits(checkpoint.build_model(merge=True), IDS))
