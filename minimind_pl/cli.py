@@ -3,6 +3,11 @@
 Training commands (``fit``, ``validate``) go to Lightning's ``LightningCLI`` with the stage
 and data classes chosen in YAML (``class_path`` / ``init_args``). The other commands are typed Python
 functions exposed through jsonargparse, so every command parses and documents its arguments the same way.
+
+Shared settings: ``python main.py fit --config configs/<preset>/<stage>.yaml`` reads ``configs/<preset>/base.yaml``
+first, i.e. it runs as ``fit --config configs/<preset>/base.yaml --config configs/<preset>/<stage>.yaml``
+(``with_base_configs``). The base holds what every stage of the preset shares (seed, Trainer settings, logger,
+checkpointing); the stage file only what differs, merged on top as a later ``--config`` always is.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 from lightning.pytorch.callbacks import ProgressBar
@@ -38,7 +44,11 @@ TOOL_COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 class MiniMindCLI(LightningCLI):
-    """LightningCLI with the project's argument links and defaults."""
+    """LightningCLI with the project's argument links and defaults.
+
+    ``run_lightning`` starts it; it reads a preset's ``base.yaml`` before the preset's stage config
+    (``with_base_configs``), so the stage files hold only what differs from the shared settings.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         """Share the tokenizer and the row length between data and model.
@@ -60,10 +70,57 @@ class MiniMindCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
+BASE_CONFIG = "base.yaml"
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is an existing file (False for a config string too long to be a file name)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def with_base_configs(args: list[str]) -> list[str]:
+    """``args`` with ``--config <folder>/base.yaml`` put before the first ``--config <folder>/<file>`` of each folder
+    that has a ``base.yaml`` (the preset's shared settings; see the module docstring).
+
+    jsonargparse merges several ``--config`` files in order: a later file overrides single values, merges a
+    class's ``init_args`` (a ``logger`` or ``callbacks`` entry without ``class_path`` keeps the earlier class and
+    arguments) and merges a list of callbacks of the same length entry by entry. Config strings (``--config
+    '{...}'``) and a base named on the command line itself are left as they are.
+    """
+    out: list[str] = []
+    done: set[Path] = set()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            value, taken = args[i + 1], 2
+        elif arg.startswith("--config="):
+            value, taken = arg.split("=", 1)[1], 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        path = Path(value)
+        if _is_file(path):
+            base = path.parent / BASE_CONFIG
+            if base.is_file() and base.resolve() not in done:
+                done.add(base.resolve())
+                if path.resolve() != base.resolve():
+                    out += ["--config", str(base)]
+        out += args[i:i + taken]
+        i += taken
+    return out
+
+
 def run_lightning(args: list[str], extra_callbacks: list | None = None) -> MiniMindCLI:
     """Run a LightningCLI subcommand (``fit``, ``validate``, ...) with the given arguments.
 
-    ``extra_callbacks`` are added to every run beside the ones the config names (programmatic use).
+    A ``--config configs/<preset>/<stage>.yaml`` is read on top of ``configs/<preset>/base.yaml``
+    (``with_base_configs``). ``extra_callbacks`` are added to every run beside the ones the config names
+    (programmatic use).
     """
     from lightning import LightningDataModule
 
@@ -76,7 +133,7 @@ def run_lightning(args: list[str], extra_callbacks: list | None = None) -> MiniM
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args,
+        args=with_base_configs(args),
         trainer_defaults={"callbacks": list(extra_callbacks or [])},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

@@ -1,4 +1,4 @@
-"""End to end through ``python main.py ...``: shipped configs parse, runs learn, log, and resume exactly."""
+"""End to end through ``python main.py ...``: runs learn, log, and resume exactly (shipped configs: test_configs.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from minimind_pl.cli import main, run_lightning, usage
 from minimind_pl.stages import Stage
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name != "model.yaml")
-MODEL_CONFIGS = sorted((REPO / "configs").rglob("model.yaml"))
 TINY_MODEL = [
     "--model.config.hidden_size", "64", "--model.config.num_hidden_layers", "2",
     "--model.config.num_attention_heads", "4", "--model.config.num_key_value_heads", "2",
@@ -47,23 +45,6 @@ def test_help_lists_every_command(capsys):
     for command in ("fit", "validate", "demo", "tokenizer", "chat"):
         assert f"  {command} " in out
     assert usage() in out
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
-def test_every_shipped_config_parses(config, capsys):
-    with pytest.raises(SystemExit) as done:
-        main(["fit", "--config", str(config), "--print_config"])
-    assert done.value.code in (0, None)
-    assert "class_path: minimind_pl.stages." in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("config", MODEL_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
-def test_every_shared_model_config_is_a_valid_model_config(config):
-    import yaml
-
-    from minimind_pl.config import ModelConfig
-
-    assert ModelConfig.from_dict(yaml.safe_load(config.read_text())).num_parameters()[0] > 0
 
 
 class RecordBatches(Callback):
