@@ -3,7 +3,8 @@
 - :class:`PretrainDataModule`: ``{"text": ...}`` lines.
 - :class:`SFTDataModule`: ``{"conversations": [...]}`` lines (MiniMind's chat format).
 - :class:`DPODataModule`: ``{"chosen": [...], "rejected": [...]}`` preference pairs.
-- :class:`JsonlDataModule`: their shared base (cache, packing, validation split, loaders).
+- :class:`JsonlDataModule`: their shared base (cache, packing, validation split, loaders) and the hooks
+  a new format overrides (:mod:`minimind_pl.data.base` says how: an encoder and ``make_encoder``).
 """
 from .base import JsonlDataModule
 from .cache import DataFormatError, RecordEncoder, TokenCache, ensure_cache

@@ -1,26 +1,39 @@
 """JsonlDataModule: the shared LightningDataModule of every jsonl training format.
 
-A subclass only says how a parsed jsonl line becomes tokens (and a loss mask): it returns a
-:class:`~minimind_pl.data.cache.RecordEncoder` from :meth:`JsonlDataModule.make_encoder`.
-Everything else lives here: the token cache (built once in ``prepare_data``, opened in ``setup``),
-packing or padding into rows, the validation split, deterministic shuffling and a training
-DataLoader that resumes at the next batch.
+Everything common lives here: the token cache (built once in ``prepare_data``, opened in ``setup``),
+the validation split, deterministic shuffling and a training DataLoader that resumes at the next batch.
+A format plugs in through four hooks of :class:`JsonlDataModule`:
 
-Batches follow INTERFACES.md: ``input_ids`` (B, T) long, ``labels`` (B, T) long already shifted
-(-100 = no loss), ``position_ids`` and ``doc_ids`` (B, T) long when packing without
-cross-document attention, and ``real_tokens`` (0-d long, kept on the CPU): the number of
-non-padding input tokens.
+- ``make_encoder()`` (required): the :class:`~minimind_pl.data.cache.RecordEncoder` that turns a parsed
+  jsonl line into documents (token ids and an optional loss mask); its ``settings()`` key the cache;
+- ``make_dataset(stream)``: the rows of a split, from its :class:`~minimind_pl.data.packing.DocumentStream`
+  (default: documents packed into rows, or padded one per row with ``packing: false``);
+- ``collate_fn``: what the train and val loaders batch those rows with (default:
+  :func:`~minimind_pl.data.packing.collate`);
+- ``describe(stream, dataset)``: the statistics logged for a split (and kept in ``stats``).
+
+A new format needs an encoder (a ``RecordEncoder`` subclass: ``kind``, ``settings()``, ``encode_records``)
+and a subclass whose ``make_encoder`` returns it; rows that are not language-model rows also need
+``make_dataset`` and ``collate_fn`` (see :mod:`minimind_pl.data.dpo`). Its ``__init__`` takes only its own
+arguments (typed, documented in ``Args:``) and passes ``*args, **kwargs`` to ``super().__init__``:
+jsonargparse then lists the base's arguments and docs in ``--help`` and YAML, and
+``save_hyperparameters`` here records the subclass's arguments too.
+
+The default rows make the batches of the contract in docs/DESIGN.md ("Batches"): ``input_ids`` (B, T)
+long, ``labels`` (B, T) long already shifted (-100 = no loss), ``position_ids`` and ``doc_ids`` (B, T)
+long when packing without cross-document attention, and ``real_tokens`` (0-d long, kept on the CPU):
+the number of non-padding input tokens.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..tokenizer import Tokenizer
 from .cache import RecordEncoder, TokenCache, ensure_cache
@@ -114,13 +127,37 @@ class JsonlDataModule(L.LightningDataModule):
             # that it skips the validation loop instead of warning about an empty loader.
             self.val_dataloader = L.LightningDataModule.val_dataloader.__get__(self)  # type: ignore[method-assign]
 
-    # ------------------------------------------------------------------ subclass API
+    # ------------------------------------------------------------------ hooks (see the module doc)
     def make_encoder(self) -> RecordEncoder:
         """The encoder that turns this format's parsed lines into documents (subclasses implement)."""
         raise NotImplementedError
 
     #: a truncated document keeps its eos when ``packing`` is False (MiniMind's pretraining does).
     keep_eos_on_truncate: bool = False
+
+    def make_dataset(self, stream: DocumentStream) -> Dataset:
+        """The rows of one split: documents packed into ``seq_len`` rows, or padded one per row."""
+        if self.packing:
+            return PackedDataset(stream, self.seq_len, self.tokenizer.pad_id, self.cross_document_attention)
+        keep = self.tokenizer.eos_id if self.keep_eos_on_truncate else None
+        return PaddedDataset(stream, self.seq_len, self.tokenizer.pad_id, keep_eos_id=keep)
+
+    @property
+    def collate_fn(self) -> Callable[[Sequence[Any]], dict]:
+        """Turns a list of ``make_dataset`` rows into a batch, in the train and val loaders.
+
+        Must be picklable without the data module (DataLoader workers receive it): a module-level
+        function or a small object, not a bound method.
+        """
+        return collate
+
+    def describe(self, stream: DocumentStream, dataset: Dataset) -> dict:
+        """Statistics of one split (logged by ``setup`` and kept in ``stats``)."""
+        rows = len(dataset)
+        stats = {"documents": stream.n_docs, "tokens": stream.n_tokens, "rows": rows}
+        if isinstance(dataset, PackedDataset) and rows:
+            stats["real_token_fraction"] = min(stream.n_tokens, rows * self.seq_len) / (rows * self.seq_len)
+        return stats
 
     # ------------------------------------------------------------------ properties
     @property
@@ -156,54 +193,47 @@ class JsonlDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ datasets
     def _val_split(self, caches: list[TokenCache]) -> tuple[list, list]:
-        """Per training cache: (train selection, val selection), chosen from ``seed`` per document."""
+        """Per training cache: (train selection, val selection) of document indices.
+
+        Drawn from ``seed`` per record, not per document, so that the documents of one jsonl line
+        (``docs_per_record`` of the encoder, e.g. DPO's chosen and rejected) stay together.
+        """
+        per_record = self.encoder.docs_per_record
         val_sel = []
         for i, cache in enumerate(caches):
             rng = np.random.default_rng([self.seed, 0x5A11, i])
-            val_sel.append(rng.random(cache.n_docs) < self.val_fraction)
+            val_sel.append(rng.random(cache.n_docs // per_record) < self.val_fraction)
         n_val = sum(int(v.sum()) for v in val_sel)
-        n_all = sum(c.n_docs for c in caches)
+        n_all = sum(v.size for v in val_sel)
         if n_all < 2:
             raise ValueError("val_fraction needs at least 2 training documents")
         if n_val == 0:  # keep at least one validation document
-            val_sel[0][np.random.default_rng([self.seed, 0x5A12]).integers(caches[0].n_docs)] = True
+            val_sel[0][np.random.default_rng([self.seed, 0x5A12]).integers(val_sel[0].size)] = True
         elif n_val == n_all:  # and at least one training document
             val_sel[0][0] = False
-        train_out = [None if not v.any() else np.flatnonzero(~v) for v in val_sel]
-        val_out = [np.flatnonzero(v) for v in val_sel]
+        train_out = [None if not v.any() else _record_docs(np.flatnonzero(~v), per_record) for v in val_sel]
+        val_out = [_record_docs(np.flatnonzero(v), per_record) for v in val_sel]
         return train_out, val_out
 
-    def _make_dataset(self, stream: DocumentStream) -> Any:
-        if self.packing:
-            return PackedDataset(stream, self.seq_len, self.tokenizer.pad_id, self.cross_document_attention)
-        keep = self.tokenizer.eos_id if self.keep_eos_on_truncate else None
-        return PaddedDataset(stream, self.seq_len, self.tokenizer.pad_id, keep_eos_id=keep)
-
-    @staticmethod
-    def _describe(stream: DocumentStream, dataset: Any, seq_len: int) -> dict:
-        rows = len(dataset)
-        stats = {"documents": stream.n_docs, "tokens": stream.n_tokens, "rows": rows}
-        if isinstance(dataset, PackedDataset) and rows:
-            stats["real_token_fraction"] = min(stream.n_tokens, rows * seq_len) / (rows * seq_len)
-        return stats
+    def _streams(self) -> tuple[DocumentStream, Optional[DocumentStream]]:
+        """The documents of the train split and of the val split (None without validation data)."""
+        train_caches = [self._cache(p) for p in self.train_paths]
+        if self.val_fraction > 0:
+            train_sel, val_sel = self._val_split(train_caches)
+            return DocumentStream(train_caches, train_sel), DocumentStream(train_caches, val_sel)
+        val_stream = DocumentStream([self._cache(p) for p in self.val_paths]) if self.val_paths else None
+        return DocumentStream(train_caches), val_stream
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Open the caches (building any that are missing) and make the train/val datasets."""
         if self.train_dataset is not None:
             return
-        train_caches = [self._cache(p) for p in self.train_paths]
-        if self.val_fraction > 0:
-            train_sel, val_sel = self._val_split(train_caches)
-            train_stream = DocumentStream(train_caches, train_sel)
-            val_stream: Optional[DocumentStream] = DocumentStream(train_caches, val_sel)
-        else:
-            train_stream = DocumentStream(train_caches)
-            val_stream = DocumentStream([self._cache(p) for p in self.val_paths]) if self.val_paths else None
-        self.train_dataset = self._make_dataset(train_stream)
-        self.stats["train"] = self._describe(train_stream, self.train_dataset, self.seq_len)
+        train_stream, val_stream = self._streams()
+        self.train_dataset = self.make_dataset(train_stream)
+        self.stats["train"] = self.describe(train_stream, self.train_dataset)
         if val_stream is not None:
-            self.val_dataset = self._make_dataset(val_stream)
-            self.stats["val"] = self._describe(val_stream, self.val_dataset, self.seq_len)
+            self.val_dataset = self.make_dataset(val_stream)
+            self.stats["val"] = self.describe(val_stream, self.val_dataset)
         skipped = sum(c.meta["n_skipped"] for c in self.caches.values())
         if skipped:
             self.stats["skipped_lines"] = skipped
@@ -220,7 +250,7 @@ class JsonlDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         self._train_loader = make_train_loader(
-            self.train_dataset, self.batch_size, self.seed, self.num_workers, collate,
+            self.train_dataset, self.batch_size, self.seed, self.num_workers, self.collate_fn,
             num_replicas=world, rank=rank, shuffle=True)
         return self._train_loader
 
@@ -230,9 +260,23 @@ class JsonlDataModule(L.LightningDataModule):
             self.setup("validate")
         if self.val_dataset is None:
             return []
-        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=collate,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+        return self.ordered_dataloader("val", persistent_workers=True)  # read again at every validation
+
+    def ordered_dataloader(self, split: str, persistent_workers: bool = False) -> DataLoader:
+        """Every row of ``split`` once, in order, on this process (validation, precomputations).
+
+        Args:
+            split: ``"train"`` or ``"val"``.
+            persistent_workers: keep the worker processes (if any) alive between passes.
+        """
+        if self.train_dataset is None:
+            self.setup("fit")
+        dataset = {"train": self.train_dataset, "val": self.val_dataset}[split]
+        if dataset is None:
+            raise ValueError(f"no {split} data (set val_path or val_fraction)")
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=self.collate_fn, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=persistent_workers and self.num_workers > 0)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Move the batch to ``device``, keeping ``real_tokens`` on the CPU (logging it needs no sync)."""
@@ -243,3 +287,8 @@ class JsonlDataModule(L.LightningDataModule):
             moved["real_tokens"] = real
             return moved
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+def _record_docs(records: np.ndarray, docs_per_record: int) -> np.ndarray:
+    """Document indices of records: ``[k r, ..., k r + k - 1]`` for each record ``r`` (k = docs_per_record)."""
+    return (docs_per_record * np.asarray(records, np.int64)[:, None] + np.arange(docs_per_record)).reshape(-1)

@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader, Dataset
 from ..tokenizer import Tokenizer
 from .base import JsonlDataModule
 from .cache import RecordEncoder, ensure_cache
-from .loader import ResumableDataLoader, make_train_loader
 from .packing import IGNORE_INDEX, DocumentStream
 
 MASK_TARGET = 1  # mask bit: this token is a target (part of the final answer)
@@ -180,13 +179,9 @@ class DPODataset(Dataset):
         return sample
 
     def truncated_pairs(self) -> int:
-        """How many pairs were cut to fit ``seq_len`` (read off the first mask byte of each chosen document)."""
-        total = 0
-        for part in range(len(self.stream.caches)):
-            _, mask, starts, _, contiguous = self.stream._part(part)
-            firsts = np.asarray(starts[:-1] if contiguous else starts)[0::2]
-            total += int(np.count_nonzero(np.asarray(mask[firsts]) & MASK_TRUNCATED))
-        return total
+        """How many pairs were cut to fit ``seq_len`` (a mask bit on the first token of each chosen document)."""
+        chosen_firsts = self.stream.first_token_masks()[0::2]
+        return int(np.count_nonzero(chosen_firsts & MASK_TRUNCATED))
 
 
 def collate_pairs(samples: Sequence[dict], pad_id: int) -> dict:
@@ -223,32 +218,21 @@ class _PairCollate:
         return collate_pairs(samples, self.pad_id)
 
 
-class _PairCount:
-    """A cache seen as its pairs (for the base class's validation split, which counts documents)."""
-
-    def __init__(self, n_docs: int) -> None:
-        self.n_docs = n_docs // 2
-
-
 class DPODataModule(JsonlDataModule):
     """Preference pairs for DPO (MiniMind's ``dpo.jsonl``): see the module doc for the batch format.
+
+    Its other arguments are those of :class:`JsonlDataModule`, counted in pairs (``val_fraction`` holds
+    out pairs, ``skip_invalid`` also skips pairs whose prompts differ or whose answers are empty), except
+    ``packing`` and ``cross_document_attention``: pairs are never packed, so they cannot be set.
 
     Args:
         train_path: jsonl file(s) of ``{"chosen": [messages], "rejected": [messages]}`` lines.
         seq_len: the most input tokens of a chosen or rejected sequence (MiniMind's DPO: 1024); batches
             are padded to their longest sequence only.
         batch_size: pairs per batch on each device (each pair is two sequences).
-        val_path: jsonl file(s) of held-out pairs. Mutually exclusive with ``val_fraction``.
-        val_fraction: fraction of the training pairs held out for validation (chosen from ``seed``).
-        tokenizer: tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json`` with the chat template).
-        num_workers: DataLoader worker processes (0 = load in the training process).
-        seed: seed of the pair order (reshuffled every epoch) and of the validation split.
         overlong: what a pair longer than ``seq_len`` gets: ``"truncate"`` (the prompt's oldest tokens
             first, the answers only if they alone do not fit; counted) or ``"error"`` (stop, naming file and line).
-        cache_dir: folder for the token caches (default: beside each jsonl file).
-        skip_invalid: skip bad pairs (invalid JSON, prompts that differ, empty answers, ...) and report
-            how many; by default the first bad line raises an error naming file and line.
-        num_proc: processes that tokenize while a cache is built (None: all CPUs, at most 32).
+        kwargs: the other keyword arguments of :class:`JsonlDataModule`.
     """
 
     def __init__(
@@ -256,76 +240,42 @@ class DPODataModule(JsonlDataModule):
         train_path: Union[str, list[str]],
         seq_len: int = 1024,
         batch_size: int = 4,
-        val_path: Union[str, list[str], None] = None,
-        val_fraction: float = 0.0,
-        tokenizer: str = "checkpoints/tokenizer",
-        num_workers: int = 1,
-        seed: int = 42,
         overlong: str = "truncate",
-        cache_dir: Optional[str] = None,
-        skip_invalid: bool = False,
-        num_proc: Optional[int] = None,
+        **kwargs: Any,
     ) -> None:
         if overlong not in OVERLONG_MODES:
             raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
-        super().__init__(train_path, seq_len, batch_size, val_path=val_path, val_fraction=val_fraction,
-                         tokenizer=tokenizer, num_workers=num_workers, seed=seed, packing=False,
-                         cache_dir=cache_dir, skip_invalid=skip_invalid, num_proc=num_proc)
+        fixed = [name for name in ("packing", "cross_document_attention") if name in kwargs]
+        if fixed:
+            raise ValueError(f"DPODataModule takes no {' or '.join(fixed)}: a pair is padded to its batch's "
+                             "longest sequence, never packed")
+        # Arguments given by name here are left out of the arguments jsonargparse offers (--help, YAML).
+        super().__init__(train_path, seq_len, batch_size, packing=False, cross_document_attention=False, **kwargs)
         self.overlong = overlong
-        self.save_hyperparameters()
 
     def make_encoder(self) -> DPOEncoder:
         """Pairs rendered with the chat template, fitted into ``seq_len + 1`` tokens."""
         return DPOEncoder(self.tokenizer, self.seq_len + 1, self.overlong)
 
-    def _val_split(self, caches: list) -> tuple[list, list]:
-        """The base class's split, drawn per pair; each selected pair keeps both its documents."""
-        train_sel, val_sel = super()._val_split([_PairCount(c.n_docs) for c in caches])
-        return [None if s is None else _pair_docs(s) for s in train_sel], [_pair_docs(s) for s in val_sel]
-
-    def _make_dataset(self, stream: DocumentStream) -> DPODataset:
+    def make_dataset(self, stream: DocumentStream) -> DPODataset:
+        """The pairs of one split, by index."""
         return DPODataset(stream)
-
-    @staticmethod
-    def _describe(stream: DocumentStream, dataset: Any, seq_len: int) -> dict:
-        return {"pairs": len(dataset), "tokens": stream.n_tokens, "truncated_pairs": dataset.truncated_pairs()}
 
     @property
     def collate_fn(self) -> _PairCollate:
-        """Pads each batch to its longest sequence."""
+        """Pads each batch to its longest sequence (:func:`collate_pairs`)."""
         return _PairCollate(self.tokenizer.pad_id)
 
-    def train_dataloader(self) -> ResumableDataLoader:
-        """Shuffled (from ``seed`` and the epoch), sharded over ranks, resumable at the next batch."""
-        if self.train_dataset is None:
-            self.setup("fit")
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        self._train_loader = make_train_loader(self.train_dataset, self.batch_size, self.seed, self.num_workers,
-                                               self.collate_fn, num_replicas=world, rank=rank, shuffle=True)
-        return self._train_loader
-
-    def val_dataloader(self) -> Union[DataLoader, list]:
-        """Validation pairs in order ([] when there is no validation data)."""
-        if self.train_dataset is None:
-            self.setup("validate")
-        return self.reference_dataloader("val") if self.val_dataset is not None else []
+    def describe(self, stream: DocumentStream, dataset: DPODataset) -> dict:
+        """Pairs, tokens and how many pairs were truncated to fit ``seq_len``."""
+        return {"pairs": len(dataset), "tokens": stream.n_tokens, "truncated_pairs": dataset.truncated_pairs()}
 
     def reference_dataloader(self, split: str) -> DataLoader:
         """Every pair of ``split`` ("train" or "val") once, in index order, on this process.
 
         The DPO stage reads it to precompute the reference log-probs (``precompute_reference``).
         """
-        if self.train_dataset is None:
-            self.setup("fit")
-        dataset = {"train": self.train_dataset, "val": self.val_dataset}[split]
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=self.collate_fn, pin_memory=torch.cuda.is_available())
-
-
-def _pair_docs(pairs: np.ndarray) -> np.ndarray:
-    """Document indices of pairs: ``[2p, 2p + 1]`` for each pair ``p``, in order."""
-    return (2 * np.asarray(pairs, np.int64)[:, None] + np.arange(2)).reshape(-1)
+        return self.ordered_dataloader(split)
 
 
 def pair_loader(path: Union[str, Path], tokenizer: Union[str, Tokenizer], seq_len: int = 1024,

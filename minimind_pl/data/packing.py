@@ -13,8 +13,8 @@ A label whose target lies in the next document (the token after a document's las
 :class:`PaddedDataset` is MiniMind's layout, for comparison: one document per row, truncated to
 the row and padded with ``pad_id`` (labels -100 on padding).
 
-Samples are dicts of numpy arrays; :func:`collate` stacks them into the batch format of
-INTERFACES.md (``input_ids``, ``labels``, optional ``position_ids``/``doc_ids``, ``real_tokens``).
+Samples are dicts of numpy arrays; :func:`collate` stacks them into the batch contract of
+docs/DESIGN.md (``input_ids``, ``labels``, optional ``position_ids``/``doc_ids``, ``real_tokens``).
 """
 from __future__ import annotations
 
@@ -89,6 +89,23 @@ class DocumentStream:
         if self._starts[p] is None:
             return cache.tokens, cache.mask, cache.offsets, cache.offsets, True
         return cache.tokens, cache.mask, self._starts[p], self._cums[p], False
+
+    def first_token_masks(self) -> np.ndarray:
+        """The mask value of every document's first token, in stream order (uint8, 0 for an empty document).
+
+        An encoder can keep a per-document flag there (DPO marks truncated pairs with a mask bit).
+        """
+        if not self.has_mask:
+            raise ValueError("these caches carry no mask")
+        values = []
+        for p in range(len(self.caches)):
+            _, mask, starts, cum, contiguous = self._part(p)
+            starts = np.asarray(starts[:-1] if contiguous else starts, dtype=np.int64)
+            nonempty = np.diff(np.asarray(cum, dtype=np.int64)) > 0
+            part = np.zeros(starts.size, np.uint8)
+            part[nonempty] = mask[starts[nonempty]]
+            values.append(part)
+        return np.concatenate(values) if values else np.zeros(0, np.uint8)
 
     def doc(self, i: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Token ids (and mask) of the ``i``-th document of the stream."""

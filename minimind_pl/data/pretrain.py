@@ -1,7 +1,7 @@
 """PretrainDataModule: ``{"text": ...}`` lines (MiniMind's pretrain_t2t*.jsonl) for causal LM pretraining."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -63,8 +63,8 @@ class PretrainDataModule(JsonlDataModule):
     or padded one per row (``packing: false``; a too-long text is cut and still ends with eos, as in
     MiniMind). Every token after a document's first is a target.
 
-    Arguments: those of :class:`JsonlDataModule`; ``skip_invalid`` skips lines that are not JSON or
-    valid UTF-8, or whose ``text`` is missing or blank.
+    Its arguments are those of :class:`JsonlDataModule`; ``skip_invalid`` skips lines that are not JSON
+    or valid UTF-8, or whose ``text`` is missing or blank.
     """
 
     keep_eos_on_truncate = True

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -191,58 +191,25 @@ class SFTDataModule(JsonlDataModule):
     and trained on its assistant turns only. With packing, several conversations share a row without
     seeing each other; ``packing: false`` pads one conversation per row (cut at ``seq_len``) as MiniMind does.
 
+    Its arguments are those of :class:`JsonlDataModule` (a document is a conversation; ``seed`` also
+    seeds the per-line augmentations; ``skip_invalid`` also skips conversations that are empty, malformed
+    or without an assistant turn) and the two below.
+
     Args:
-        train_path: jsonl file(s) to train on (several files are read one after the other).
-        seq_len: tokens per training row (the model's context length during training).
-        batch_size: rows per batch on each device.
-        val_path: jsonl file(s) for validation, in the same format. Mutually exclusive with ``val_fraction``.
-        val_fraction: fraction of the training conversations held out for validation (chosen at random
-            from ``seed``; 0 = no validation unless ``val_path`` is given).
-        tokenizer: tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json`` with the chat template).
-        num_workers: DataLoader worker processes (0 = load in the training process).
-        seed: seed of the row order (each epoch reshuffles from ``seed`` and the epoch), of the
-            validation split and of the per-line augmentations.
-        packing: pack conversations into full rows (no padding, no attention across conversations);
-            False pads one conversation per row as MiniMind does.
-        cross_document_attention: with packing, let tokens attend to earlier conversations of the
-            same row (plain causal attention; batches then carry no ``doc_ids``/``position_ids``).
-        cache_dir: folder for the token caches (default: beside each jsonl file).
-        skip_invalid: skip bad lines (invalid JSON/UTF-8, missing or empty ``conversations``, no
-            assistant turn, malformed messages) and report how many; by default the first bad line
-            raises an error naming file and line.
-        num_proc: processes that tokenize while a cache is built (None: all CPUs, at most 32).
         system_prompt_ratio: probability that a conversation without a system message (and without
             tools) gets a random system prompt (MiniMind: 0.2).
         empty_think_drop_ratio: probability that the empty ``<think>`` blocks of a conversation are
             removed (MiniMind: 0.8).
+        args: the positional arguments of :class:`JsonlDataModule` (``train_path``, ``seq_len``, ...).
+        kwargs: the keyword arguments of :class:`JsonlDataModule`.
     """
 
-    def __init__(
-        self,
-        train_path: Union[str, list[str]],
-        seq_len: int,
-        batch_size: int,
-        val_path: Union[str, list[str], None] = None,
-        val_fraction: float = 0.0,
-        tokenizer: str = "checkpoints/tokenizer",
-        num_workers: int = 1,
-        seed: int = 42,
-        packing: bool = True,
-        cross_document_attention: bool = False,
-        cache_dir: Optional[str] = None,
-        skip_invalid: bool = False,
-        num_proc: Optional[int] = None,
-        system_prompt_ratio: float = 0.2,
-        empty_think_drop_ratio: float = 0.8,
-    ) -> None:
-        super().__init__(train_path, seq_len, batch_size, val_path=val_path, val_fraction=val_fraction,
-                         tokenizer=tokenizer, num_workers=num_workers, seed=seed, packing=packing,
-                         cross_document_attention=cross_document_attention, cache_dir=cache_dir,
-                         skip_invalid=skip_invalid, num_proc=num_proc)
+    def __init__(self, *args: Any, system_prompt_ratio: float = 0.2, empty_think_drop_ratio: float = 0.8,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # its save_hyperparameters also records the two ratios
         self.system_prompt_ratio = float(system_prompt_ratio)
         self.empty_think_drop_ratio = float(empty_think_drop_ratio)
         self.make_encoder()  # validate the ratios now, not at the first build
-        self.save_hyperparameters()
 
     def make_encoder(self) -> SFTEncoder:
         """Chat-template rendering with the seeded augmentations, assistant-only mask."""
