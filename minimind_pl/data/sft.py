@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..chat_format import EMPTY_THINK
 from .base import JsonlDataModule
 from .cache import RecordEncoder
 
@@ -41,7 +42,6 @@ SYSTEM_PROMPTS: tuple[str, ...] = (
     "You are a knowledgeable AI. Try your best to provide accurate information.",
     "You are minimind, a small but useful language model.",
 )
-EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 
 def find_pattern(ids: np.ndarray, pattern: np.ndarray) -> np.ndarray:
