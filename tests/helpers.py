@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
+from types import ModuleType
 
+import pytest
 import torch
 
 from minimind_pl.config import ModelConfig
 from minimind_pl.model import MiniMindForCausalLM
+
+
+def require(available: bool, what: str) -> None:
+    """Skip the calling test when ``what`` is missing; under CI (``CI`` set, as ``.ci/run`` runs) fail instead.
+
+    A skipped test looks green, so CI must never skip for lack of the shared data, a browser or a test extra.
+    """
+    if available:
+        return
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"CI must run every test, but {what}", pytrace=False)
+    pytest.skip(what)
+
+
+def require_module(name: str) -> ModuleType:
+    """Import ``name`` (a test extra such as ``transformers``), or ``require`` it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        require(False, f"{name} is not installed ({err}); pip install -e '.[dev]'")
+        raise  # not reached: require skipped or failed
 
 
 def random_model(seed: int = 0, **overrides) -> MiniMindForCausalLM:
@@ -32,3 +57,28 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Float32 logits of a forward pass without gradients."""
     with torch.no_grad():
         return model(ids).logits.float()
+
+
+def packed_batch(docs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One row holding ``docs`` back to back, laid out as ``PackedDataset`` makes it.
+
+    ``doc_ids`` count the documents along the row, ``position_ids`` restart at 0 in each, and a document's
+    last token has label -100 (its target would lie in the next document).
+    """
+    labels = [torch.cat([d[1:], torch.tensor([-100])]) for d in docs]
+    return {"input_ids": torch.cat(docs)[None], "labels": torch.cat(labels)[None],
+            "doc_ids": torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None],
+            "position_ids": torch.cat([torch.arange(len(d)) for d in docs])[None],
+            "real_tokens": torch.tensor(sum(len(d) for d in docs))}
+
+
+def random_documents(lengths: list[int], vocab_size: int = 6400, seed: int = 0) -> list[torch.Tensor]:
+    """Documents of random token ids (above the special tokens) of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab_size, (n,), generator=g) for n in lengths]
+
+
+def with_weights(stage, model: MiniMindForCausalLM):
+    """``stage`` with ``model``'s weights copied into its transformer, in eval mode (no dropout, no router loss)."""
+    stage.model.load_state_dict(model.state_dict())
+    return stage.eval()

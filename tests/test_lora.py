@@ -100,6 +100,62 @@ def test_lora_linear_keeps_bias_and_config_validation():
         LoRAConfig(rank=0)
 
 
+def hand_lora(layer: LoRALinear, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x W^T + b + scale * x A^T B^T, written out with the layer's own tensors."""
+    base = x @ layer.weight.T + (layer.bias if layer.bias is not None else 0)
+    return base + scale * (x @ layer.lora_A.T @ layer.lora_B.T)
+
+
+def test_alpha_scales_the_update_by_alpha_over_rank():
+    """An adapter with alpha 16 and rank 4 adds 4 x its low-rank product; merging keeps that scale."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5), rank=4, alpha=16.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.5)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), hand_lora(layer, x, 4.0), atol=1e-6)
+        assert not torch.allclose(layer(x), hand_lora(layer, x, 1.0), atol=1e-3)  # the scale shows
+        assert torch.allclose(layer.merged()(x), hand_lora(layer, x, 4.0), atol=1e-6)
+
+    model = make_model()
+    apply_lora(model, LoRAConfig(rank=4, alpha=16.0))
+    randomize_adapters(model)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    h = torch.randn(2, model.config.hidden_size)
+    with torch.no_grad():
+        assert torch.allclose(q_proj(h), hand_lora(q_proj, h, 4.0), atol=1e-6)
+    unmerged = logits(model, IDS)
+    assert torch.allclose(logits(merge_lora(model), IDS), unmerged, atol=1e-5)
+
+
+def test_adapter_files_keep_the_scale(tmp_path):
+    """Adapters with alpha != rank give the same model after a save_lora file or a LoRA stage checkpoint."""
+    model = make_model()
+    apply_lora(model, LoRAConfig(rank=4, alpha=16.0, targets=MINIMIND_TARGETS))
+    randomize_adapters(model)
+    expected = logits(model, IDS)
+    h = torch.randn(2, model.config.hidden_size)
+    fresh = apply_lora_file(make_model(), save_lora(model, tmp_path / "adapter.pth"))
+    q_proj = fresh.model.layers[1].self_attn.q_proj
+    with torch.no_grad():
+        assert torch.allclose(q_proj(h), hand_lora(q_proj, h, 4.0), atol=1e-6)
+    assert torch.allclose(logits(fresh, IDS), expected, atol=1e-5)
+
+    base = tmp_path / "base.pth"
+    torch.save(make_model().state_dict(), base)
+    stage = LoRA(config=tiny_config(), init_weights=str(base), lora_rank=4, lora_alpha=16.0)
+    randomize_adapters(stage.model)
+    checkpoint = {"state_dict": stage.state_dict()}
+    stage.on_save_checkpoint(checkpoint)  # what Lightning's checkpointing calls
+    torch.save(checkpoint, tmp_path / "lora.ckpt")
+    loaded = load_model(str(tmp_path / "lora.ckpt"), device="cpu")
+    q_proj = loaded.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        assert torch.allclose(q_proj(h), hand_lora(q_proj, h, 4.0), atol=1e-6)
+    assert torch.allclose(logits(loaded, IDS), logits(stage.model.eval(), IDS), atol=1e-5)
+
+
 def test_adapter_file_roundtrip_and_contents(tmp_path):
     model = make_model()
     apply_lora(model, LoRAConfig(rank=4, targets=MINIMIND_TARGETS))

@@ -8,7 +8,7 @@ import torch
 from minimind_pl.config import ModelConfig
 from minimind_pl.model import MiniMindForCausalLM, rope_frequencies, yarn_ramp_bounds
 
-from helpers import random_model as debug_model
+from helpers import random_model as debug_model, require_module
 
 V = 6400
 
@@ -145,7 +145,7 @@ def hf_config_kwargs(config: ModelConfig) -> dict:
 
 @pytest.mark.parametrize("yarn", [False, True])
 def test_matches_transformers_qwen3(yarn: bool) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     overrides = {"max_position_embeddings": 32768, "inference_rope_scaling": True} if yarn else {}
     model = debug_model(**overrides)
     kwargs = hf_config_kwargs(model.config)
@@ -173,7 +173,7 @@ def test_moe_matches_transformers_qwen3_moe() -> None:
     (2) MiniMind adds 1e-20 when renormalising the top-k weights; (3) transformers stores experts
     fused (gate_up_proj / down_proj 3-D tensors), MiniMind as separate Linear modules.
     """
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     model = debug_model(use_moe=True, num_experts=4, num_experts_per_tok=2, num_hidden_layers=1)
     c = model.config
     hf_config = transformers.Qwen3MoeConfig(

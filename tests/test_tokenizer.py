@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import require_module
 from minimind_pl.tokenizer import (
     ADDED_TOKENS, CONTROL_TOKENS, Tokenizer, iter_jsonl_texts, train_tokenizer,
 )
@@ -104,7 +105,7 @@ def mm(mm_dir):
 @pytest.fixture(scope="module")
 def hf(mm_dir):
     """MiniMind's tokenizer loaded by transformers (reference)."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(mm_dir))
 
 
@@ -197,7 +198,7 @@ def test_tojson_filter_matches_transformers(mm, hf, tmp_path):
     config["chat_template"] = template
     (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     ours = Tokenizer.from_file(directory)
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     ref = transformers.AutoTokenizer.from_pretrained(str(directory))
     value = {"b": "<&>'é", "a": [1, 2.5, None, True]}
     msgs = [{"role": "user", "content": "x"}]
@@ -206,7 +207,7 @@ def test_tojson_filter_matches_transformers(mm, hf, tmp_path):
 
 def test_trained_template_renders_like_minimind(trained_dir, hf, shared_dir):
     ours = Tokenizer.from_file(trained_dir)
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     ref_trained = transformers.AutoTokenizer.from_pretrained(str(trained_dir))
     for messages, kwargs in load_examples(shared_dir) + CASES:
         ref_messages, ref_kwargs = minimind_style(messages, kwargs)
@@ -267,7 +268,7 @@ def test_trained_tokenizer_layout(trained_dir):
 
 
 def test_trained_tokenizer_loads_in_transformers(trained_dir):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     ref = transformers.AutoTokenizer.from_pretrained(str(trained_dir))
     tok = Tokenizer.from_file(trained_dir)
     assert (ref.pad_token_id, ref.bos_token_id, ref.eos_token_id) == (0, 1, 2)

@@ -14,7 +14,7 @@ from minimind_pl.commands.export import export_command
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 
-from helpers import logits, random_model, write_stage_checkpoint
+from helpers import logits, random_model, require_module, write_stage_checkpoint
 
 VARIANTS = {
     "dense": {},
@@ -43,7 +43,7 @@ def test_minimind_pth_is_fp16_with_tied_head_and_reloads(tmp_path, tokenizer_dir
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_hf_directory_matches_transformers(tmp_path, tokenizer_dir, variant):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     model = random_model(**VARIANTS[variant])
     ckpt = write_stage_checkpoint(model, tmp_path / "m.ckpt", tokenizer_dir)
     out = tmp_path / "hf"
@@ -59,7 +59,7 @@ def test_hf_directory_matches_transformers(tmp_path, tokenizer_dir, variant):
 
 
 def test_hf_tokenizer_renders_the_same_chat(tmp_path, tokenizer_dir, shared_dir):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     model = random_model()
     out = tmp_path / "hf"
     export_command(str(write_stage_checkpoint(model, tmp_path / "m.ckpt", tokenizer_dir)), str(out), format="hf")

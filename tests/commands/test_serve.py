@@ -15,10 +15,12 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import random_model, require, require_module
 from minimind_pl.config import ModelConfig
-from minimind_pl.model import CausalLMOutput, MiniMindForCausalLM
 from minimind_pl.chat_format import OutputParser, StopMatcher
 from minimind_pl.commands.serve import ChatEngine, make_server, serve_command
+from minimind_pl.generation import generate
+from minimind_pl.model import CausalLMOutput
 from minimind_pl.tokenizer import Tokenizer
 
 SCRIPT = "<think>\nLet me think.\n</think>\n\nHello there, friend!"
@@ -75,17 +77,21 @@ def scripted(tokenizer):
 
 @pytest.fixture(scope="module")
 def random_server(tokenizer):
-    """A server with a real (random, debug-size) transformer."""
-    torch.manual_seed(0)
-    server, url = start(ChatEngine(MiniMindForCausalLM(ModelConfig.from_preset("debug")).eval(), tokenizer))
-    yield url
+    """A server with a real (random, debug-size) transformer: (url, model).
+
+    Its next-token distributions are nearly flat (the top token has well under 1% of the mass), so sampling
+    and greedy decoding part ways at once.
+    """
+    model = random_model(seed=1)
+    server, url = start(ChatEngine(model, tokenizer))
+    yield url, model
     server.shutdown()
     server.server_close()
 
 
 def client(url: str, key: str = "unused"):
     """An openai client for the server."""
-    openai = pytest.importorskip("openai")
+    openai = require_module("openai")
     return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
@@ -239,7 +245,7 @@ def test_oversized_body_unknown_route_and_context(scripted):
 
 
 def test_api_key(tokenizer):
-    openai = pytest.importorskip("openai")
+    openai = require_module("openai")
     server, url = start(ChatEngine(ScriptedModel(tokenizer.encode("ok")), tokenizer), api_key="sk-test")
     try:
         with pytest.raises(openai.AuthenticationError):
@@ -288,7 +294,7 @@ def test_client_leaving_mid_stream_frees_the_model(scripted):
 
 
 def test_real_transformer_answers(random_server):
-    api = client(random_server)
+    api = client(random_server[0])
     response = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "你好"}], max_tokens=6,
                                            seed=1, extra_body={"chat_template_kwargs": {"open_thinking": True}})
     assert response.usage.completion_tokens <= 6
@@ -297,16 +303,41 @@ def test_real_transformer_answers(random_server):
     assert again.choices[0].message.model_dump() == response.choices[0].message.model_dump()  # seeded
 
 
+def test_temperature_zero_answers_as_greedy_generation(random_server, tokenizer):
+    """temperature 0 means greedy: the answer is exactly what greedy ``generate`` writes, streamed or not."""
+    url, model = random_server
+    messages = [{"role": "user", "content": "你好，请介绍一下你自己。"}]
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    greedy = generate(model, [prompt], max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_id)[0]
+    expected = tokenizer.decode(greedy, skip_special_tokens=True)
+    assert len(greedy) == 24 and len(set(greedy)) > 1 and expected.strip()
+
+    def answer(**fields) -> tuple[str, int]:
+        body = json.dumps({"messages": messages, "max_tokens": 24, **fields}).encode()
+        status, data = raw(url, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        assert status == 200, data
+        return data["choices"][0]["message"]["content"], data["usage"]["completion_tokens"]
+
+    sampled, _ = answer(temperature=1.0, seed=0)
+    assert sampled != expected  # sampling shows on this model, so the check below is not vacuous
+    assert answer(temperature=0) == (expected, 24)
+    assert answer(temperature=0.0, top_p=0.5, top_k=5, seed=3) == (expected, 24)  # the rest does not matter
+    body = json.dumps({"messages": messages, "max_tokens": 24, "temperature": 0, "stream": True}).encode()
+    status, text = raw(url, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert status == 200 and "".join(e["choices"][0]["delta"].get("content", "") for e in events) == expected
+
+
 # ---------------------------------------------------------------------------- the web page in a browser
 
 
 def browser():
-    """Headless Debian chromium through selenium, or skip."""
-    webdriver = pytest.importorskip("selenium.webdriver")
+    """Headless Debian chromium through selenium (``require``: skipped locally without it, a failure in CI)."""
+    webdriver = require_module("selenium.webdriver")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    require(bool(chromium and driver_path), "chromium / chromedriver are not installed "
+                                            "(apt-get install chromium chromium-driver)")
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()

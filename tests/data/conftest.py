@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import require
+
 
 @pytest.fixture(scope="session")
 def tok_dir(shared_dir: Path) -> str:
     """MiniMind's own tokenizer directory (read-only, shared)."""
     path = shared_dir / "minimind"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"MiniMind tokenizer not found in {path}")
+    require((path / "tokenizer.json").is_file(), f"MiniMind's tokenizer is missing from {path}")
     return str(path)
 
 
@@ -20,8 +21,7 @@ def tok_dir(shared_dir: Path) -> str:
 def corpus(shared_dir: Path) -> Path:
     """The shared real-text corpus folder."""
     path = shared_dir / "corpus"
-    if not (path / "pretrain_real.jsonl").is_file():
-        pytest.skip(f"shared corpus not found in {path}")
+    require((path / "pretrain_real.jsonl").is_file(), f"the shared corpus is missing from {path}")
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
 
 from minimind_pl.data import PretrainDataModule, ResumableSampler
 from minimind_pl.data.loader import make_train_loader
@@ -113,16 +114,30 @@ def test_datamodule_loader_resumes_on_real_data(corpus, tok_dir, tmp_path):
         m.setup("fit")
         return m
 
-    full = [b["input_ids"] for b in dm().train_dataloader()]
-    run = dm().train_dataloader()
-    it = iter(run)
-    for _ in range(3):
-        next(it)
-    state = run.state_dict()
-    del it
-    resumed = dm().train_dataloader()
-    resumed.load_state_dict(state)
-    assert torch.equal(next(iter(resumed))["input_ids"], full[3])
+    loaders = [dm().train_dataloader() for _ in range(3)]
+    try:
+        full = [b["input_ids"] for b in loaders[0]]
+        run = loaders[1]
+        it = iter(run)
+        for _ in range(3):
+            next(it)
+        state = run.state_dict()
+        del it
+        resumed = loaders[2]
+        resumed.load_state_dict(state)
+        assert torch.equal(next(iter(resumed))["input_ids"], full[3])
+    finally:
+        shut_down_workers(*loaders)
+
+
+def shut_down_workers(*loaders) -> None:
+    """Stop the persistent workers of loaders as Lightning does at the end of fit.
+
+    A data module's loader sits in a reference cycle, so only the garbage collector frees it, later, in
+    another test; its worker then misses the stop signal and stalls that test for 5 s per loader.
+    """
+    for loader in loaders:
+        _shutdown_workers_and_reset_iterator(loader)
 
 
 def test_val_fraction_split(corpus, tok_dir, tmp_path):

@@ -1,15 +1,85 @@
-"""``python main.py demo`` end to end, shortened to one epoch per stage (the real demo's numbers are in README)."""
+"""``python main.py demo`` end to end, shortened (the real demo's numbers are in README): its scorecard's values."""
 
+import math
+import re
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from minimind_pl.demo import command as demo
 from minimind_pl.cli import main
 
+# One epoch per stage (--max_epochs 1) shows no effect yet: the models answer in loops, LoRA renames nobody.
+# A second pretraining and SFT epoch and 12 LoRA epochs (the renaming starts at about 10) make the scorecard's
+# effects visible for about 8 s more (the LoRA data is small).
+EPOCHS = {"pretrain": 2, "sft": 2, "lora": 12}
 
-def test_demo_runs_every_stage_and_prints_a_scorecard(tmp_path, capsys):
-    checkpoints = main(["demo", "--out_dir", str(tmp_path / "data"), "--ckpt_dir", str(tmp_path / "ckpt"),
-                        "--max_epochs", "1"])
-    out = capsys.readouterr().out
-    assert "=== scorecard ===" in out
-    assert "held-out fact accuracy after sft" in out
-    assert "validation perplexity after pretrain" in out
-    for stage in ("pretrain", "sft"):
+
+def test_demo_runs_every_stage_and_its_scorecard_shows_learning(tmp_path, capsys, monkeypatch):
+    fit_stage = demo.fit_stage
+
+    def fit_stage_with_epochs(run, stage, *args, extra=None, **kwargs):
+        extra = [*(extra or []), *(["--trainer.max_epochs", str(EPOCHS[stage])] if stage in EPOCHS else [])]
+        return fit_stage(run, stage, *args, extra=extra, **kwargs)
+
+    monkeypatch.setattr(demo, "fit_stage", fit_stage_with_epochs)
+    data = tmp_path / "data"
+    checkpoints = main(["demo", "--out_dir", str(data), "--ckpt_dir", str(tmp_path / "ckpt"), "--max_epochs", "1"])
+    card = scorecard(capsys.readouterr().out)
+
+    for stage in ("pretrain", "sft", "dpo", "lora", "distill"):
+        assert checkpoints[stage] == str(tmp_path / "ckpt" / stage / "last.ckpt")
         assert (tmp_path / "ckpt" / stage / "last.ckpt").exists()
-        assert checkpoints[stage].endswith("last.ckpt")
+
+    # perplexities: each stage's last validation loss (TensorBoard), exponentiated; far below the untrained
+    # model's (about the 1024-token vocabulary); chat data easier than prose
+    ppl = {s: float(card.pop(f"validation perplexity after {s}")) for s in ("pretrain", "sft", "lora", "distill")}
+    for stage, value in ppl.items():
+        assert value == pytest.approx(math.exp(last_scalar(tmp_path / "ckpt" / stage, "val/loss")), abs=0.006)
+    assert all(1.0 < p < 400 for p in ppl.values()), ppl
+    assert ppl["sft"] < ppl["pretrain"] < 50, ppl
+
+    # every score is a share of the questions the demo really asks
+    asked = {kind: len((data / f"{kind}.jsonl").read_text(encoding="utf-8").splitlines())
+             for kind in ("heldout_qa", "identity_qa", "dpo_val")}
+    assert asked == {"heldout_qa": 36, "identity_qa": 12, "dpo_val": 24}
+    rows = {
+        "held-out fact accuracy after {}": ("heldout_qa", ("pretrain", "sft", "lora", "distill")),
+        "identity answers naming 'MiniMind' after {}": ("identity_qa", ("sft", "distill")),
+        "identity answers naming 'Lumen' after {}": ("identity_qa", ("sft", "lora")),
+        "held-out preference accuracy after {}": ("dpo_val", ("sft", "dpo")),
+    }
+    share = {}
+    for name, (kind, stages) in rows.items():
+        for stage in stages:
+            share[name.format(stage)] = correct_answers(card.pop(name.format(stage)), asked[kind])
+    assert share["identity answers naming 'Lumen' after sft"] == 0  # the SFT model never heard the name
+    assert share["identity answers naming 'Lumen' after lora"] >= 3  # the adapter renames the assistant
+
+    assert 0 < float(card.pop("total time").removesuffix(" min")) < 30
+    assert not card, f"unexpected scorecard rows: {card}"
+
+
+def last_scalar(stage_dir: Path, tag: str) -> float:
+    """The last value of a scalar in a stage's TensorBoard log."""
+    (log_dir,) = stage_dir.glob("version_*")
+    return EventAccumulator(str(log_dir)).Reload().Scalars(tag)[-1].value
+
+
+def scorecard(out: str) -> dict[str, str]:
+    """The rows printed under ``=== scorecard ===``: name -> value (the two are at least two spaces apart)."""
+    assert "=== scorecard ===" in out
+    lines = out.split("=== scorecard ===", 1)[1].strip().splitlines()
+    rows = [re.fullmatch(r"(\S.*?) {2,}(\S.*)", line.rstrip()) for line in lines]
+    assert all(rows), lines
+    return {row[1]: row[2] for row in rows}
+
+
+def correct_answers(value: str, asked: int) -> int:
+    """The number of right answers behind a ``"42% of 12"`` value (which must be one of k/12, rounded)."""
+    match = re.fullmatch(r"(\d+)% of (\d+)", value)
+    assert match and int(match[2]) == asked, value
+    right = [k for k in range(asked + 1) if f"{k / asked:.0%}" == f"{match[1]}%"]
+    assert right, f"{value} is no share of {asked} answers"
+    return right[0]

@@ -6,7 +6,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
+from helpers import packed_batch, random_documents, random_model, with_weights
 from minimind_pl.checkpoints import load_model, read_torch_file
 from minimind_pl.config import ModelConfig
 from minimind_pl.data import SFTDataModule
@@ -113,3 +115,33 @@ def test_sft_upweights_think_tags_in_training_only(files):
     assert torch.allclose(weighted, weighted_causal_lm_loss(logits, labels, token_weights(labels, think, 10.0)))
     assert torch.allclose(plain, causal_lm_loss(logits, labels)) and weighted > plain
 
+
+
+def test_loss_is_alpha_ce_plus_one_minus_alpha_t2_kl_of_the_documents_alone():
+    """The distillation loss, by hand: alpha * CE + (1 - alpha) * T² * KL(teacher ∥ student) over labelled tokens.
+
+    alpha and 1 - alpha differ, CE differs from T² KL, and the teacher differs from the student, so swapping
+    the weights or losing a term changes the value. The batch is packed, and the expected value comes from
+    each document run alone through student and teacher: neither may attend across documents.
+    """
+    alpha, temperature = 0.3, 2.0
+    student, teacher = random_model(seed=1, hidden_size=32, num_hidden_layers=1), random_model(seed=2)
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(4)  # a confident teacher: sharper logits, a KL term that weighs
+    stage = with_weights(Distill(config=student.config, alpha=alpha, temperature=temperature), student)
+    stage.set_teacher(teacher)
+    docs = random_documents([6, 9, 5], seed=3)
+    ce, kl, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for doc in docs:  # labelled positions: all but each document's last token
+            s, t = student(doc[None]).logits[0, :-1], teacher(doc[None]).logits[0, :-1]
+            ce += F.cross_entropy(s, doc[1:], reduction="sum").item()
+            log_p_teacher, log_p_student = torch.log_softmax(t / temperature, -1), torch.log_softmax(s / temperature, -1)
+            kl += (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum().item()  # sum_v p_t (log p_t - log p_s)
+            count += len(doc) - 1
+        loss, logs = stage.compute_loss(packed_batch(docs))
+    ce, kl = ce / count, temperature**2 * kl / count
+    assert abs(ce - kl) > 0.5 and kl > 0.5  # a swap or a missing term would show
+    assert logs["ce_loss"].item() == pytest.approx(ce, rel=1e-5)
+    assert logs["kl_loss"].item() == pytest.approx(kl, rel=1e-5)
+    assert loss.item() == pytest.approx(alpha * ce + (1 - alpha) * kl, rel=1e-5)

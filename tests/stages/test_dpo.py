@@ -1,11 +1,14 @@
 """The DPO stage: loss at the start, reference handling (frozen, unsaved, precomputable) and a short real fit."""
+import copy
 import math
 from itertools import islice
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
+from helpers import random_documents, random_model
 from minimind_pl.config import ModelConfig
 from minimind_pl.data import DPODataModule
 from minimind_pl.stages import DPO
@@ -47,6 +50,56 @@ def test_loss_is_log2_at_start_and_precomputed_reference_gives_the_same_loss(pai
         for module in (live, pre):
             module.model.lm_head.weight.add_(0.01)
     assert torch.allclose(live.compute_loss(batch)[0], pre.compute_loss(batch)[0], atol=1e-5)
+
+
+def test_loss_is_the_dpo_formula_with_the_configured_beta_plus_the_sft_term():
+    """By hand: mean -log sigmoid(beta * ((pc - rc) - (pr - rr))) + sft_weight * NLL of the chosen answer tokens.
+
+    beta and sft_weight are not the defaults and the policy has moved away from the reference, so another
+    beta, a flipped sign or a missing term changes the value.
+    """
+    beta, sft_weight = 0.37, 0.5
+    stage = _stage(beta=beta, sft_weight=sft_weight).eval()
+    reference = copy.deepcopy(stage.model)  # the starting weights, which the stage froze as its reference
+    policy = random_model(seed=1)
+    with torch.no_grad():
+        policy.model.norm.weight.mul_(4)  # sharper logits: answer log-probs far from the reference's
+    stage.model.load_state_dict(policy.state_dict())  # the policy moves
+    prompts, answers = random_documents([3, 5], seed=2), random_documents([4, 6, 3, 5], seed=3)
+    chosen, rejected = answers[:2], answers[2:]
+    batch = {**pair_rows(prompts, chosen, "chosen", 12), **pair_rows(prompts, rejected, "rejected", 12),
+             "index": torch.tensor([0, 1])}
+
+    def answer_log_probs(model, prompt, answer):  # per answer token: log p(token | prompt, earlier tokens)
+        row = torch.cat([prompt, answer])
+        log_probs = torch.log_softmax(model(row[None]).logits[0].float(), -1)
+        return log_probs[len(prompt) - 1:-1].gather(-1, answer[:, None]).squeeze(-1)
+
+    with torch.no_grad():
+        tokens = {k: [answer_log_probs(stage.model, p, a) for p, a in zip(prompts, v)]
+                  for k, v in (("chosen", chosen), ("rejected", rejected))}
+        ref = {k: [answer_log_probs(reference, p, a).sum() for p, a in zip(prompts, v)]
+               for k, v in (("chosen", chosen), ("rejected", rejected))}
+        margins = torch.stack([(pc.sum() - rc) - (pr.sum() - rr) for pc, rc, pr, rr
+                               in zip(tokens["chosen"], ref["chosen"], tokens["rejected"], ref["rejected"])])
+        dpo = -F.logsigmoid(beta * margins).mean().item()
+        nll = -torch.cat(tokens["chosen"]).mean().item()  # over the chosen answers' tokens
+        loss, logs = stage.compute_loss(batch)
+    assert margins.abs().min() > 1.0 and nll > 1.0  # the reference and the SFT term both weigh
+    assert logs["dpo_loss"].item() == pytest.approx(dpo, rel=1e-5)
+    assert logs["sft_loss"].item() == pytest.approx(nll, rel=1e-5)
+    assert loss.item() == pytest.approx(dpo + sft_weight * nll, rel=1e-5)
+
+
+def pair_rows(prompts, answers, side: str, width: int) -> dict[str, torch.Tensor]:
+    """``<side>_input_ids`` / ``<side>_labels``: prompt + answer rows right-padded to ``width``, as the DPO data
+    module makes them (labels already shifted, -100 except where the target is an answer token)."""
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    labels = torch.full((len(prompts), width), -100)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids[i, :len(p) + len(a)] = torch.cat([p, a])
+        labels[i, len(p) - 1:len(p) + len(a) - 1] = a
+    return {f"{side}_input_ids": ids, f"{side}_labels": labels}
 
 
 def test_reference_is_frozen_and_not_part_of_the_module():
