@@ -48,7 +48,7 @@ def random_model(seed: int = 0, **overrides) -> MiniMindForCausalLM:
 def write_stage_checkpoint(model: MiniMindForCausalLM, path: Path, tokenizer_dir: Path) -> Path:
     """A file in the layout a Stage checkpoint has (weights under ``model.``, config, linked tokenizer)."""
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "model_config": model.config.to_dict(),
+                "model_config": model.config.to_dict(), "stage": "Pretrain",
                 "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}, path)
     return path
 

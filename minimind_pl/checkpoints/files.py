@@ -26,7 +26,12 @@ def read_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path} is a folder, not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # pre-zip files cannot be mapped
     except Exception as err:  # noqa: BLE001 - re-raised with the file name
         raise ValueError(f"cannot read {what} {path}: {err}") from err
 

@@ -144,9 +144,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-# ============================================================================ import
-
-
 # ============================================================================ reading
 
 
@@ -274,6 +271,3 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path), device="cpu")
     return read_torch_file(path)
-
-
-# ============================================================================ .pth without a config

@@ -54,7 +54,8 @@ class Checkpoint:
     stage: Optional[str] = None
 
     def config(self, preset: Optional[str] = None) -> ModelConfig:
-        """The model config: recorded, else the ``preset``, else read off the tensor shapes."""
+        """The model config: recorded (for a LoRA adapter on a ``.pth``, the base config the adapter recorded),
+        else the ``preset``, else read off the tensor shapes."""
         if self.model_config is not None:
             return ModelConfig.from_dict(self.model_config)
         if preset is not None:

@@ -83,7 +83,7 @@ def chat_command(
         lora: A LoRA adapter file (LoRA stage .ckpt or MiniMind LoRA .pth) run on top of ``ckpt``, unmerged.
         prompt: Answer this one prompt and exit, instead of an interactive session.
         tokenizer: Tokenizer directory (default: the one recorded with the checkpoint).
-        preset: Model preset of a MiniMind .pth, which stores no config (default minimind-3).
+        preset: Model preset of a MiniMind .pth, which stores no config (default: read from the tensor shapes).
         system: An optional system prompt.
         open_thinking: Let the model write its reasoning in a <think> block before the answer.
         history_turns: How many earlier question/answer pairs the model sees (0 = none).

@@ -28,7 +28,8 @@ from minimind_pl.tokenizer import Tokenizer
 class Stage(L.LightningModule):
     """Shared training logic: model construction, weight import, AdamW, warmup + cosine, logging."""
 
-    #: Validation means logged as ``val/<name>``; ``validation_values`` gives each batch's value.
+    #: Validation means logged as ``val/<name>``; ``validation_values`` gives each batch's value and
+    #: ``validation_weight`` its weight (here every batch counts the same; LM stages weight by tokens).
     VAL_METRICS: tuple[str, ...] = ("loss",)
     #: Which of them the progress bar shows.
     PROGRESS_METRICS: tuple[str, ...] = ("loss",)

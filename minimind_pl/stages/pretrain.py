@@ -43,8 +43,7 @@ class SFT(Pretrain):
     """Supervised fine-tuning: the same loss, on chat data whose labels cover only assistant turns.
 
     It differs from ``Pretrain`` only in rendering its sample prompts as a chat (and the optional tag
-    weighting below); the data module makes
-    the labels, and the recipe (MiniMind: lr 1e-5) lives in ``configs/*/sft.yaml``. For reasoning data
+    weighting below); the data module makes the labels, and the recipe (MiniMind: lr 1e-5) lives in ``configs/*/sft.yaml``. For reasoning data
     (``<think>`` blocks), ``special_token_weight`` up-weights the tag tokens as MiniMind's
     ``train_distill_reason.py`` does (``configs/minimind3/reason.yaml``).
     """

@@ -1,5 +1,5 @@
-"""Frozen models held beside the one a stage trains: DPO's reference, distillation's teacher, and the
-reference and reward models of later stages.
+"""Frozen models held beside the one a stage trains: DPO's reference and distillation's teacher (and any
+reference or reward model a new stage needs).
 
 A side model is in eval mode, has no gradients and is never updated. It is held outside the module tree,
 so it is not in ``state_dict()`` (checkpoints stay the trained model's), not in ``parameters()`` (the
@@ -35,11 +35,6 @@ class FrozenModel:
         copy = MiniMindForCausalLM(model.config)
         copy.load_state_dict(model.state_dict())
         return cls(copy, role)
-
-    @property
-    def config(self):
-        """The frozen model's ``ModelConfig``."""
-        return self.model.config
 
     @property
     def model(self) -> MiniMindForCausalLM:

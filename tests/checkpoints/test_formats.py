@@ -86,3 +86,12 @@ def test_infer_config_from_shapes():
     for overrides in ({}, {"use_moe": True, "num_experts": 3}, {"tie_word_embeddings": False}):
         model = random_model(**overrides, max_position_embeddings=32768)
         assert ModelConfig.from_dict(infer_config(model.state_dict())) == model.config
+
+
+def test_legacy_pth_without_zip_container_loads(tmp_path):
+    """Old torch.save files (before the zip format) cannot be memory-mapped: they are read plainly."""
+    model = random_model()
+    path = tmp_path / "legacy.pth"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    torch.testing.assert_close(logits(load_model(str(path), preset="debug", device="cpu"), ids), logits(model, ids))

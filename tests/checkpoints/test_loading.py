@@ -81,7 +81,7 @@ def test_every_format_loads_the_same_model(tmp_path, tokenizer_dir):
     for path, preset in ((stage, None), (pth, "debug"), (hf, None)):
         loaded = load_model(str(path), preset=preset, device="cpu")
         torch.testing.assert_close(logits(loaded, IDS), expected, atol=1e-6, rtol=0)
-    assert open_checkpoint(stage).stage is None and open_checkpoint(hf).tokenizer_dir == str(hf)
+    assert open_checkpoint(stage).stage == "Pretrain" and open_checkpoint(hf).tokenizer_dir == str(hf)
     assert open_checkpoint(pth).model_config is None  # a .pth records no config
 
 
