@@ -161,7 +161,7 @@ def generate_command(
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
     sampling = dict(max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id,
-                    sampling=SamplingSettings(temperature=temperature, top_p=top_p, do_sample=temperature > 0),
+                    sampling=SamplingSettings(temperature=temperature, top_p=top_p),
                     generator=torch.Generator(device=pick_device(device)).manual_seed(seed))
     with tqdm(total=len(prompts), initial=already, desc="generate", unit="prompt") as bar:
         truncated = append_answers(model, tok, pending, out_path, batch_size, open_thinking, sampling, bar.update)

@@ -113,13 +113,11 @@ def parse_chat_request(body: bytes, defaults: ServerSettings) -> ChatRequest:
 
 def parse_sampling(data: dict[str, Any], defaults: SamplingSettings) -> SamplingSettings:
     """The request's sampling fields, each checked against its range, over the server's defaults."""
-    temperature = _number(data, "temperature", defaults.temperature, 0.0, 2.0)
     return SamplingSettings(
-        temperature=temperature,
+        temperature=_number(data, "temperature", defaults.temperature, 0.0, 2.0),
         top_p=_number(data, "top_p", defaults.top_p, 1e-6, 1.0),
         top_k=int(_number(data, "top_k", defaults.top_k, 0, 1e9, integer=True)),
         repetition_penalty=_number(data, "repetition_penalty", defaults.repetition_penalty, 1e-3, 10.0),
-        do_sample=temperature > 0,
     )
 
 
@@ -527,8 +525,7 @@ def serve_command(
     """
     checkpoint = open_checkpoint(ckpt, lora)
     model = checkpoint.build_model(preset, merge=True).to(pick_device(device))  # adapters folded in: faster
-    settings = ServerSettings(SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k,
-                                               do_sample=temperature > 0),
+    settings = ServerSettings(SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k),
                               max_tokens=max_tokens, max_tokens_limit=max_tokens_limit)
     engine = ChatEngine(model, checkpoint.tokenizer(tokenizer), model_name=model_name, settings=settings)
     server = make_server(engine, host, port, api_key=api_key, max_body_bytes=max_body_bytes)

@@ -57,8 +57,8 @@ class JsonlDataModule(L.LightningDataModule):
         seq_len: tokens per training row (the model's context length during training).
         batch_size: rows per batch on each device.
         val_path: jsonl file(s) for validation, in the same format. Mutually exclusive with ``val_fraction``.
-        val_fraction: fraction of the training records (texts, conversations, pairs) held out for validation (chosen at random
-            from ``seed``; 0 = no validation unless ``val_path`` is given).
+        val_fraction: fraction of the training records (texts, conversations, pairs) held out for
+            validation (chosen at random from ``seed``; 0 = no validation unless ``val_path`` is given).
         tokenizer: tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``).
         num_workers: DataLoader worker processes (0 = load in the training process).
         seed: seed of the row order (each epoch reshuffles from ``seed`` and the epoch), of the
@@ -68,8 +68,8 @@ class JsonlDataModule(L.LightningDataModule):
         cross_document_attention: with packing, let tokens attend to earlier documents of the same
             row (plain causal attention; batches then carry no ``doc_ids``/``position_ids``).
         cache_dir: folder for the token caches (default: beside each jsonl file).
-        skip_invalid: skip bad lines (invalid JSON/UTF-8, missing fields, empty texts or answers) and report
-            how many; by default the first bad line raises an error naming file and line.
+        skip_invalid: skip bad lines (invalid JSON/UTF-8, missing fields, empty texts or answers) and
+            report how many; by default the first bad line raises an error naming file and line.
         num_proc: processes that tokenize while a cache is built (None: all CPUs, at most 32).
     """
 
