@@ -62,15 +62,17 @@ class Checkpoint:
             return ModelConfig.from_preset(preset)
         return ModelConfig.from_dict(infer_config(self.weights))
 
-    def build_model(self, preset: Optional[str] = None, merge: bool = False) -> MiniMindForCausalLM:
-        """The transformer with these weights (float32, CPU, eval mode); adapters on top, merged if ``merge``."""
+    def build_model(self, preset: Optional[str] = None, merge: bool = False,
+                    device: str = "cpu") -> MiniMindForCausalLM:
+        """The transformer with these weights (float32, eval mode) on ``device`` (``auto``: CUDA when
+        available); the adapters on top, folded into the weights if ``merge``."""
         model = MiniMindForCausalLM(self.config(preset))
         model.load_weights({k: v.float() for k, v in self.weights.items()}, strict=True)
         if self.adapter is not None:
             apply_adapter(model, self.adapter, self.adapter_path or self.path)
             if merge:
                 merge_lora(model)
-        return model.eval()
+        return model.to(pick_device(device)).eval()
 
     def tokenizer(self, override: Optional[str] = None) -> Tokenizer:
         """``override`` if given, else the recorded tokenizer; a clear error if neither."""
@@ -134,7 +136,7 @@ def load_model(path: str | Path, preset: Optional[str] = None, device: str = "au
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
         lora: An adapter file to put on top, unmerged.
     """
-    return open_checkpoint(path, lora).build_model(preset).to(pick_device(device))
+    return open_checkpoint(path, lora).build_model(preset, device=device)
 
 
 def load_tokenizer(path: str | Path, tokenizer: Optional[str] = None) -> Tokenizer:

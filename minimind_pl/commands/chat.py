@@ -7,7 +7,7 @@ from typing import Iterator, TextIO
 
 import torch
 
-from minimind_pl.checkpoints import open_checkpoint, pick_device
+from minimind_pl.checkpoints import open_checkpoint
 from minimind_pl.generation import SamplingSettings, stream_generate
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
@@ -101,7 +101,7 @@ def chat_command(
     sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k,
                                 repetition_penalty=repetition_penalty)
     session = ChatSession(
-        checkpoint.build_model(preset).to(pick_device(device)), checkpoint.tokenizer(tokenizer), system=system,
+        checkpoint.build_model(preset, device=device), checkpoint.tokenizer(tokenizer), system=system,
         history_turns=history_turns, open_thinking=open_thinking, max_new_tokens=max_new_tokens, sampling=sampling,
     )
     if prompt is not None:

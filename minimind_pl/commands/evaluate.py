@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minimind_pl.checkpoints import open_checkpoint, pick_device
+from minimind_pl.checkpoints import open_checkpoint
 from minimind_pl.data.pretrain import PretrainEncoder
 from minimind_pl.data.sft import SFTEncoder
 from minimind_pl.model import MiniMindForCausalLM
@@ -65,7 +65,7 @@ def eval_command(
         device: ``auto``, ``cpu`` or ``cuda``.
     """
     checkpoint = open_checkpoint(ckpt, lora)
-    model = checkpoint.build_model(preset, merge=True).to(pick_device(device))  # adapters folded in: faster
+    model = checkpoint.build_model(preset, merge=True, device=device)  # adapters folded in: faster
     tok = checkpoint.tokenizer(tokenizer)
     records = list(read_jsonl(data, limit))
     kind = detect_format(records, data)

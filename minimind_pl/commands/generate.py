@@ -156,7 +156,7 @@ def generate_command(
     if not pending:
         return str(out_path)
     checkpoint = open_checkpoint(ckpt, lora)
-    model = checkpoint.build_model(preset).to(pick_device(device))
+    model = checkpoint.build_model(preset, device=device)
     tok = checkpoint.tokenizer(tokenizer)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")

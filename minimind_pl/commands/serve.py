@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from minimind_pl.chat_format import ROLES, OutputParser, StopMatcher
-from minimind_pl.checkpoints import open_checkpoint, pick_device
+from minimind_pl.checkpoints import open_checkpoint
 from minimind_pl.generation import SamplingSettings, stream_generate
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
@@ -524,7 +524,7 @@ def serve_command(
         device: ``auto``, ``cpu`` or ``cuda``.
     """
     checkpoint = open_checkpoint(ckpt, lora)
-    model = checkpoint.build_model(preset, merge=True).to(pick_device(device))  # adapters folded in: faster
+    model = checkpoint.build_model(preset, merge=True, device=device)  # adapters folded in: faster
     settings = ServerSettings(SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k),
                               max_tokens=max_tokens, max_tokens_limit=max_tokens_limit)
     engine = ChatEngine(model, checkpoint.tokenizer(tokenizer), model_name=model_name, settings=settings)
