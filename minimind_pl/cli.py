@@ -13,6 +13,7 @@ checkpointing); the stage file only what differs, merged on top as a later ``--c
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from minimind_pl.callbacks import SampleLogger, SyncFreeProgressBar
+from minimind_pl.errors import DEBUG_ENV, ReportedError
 
 TRAINING_COMMANDS = {
     "fit": "train a stage: python main.py fit --config configs/<preset>/<stage>.yaml [--ckpt_path to resume]",
@@ -160,8 +162,25 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Entry point of ``python main.py`` and the ``minimind-pl`` console script."""
+    """Entry point of ``python main.py`` and the ``minimind-pl`` console script.
+
+    Errors the project reports (``errors.ReportedError``: user mistakes, a run that stopped) and missing or
+    unreadable files end in one ``error:`` line and a non-zero exit; ``MINIMIND_DEBUG=1`` re-raises them with
+    the traceback.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return dispatch(argv)
+    except (ReportedError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as error:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        code = getattr(error, "exit_code", 2)
+        print(f"error: {error}\n(set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(code) from None
+
+
+def dispatch(argv: list[str]) -> Any:
+    """Run ``argv[0]`` (a training or tool command) with the rest of the arguments."""
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return None

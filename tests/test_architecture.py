@@ -12,7 +12,7 @@ import minimind_pl
 PACKAGE = Path(minimind_pl.__file__).parent
 
 # Floors, lowest first: a module may import its own floor and the ones below, never one above.
-CORE = ("config", "model", "losses", "lora", "tokenizer", "chat_format", "generation", "checkpoints")
+CORE = ("errors", "config", "model", "losses", "lora", "tokenizer", "chat_format", "generation", "checkpoints")
 TRAINING = ("data", "stages", "callbacks")
 COMMANDS = ("commands", "demo", "cli")
 

@@ -101,10 +101,12 @@ def test_resume_runs_exactly_the_remaining_steps_to_the_same_weights(tmp_path, s
         assert torch.equal(a, b), name
 
 
-def test_bad_data_stops_before_training_with_file_and_line(tmp_path, shared_dir):
+def test_bad_data_stops_before_training_with_file_and_line(tmp_path, shared_dir, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\nnot json\n', encoding="utf-8")
     args = tiny_run(tmp_path, shared_dir, "pretrain", "pretrain_real.jsonl", 2)
     args[args.index("--data.train_path") + 1] = str(bad)
-    with pytest.raises(Exception, match=r"bad\.jsonl.*3"):
+    with pytest.raises(SystemExit) as done:
         main(args)
+    assert done.value.code == 2
+    assert "bad.jsonl, line 3" in capsys.readouterr().err

@@ -38,13 +38,15 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from minimind_pl.errors import UserError
+
 FORMAT_VERSION = 1
 BLOCK_BYTES = 4 << 20  # bytes of jsonl per work item
 MAX_REPORTED_ERRORS = 20
 _SAMPLE_BLOCK = 1 << 16
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError):
     """A jsonl line that cannot become a training document (names the file and line)."""
 
 
