@@ -171,37 +171,55 @@ def test_command_line_overrides_win_over_base_and_stage(capsys):
     assert trainer["callbacks"][0]["init_args"]["every_n_train_steps"] == 1000
 
 
-def write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
-    return path
+STAGE_DATA = {"pretrain": "pretrain_real.jsonl", "sft": "sft_real.jsonl", "lora": "sft_real.jsonl",
+              "reason": "sft_real.jsonl", "distill": "sft_real.jsonl", "dpo": "dpo_real.jsonl"}
+TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "max_position_embeddings": 1024}
 
 
-def test_demo_pretrain_config_trains_with_the_shared_settings(tmp_path):
-    from lightning.pytorch.accelerators import CPUAccelerator
-    from lightning.pytorch.loggers import TensorBoardLogger
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, shared_dir) -> Path:
+    """The first 48 lines of each shared corpus file (far fewer batches than any shipped validation interval),
+    a 320-token tokenizer for the demo preset (vocab_size 1024) and tiny checkpoints to start from."""
+    from helpers import random_model, write_stage_checkpoint
 
     from minimind_pl.tokenizer import train_tokenizer
 
-    texts = [f"Fact {i}: the capital of country {i} is city {i * 7 % 13}. 算术：{i} + {i} = {2 * i}。"
-             for i in range(40)]
-    train = write_jsonl(tmp_path / "train.jsonl", texts[:32])
-    val = write_jsonl(tmp_path / "val.jsonl", texts[32:])
-    train_tokenizer([train], 320, tmp_path / "tokenizer", show_progress=False)  # the minimum is 36 + 256
-    cli = main(["fit", "--config", str(CONFIG_ROOT / "demo" / "pretrain.yaml"),
-                "--data.init_args.train_path", str(train), "--data.init_args.val_path", str(val),
-                "--data.init_args.tokenizer", str(tmp_path / "tokenizer"), "--data.init_args.seq_len", "32",
-                "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0",
-                "--trainer.enable_progress_bar", "false",
-                "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-                "--trainer.callbacks", json.dumps([{"init_args": {"dirpath": str(tmp_path / "ckpt")}}])])
+    root = tmp_path_factory.mktemp("small")
+    for name in set(STAGE_DATA.values()):
+        lines = (shared_dir / "corpus" / name).read_text(encoding="utf-8").splitlines(keepends=True)[:48]
+        (root / name).write_text("".join(lines), encoding="utf-8")
+    train_tokenizer([root / "pretrain_real.jsonl"], 320, root / "tokenizer", show_progress=False)
+    for preset, vocab, tokenizer in (("demo", 1024, root / "tokenizer"), ("minimind3", 6400, shared_dir / "minimind")):
+        write_stage_checkpoint(random_model(vocab_size=vocab, **TINY), root / f"{preset}.ckpt", tokenizer)
+    return root
+
+
+@pytest.mark.parametrize("config", STAGE_CONFIGS, ids=ids)
+def test_every_stage_config_trains_on_a_small_dataset_as_shipped(config, small_data, shared_dir, tmp_path):
+    """Only the model size, the data (48 lines, rows of 64), the starting weights and the output folders are
+    replaced; trainer settings (validation interval, accumulation, precision, clipping) stay as shipped."""
+    preset, stage = config.parent.name, config.stem
+    tokenizer = small_data / "tokenizer" if preset == "demo" else shared_dir / "minimind"
+    data = small_data / STAGE_DATA[stage]
+    args = ["fit", "--config", str(config), *[a for k, v in TINY.items() for a in (f"--model.config.{k}", str(v))],
+            "--data.train_path", str(data), "--data.tokenizer", str(tokenizer), "--data.seq_len", "64",
+            "--data.batch_size", "2", "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache"),
+            "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+            "--trainer.callbacks", json.dumps([{"init_args": {"dirpath": str(tmp_path / "ckpt")}}])]
+    shipped = read(config)["model"]["init_args"]
+    if preset == "demo":
+        args += ["--data.val_path", str(data)]
+    for key in ("init_weights", "teacher"):
+        if shipped.get(key):
+            args += [f"--model.{key}", str(small_data / f"{preset}.ckpt")]
+    effective = merged(read(config.parent / BASE_CONFIG), read(config))["trainer"]
+    cli = main(args)
     trainer = cli.trainer
     assert trainer.global_step == 2
-    # from configs/demo/base.yaml
-    assert isinstance(trainer.accelerator, CPUAccelerator)
-    assert trainer.gradient_clip_val == 1.0 and trainer.log_every_n_steps == 10
-    assert isinstance(trainer.logger, TensorBoardLogger) and trainer.logger.name == "pretrain"
-    assert Path(trainer.logger.log_dir).parent == tmp_path / "logs" / "pretrain"
-    assert trainer.checkpoint_callback.save_last is True
-    # from configs/demo/pretrain.yaml
-    assert trainer.max_epochs == 16 and cli.model.hparams.learning_rate == 3e-3
+    assert trainer.num_training_batches < 200  # fewer batches than minimind3's validation interval
+    assert trainer.val_check_interval == effective.get("val_check_interval", 1.0)
+    assert trainer.accumulate_grad_batches == effective.get("accumulate_grad_batches", 1)
+    assert trainer.gradient_clip_val == 1.0
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
