@@ -21,9 +21,12 @@ from typing import Any, Callable
 
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from minimind_pl.callbacks import SampleLogger, SyncFreeProgressBar
-from minimind_pl.errors import DEBUG_ENV, ReportedError
+from minimind_pl.checkpoints.files import read_torch_file
+from minimind_pl.errors import DEBUG_ENV, ReportedError, UserError
+from minimind_pl.stages.resume import ResumeReport
 
 TRAINING_COMMANDS = {
     "fit": "train a stage: python main.py fit --config configs/<preset>/<stage>.yaml [--ckpt_path to resume]",
@@ -61,6 +64,30 @@ class MiniMindCLI(LightningCLI):
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
         parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
 
+    def _parse_ckpt_path(self) -> None:
+        """Resume (``--ckpt_path``) with this run's arguments, saying what changed.
+
+        LightningCLI would replace the model's arguments with the ones saved in the checkpoint, silently
+        dropping e.g. a lower ``--model.learning_rate`` given to recover from a loss spike. Here this run's
+        training settings stay and are listed; another stage or another architecture is refused.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = read_torch_file(ckpt_path)
+        run = self.config[subcommand]
+        check_same_stage(ckpt_path, saved.get("stage"), run.model.class_path)
+        report = ResumeReport().compare(saved.get("hyper_parameters") or {}, namespace_dict(run.model.init_args), "model")
+        report.compare(saved.get("datamodule_hyper_parameters") or {}, namespace_dict(run.data.init_args), "data")
+        if report.architecture:
+            raise UserError(f"{ckpt_path} was trained with another architecture than this run's: "
+                            f"{'; '.join(report.architecture)}. Resume with the checkpoint's values (pass them as "
+                            f"--model.config.<field>), or start a new run from its weights with --model.init_weights.")
+        if report.changes:
+            rank_zero_info(f"Resuming from {ckpt_path} with these arguments changed (this run's values are used): "
+                           + "; ".join(report.changes))
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         """Add the sample logger and the sync-free progress bar (unless the config disables the bar or names
         another one, or names its own sample logger)."""
@@ -70,6 +97,22 @@ class MiniMindCLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in named):
             callbacks = [*callbacks, SyncFreeProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def namespace_dict(namespace: Any) -> dict[str, Any]:
+    """A parsed jsonargparse ``Namespace`` (or None) as nested plain dicts."""
+    if namespace is None:
+        return {}
+    return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
+
+
+def check_same_stage(ckpt_path: str, saved_stage: str | None, class_path: str) -> None:
+    """``--ckpt_path`` continues a run of the same stage; starting another stage from it is ``--model.init_weights``."""
+    stage = class_path.rsplit(".", 1)[-1]
+    if saved_stage and saved_stage != stage:
+        raise UserError(f"{ckpt_path} is a {saved_stage} checkpoint but this config trains {stage}: --ckpt_path "
+                        f"resumes a run of the same stage. To start {stage} from its weights, use "
+                        f"--model.init_weights {ckpt_path} instead.")
 
 
 BASE_CONFIG = "base.yaml"

@@ -9,7 +9,9 @@ from types import ModuleType
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
+from minimind_pl.cli import run_lightning
 from minimind_pl.config import ModelConfig
 from minimind_pl.model import MiniMindForCausalLM
 
@@ -82,3 +84,51 @@ def with_weights(stage, model: MiniMindForCausalLM):
     """``stage`` with ``model``'s weights copied into its transformer, in eval mode (no dropout, no router loss)."""
     stage.model.load_state_dict(model.state_dict())
     return stage.eval()
+
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout
+TINY_MODEL = [
+    "--model.config.hidden_size", "64", "--model.config.num_hidden_layers", "2",
+    "--model.config.num_attention_heads", "4", "--model.config.num_key_value_heads", "2",
+    "--model.config.max_position_embeddings", "256", "--model.config.vocab_size", "6400",
+]
+
+
+def tiny_run(tmp_path: Path, shared_dir: Path, stage: str, data: str, max_steps: int, extra=()) -> list[str]:
+    """Arguments of a tiny CPU fit on a shared corpus file, writing everything under ``tmp_path``."""
+    config = REPO / "configs" / "minimind3" / f"{stage}.yaml"
+    callbacks = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
+                 f'{{"dirpath": "{tmp_path / "ckpt"}", "save_last": true, "every_n_train_steps": 2}}}}]')
+    return ["fit", "--config", str(config), *TINY_MODEL,
+            "--model.init_weights", "null", "--model.learning_rate", "3e-3",
+            "--data.train_path", str(shared_dir / "corpus" / data), "--data.val_path", "null",
+            "--data.val_fraction", "0.05", "--data.tokenizer", str(shared_dir / "minimind"),
+            "--data.seq_len", "64", "--data.batch_size", "4", "--data.num_workers", "0",
+            "--data.cache_dir", str(tmp_path / "cache"),
+            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.devices", "1",
+            "--trainer.accumulate_grad_batches", "1", "--trainer.max_epochs", "100",
+            "--trainer.max_steps", str(max_steps), "--trainer.log_every_n_steps", "2",
+            "--trainer.val_check_interval", str(max_steps), "--trainer.limit_val_batches", "2",
+            "--trainer.enable_model_summary", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+            "--trainer.callbacks", callbacks, *extra]
+
+
+class RecordBatches(Callback):
+    """Remember a fingerprint of every training batch, in order; optionally stop the run early."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.seen: list[int] = []
+        self.stop_after = stop_after
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append(int(batch["input_ids"].sum()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.stop_after is not None and trainer.global_step >= self.stop_after:
+            trainer.should_stop = True  # an interruption: the run ends after its step-4 checkpoint
+
+
+def fit(args: list[str], recorder: RecordBatches):
+    """Run a training command with a batch recorder beside the configured callbacks."""
+    return run_lightning(args, extra_callbacks=[recorder])

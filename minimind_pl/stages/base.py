@@ -21,7 +21,10 @@ from torchmetrics.aggregation import MeanMetric
 
 from minimind_pl.checkpoints import open_checkpoint
 from minimind_pl.config import ModelConfig, architecture_diff
+from minimind_pl.errors import TrainingStopped, UserError
 from minimind_pl.model import MiniMindForCausalLM
+from minimind_pl.stages.nonfinite import NonFiniteSteps, nonfinite_tensors
+from minimind_pl.stages.resume import collect_rng_states, optimizer_settings_changed, restore_rng_states
 from minimind_pl.tokenizer import Tokenizer
 
 
@@ -51,6 +54,7 @@ class Stage(L.LightningModule):
         sample_max_new_tokens: int = 48,
         peak_tflops: float | None = None,
         compile: bool = False,
+        nonfinite_step_limit: int = 5,
     ) -> None:
         """Build the transformer for a training stage.
 
@@ -74,8 +78,13 @@ class Stage(L.LightningModule):
             sample_max_new_tokens: Length of those samples in tokens.
             peak_tflops: Peak bf16 matmul TFLOP/s of the accelerator; when set, MFU is logged.
             compile: Compile the transformer with ``torch.compile``.
+            nonfinite_step_limit: Stop the run (exit code 1, naming the last checkpoint) after this many optimizer
+                steps in a row whose loss or gradients were NaN/inf. Each such step is skipped without changing
+                the weights or the optimizer's moments and counted in ``train/skipped_steps``.
         """
         super().__init__()
+        if nonfinite_step_limit < 1:
+            raise UserError(f"nonfinite_step_limit must be at least 1, got {nonfinite_step_limit}")
         if config is None:
             config = ModelConfig()
         elif isinstance(config, dict):  # checkpoints store the config as a plain dict
@@ -92,6 +101,8 @@ class Stage(L.LightningModule):
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in self.VAL_METRICS})
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
+        self.nonfinite = NonFiniteSteps()
+        self._resumed: dict[str, Any] | None = None  # the checkpoint's hparams and RNG states, until training resumes
 
     # ----------------------------------------------------------------- weights
     def load_initial_weights(self, path: str) -> None:
@@ -110,9 +121,35 @@ class Stage(L.LightningModule):
             self.model.load_weights(checkpoint.build_model(merge=True).state_dict(), strict=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the model config as a plain dict so every tool can rebuild the model from the ckpt."""
+        """Store the model config as a plain dict so every tool can rebuild the model from the ckpt, and the RNG
+        states so a resumed run draws the same dropout masks. Refuse to write non-finite weights: the run stops
+        and the checkpoints already written stay as they are."""
+        bad = nonfinite_tensors(checkpoint["state_dict"].items())
+        if bad:
+            raise TrainingStopped(
+                f"the weights became NaN/inf by step {self.global_step} ({bad[0]}"
+                f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}): no checkpoint was written. "
+                f"{last_checkpoint_advice(self.trainer)}")
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint["stage"] = type(self).__name__
+        checkpoint["rng_states"] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep what resuming needs once training starts again: the RNG states and the saved arguments."""
+        self._resumed = {"hparams": dict(checkpoint.get("hyper_parameters") or {}),
+                         "rng_states": checkpoint.get("rng_states")}
+
+    def on_train_start(self) -> None:
+        """After a resume: apply this run's optimizer settings where they differ from the checkpoint's."""
+        if self._resumed is not None and optimizer_settings_changed(self._resumed["hparams"], dict(self.hparams)):
+            self.apply_optimizer_settings(self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """After a resume, restore the RNG states right before the first step, where the straight run had them."""
+        if self._resumed is not None:
+            if self._resumed["rng_states"] is not None:
+                restore_rng_states(self._resumed["rng_states"])
+            self._resumed = None
 
     # -------------------------------------------------------------------- steps
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -127,6 +164,7 @@ class Stage(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One micro-batch: compute the stage's loss and log it (no GPU->CPU sync here)."""
         loss, logs = self.compute_loss(batch)
+        self.nonfinite.note_loss(loss)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
         for name, value in logs.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False)
@@ -163,22 +201,40 @@ class Stage(L.LightningModule):
 
     # --------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW (decay on matrices only, fused on CUDA) with linear warmup and cosine to ``min_lr_ratio``."""
+        """Fused AdamW (decay on matrices only) with linear warmup and cosine to ``min_lr_ratio``.
+
+        Fused, on CPU too, because only the fused kernel takes ``found_inf``: the flag that skips a step whose
+        gradients are not finite without a GPU->CPU sync (see ``configure_gradient_clipping``).
+        """
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas, fused=fused)
+        groups = [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2]}]
+        for group, settings in zip(groups, self.optimizer_group_settings()):
+            group.update(settings)
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas,
+                                      fused=self.device.type in FUSED_ADAMW_DEVICES)
         total = max(self.total_optimizer_steps(), 1)
-        warmup = int(total * self.hparams.warmup_ratio)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, total, warmup, self.hparams.min_lr_ratio)
-        )
+        self.schedule_steps = (total, int(total * self.hparams.warmup_ratio))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.learning_rate_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def optimizer_group_settings(self) -> list[dict[str, Any]]:
+        """Settings of the two param groups: weight matrices (decayed) and the rest (norm weights)."""
+        return [{"weight_decay": self.hparams.weight_decay}, {"weight_decay": 0.0}]
+
+    def learning_rate_factor(self, step: int) -> float:
+        """The schedule's factor at optimizer step ``step`` (``schedule_steps`` is set by configure_optimizers)."""
+        total, warmup = self.schedule_steps
+        return lr_multiplier(step, total, warmup, self.hparams.min_lr_ratio)
+
+    def apply_optimizer_settings(self, optimizer: torch.optim.Optimizer, schedule: Any) -> None:
+        """Put this run's learning rate, betas, weight decay and schedule into a restored optimizer, at the
+        schedule's current step (a resume with a changed learning rate continues from there)."""
+        lr = self.hparams.learning_rate
+        for group, settings in zip(optimizer.param_groups, self.optimizer_group_settings()):
+            group.update(settings, initial_lr=lr, betas=tuple(self.hparams.betas))
+        schedule.base_lrs = [lr for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = lr * self.learning_rate_factor(schedule.last_epoch)
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps of the whole run, for the schedule.
@@ -208,12 +264,20 @@ class Stage(L.LightningModule):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         max_norm = gradient_clip_val if gradient_clip_val else float("inf")
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # NaN/inf when any gradient is
+        found_inf = self.nonfinite.verdict(norm, self.global_step + 1)
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = found_inf  # the fused kernel skips this step when it is 1, on the device
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        self.log("train/skipped_steps", self.nonfinite.skipped.float(), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Log learning rate and real (non-padding) tokens per second once per logging interval."""
-        if self.global_step % self.trainer.log_every_n_steps != 0 or self.trainer.fit_loop._should_accumulate():
+        """After each optimizer step: stop a diverged run; once per logging interval, log the learning rate and
+        real (non-padding) tokens per second."""
+        if self.trainer.fit_loop._should_accumulate():
+            return
+        self.stop_if_diverged()
+        if self.global_step % self.trainer.log_every_n_steps != 0:
             return
         now = time.perf_counter()
         if self._last_log_time is not None:
@@ -224,6 +288,16 @@ class Stage(L.LightningModule):
                 self.log("train/mfu", mfu, on_step=True, on_epoch=False)
         self._last_log_time, self._tokens_since_log = now, 0
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def stop_if_diverged(self) -> None:
+        """Stop after ``nonfinite_step_limit`` skipped steps in a row, as the host last saw them (no sync)."""
+        in_a_row, skipped, step = self.nonfinite.host_counts()
+        if in_a_row < self.hparams.nonfinite_step_limit:
+            return
+        raise TrainingStopped(
+            f"training diverged: the loss or gradients were NaN/inf at optimizer steps {step - in_a_row + 1}-{step} "
+            f"({in_a_row} in a row, {skipped} in all); each was skipped, so the weights are those of step "
+            f"{step - in_a_row}. {last_checkpoint_advice(self.trainer)}")
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 x active parameters + attention over the row (PaLM appendix B)."""
@@ -247,6 +321,19 @@ def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+FUSED_ADAMW_DEVICES = ("cuda", "cpu", "mps", "xpu")
+
+
+def last_checkpoint_advice(trainer: "L.Trainer") -> str:
+    """Where the newest checkpoint of this run is, and how to go on from it with a lower learning rate."""
+    paths = [path for callback in trainer.checkpoint_callbacks
+             for path in (getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")) if path]
+    if not paths:
+        return "No checkpoint was written before; lower --model.learning_rate and start again."
+    return (f"Last good checkpoint: {paths[0]}. Go on from it with a lower learning rate: add "
+            f"--ckpt_path {paths[0]} --model.learning_rate <lower> to the same command.")
 
 
 def check_fits(config: ModelConfig, tokenizer: str | None, seq_len: int | None) -> None:

@@ -64,6 +64,7 @@ class LoRA(SFT):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check that a checkpoint to resume from holds these adapters (it may lack the base weights)."""
+        super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("lora_config")
         if saved is None:
             raise ValueError("this checkpoint was not written by the LoRA stage (no lora_config); to start "
