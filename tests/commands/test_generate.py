@@ -67,7 +67,7 @@ def run_generate(teacher: str, data: Path, out: Path, tokenizer: str) -> None:
           "--out", str(out), "--max_new_tokens", "6", "--temperature", "0", "--batch_size", "2", "--device", "cpu"])
 
 
-def test_generate_writes_sft_jsonl_and_resumes(shared_dir, tmp_path, teacher):
+def test_generate_writes_sft_jsonl_and_resumes(shared_dir, tmp_path, teacher, capsys):
     tokenizer = str(shared_dir / "minimind")
     lines = (shared_dir / "corpus" / "sft_real.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:4]
     out = tmp_path / "answers.jsonl"
@@ -86,8 +86,12 @@ def test_generate_writes_sft_jsonl_and_resumes(shared_dir, tmp_path, teacher):
     run_generate(teacher, tmp_path / "all.jsonl", out, tokenizer)  # nothing left to answer
     assert out.read_text(encoding="utf-8") == text
 
+    # The random teacher answers some prompts with nothing: generate said so, and SFT skips exactly those.
+    empty = sum(not r["conversations"][-1]["content"].strip() for r in records)
+    assert 0 < empty < len(records) and "answers are empty" in capsys.readouterr().out
     dm = SFTDataModule(train_path=str(out), tokenizer=tokenizer, seq_len=64, batch_size=2, num_workers=0,
-                       cache_dir=str(tmp_path / "cache"), num_proc=1)
+                       cache_dir=str(tmp_path / "cache"), num_proc=1, skip_invalid=True)
     dm.setup("fit")
+    assert dm.stats["skipped_lines"] == empty
     batch = next(iter(dm.train_dataloader()))
     assert (batch["labels"] != -100).any()
