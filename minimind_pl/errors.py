@@ -1,7 +1,8 @@
 """Errors that ``python main.py`` reports as a short message (what, where, how to fix) instead of a traceback.
 
 Library code raises them; ``minimind_pl.cli.main`` prints ``error: <message>`` and exits with ``exit_code``.
-Setting the environment variable ``MINIMIND_DEBUG=1`` shows the traceback as well.
+Setting the environment variable ``MINIMIND_DEBUG=1`` shows the traceback as well. ``check_input_file`` is the
+one check of a file the user named (missing, a directory, unreadable), for every command and data module.
 """
 
 from __future__ import annotations

@@ -469,7 +469,7 @@ def _no_documents(source: Path, argument: Optional[str], size: int, n_skipped: i
     named = f"{source} (from {argument})" if argument else str(source)
     if n_skipped:
         line_no, msg = errors[0]
-        return (f"{named} holds no valid documents: all {n_skipped} non-blank lines are invalid "
+        return (f"{named} holds no valid documents: none of its {n_skipped} non-blank lines is valid "
                 f"(first: line {line_no}: {msg}); fix them")
     why = "the file is empty" if size == 0 else "it has only blank lines"
     return f"{named} holds no documents ({why}); fill it with one JSON object per line, or name another file"

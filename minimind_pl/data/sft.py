@@ -164,9 +164,9 @@ class SFTEncoder(RecordEncoder):
         for j, m in enumerate(conversation):
             if m.get("role") == "assistant" and empty_answer(m):
                 thought = any(m.get(key) for key in REASONING_FIELDS) or THINK_CLOSE in str(m.get("content"))
-                return (f"empty answer: message {j} (assistant) has blank content"
-                        + (" after its reasoning" if thought else "") + " and no tool_calls; "
-                        "every assistant turn is trained on: write its answer or remove the turn")
+                after = " after its reasoning" if thought else ""
+                return (f"empty answer: message {j} (assistant) has blank content{after} and no tool_calls, "
+                        "but every assistant turn is trained on")
         return None
 
     def render(self, conversation: list, line_no: int) -> str:
