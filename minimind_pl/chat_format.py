@@ -26,6 +26,7 @@ ROLES = ("system", "user", "assistant", "tool")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # what the template writes for an assistant turn without reasoning
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names a message's reasoning may have
 
 # Our ChatML template with <think> blocks and <tool_call>/<tool_response>, written to render
 # the same text as MiniMind's template (tests/test_tokenizer.py checks this).
@@ -160,7 +161,7 @@ def _check_message(index: int, message: Any) -> str:
 
 def _alias_reasoning(message: dict) -> dict:
     """Fill ``reasoning_content`` (and ``thinking``) from any reasoning field, as transformers does."""
-    for key in ("reasoning_content", "thinking", "reasoning"):
+    for key in REASONING_FIELDS:
         if message.get(key) is not None:
             reasoning = message[key]
             return {"thinking": reasoning, **message, "reasoning_content": reasoning}
@@ -354,6 +355,32 @@ def parse_tool_call(text: str, index: int) -> Optional[dict[str, Any]]:
         arguments = json.dumps(arguments, ensure_ascii=False)
     return {"index": index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": data["name"], "arguments": arguments}}
+
+
+def assistant_answer(message: Mapping) -> str:
+    """The answer an assistant message renders, without its reasoning (as ``CHAT_TEMPLATE`` splits them):
+    its ``content``, less a ``<think>...</think>`` block written inline when no reasoning field is set."""
+    content = message.get("content")
+    text = content if isinstance(content, str) else ""
+    reasoning = next((message[key] for key in REASONING_FIELDS if message.get(key) is not None), None)
+    if not isinstance(reasoning, str) and THINK_CLOSE in text:
+        text = text.rpartition(THINK_CLOSE)[2]
+    return text
+
+
+def empty_answer(message: Mapping) -> bool:
+    """Whether an assistant message says nothing: a blank answer (reasoning alone does not count) and no tool calls.
+
+    Training on such a turn teaches the model to stop without answering (``generate`` writes one when a
+    teacher is cut off while still reasoning).
+    """
+    calls = message.get("tool_calls")
+    if isinstance(calls, str):  # MiniMind's data stores tool calls as a JSON string
+        try:
+            calls = json.loads(calls)
+        except json.JSONDecodeError:
+            return False  # not empty; rendering reports the bad JSON
+    return not calls and not assistant_answer(message).strip()
 
 
 def split_reasoning(text: str, opened: bool = False) -> tuple[str, Optional[str]]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -132,3 +135,34 @@ class RecordBatches(Callback):
 def fit(args: list[str], recorder: RecordBatches):
     """Run a training command with a batch recorder beside the configured callbacks."""
     return run_lightning(args, extra_callbacks=[recorder])
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(args: list[str], prefix: list[str] = (), env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python <args>`` in a fresh process at the repository root (so this checkout's package is imported),
+    behind an optional command ``prefix`` (see ``read_only_mount`` and ``without_root_override``)."""
+    return subprocess.run([*prefix, sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def read_only_mount(folder: Path) -> list[str]:
+    """A command prefix that runs a command with ``folder`` mounted read-only (a private mount namespace, so
+    nothing changes outside it): writes there fail with EROFS even for root. Skips where the system forbids it."""
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+    prefix = ["unshare", "--map-root-user", "--mount", "sh", "-c", script, str(folder)]
+    if not shutil.which("unshare") or subprocess.run([*prefix, "true"], capture_output=True).returncode:
+        pytest.skip("cannot mount a folder read-only here (unshare --map-root-user --mount is not permitted)")
+    return prefix
+
+
+def without_root_override() -> list[str]:
+    """A command prefix under which file permissions apply: nothing for an ordinary user; for root, setpriv
+    dropping the capabilities that let root read and write past them. Skips where that is not possible."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    if not shutil.which("setpriv") or subprocess.run([*prefix, "true"], capture_output=True).returncode:
+        pytest.skip("running as root without setpriv: permissions cannot be made to apply")
+    return prefix

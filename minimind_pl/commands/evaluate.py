@@ -16,18 +16,18 @@ windows (each window starts a fresh context).
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from minimind_pl.checkpoints import open_checkpoint
+from minimind_pl.data.jsonl import read_jsonl
 from minimind_pl.data.pretrain import PretrainEncoder
 from minimind_pl.data.sft import SFTEncoder
+from minimind_pl.errors import UserError
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 
@@ -64,11 +64,11 @@ def eval_command(
         chat: Multiple choice: wrap the question in the chat template (for SFT models).
         device: ``auto``, ``cpu`` or ``cuda``.
     """
+    records = list(read_jsonl(data, "--data", limit))  # bad data stops the command before the model loads
+    kind = detect_format(records, data)
     checkpoint = open_checkpoint(ckpt, lora)
     model = checkpoint.build_model(preset, merge=True, device=device)  # adapters folded in: faster
     tok = checkpoint.tokenizer(tokenizer)
-    records = list(read_jsonl(data, limit))
-    kind = detect_format(records, data)
     if kind == "choice":
         metrics = multiple_choice(model, tok, records, data, mc_format, chat, batch_size, seq_len)
         print(f"{data}: accuracy {metrics['accuracy']:.4f}  acc_norm {metrics['acc_norm']:.4f}  "
@@ -84,26 +84,10 @@ def eval_command(
 # ============================================================================ reading
 
 
-def read_jsonl(path: str | Path, limit: int | None = None) -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed JSON)`` for the non-blank lines; ValueError naming file and line on bad JSON."""
-    with open(path, encoding="utf-8") as handle:
-        count = 0
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and count >= limit:
-                return
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {err}") from err
-            count += 1
-
-
 def detect_format(records: Sequence[tuple[int, Any]], path: str) -> str:
     """``pretrain``, ``sft`` or ``choice`` from the first record's keys."""
     if not records:
-        raise ValueError(f"{path} holds no records")
+        raise UserError(f"{path} (from --data) holds no records (the file is empty or blank); name a jsonl file")
     line_no, first = records[0]
     if isinstance(first, dict):
         if "conversations" in first:
@@ -112,7 +96,7 @@ def detect_format(records: Sequence[tuple[int, Any]], path: str) -> str:
             return "choice"
         if "text" in first:
             return "pretrain"
-    raise ValueError(f"{path}:{line_no}: cannot tell the format: expected a 'text', 'conversations' or "
+    raise UserError(f"{path}:{line_no}: cannot tell the format: expected a 'text', 'conversations' or "
                      f"'question' + 'answer' record")
 
 
@@ -176,7 +160,7 @@ def encode_documents(tokenizer: Tokenizer, records: Sequence[tuple[int, Any]], k
     docs = []
     for (line_no, _), result in zip(records, encoder.encode_records(records)):
         if isinstance(result, str):
-            raise ValueError(f"{path}:{line_no}: {result}")
+            raise UserError(f"{path}:{line_no}: {result}")
         ids, mask = result[0]
         ids = np.asarray(ids).tolist()
         docs.append((ids, [0] + [1] * (len(ids) - 1) if mask is None else np.asarray(mask).tolist()))
@@ -247,12 +231,12 @@ def multiple_choice(model: MiniMindForCausalLM, tokenizer: Tokenizer, records: S
 
 
 def _checked_choices(record: Any, where: str) -> list[str]:
-    """The record's choice letters; ValueError naming the line if it is not a usable question."""
+    """The record's choice letters; UserError naming the line if it is not a usable question."""
     if not isinstance(record, dict) or "question" not in record or "answer" not in record:
-        raise ValueError(f"{where}: expected a multiple-choice record with 'question' and 'answer'")
+        raise UserError(f"{where}: expected a multiple-choice record with 'question' and 'answer'")
     letters = choice_letters(record)
     if len(letters) < 2:
-        raise ValueError(f"{where}: a question needs at least two choices (keys 'A', 'B', ...)")
+        raise UserError(f"{where}: a question needs at least two choices (keys 'A', 'B', ...)")
     if str(record["answer"]).strip() not in letters:
-        raise ValueError(f"{where}: answer {record['answer']!r} is not one of the choices {letters}")
+        raise UserError(f"{where}: answer {record['answer']!r} is not one of the choices {letters}")
     return letters

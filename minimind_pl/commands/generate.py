@@ -2,8 +2,10 @@
 
 Each output line is ``{"conversations": [...the prompt's messages..., {"role": "assistant", "content":
 answer}]}``; a ``<think>...</think>`` block in the answer goes to ``reasoning_content``. Any SFT run
-trains on the file as it is. Lines are appended and flushed one by one, so an interrupted run loses at
-most the batch in flight: started again with the same ``--out``, it skips the prompts already answered.
+trains on the file as it is (empty answers, which it counts and reports, excepted: SFT refuses them). Lines
+are appended and flushed one by one, so an interrupted run loses at most the batch in flight: started again
+with the same ``--out``, it skips the prompts already answered. A last line that the stopped run did not
+finish (not valid JSON) is removed, saying so; a complete last line that lacks only its newline is kept.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from minimind_pl.chat_format import split_reasoning
+from minimind_pl.chat_format import empty_answer, split_reasoning
 from minimind_pl.checkpoints import open_checkpoint, pick_device
+from minimind_pl.data.jsonl import parse_line, read_jsonl
+from minimind_pl.errors import UserError, check_input_file
 from minimind_pl.generation import SamplingSettings, generate
 from minimind_pl.tokenizer import Tokenizer
 
 DEFAULT = SamplingSettings()
 
 
-def prompt_messages(record: dict, where: str) -> list[dict]:
+def prompt_messages(record: Any, where: str) -> list[dict]:
     """The messages to answer: ``{"prompt": text}`` or ``{"conversations": [...]}`` (a final assistant
     message, as in ordinary SFT data, is dropped so that the teacher answers instead).
 
@@ -32,32 +36,21 @@ def prompt_messages(record: dict, where: str) -> list[dict]:
         record: One parsed jsonl line.
         where: ``file:line`` for error messages.
     """
-    if isinstance(record.get("prompt"), str):
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
         return [{"role": "user", "content": record["prompt"]}]
-    messages = record.get("conversations")
+    messages = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ValueError(f"{where}: expected {{\"conversations\": [messages]}} or {{\"prompt\": text}}")
+        raise UserError(f"{where}: expected {{\"conversations\": [messages]}} or {{\"prompt\": text}}")
     if messages[-1].get("role") == "assistant":
         messages = messages[:-1]
     if not messages or messages[-1].get("role") != "user":
-        raise ValueError(f"{where}: the last message to answer must be the user's")
+        raise UserError(f"{where}: the last message to answer must be the user's")
     return messages
 
 
 def read_prompts(path: str | Path) -> list[list[dict]]:
-    """Every prompt of a jsonl file as a list of messages; a bad line raises ValueError naming it."""
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err})") from err
-            prompts.append(prompt_messages(record, where))
-    return prompts
+    """Every prompt of a jsonl file as a list of messages; a bad line raises UserError naming it."""
+    return [prompt_messages(record, f"{path}:{line_no}") for line_no, record in read_jsonl(path, "--data")]
 
 
 def prompt_key(messages: list[dict]) -> str:
@@ -65,22 +58,41 @@ def prompt_key(messages: list[dict]) -> str:
     return json.dumps(messages, ensure_ascii=False, sort_keys=True)
 
 
+def complete_last_line(out: Path) -> bytes:
+    """The bytes of ``out``, its last line ended: a complete line that lacks only its newline gets it; a line
+    cut off by a stopped run (not valid JSON) is removed from the file, saying which line that was."""
+    data = out.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return data
+    start = data.rfind(b"\n") + 1
+    last = data[start:]
+    line_no = data.count(b"\n") + 1
+    _, error = parse_line(last, line_no)
+    if error and last.strip():
+        with open(out, "r+b") as f:
+            f.truncate(start)
+        print(f"note: line {line_no} of {out} was cut off by a stopped run ({error}); removed it, "
+              "its prompt is answered again", flush=True)
+        return data[:start]
+    with open(out, "ab") as f:
+        f.write(b"\n")
+    return data + b"\n"
+
+
 def answered_keys(out: Path) -> Counter:
-    """Count the prompts answered in ``out``; a torn last line (a killed run) is cut off the file."""
+    """Count the prompts answered in ``out`` (see :func:`complete_last_line` for a last line without newline)."""
     if not out.exists():
         return Counter()
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        with open(out, "r+b") as f:
-            f.truncate(len(data))
+    check_input_file(out, "--out", expected="a jsonl file (the answers)")
     done = Counter()
-    for line_no, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if line.strip():
+    for line_no, raw in enumerate(complete_last_line(out).split(b"\n"), start=1):
+        if raw.strip():
+            record, error = parse_line(raw, line_no)
             try:
-                done[prompt_key(json.loads(line)["conversations"][:-1])] += 1
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{out}:{line_no}: not an answer line of this tool ({err!r})") from err
+                done[prompt_key(record["conversations"][:-1])] += 1
+            except (KeyError, TypeError) as err:
+                raise UserError(f"{out}:{line_no}: not an answer line of this tool ({error or repr(err)}); "
+                                "--out must be a file this command wrote, or a new path") from err
     return done
 
 
@@ -147,7 +159,7 @@ def generate_command(
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda:0``, ...
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"--batch_size must be >= 1, got {batch_size}")
     out_path = Path(out)
     prompts = read_prompts(data)
     pending = pending_prompts(prompts, answered_keys(out_path))
@@ -159,23 +171,31 @@ def generate_command(
     model = checkpoint.build_model(preset, device=device)
     tok = checkpoint.tokenizer(tokenizer)
     if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}; "
+                        "give the model's own tokenizer with --tokenizer")
     sampling = dict(max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id,
                     sampling=SamplingSettings(temperature=temperature, top_p=top_p),
                     generator=torch.Generator(device=pick_device(device)).manual_seed(seed))
     with tqdm(total=len(prompts), initial=already, desc="generate", unit="prompt") as bar:
-        truncated = append_answers(model, tok, pending, out_path, batch_size, open_thinking, sampling, bar.update)
+        truncated, empty = append_answers(model, tok, pending, out_path, batch_size, open_thinking, sampling,
+                                          bar.update)
     if truncated:
         print(f"warning: {truncated} of {len(pending)} answers were cut at max_new_tokens={max_new_tokens}; "
               "raise it or filter them before training", flush=True)
+    if empty:
+        print(f"warning: {empty} of {len(pending)} answers are empty (no answer after any reasoning); SFT refuses "
+              "such lines: remove them, or train with --data.skip_invalid true", flush=True)
     return str(out_path)
 
 
 def append_answers(model: torch.nn.Module, tok: Tokenizer, pending: list[list[dict]], out: Path, batch_size: int,
-                   open_thinking: bool, sampling: dict, progress: Callable[[int], Any]) -> int:
-    """Answer ``pending`` batch by batch, appending one flushed SFT line per prompt; returns how many were cut."""
+                   open_thinking: bool, sampling: dict, progress: Callable[[int], Any]) -> tuple[int, int]:
+    """Answer ``pending`` batch by batch, appending one flushed SFT line per prompt.
+
+    Returns how many answers were cut at ``max_new_tokens`` and how many are empty (SFT refuses those).
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    truncated = 0
+    truncated = empty = 0
     with open(out, "a", encoding="utf-8") as f:
         for batch in batches(pending, batch_size):
             replies = generate(model, [tok.encode_chat(m, open_thinking=open_thinking) for m in batch], **sampling)
@@ -184,5 +204,6 @@ def append_answers(model: torch.nn.Module, tok: Tokenizer, pending: list[list[di
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 f.flush()
                 truncated += len(ids) >= sampling["max_new_tokens"]
+                empty += empty_answer(record["conversations"][-1])
             progress(len(batch))
-    return truncated
+    return truncated, empty

@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import UserError
 from ..tokenizer import Tokenizer
 from .cache import RecordEncoder, TokenCache, ensure_cache
 from .loader import ResumableDataLoader, make_train_loader
@@ -67,7 +68,8 @@ class JsonlDataModule(L.LightningDataModule):
             False pads one document per row as MiniMind does.
         cross_document_attention: with packing, let tokens attend to earlier documents of the same
             row (plain causal attention; batches then carry no ``doc_ids``/``position_ids``).
-        cache_dir: folder for the token caches (default: beside each jsonl file).
+        cache_dir: folder for the token caches (default: beside each jsonl file; where that folder cannot
+            be written, ``$XDG_CACHE_HOME/minimind_pl/tokens`` or ``~/.cache/minimind_pl/tokens``).
         skip_invalid: skip bad lines (invalid JSON/UTF-8, missing fields, empty texts or answers) and
             report how many; by default the first bad line raises an error naming file and line.
         num_proc: processes that tokenize while a cache is built (None: all CPUs, at most 32).
@@ -93,17 +95,15 @@ class JsonlDataModule(L.LightningDataModule):
         self.train_paths = _as_list(train_path)
         self.val_paths = _as_list(val_path)
         if not self.train_paths:
-            raise ValueError("train_path is empty")
+            raise UserError("--data.train_path is empty: name at least one jsonl file to train on")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise UserError(f"--data.val_fraction must be in [0, 1), got {val_fraction}")
         if val_fraction > 0 and self.val_paths:
-            raise ValueError("give either val_path or val_fraction, not both")
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise UserError("give either --data.val_path or --data.val_fraction, not both")
+        for name, value, least in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
+                                   ("num_workers", num_workers, 0)):
+            if value < least:
+                raise UserError(f"--data.{name} must be >= {least}, got {value}")
         self.val_fraction = float(val_fraction)
         self.tokenizer_path = tokenizer
         self.tokenizer = Tokenizer.from_file(tokenizer)
@@ -181,9 +181,10 @@ class JsonlDataModule(L.LightningDataModule):
 
     def _cache(self, path: str, progress: bool = True) -> TokenCache:
         if path not in self.caches:
+            argument = "--data.train_path" if path in self.train_paths else "--data.val_path"
             self.caches[path] = ensure_cache(path, self.encoder, cache_dir=self.cache_dir,
                                              skip_invalid=self.skip_invalid, num_proc=self.num_proc,
-                                             progress=progress)
+                                             progress=progress, argument=argument)
         return self.caches[path]
 
     def prepare_data(self) -> None:
@@ -206,7 +207,8 @@ class JsonlDataModule(L.LightningDataModule):
         n_val = sum(int(v.sum()) for v in val_sel)
         n_all = sum(v.size for v in val_sel)
         if n_all < 2:
-            raise ValueError("val_fraction needs at least 2 training documents")
+            raise UserError(f"--data.val_fraction needs at least 2 training records, {self.train_paths} hold "
+                            f"{n_all}; add data or give a separate --data.val_path")
         if n_val == 0:  # keep at least one validation document
             val_sel[0][np.random.default_rng([self.seed, 0x5A12]).integers(val_sel[0].size)] = True
         elif n_val == n_all:  # and at least one training document
@@ -240,7 +242,7 @@ class JsonlDataModule(L.LightningDataModule):
         for split, s in self.stats.items():
             rank_zero_info(f"[minimind_pl.data] {type(self).__name__} {split}: {s}")
         if len(self.train_dataset) == 0:
-            raise ValueError(f"no training rows in {self.train_paths} (seq_len={self.seq_len})")
+            raise UserError(f"no training rows in {self.train_paths} (--data.seq_len {self.seq_len})")
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> ResumableDataLoader:

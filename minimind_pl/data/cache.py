@@ -1,7 +1,7 @@
 """Token cache: a jsonl file tokenized once into memory-mapped arrays beside it.
 
 A cache is a directory ``<file>.<settings-key>.cache/`` (beside the jsonl file, or under
-``cache_dir``) holding
+``cache_dir``; where the file's folder cannot be written, under :func:`user_cache_dir`) holding
 
 - ``tokens.bin``  token ids of all documents, concatenated (uint16 when the vocabulary fits, else uint32)
 - ``offsets.bin`` int64 document boundaries: document ``i`` is ``tokens[offsets[i]:offsets[i+1]]``
@@ -23,12 +23,14 @@ line becomes is decided by a :class:`RecordEncoder` (pretrain text, SFT conversa
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -38,12 +40,15 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from minimind_pl.errors import UserError
+from minimind_pl.errors import UserError, check_input_file
+
+from .jsonl import parse_line
 
 FORMAT_VERSION = 1
 BLOCK_BYTES = 4 << 20  # bytes of jsonl per work item
 MAX_REPORTED_ERRORS = 20
 _SAMPLE_BLOCK = 1 << 16
+SKIP_INVALID_HINT = "skip and count bad lines with --data.skip_invalid true (skip_invalid=True in Python)"
 
 
 class DataFormatError(UserError):
@@ -217,6 +222,35 @@ def cache_path(source: str | Path, settings: dict, cache_dir: Optional[str | Pat
     return Path(cache_dir).expanduser().resolve() / f"{source.name}.{tag}.{key}.cache"
 
 
+def user_cache_dir() -> Path:
+    """Where token caches go when a data file's own folder is read-only: ``$XDG_CACHE_HOME/minimind_pl/tokens``,
+    else ``~/.cache/minimind_pl/tokens`` (a relative ``XDG_CACHE_HOME`` is ignored, as the XDG spec says)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "minimind_pl" / "tokens"
+
+
+def _denied(err: OSError) -> bool:
+    """Whether ``err`` means "this folder cannot be written" (permission, or a read-only file system)."""
+    return isinstance(err, PermissionError) or err.errno == errno.EROFS
+
+
+def writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (made if missing), found by creating one.
+
+    Permission bits cannot tell: root writes anywhere they forbid, and a read-only mount forbids what they allow.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+    except OSError as err:
+        if _denied(err):
+            return False
+        raise
+    os.close(handle)
+    os.unlink(probe)
+    return True
+
+
 def _read_meta(path: Path) -> Optional[dict]:
     try:
         return json.loads((path / "meta.json").read_text())
@@ -296,19 +330,11 @@ def _parse_block(first_line: int, data: bytes) -> tuple[list, list, int]:
         line_no = first_line + i
         if not raw.strip():
             continue  # blank lines are not documents
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            errors.append((line_no, f"invalid UTF-8 (byte {exc.start} of the line)"))
-            continue
-        if line_no == 1:
-            text = text.lstrip("\ufeff")
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            errors.append((line_no, f"not valid JSON ({exc.msg}, column {exc.colno})"))
-            continue
-        records.append((line_no, obj))
+        record, error = parse_line(raw, line_no)
+        if error:
+            errors.append((line_no, error))
+        else:
+            records.append((line_no, record))
     return records, errors, len(lines)
 
 
@@ -438,8 +464,19 @@ def _build_lock(final: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _no_documents(source: Path, argument: Optional[str], size: int, n_skipped: int, errors: list) -> str:
+    """The message for a data file without a single document: empty, only blank lines, or only bad lines."""
+    named = f"{source} (from {argument})" if argument else str(source)
+    if n_skipped:
+        line_no, msg = errors[0]
+        return (f"{named} holds no valid documents: none of its {n_skipped} non-blank lines is valid "
+                f"(first: line {line_no}: {msg}); fix them")
+    why = "the file is empty" if size == 0 else "it has only blank lines"
+    return f"{named} holds no documents ({why}); fill it with one JSON object per line, or name another file"
+
+
 def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, skip_invalid: bool = False,
-                num_proc: Optional[int] = None, progress: bool = True) -> dict:
+                num_proc: Optional[int] = None, progress: bool = True, argument: Optional[str] = None) -> dict:
     """Tokenize ``source`` into the cache directory ``final`` (atomically); return its meta.
 
     Args:
@@ -449,6 +486,7 @@ def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, s
         skip_invalid: skip (and count) bad lines instead of raising :class:`DataFormatError`.
         num_proc: tokenizer processes (None: all CPUs up to 32; 1: this process only).
         progress: show a progress bar.
+        argument: the argument ``source`` came from (``--data.val_path``), for the messages.
     """
     source, final = Path(source), Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -484,9 +522,8 @@ def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, s
                     if chunk.errors:
                         if not skip_invalid:
                             line_no, msg = chunk.errors[0]
-                            raise DataFormatError(
-                                _format_error(source, line_no, msg)
-                                + " (fix the line, or set skip_invalid=True to skip and count bad lines)")
+                            raise DataFormatError(f"{_format_error(source, line_no, msg)} "
+                                                  f"(fix the line, or {SKIP_INVALID_HINT})")
                         n_skipped += len(chunk.errors)
                         errors.extend(chunk.errors[: max(0, MAX_REPORTED_ERRORS - len(errors))])
                     chunk.tokens.tofile(f_tok)
@@ -504,8 +541,7 @@ def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, s
                     fh.flush()
                     os.fsync(fh.fileno())
         if n_docs == 0:
-            raise DataFormatError(f"{source}: no valid documents"
-                                  + (f" ({n_skipped} invalid lines skipped)" if n_skipped else ""))
+            raise DataFormatError(_no_documents(source, argument, st.st_size, n_skipped, errors))
         st_after = os.stat(source)
         if (st_after.st_size, st_after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
             raise RuntimeError(f"{source} changed while it was being tokenized; run again")
@@ -546,9 +582,48 @@ def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, s
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def find_cache(source: Path, settings: dict, cache_dir: Optional[str | Path] = None,
+               verbose: bool = True) -> tuple[Optional[Path], Optional[dict]]:
+    """``(directory, meta)`` of a valid cache of ``source``, or ``(None, None)``; reads only, writes nothing.
+
+    Looks under ``cache_dir`` if given, else beside the file and then in :func:`user_cache_dir` (where a
+    read-only data folder sends its caches).
+    """
+    folders = [cache_dir] if cache_dir is not None else [None, user_cache_dir()]
+    for folder in folders:
+        path = cache_path(source, settings, folder)
+        meta = check_cache(path, source, settings, verbose) if path.exists() else None
+        if meta is not None:
+            return path, meta
+    return None, None
+
+
+def writable_cache_path(source: Path, settings: dict, cache_dir: Optional[str | Path] = None,
+                        verbose: bool = True) -> Path:
+    """Where to build the cache of ``source``: under ``cache_dir`` if given (a :class:`UserError` if it cannot
+    be written), else beside the file, else (a read-only data folder) in :func:`user_cache_dir`, saying so."""
+    if cache_dir is not None:
+        path = cache_path(source, settings, cache_dir)
+        if not writable(path.parent):
+            raise UserError(f"cache_dir {path.parent} is not writable, so the token cache of {source} cannot be "
+                            "built there; give a writable folder with --data.cache_dir PATH, or leave it unset "
+                            "to keep caches beside the data")
+        return path
+    beside = cache_path(source, settings)
+    if writable(beside.parent):
+        return beside
+    path = cache_path(source, settings, user_cache_dir())
+    if not writable(path.parent):
+        raise UserError(f"cannot build the token cache of {source}: neither its folder nor {path.parent} is "
+                        "writable; give a writable folder with --data.cache_dir PATH")
+    if verbose:
+        print(f"[minimind_pl.data] {beside.parent} is not writable; the token cache of {source.name} goes to {path}")
+    return path
+
+
 def ensure_cache(source: str | Path, encoder: RecordEncoder, cache_dir: Optional[str | Path] = None,
                  skip_invalid: bool = False, num_proc: Optional[int] = None, progress: bool = True,
-                 verbose: bool = True) -> TokenCache:
+                 verbose: bool = True, argument: Optional[str] = None) -> TokenCache:
     """Open the valid cache of ``source`` or build it (once, under a lock); return it.
 
     A cache built with ``skip_invalid=True`` that skipped lines is refused when ``skip_invalid``
@@ -557,41 +632,49 @@ def ensure_cache(source: str | Path, encoder: RecordEncoder, cache_dir: Optional
     Args:
         source: the jsonl file.
         encoder: turns parsed lines into documents; its settings key the cache.
-        cache_dir: where caches go (default: beside the file).
+        cache_dir: where caches go (default: beside the file, or :func:`user_cache_dir` if its folder is read-only).
         skip_invalid: skip and count bad lines instead of raising.
         num_proc: tokenizer processes (None: all CPUs up to 32).
         progress: show a progress bar while building.
-        verbose: print what happens (built / skipped lines).
+        verbose: print what happens (built / skipped lines / where a cache goes).
+        argument: the argument ``source`` came from (``--data.train_path``), for the messages.
     """
-    source = Path(source)
-    if not source.is_file():
-        raise FileNotFoundError(f"data file not found: {source}")
+    source = check_input_file(source, argument)
     settings = encoder.settings()
-    final = cache_path(source, settings, cache_dir)
-    meta = check_cache(final, source, settings, verbose) if final.exists() else None
-    built = False
+    final, meta = find_cache(source, settings, cache_dir, verbose)
     if meta is None:
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            with _build_lock(final):
-                meta = check_cache(final, source, settings, verbose) if final.exists() else None
-                if meta is None:
-                    meta = build_cache(source, encoder, final, skip_invalid=skip_invalid, num_proc=num_proc,
-                                       progress=progress)
-                    built = True
-        except PermissionError as exc:
-            raise PermissionError(f"cannot write the token cache of {source} in {final.parent} ({exc}); "
-                                  "set cache_dir to a writable folder") from exc
-        if built and verbose:
-            print(f"[minimind_pl.data] tokenized {source}: {meta['n_docs']:,} documents, "
-                  f"{meta['n_tokens']:,} tokens in {meta['build_seconds']:.1f}s -> {final}")
+        final, meta = _build_once(source, encoder, writable_cache_path(source, settings, cache_dir, verbose),
+                                  skip_invalid, num_proc, progress, verbose, argument)
+    elif verbose and final.parent == user_cache_dir().resolve():
+        print(f"[minimind_pl.data] using the token cache of {source.name} in {final}")
     if meta["n_skipped"]:
         first = meta["skipped_examples"][0] if meta["skipped_examples"] else {"line": "?", "error": "?"}
         if not skip_invalid:
-            raise DataFormatError(
-                _format_error(source, first["line"], first["error"])
-                + f" ({meta['n_skipped']} invalid lines in this file; set skip_invalid=True to skip them)")
+            raise DataFormatError(f"{_format_error(source, first['line'], first['error'])} ({meta['n_skipped']} "
+                                  f"invalid lines in this file; fix them, or {SKIP_INVALID_HINT})")
         if verbose:
             print(f"[minimind_pl.data] {source}: skipped {meta['n_skipped']} invalid lines "
                   f"(first: line {first['line']}: {first['error']})")
     return TokenCache(final, meta)
+
+
+def _build_once(source: Path, encoder: RecordEncoder, final: Path, skip_invalid: bool, num_proc: Optional[int],
+                progress: bool, verbose: bool, argument: Optional[str]) -> tuple[Path, dict]:
+    """Build the cache ``final`` under a lock, unless a concurrent builder made it meanwhile: ``(final, meta)``."""
+    settings = encoder.settings()
+    try:
+        with _build_lock(final):
+            meta = check_cache(final, source, settings, verbose) if final.exists() else None
+            if meta is not None:
+                return final, meta
+            meta = build_cache(source, encoder, final, skip_invalid=skip_invalid, num_proc=num_proc,
+                               progress=progress, argument=argument)
+    except OSError as err:
+        if not _denied(err):
+            raise
+        raise UserError(f"cannot write the token cache of {source} in {final.parent} ({err.strerror}: "
+                        f"{err.filename}); give a writable folder with --data.cache_dir PATH") from err
+    if verbose:
+        print(f"[minimind_pl.data] tokenized {source}: {meta['n_docs']:,} documents, "
+              f"{meta['n_tokens']:,} tokens in {meta['build_seconds']:.1f}s -> {final}")
+    return final, meta

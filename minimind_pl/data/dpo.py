@@ -11,9 +11,9 @@ is preferred (``chosen``) or not (``rejected``). A pair is tokenized once into t
   targets (the loss covers the final assistant answer, nothing else);
 - prompt and answer are tokenized separately (the tokens the model would generate after the prompt).
 
-Bad pairs (prompts that differ, an empty answer, a last message that is not the assistant's, a pair
-too long for ``seq_len`` with ``overlong="error"``) raise an error naming file and line, or are skipped
-and counted with ``skip_invalid``. With ``overlong="truncate"`` the prompt loses its oldest tokens
+Bad pairs (prompts that differ, an empty answer (blank or reasoning only; tool calls count, as in SFT), a
+last message that is not the assistant's, a pair too long for ``seq_len`` with ``overlong="error"``) raise
+an error naming file and line, or are skipped and counted with ``skip_invalid``. With ``overlong="truncate"`` the prompt loses its oldest tokens
 first (the same cut on both sides, so the prompts stay identical) and the answers are cut only if
 they alone do not fit; such pairs are counted (``stats["truncated_pairs"]``).
 
@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..chat_format import empty_answer
+from ..errors import UserError
 from ..tokenizer import Tokenizer
 from .base import JsonlDataModule
 from .cache import RecordEncoder, ensure_cache
@@ -62,8 +64,7 @@ def _check_pair(obj: Any) -> Optional[str]:
             return f"'{side}' must be a non-empty list of messages"
         if msgs[-1].get("role") != "assistant":
             return f"the last '{side}' message must be the assistant's answer (role {msgs[-1].get('role')!r})"
-        content = msgs[-1].get("content")
-        if not isinstance(content, str) or not content.strip():
+        if empty_answer(msgs[-1]):  # the same rule as SFT's: tool calls answer, reasoning alone does not
             return f"empty {side} answer"
     chosen, rejected = obj["chosen"][:-1], obj["rejected"][:-1]
     if not chosen:
@@ -244,11 +245,11 @@ class DPODataModule(JsonlDataModule):
         **kwargs: Any,
     ) -> None:
         if overlong not in OVERLONG_MODES:
-            raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
+            raise UserError(f"--data.overlong must be one of {', '.join(OVERLONG_MODES)}, got {overlong!r}")
         fixed = [name for name in ("packing", "cross_document_attention") if name in kwargs]
         if fixed:
-            raise ValueError(f"DPODataModule takes no {' or '.join(fixed)}: a pair is padded to its batch's "
-                             "longest sequence, never packed")
+            raise UserError(f"DPODataModule takes no {' or '.join(fixed)}: a pair is padded to its batch's "
+                            "longest sequence, never packed; remove it from the config")
         # Arguments given by name here are left out of the arguments jsonargparse offers (--help, YAML).
         super().__init__(train_path, seq_len, batch_size, packing=False, cross_document_attention=False, **kwargs)
         self.overlong = overlong

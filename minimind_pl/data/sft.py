@@ -16,6 +16,12 @@ The loss mask is found on the token ids as MiniMind does: every span that starts
 ``<|im_start|>assistant\\n`` and runs through the next ``<|im_end|>\\n`` (both tokens included) is a
 target; so the model learns the assistant's (think block +) answer, ``<|im_end|>`` and the newline
 after it, never the system prompt, user turns, tool results or padding.
+
+Since every assistant turn is a target, each must say something: a turn whose answer is blank is an
+error naming file and line (or skipped and counted with ``skip_invalid``). Tool calls are an answer;
+reasoning alone is not (``reasoning_content``, or a ``<think>`` block in ``content``, with nothing after
+it): training on it would teach the model to stop after thinking, and it is what ``generate`` writes for
+a teacher cut off while reasoning.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..chat_format import EMPTY_THINK
+from ..chat_format import EMPTY_THINK, REASONING_FIELDS, THINK_CLOSE, empty_answer
+from ..errors import UserError
 from .base import JsonlDataModule
 from .cache import RecordEncoder
 
@@ -101,7 +108,7 @@ class SFTEncoder(RecordEncoder):
         for name, value in (("system_prompt_ratio", system_prompt_ratio),
                             ("empty_think_drop_ratio", empty_think_drop_ratio)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+                raise UserError(f"{name} must be in [0, 1], got {value} (--data.{name})")
         if system_prompt_ratio > 0 and not system_prompts:
             raise ValueError("system_prompts is empty")
         self.seed = int(seed)
@@ -147,6 +154,21 @@ class SFTEncoder(RecordEncoder):
             return "conversation has no assistant turn (nothing to learn)"
         return None
 
+    @staticmethod
+    def _empty_answer(conversation: list) -> Optional[str]:
+        """Why a (well-formed) conversation has an assistant turn with nothing to learn, or None.
+
+        Every assistant turn is a target, so each needs an answer or tool calls; reasoning alone is not
+        an answer (see :func:`minimind_pl.chat_format.empty_answer`).
+        """
+        for j, m in enumerate(conversation):
+            if m.get("role") == "assistant" and empty_answer(m):
+                thought = any(m.get(key) for key in REASONING_FIELDS) or THINK_CLOSE in str(m.get("content"))
+                after = " after its reasoning" if thought else ""
+                return (f"empty answer: message {j} (assistant) has blank content{after} and no tool_calls, "
+                        "but every assistant turn is trained on")
+        return None
+
     def render(self, conversation: list, line_no: int) -> str:
         """The training text of one conversation, with the line's seeded augmentations."""
         rng = random.Random(f"minimind-sft:{self.seed}:{line_no}")
@@ -168,12 +190,15 @@ class SFTEncoder(RecordEncoder):
             err = self._check(obj)
             if err is None:
                 try:
-                    texts.append(self.render(obj[self.field], line_no))
-                    where.append(i)
-                    continue
+                    text = self.render(obj[self.field], line_no)  # also checks roles and content types
+                    err = self._empty_answer(obj[self.field])
                 except ValueError as exc:
                     err = f"invalid conversation: {exc}"
-            out[i] = err
+            if err is None:
+                texts.append(text)
+                where.append(i)
+            else:
+                out[i] = err
         for i, ids in zip(where, self.tokenizer.encode_batch(texts) if texts else []):
             ids = np.asarray(ids, np.int64)
             mask = assistant_mask(ids, self.start_ids, self.end_ids)
@@ -192,8 +217,8 @@ class SFTDataModule(JsonlDataModule):
     seeing each other; ``packing: false`` pads one conversation per row (cut at ``seq_len``) as MiniMind does.
 
     Its arguments are those of :class:`JsonlDataModule` (a document is a conversation; ``seed`` also
-    seeds the per-line augmentations; ``skip_invalid`` also skips conversations that are empty, malformed
-    or without an assistant turn) and the two below.
+    seeds the per-line augmentations; ``skip_invalid`` also skips conversations that are empty, malformed,
+    without an assistant turn or with a blank assistant answer) and the two below.
 
     Args:
         system_prompt_ratio: probability that a conversation without a system message (and without

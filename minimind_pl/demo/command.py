@@ -15,6 +15,7 @@ from pathlib import Path
 from minimind_pl.checkpoints import load_model
 from minimind_pl.cli import run_lightning
 from minimind_pl.data.dpo import pair_loader
+from minimind_pl.data.jsonl import read_jsonl
 from minimind_pl.demo.corpus import score_answer, write_demo_corpus
 from minimind_pl.generation import GREEDY, generate
 from minimind_pl.stages.dpo import preference_accuracy
@@ -73,10 +74,9 @@ def ask(ckpt: str, tokenizer: Tokenizer, questions: list[str], lora: str | None 
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
     """All records of a jsonl file."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [record for _, record in read_jsonl(path)]
 
 
 def accuracy(answers: list[str], expected: list[str]) -> float:
@@ -86,7 +86,7 @@ def accuracy(answers: list[str], expected: list[str]) -> float:
 
 def score_facts(run: DemoRun, tokenizer: Tokenizer, stage: str, lora: str | None = None) -> float:
     """Held-out fact accuracy of a stage's model: facts seen in pretraining, never asked in SFT."""
-    qa = read_jsonl(run.corpus["heldout_qa"])
+    qa = read_records(run.corpus["heldout_qa"])
     answers = ask(run.checkpoints[stage], tokenizer, [r["question"] for r in qa], lora=lora)
     score = accuracy(answers, [r["answer"] for r in qa])
     run.scores.append((f"held-out fact accuracy after {stage}", f"{score:.0%} of {len(qa)}"))
@@ -96,7 +96,7 @@ def score_facts(run: DemoRun, tokenizer: Tokenizer, stage: str, lora: str | None
 def score_identity(run: DemoRun, tokenizer: Tokenizer, stage: str, key: str = "answer",
                    lora: str | None = None) -> list[str]:
     """Ask the identity questions; record how many answers name the expected assistant."""
-    qa = read_jsonl(run.corpus["identity_qa"])
+    qa = read_records(run.corpus["identity_qa"])
     answers = ask(run.checkpoints[stage], tokenizer, [r["question"] for r in qa], lora=lora)
     score = accuracy(answers, [r[key] for r in qa])
     run.scores.append((f"identity answers naming '{qa[0][key]}' after {stage}", f"{score:.0%} of {len(qa)}"))

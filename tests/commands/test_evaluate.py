@@ -128,3 +128,17 @@ def test_bad_data_names_file_and_line(tmp_path, model, tokenizer):
     wrong = write_jsonl(tmp_path / "mc.jsonl", [{"question": "q", "A": "x", "B": "y", "answer": "E"}])
     with pytest.raises(ValueError, match=r"mc.jsonl:1: answer 'E'"):
         multiple_choice(model, tokenizer, list(read_jsonl(wrong)), str(wrong))
+
+
+def test_bad_data_files_end_in_one_error_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MINIMIND_DEBUG", raising=False)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    cases = [(tmp_path / "missing.jsonl", f"not found: {tmp_path / 'missing.jsonl'} (from --data)"),
+             (tmp_path, f"{tmp_path} (from --data) is a directory, but a .jsonl file is expected"),
+             (empty, f"{empty} (from --data) holds no records")]
+    for data, message in cases:
+        with pytest.raises(SystemExit) as stop:  # the checkpoint does not exist: the data is checked first
+            main(["eval", "--ckpt", str(tmp_path / "no.ckpt"), "--data", str(data)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith(f"error: {message}") and "Traceback" not in err

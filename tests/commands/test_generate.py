@@ -67,7 +67,7 @@ def run_generate(teacher: str, data: Path, out: Path, tokenizer: str) -> None:
           "--out", str(out), "--max_new_tokens", "6", "--temperature", "0", "--batch_size", "2", "--device", "cpu"])
 
 
-def test_generate_writes_sft_jsonl_and_resumes(shared_dir, tmp_path, teacher):
+def test_generate_writes_sft_jsonl_and_resumes(shared_dir, tmp_path, teacher, capsys):
     tokenizer = str(shared_dir / "minimind")
     lines = (shared_dir / "corpus" / "sft_real.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:4]
     out = tmp_path / "answers.jsonl"
@@ -86,8 +86,54 @@ def test_generate_writes_sft_jsonl_and_resumes(shared_dir, tmp_path, teacher):
     run_generate(teacher, tmp_path / "all.jsonl", out, tokenizer)  # nothing left to answer
     assert out.read_text(encoding="utf-8") == text
 
+    # The random teacher answers some prompts with nothing: generate said so, and SFT skips exactly those.
+    empty = sum(not r["conversations"][-1]["content"].strip() for r in records)
+    assert 0 < empty < len(records) and "answers are empty" in capsys.readouterr().out
     dm = SFTDataModule(train_path=str(out), tokenizer=tokenizer, seq_len=64, batch_size=2, num_workers=0,
-                       cache_dir=str(tmp_path / "cache"), num_proc=1)
+                       cache_dir=str(tmp_path / "cache"), num_proc=1, skip_invalid=True)
     dm.setup("fit")
+    assert dm.stats["skipped_lines"] == empty
     batch = next(iter(dm.train_dataloader()))
     assert (batch["labels"] != -100).any()
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["complete last line", "cut last line"])
+def test_resume_keeps_a_complete_last_line_and_drops_only_a_cut_one(shared_dir, tmp_path, teacher, capsys, cut):
+    a, b = [{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n', encoding="utf-8")
+    line_a, line_b = (json.dumps(sft_record(m, f"answer {m[0]['content']}"), ensure_ascii=False) for m in (a, b))
+    out = tmp_path / "out.jsonl"
+    out.write_text(line_a + "\n" + (line_b[:-9] if cut else line_b), encoding="utf-8")  # no final newline
+    run_generate(teacher, prompts, out, str(shared_dir / "minimind"))
+    printed = capsys.readouterr().out
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert lines[0] == line_a + "\n" and len(lines) == 2 and lines[1].endswith("\n")
+    if cut:  # b is answered again, by the teacher
+        assert f"line 2 of {out} was cut off by a stopped run" in printed
+        record = json.loads(lines[1])["conversations"]
+        assert record[:-1] == b and record[-1]["content"] != "answer b"
+    else:  # kept as it was: nothing to answer
+        assert lines[1] == line_b + "\n" and "2 already answered" in printed and "cut off" not in printed
+
+
+def test_bad_files_end_in_one_error_line(tmp_path, teacher, capsys, monkeypatch):
+    monkeypatch.delenv("MINIMIND_DEBUG", raising=False)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": \n', encoding="utf-8")
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a"}\n', encoding="utf-8")
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"text": "not an answer"}\n', encoding="utf-8")
+    cases = [
+        (tmp_path / "missing.jsonl", tmp_path / "o.jsonl", f"not found: {tmp_path / 'missing.jsonl'} (from --data)"),
+        (tmp_path, tmp_path / "o.jsonl", f"{tmp_path} (from --data) is a directory, but a .jsonl file is expected"),
+        (prompts, tmp_path / "o.jsonl", f"{prompts}:2: not valid JSON"),
+        (good, tmp_path, f"{tmp_path} (from --out) is a directory, but a jsonl file (the answers) is expected"),
+        (good, foreign, f"{foreign}:1: not an answer line of this tool"),
+    ]
+    for data, out, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(["generate", "--ckpt", teacher, "--data", str(data), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith(f"error: {message}") and "Traceback" not in err

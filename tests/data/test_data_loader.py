@@ -9,6 +9,7 @@ from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_re
 from minimind_pl.data import PretrainDataModule, ResumableSampler
 from minimind_pl.data.loader import make_train_loader
 from minimind_pl.data.packing import collate
+from minimind_pl.errors import UserError
 
 
 class RowDataset(torch.utils.data.Dataset):
@@ -152,5 +153,5 @@ def test_val_fraction_split(corpus, tok_dir, tmp_path):
     train_docs = {tuple(dm.train_dataset.stream.doc(i)[0]) for i in range(tr["documents"])}
     val_docs = {tuple(dm.val_dataset.stream.doc(i)[0]) for i in range(va["documents"])}
     assert not train_docs & val_docs
-    with pytest.raises(ValueError, match="either val_path or val_fraction"):
+    with pytest.raises(UserError, match="either --data.val_path or --data.val_fraction, not both"):
         PretrainDataModule("x.jsonl", seq_len=8, batch_size=1, tokenizer=tok_dir, val_path="y.jsonl", val_fraction=0.1)

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from minimind_pl.data import SFTDataModule
+from minimind_pl.data import DataFormatError, SFTDataModule
 from minimind_pl.data.packing import IGNORE_INDEX
 from minimind_pl.data.sft import EMPTY_THINK, SYSTEM_PROMPTS, assistant_mask
 
@@ -155,3 +155,45 @@ def test_assistant_mask_matches_minimind_loop():
     for _ in range(300):
         ids = [rng.choice([1, 2, 3, 7, 8, 9]) for _ in range(rng.randint(0, 60))]
         assert assistant_mask(ids, start, end).tolist() == _minimind_labels(ids, start, end)
+
+
+USER = {"role": "user", "content": "1+1?"}
+GOOD = {"conversations": [USER, {"role": "assistant", "content": "2"}]}
+EMPTY_ANSWERS = {
+    "blank": ([USER, {"role": "assistant", "content": " \n"}], "message 1 (assistant) has blank content and no"),
+    "reasoning only": ([USER, {"role": "assistant", "content": "", "reasoning_content": "1+1 makes 2"}],
+                       "message 1 (assistant) has blank content after its reasoning"),
+    "think block only": ([USER, {"role": "assistant", "content": "<think>1+1 makes 2</think>\n"}],
+                         "blank content after its reasoning"),
+    "an earlier turn": ([USER, {"role": "assistant", "content": ""}, USER, {"role": "assistant", "content": "2"}],
+                        "message 1 (assistant) has blank content"),
+    "no tool calls in the list": ([USER, {"role": "assistant", "content": None, "tool_calls": "[]"}],
+                                  "blank content and no tool_calls"),
+}
+
+
+@pytest.mark.parametrize("case", EMPTY_ANSWERS)
+def test_blank_assistant_answers_are_refused_or_skipped(case, tmp_path, tok_dir, write_jsonl):
+    conversation, message = EMPTY_ANSWERS[case]
+    path = write_jsonl(tmp_path / "sft.jsonl", [GOOD, {"conversations": conversation}, GOOD])
+    args = dict(seq_len=32, batch_size=2, tokenizer=tok_dir, cache_dir=str(tmp_path / "cache"), num_workers=0)
+    with pytest.raises(DataFormatError) as err:
+        SFTDataModule(str(path), **args).setup("fit")
+    text = str(err.value)
+    assert f"{path}, line 2: empty answer" in text and message in text and "--data.skip_invalid true" in text
+    dm = SFTDataModule(str(path), skip_invalid=True, **args)
+    dm.setup("fit")
+    assert dm.stats["skipped_lines"] == 1 and dm.stats["train"]["documents"] == 2
+
+
+def test_tool_calls_are_an_answer_without_content(tmp_path, tok_dir, write_jsonl):
+    call = {"name": "add", "arguments": {"a": 1, "b": 1}}
+    conversation = [USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "content": "2"}, {"role": "assistant", "content": "2"}]
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": conversation}])
+    dm = SFTDataModule(str(path), seq_len=64, batch_size=2, tokenizer=tok_dir, cache_dir=str(tmp_path / "cache"),
+                       num_workers=0, empty_think_drop_ratio=1.0)
+    cache = dm._cache(str(path), progress=False)
+    ids, mask = cache.doc(0)
+    assert _label_texts(dm.tokenizer, ids, mask) == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 1}}\n</tool_call>' + END, "2" + END]

@@ -98,6 +98,7 @@ def test_cache_is_built_once_and_val_fraction_keeps_pairs_whole(tmp_path, tokeni
     ({"chosen": [_msg("user", "a"), _msg("assistant", "b")],
       "rejected": [_msg("user", "other"), _msg("assistant", "c")]}, "different prompts"),
     (_pair("Q?", "fine", "   "), "empty rejected answer"),
+    (_pair("Q?", "<think>Let me see.</think>\n", "fine"), "empty chosen answer"),  # reasoning alone (as SFT)
     ({"chosen": [_msg("user", "Q?")], "rejected": [_msg("user", "Q?")]}, "must be the assistant"),
     ({"prompt": "Q?"}, "'chosen' and 'rejected'"),
     ("{not json", "not valid JSON"),
@@ -107,6 +108,14 @@ def test_bad_pairs_name_file_and_line(tmp_path, tokenizer_dir, record, message):
         _module(tmp_path, tokenizer_dir, [PAIRS[0], PAIRS[2], record])
     dm = _module(tmp_path, tokenizer_dir, [PAIRS[0], PAIRS[2], record], skip_invalid=True)
     assert len(dm.train_dataset) == 2 and dm.stats["skipped_lines"] == 1
+
+
+def test_a_tool_call_is_an_answer(tmp_path, tokenizer_dir):
+    call = {"role": "assistant", "content": None, "tool_calls": [{"name": "lookup", "arguments": {"q": "Q"}}]}
+    pair = {"chosen": [_msg("user", "Q?"), call], "rejected": [_msg("user", "Q?"), _msg("assistant", "No idea.")]}
+    dm = _module(tmp_path, tokenizer_dir, [PAIRS[0], pair])
+    batch = next(iter(dm.reference_dataloader("train")))
+    assert '<tool_call>\n{"name": "lookup"' in _labelled(dm.tokenizer, batch["chosen_labels"][1])
 
 
 def test_overlong_pairs_truncate_the_prompt_first_or_stop(tmp_path, tokenizer_dir):
