@@ -137,9 +137,6 @@ def fit(args: list[str], recorder: RecordBatches):
     return run_lightning(args, extra_callbacks=[recorder])
 
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def run_python(args: list[str], prefix: list[str] = (), env: dict | None = None) -> subprocess.CompletedProcess:
     """``python <args>`` in a fresh process at the repository root (so this checkout's package is imported),
     behind an optional command ``prefix`` (see ``read_only_mount`` and ``without_root_override``)."""
