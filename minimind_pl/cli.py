@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from minimind_pl.callbacks import SampleLogger, SyncFreeProgressBar
+from minimind_pl.checkpointing import StopOnSignal, with_atomic_checkpoints
 from minimind_pl.checkpoints.files import read_torch_file
 from minimind_pl.errors import DEBUG_ENV, ReportedError, UserError
 from minimind_pl.stages.resume import ResumeReport
@@ -89,14 +90,16 @@ class MiniMindCLI(LightningCLI):
                            + "; ".join(report.changes))
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
-        """Add the sample logger and the sync-free progress bar (unless the config disables the bar or names
-        another one, or names its own sample logger)."""
+        """Add the sample logger, the sync-free progress bar, the stop on SIGTERM/SIGINT and atomic checkpoint
+        writes (each unless the config names its own, or disables the bar)."""
         named = list(config.get("callbacks") or []) + list(callbacks)
         if not any(isinstance(c, SampleLogger) for c in named):
             callbacks = [*callbacks, SampleLogger()]
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in named):
             callbacks = [*callbacks, SyncFreeProgressBar()]
-        return super()._instantiate_trainer(config, callbacks)
+        if not any(isinstance(c, StopOnSignal) for c in named):
+            callbacks = [*callbacks, StopOnSignal()]
+        return super()._instantiate_trainer(with_atomic_checkpoints(config), callbacks)
 
 
 def namespace_dict(namespace: Any) -> dict[str, Any]:

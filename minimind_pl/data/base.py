@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from ..checkpointing import ignore_stop_signals
 from ..errors import UserError
 from ..tokenizer import Tokenizer
 from .cache import RecordEncoder, TokenCache, ensure_cache
@@ -278,7 +279,8 @@ class JsonlDataModule(L.LightningDataModule):
             raise ValueError(f"no {split} data (set val_path or val_fraction)")
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           collate_fn=self.collate_fn, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=persistent_workers and self.num_workers > 0)
+                          persistent_workers=persistent_workers and self.num_workers > 0,
+                          worker_init_fn=ignore_stop_signals)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Move the batch to ``device``, keeping ``real_tokens`` on the CPU (logging it needs no sync)."""

@@ -20,6 +20,8 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ..checkpointing import ignore_stop_signals
+
 STATE_VERSION = 1
 
 
@@ -205,5 +207,5 @@ def make_train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers:
     return ResumableDataLoader(
         dataset, sampler, num_workers=num_workers, collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
     )
