@@ -20,12 +20,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import Dataset
 
-from helpers import require
+from helpers import REPO, require, tiny_run
 from minimind_pl.checkpointing import TEMP_MARK, AtomicCheckpointIO, StopOnSignal, with_atomic_checkpoints
 from minimind_pl.cli import run_lightning
 from minimind_pl.data.loader import make_train_loader
 from minimind_pl.errors import TrainingStopped
-from test_cli import REPO, tiny_run
 
 PROCESS_TIMEOUT = 240  # seconds any one `python main.py` may take here (2 shared CPU cores)
 
