@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from minimind_pl.callbacks import SampleLogger, SyncFreeProgressBar
 from minimind_pl.checkpointing import StopOnSignal, with_atomic_checkpoints
 from minimind_pl.checkpoints.files import read_torch_file
-from minimind_pl.errors import DEBUG_ENV, ReportedError, UserError
+from minimind_pl.errors import DEBUG_ENV, REPORTED_ERRORS, UserError, reported_cause
 from minimind_pl.stages.resume import ResumeReport
 
 TRAINING_COMMANDS = {
@@ -64,6 +64,17 @@ class MiniMindCLI(LightningCLI):
         """
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
         parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
+
+    def instantiate_classes(self) -> None:
+        """Build the stage, the DataModule and the Trainer; an error of ours raised while jsonargparse builds them
+        comes out as itself, not buried in jsonargparse's "Does not validate against any of the Union subtypes"."""
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            cause = reported_cause(error)
+            if cause is None or cause is error:
+                raise
+            raise cause from None
 
     def _parse_ckpt_path(self) -> None:
         """Resume (``--ckpt_path``) with this run's arguments, saying what changed.
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> Any:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return dispatch(argv)
-    except (ReportedError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as error:
+    except REPORTED_ERRORS as error:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         code = getattr(error, "exit_code", 2)

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from minimind_pl.errors import UserError
+
 # YaRN settings MiniMind uses when `inference_rope_scaling` is on (see model.py for the formula).
 YARN_ROPE_SCALING: dict[str, Any] = {
     "beta_fast": 32,
@@ -117,7 +119,7 @@ class ModelConfig:
             _check_positive_int(name, getattr(self, name))
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads != 0:
-                raise ValueError(
+                raise UserError(
                     f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                     f"({self.num_attention_heads}), or give head_dim explicitly")
             self.head_dim = self.hidden_size // self.num_attention_heads
@@ -132,28 +134,28 @@ class ModelConfig:
         for name in ("head_dim", "intermediate_size", "moe_intermediate_size"):
             _check_positive_int(name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise ValueError(
+            raise UserError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "
                 f"num_attention_heads ({self.num_attention_heads})")
         if self.head_dim % 2 != 0:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+            raise UserError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
+            raise UserError(f"hidden_act {self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 1:
-            raise ValueError(f"rms_norm_eps must be > 0 and rope_theta > 1, got {self.rms_norm_eps}, {self.rope_theta}")
+            raise UserError(f"rms_norm_eps must be > 0 and rope_theta > 1, got {self.rms_norm_eps}, {self.rope_theta}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
-                raise ValueError(f"{name} ({value}) must be in [0, vocab_size={self.vocab_size})")
+                raise UserError(f"{name} ({value}) must be in [0, vocab_size={self.vocab_size})")
         if self.use_moe:
             _check_positive_int("num_experts", self.num_experts)
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
-                raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                raise UserError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
                                  f"[1, num_experts={self.num_experts}]")
         if self.router_aux_loss_coef < 0:
-            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+            raise UserError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
 
     @property
     def rope_scaling(self) -> Optional[dict[str, Any]]:
@@ -164,7 +166,7 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         """Build a named preset (see `PRESETS`), with field overrides applied on top."""
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise UserError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,7 +179,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields are {sorted(known)}")
+            raise UserError(f"unknown ModelConfig field(s) {unknown}; valid fields are {sorted(known)}")
         return cls(**d)
 
     def num_parameters(self) -> tuple[int, int]:
@@ -204,7 +206,7 @@ class ModelConfig:
 def _check_positive_int(name: str, value: Any) -> None:
     """Raise ValueError unless `value` is a positive int."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
 
 
 def architecture_diff(saved: "ModelConfig | dict[str, Any]", current: "ModelConfig | dict[str, Any]") -> str:

@@ -34,6 +34,25 @@ class TrainingStopped(ReportedError):
         self.exit_code = exit_code
 
 
+#: What ``python main.py`` reports in one line: the project's errors, and missing or unreadable files.
+REPORTED_ERRORS = (ReportedError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def reported_cause(error: BaseException) -> BaseException | None:
+    """The first error in ``error``'s chain (itself, then what caused it) that is reported in one line, if any.
+
+    Libraries that call our code wrap its errors (jsonargparse, instantiating a stage or DataModule, raises
+    "Does not validate against any of the Union subtypes" from them); the original says what to fix.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, REPORTED_ERRORS):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def check_input_file(path: str | Path, argument: Optional[str] = None, expected: str = "a .jsonl file") -> Path:
     """``path`` if it is a file this process can read; otherwise a :class:`UserError` saying what is wrong
     (missing, a directory, unreadable), where it came from, and how to fix it.

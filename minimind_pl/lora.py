@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minimind_pl.errors import UserError
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MINIMIND_TARGETS = ("q_proj", "o_proj")  # MiniMind wraps the square matrices: these two for minimind-3
 LORA_SUFFIXES = (".lora_A", ".lora_B")
@@ -48,11 +50,11 @@ class LoRAConfig:
         """Normalise ``targets`` to a tuple and check the numbers."""
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+            raise UserError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
-            raise ValueError("LoRA targets must name at least one linear layer (e.g. q_proj)")
+            raise UserError("LoRA targets must name at least one linear layer (e.g. q_proj)")
 
     @property
     def scaling(self) -> float:
@@ -128,13 +130,13 @@ def apply_lora(model: nn.Module, config: LoRAConfig = LoRAConfig()) -> list[str]
     or MoE names), naming the linear layers the model has, or when the model already has adapters.
     """
     if lora_modules(model):
-        raise ValueError("the model already has LoRA adapters; merge_lora(model) first to stack another")
+        raise UserError("the model already has LoRA adapters; merge_lora(model) first to stack another")
     chosen = [(name, m) for name, m in model.named_modules()
               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in config.targets]
     found = {name.rsplit(".", 1)[-1] for name, _ in chosen}
     if set(config.targets) - found:
         available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"LoRA targets {sorted(set(config.targets) - found)} match no linear layer; "
+        raise UserError(f"LoRA targets {sorted(set(config.targets) - found)} match no linear layer; "
                          f"the model's linear layers are named {available}")
     for name, module in chosen:
         _replace_module(model, name, LoRALinear(module, config.rank, config.alpha, config.dropout))
@@ -162,7 +164,7 @@ def lora_config_of(model: nn.Module) -> LoRAConfig:
     """The ``LoRAConfig`` that produced the model's adapters (rank, alpha, dropout, targets)."""
     modules = lora_modules(model)
     if not modules:
-        raise ValueError("the model has no LoRA adapters")
+        raise UserError("the model has no LoRA adapters")
     first = next(iter(modules.values()))
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     return LoRAConfig(rank=first.rank, alpha=first.alpha, dropout=dropout, targets=targets_of(modules))

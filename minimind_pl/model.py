@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minimind_pl.config import ModelConfig
+from minimind_pl.errors import UserError
 
 # One (key, value) pair per layer, each (B, K, S, D), RoPE already applied.
 KVCache = list[tuple[Tensor, Tensor]]
@@ -468,7 +469,7 @@ class MiniMindForCausalLM(nn.Module):
         if embed in state_dict and head in state_dict:
             a, b = state_dict[embed], state_dict[head]
             if a is not b and (a.shape != b.shape or not torch.equal(a, b.to(a.dtype))):
-                raise ValueError(f"tie_word_embeddings=True but {embed} and {head} differ in the state dict")
+                raise UserError(f"tie_word_embeddings=True but {embed} and {head} differ in the state dict")
         elif embed in state_dict or head in state_dict:
             present = embed if embed in state_dict else head
             state_dict[head if present == embed else embed] = state_dict[present]
@@ -489,4 +490,4 @@ class MiniMindForCausalLM(nn.Module):
         if shapes:
             problems.append(f"shape mismatches {shapes}")
         if problems:
-            raise ValueError("state dict does not match the model: " + "; ".join(problems))
+            raise UserError("state dict does not match the model: " + "; ".join(problems))

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from minimind_pl.chat_format import CHAT_TEMPLATE, render_chat, select_template
+from minimind_pl.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -57,14 +58,15 @@ _BYTE_DECODER = _byte_decoder()
 def _read_text(path: Path) -> str:
     """Read a UTF-8 JSON file, checking that it parses; errors name the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
+        raise FileNotFoundError(f"tokenizer file not found: {path} (a tokenizer folder holds {TOKENIZER_FILE} and "
+                                f"{CONFIG_FILE}: copy both from where the tokenizer was made)")
     try:
         text = path.read_bytes().decode("utf-8")
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"corrupt JSON in {path}: {exc}") from exc
+        raise UserError(f"corrupt JSON in {path}: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise UserError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return text
 
 
@@ -96,7 +98,7 @@ class Tokenizer:
         try:
             self._tok = _HFTokenizer.from_str(tokenizer_json)
         except Exception as exc:  # the library raises a bare Exception
-            raise ValueError(f"invalid {TOKENIZER_FILE}: {exc}") from exc
+            raise UserError(f"invalid {TOKENIZER_FILE}: {exc}") from exc
         digest = hashlib.sha256(tokenizer_json.encode("utf-8") + config_json.encode("utf-8"))
         self._fingerprint = digest.hexdigest()
         self._byte_level = (json.loads(tokenizer_json).get("decoder") or {}).get("type") == "ByteLevel"
@@ -112,7 +114,8 @@ class Tokenizer:
         """
         root = Path(path)
         if not root.is_dir():
-            raise FileNotFoundError(f"tokenizer directory not found: {root}")
+            raise FileNotFoundError(f"tokenizer directory not found: {root} (a tokenizer is a folder with {TOKENIZER_FILE} "
+                                    f"and {CONFIG_FILE}: MiniMind's model/ folder, or one made by python main.py tokenizer)")
         return cls(_read_text(root / TOKENIZER_FILE), _read_text(root / CONFIG_FILE))
 
     def save(self, path: str | Path) -> Path:
@@ -146,7 +149,7 @@ class Tokenizer:
         text = _token_content(self._config.get(key)) or default
         tid = self._tok.token_to_id(text)
         if tid is None:
-            raise ValueError(f"{key} {text!r} is not in the vocabulary")
+            raise UserError(f"{key} {text!r} is not in the vocabulary")
         return tid
 
     @property
@@ -168,6 +171,13 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """sha256 hex digest of the tokenizer.json + tokenizer_config.json bytes."""
         return self._fingerprint
+
+    @property
+    def vocabulary_fingerprint(self) -> str:
+        """sha256 of what decides the token ids (``tokenizer.json``'s content, not its formatting, not the chat
+        template): checkpoints record it, so a model is never paired with a tokenizer whose ids mean other text."""
+        canonical = json.dumps(json.loads(self._json), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     @property
     def config(self) -> dict:
@@ -253,7 +263,7 @@ class Tokenizer:
         if self._id_bytes is None:
             self._id_bytes = self._build_id_bytes()
         if not 0 <= token_id < len(self._id_bytes):
-            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{len(self._id_bytes) - 1})")
+            raise UserError(f"token id {token_id} is outside the vocabulary (0..{len(self._id_bytes) - 1})")
         return self._id_bytes[token_id]
 
     def _build_id_bytes(self) -> list[bytes]:
@@ -335,9 +345,9 @@ def _line_texts(line: str, where: str) -> Iterator[str]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: invalid JSON: {exc}") from exc
+        raise UserError(f"{where}: invalid JSON: {exc}") from exc
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if isinstance(record.get("text"), str):
         yield record["text"]
     for key in ("conversations", "chosen", "rejected"):
@@ -373,7 +383,7 @@ def _build_bpe(vocab_size: int, show_progress: bool) -> tuple[_HFTokenizer, trai
     """An empty byte-level BPE tokenizer and its trainer, set up as MiniMind does."""
     minimum = len(ADDED_TOKENS) + 256
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size must be at least {minimum} (added tokens + 256 bytes), got {vocab_size}")
+        raise UserError(f"vocab_size must be at least {minimum} (added tokens + 256 bytes), got {vocab_size}")
     tok = _HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=ADDED_TOKENS,
@@ -404,7 +414,7 @@ def train_tokenizer(files: Sequence[str | Path], vocab_size: int, out_dir: str |
     Returns the trained :class:`Tokenizer`, loaded back from ``out_dir``.
     """
     if not files:
-        raise ValueError("train_tokenizer needs at least one jsonl file")
+        raise UserError("train_tokenizer needs at least one jsonl file")
     tok, trainer = _build_bpe(vocab_size, show_progress)
     tok.train_from_iterator(iter_jsonl_texts(files), trainer=trainer)
     tok.decoder = decoders.ByteLevel()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from minimind_pl.checkpoints.files import STAGE_PREFIX, read_torch_file, strip_prefix, strip_wrappers
 from minimind_pl.config import architecture_diff
+from minimind_pl.errors import UserError
 from minimind_pl.lora import (
     LORA_SUFFIXES, LoRAConfig, LoRALinear, apply_lora, lora_config_of, lora_modules, lora_state_dict, targets_of,
 )
@@ -89,7 +90,7 @@ def is_adapter(raw: Any) -> bool:
 def adapter_from_raw(raw: Any, path: str | Path) -> LoRAFile:
     """The adapters of a loaded adapter file; ValueError naming ``path`` if it holds none."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} is not a LoRA adapter file")
+        raise UserError(f"{path} is not a LoRA adapter file")
     if isinstance(raw.get("state_dict"), dict):  # Lightning checkpoint of the LoRA stage
         tensors = {k: v for k, v in strip_prefix(raw["state_dict"], STAGE_PREFIX).items() if k.endswith(LORA_SUFFIXES)}
         return _lora_file(path, tensors, raw)
@@ -108,11 +109,11 @@ def _lora_file(path: str | Path, tensors: dict[str, Tensor], raw: dict[str, Any]
     tensors = {strip_wrappers(k): v for k, v in tensors.items()}
     if not tensors or not all(k.endswith(LORA_SUFFIXES) for k in tensors):
         others = sorted(k for k in tensors if not k.endswith(LORA_SUFFIXES))[:5]
-        raise ValueError(f"{path} holds no LoRA adapter tensors" + (f" (found e.g. {others})" if others else ""))
+        raise UserError(f"{path} holds no LoRA adapter tensors" + (f" (found e.g. {others})" if others else ""))
     modules = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in tensors))  # file order
     unpaired = [m for m in modules if f"{m}.lora_A" not in tensors or f"{m}.lora_B" not in tensors]
     if unpaired:
-        raise ValueError(f"{path}: adapters without both lora_A and lora_B: {unpaired[:5]}")
+        raise UserError(f"{path}: adapters without both lora_A and lora_B: {unpaired[:5]}")
     config = raw.get("lora_config")
     if config is None:  # MiniMind files: scale 1, targets from the names
         rank = tensors[f"{modules[0]}.lora_A"].shape[0]
@@ -126,7 +127,7 @@ def _from_minimind_names(raw: dict[str, Any], path: str | Path) -> dict[str, Ten
     renamed = {}
     for key, value in raw.items():
         if not isinstance(value, Tensor):
-            raise ValueError(f"{path} is not a LoRA adapter file (entry {key!r} is not a tensor)")
+            raise UserError(f"{path} is not a LoRA adapter file (entry {key!r} is not a tensor)")
         for theirs, ours in MINIMIND_SUFFIXES.items():
             if key.endswith(theirs):
                 key = key[: -len(theirs)] + ours
@@ -137,7 +138,7 @@ def _from_minimind_names(raw: dict[str, Any], path: str | Path) -> dict[str, Ten
 def resolve_base(lora_file: LoRAFile, path: str | Path) -> str:
     """The base weights recorded with an adapter: as given, then absolute, then relative to the adapter's folder."""
     if not lora_file.base:
-        raise ValueError(f"the LoRA adapter {path} records no base model; pass the base checkpoint and --lora")
+        raise UserError(f"the LoRA adapter {path} records no base model; pass the base checkpoint and --lora")
     for candidate in (lora_file.base, lora_file.base_absolute, Path(path).parent / lora_file.base):
         if candidate and Path(candidate).exists():
             return str(candidate)
@@ -174,7 +175,7 @@ def check_base_config(model: nn.Module, lora_file: LoRAFile, path: str | Path) -
         return
     diff = architecture_diff(lora_file.model_config, config)
     if diff:
-        raise ValueError(f"the LoRA adapter {path} was trained on another base model (adapter != model: {diff})"
+        raise UserError(f"the LoRA adapter {path} was trained on another base model (adapter != model: {diff})"
                          + (f"; its base was {lora_file.base}" if lora_file.base else ""))
 
 
@@ -197,7 +198,7 @@ def check_adapter_fits(model: nn.Module, tensors: dict[str, Tensor], path: str |
             problems.append(f"{key}: adapter shape {tuple(tensor.shape)}, the model needs {expected}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(f"the LoRA adapter {path} does not fit this base model (wrong base?): "
+        raise UserError(f"the LoRA adapter {path} does not fit this base model (wrong base?): "
                          + "; ".join(problems[:5]) + more)
 
 
@@ -206,7 +207,7 @@ def load_lora_tensors(model: nn.Module, tensors: dict[str, Tensor], path: str | 
     own = lora_state_dict(model)
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise ValueError(f"the LoRA adapter {path} does not match the model's adapters: "
+        raise UserError(f"the LoRA adapter {path} does not match the model's adapters: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     params = dict(model.named_parameters())
     with torch.no_grad():

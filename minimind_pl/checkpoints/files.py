@@ -4,9 +4,11 @@ the transformer's weights sit in each kind of file."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+
+from minimind_pl.errors import UserError
 
 STAGE_PREFIX = "model."  # a Stage keeps the transformer as ``self.model``: its weights are ``model.*`` in a .ckpt
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers that foreign files may carry
@@ -33,7 +35,7 @@ def read_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # pre-zip files cannot be mapped
     except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"cannot read {what} {path}: {err}") from err
+        raise UserError(f"cannot read {what} {path}: {err}") from err
 
 
 def strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -46,3 +48,14 @@ def strip_wrappers(key: str) -> str:
     while key.startswith(WRAPPER_PREFIXES):
         key = key.split(".", 1)[1]
     return key
+
+
+def nonfinite_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf (one host sync for all of them)."""
+    named = [(name, t) for name, t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named])
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]

@@ -20,6 +20,7 @@ import torch
 
 from minimind_pl.checkpoints.files import DTYPES, HEAD, read_torch_file
 from minimind_pl.config import YARN_ROPE_SCALING, ModelConfig
+from minimind_pl.errors import UserError
 from minimind_pl.generation import SamplingSettings
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -160,7 +161,7 @@ def load_hf_directory(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+        raise UserError(f"{config_file} is not valid JSON: {err}") from err
     return read_hf_weights(root), config_from_hf(raw, str(config_file))
 
 
@@ -172,7 +173,7 @@ def config_from_hf(raw: dict[str, Any], where: str = "config.json") -> dict[str,
     elif model_type == "minimind":
         fields = _minimind_fields(raw, where)
     else:
-        raise ValueError(f"{where}: model_type {model_type!r} is not supported (expected 'minimind', 'qwen3' "
+        raise UserError(f"{where}: model_type {model_type!r} is not supported (expected 'minimind', 'qwen3' "
                          "or 'qwen3_moe')")
     for key in ("bos_token_id", "eos_token_id"):
         if isinstance(fields.get(key), list):
@@ -182,7 +183,7 @@ def config_from_hf(raw: dict[str, Any], where: str = "config.json") -> dict[str,
     try:
         return ModelConfig.from_dict(fields).to_dict()
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: {err}") from err
+        raise UserError(f"{where}: {err}") from err
 
 
 def _minimind_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
@@ -190,7 +191,7 @@ def _minimind_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
     known = set(ModelConfig.__dataclass_fields__)
     raw = {MINIMIND_ALIASES.get(k, k): v for k, v in raw.items()}
     if raw.get("use_moe") and raw.get("n_shared_experts"):
-        raise ValueError(f"{where}: shared experts (MiniMind2-MoE) are not supported by the MiniMind-3 architecture")
+        raise UserError(f"{where}: shared experts (MiniMind2-MoE) are not supported by the MiniMind-3 architecture")
     fields = {k: v for k, v in raw.items() if k in known}
     theta = _rope_theta(raw)
     if theta is not None:
@@ -208,7 +209,7 @@ def _qwen3_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
     }
     bad = [name for name, value in unsupported.items() if value]
     if bad:
-        raise ValueError(f"{where}: Qwen3 features not in MiniMind's architecture: {bad}")
+        raise UserError(f"{where}: Qwen3 features not in MiniMind's architecture: {bad}")
     names = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
              "tie_word_embeddings", "bos_token_id", "eos_token_id"]
@@ -244,7 +245,7 @@ def _is_minimind_yarn(rope: dict[str, Any], where: str) -> bool:
     expected = {k: v for k, v in YARN_ROPE_SCALING.items() if k != "type"}
     if kind == "yarn" and all(float(rope.get(k, -1)) == float(v) for k, v in expected.items()):
         return True
-    raise ValueError(f"{where}: RoPE scaling {rope} is not supported (only plain RoPE or MiniMind's YaRN {expected})")
+    raise UserError(f"{where}: RoPE scaling {rope} is not supported (only plain RoPE or MiniMind's YaRN {expected})")
 
 
 def read_hf_weights(root: str | Path) -> dict[str, torch.Tensor]:

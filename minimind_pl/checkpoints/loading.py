@@ -15,6 +15,7 @@ folder it was trained with, and the LoRA adapters to put on top. It accepts
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -22,10 +23,11 @@ from typing import Any, Optional
 import torch
 
 from minimind_pl.checkpoints.adapters import LoRAFile, adapter_from_raw, apply_adapter, is_adapter, read_lora_file, resolve_base
-from minimind_pl.checkpoints.files import STAGE_PREFIX, read_torch_file, strip_prefix
+from minimind_pl.checkpoints.files import STAGE_PREFIX, nonfinite_tensors, read_torch_file, strip_prefix
 from minimind_pl.checkpoints.huggingface import load_hf_directory
 from minimind_pl.checkpoints.minimind import infer_config
 from minimind_pl.config import ModelConfig
+from minimind_pl.errors import UserError
 from minimind_pl.lora import merge_lora
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
@@ -43,6 +45,8 @@ class Checkpoint:
         adapter: LoRA adapters to put on top of ``weights`` (a LoRA checkpoint, or ``lora=`` given).
         adapter_path: Where the adapters were read from.
         stage: The training stage that wrote a Lightning checkpoint (``Pretrain``, ``SFT``, ...).
+        tokenizer_fingerprint: ``Tokenizer.vocabulary_fingerprint`` of the tokenizer it was trained with, when
+            recorded (stage checkpoints since it existed).
     """
 
     path: str
@@ -52,6 +56,7 @@ class Checkpoint:
     adapter: Optional[LoRAFile] = None
     adapter_path: Optional[str] = None
     stage: Optional[str] = None
+    tokenizer_fingerprint: Optional[str] = None
 
     def config(self, preset: Optional[str] = None) -> ModelConfig:
         """The model config: recorded (for a LoRA adapter on a ``.pth``, the base config the adapter recorded),
@@ -74,12 +79,16 @@ class Checkpoint:
                 merge_lora(model)
         return model.to(pick_device(device)).eval()
 
-    def tokenizer(self, override: Optional[str] = None) -> Tokenizer:
-        """``override`` if given, else the recorded tokenizer; a clear error if neither."""
+    def tokenizer(self, override: Optional[str] = None, allow_mismatch: bool = False) -> Tokenizer:
+        """``override`` if given, else the recorded tokenizer; a clear error if neither, or if it is not the
+        tokenizer the model was trained with (a warning with ``allow_mismatch``)."""
         directory = override or self.tokenizer_dir
         if directory is None:
-            raise ValueError(f"no tokenizer is recorded with {self.path}; pass --tokenizer DIR")
-        return Tokenizer.from_file(directory)
+            raise UserError(f"no tokenizer is recorded with {self.path}; pass --tokenizer DIR")
+        tokenizer = Tokenizer.from_file(directory)
+        check_same_tokenizer(self.tokenizer_fingerprint, tokenizer.vocabulary_fingerprint, self.path, directory,
+                             allow_mismatch, "--allow_tokenizer_mismatch true")
+        return tokenizer
 
 
 def open_checkpoint(path: str | Path, lora: Optional[str | Path] = None) -> Checkpoint:
@@ -91,11 +100,35 @@ def open_checkpoint(path: str | Path, lora: Optional[str | Path] = None) -> Chec
         checkpoint = Checkpoint(str(path), weights, config, tokenizer)
     else:
         checkpoint = _from_raw(path, read_torch_file(path))
+    check_finite(checkpoint.path, checkpoint.weights)
     if lora is not None:
         if checkpoint.adapter is not None:
-            raise ValueError(f"{path} is itself a LoRA checkpoint; give its base as the checkpoint and --lora {lora}")
+            raise UserError(f"{path} is itself a LoRA checkpoint; give its base as the checkpoint and --lora {lora}")
         checkpoint.adapter, checkpoint.adapter_path = read_lora_file(lora), str(lora)
     return checkpoint
+
+
+def check_same_tokenizer(recorded: Optional[str], current: Optional[str], model: str, tokenizer_dir: str,
+                         allow: bool, flag: str) -> None:
+    """Refuse (or, with ``allow``, warn about) a tokenizer other than the one ``model`` was trained with.
+
+    ``recorded`` and ``current`` are vocabulary fingerprints; nothing is checked when either is unknown.
+    """
+    if recorded is None or current is None or recorded == current:
+        return
+    message = (f"{model} was trained with another tokenizer than the one in {tokenizer_dir} (vocabulary "
+               f"fingerprints {recorded[:12]} != {current[:12]}): the same token ids would mean other text")
+    if not allow:
+        raise UserError(f"{message}. Use the tokenizer it was trained with, or pass {flag} to use this one anyway.")
+    warnings.warn(f"{message}; going on because of {flag}.")
+
+
+def check_finite(path: str, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN/inf (a diverged run) before anything compares or uses them."""
+    bad = nonfinite_tensors(weights.items())
+    if bad:
+        raise UserError(f"{path} holds NaN/inf weights ({bad[0]}{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}): "
+                        "it was written by a run that diverged. Use an earlier checkpoint of that run.")
 
 
 def _from_raw(path: Path, raw: Any) -> Checkpoint:
@@ -105,17 +138,19 @@ def _from_raw(path: Path, raw: Any) -> Checkpoint:
         adapter = adapter_from_raw(raw, path)
         base = open_checkpoint(resolve_base(adapter, path))
         if base.adapter is not None:
-            raise ValueError(f"the base {base.path} of the LoRA adapter {path} is itself an adapter")
+            raise UserError(f"the base {base.path} of the LoRA adapter {path} is itself an adapter")
         return Checkpoint(str(path), base.weights, base.model_config or adapter.model_config,
-                          tokenizer or base.tokenizer_dir, adapter, str(path), raw.get("stage"))
+                          tokenizer or base.tokenizer_dir, adapter, str(path), raw.get("stage"),
+                          raw.get("tokenizer_fingerprint") or base.tokenizer_fingerprint)
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         weights = strip_prefix(raw["state_dict"], STAGE_PREFIX)
         if not weights:
-            raise ValueError(f"{path} holds no transformer weights (no keys starting with '{STAGE_PREFIX}')")
-        return Checkpoint(str(path), weights, raw.get("model_config"), tokenizer, stage=raw.get("stage"))
+            raise UserError(f"{path} holds no transformer weights (no keys starting with '{STAGE_PREFIX}')")
+        return Checkpoint(str(path), weights, raw.get("model_config"), tokenizer, stage=raw.get("stage"),
+                          tokenizer_fingerprint=raw.get("tokenizer_fingerprint"))
     if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
         return Checkpoint(str(path), raw)
-    raise ValueError(f"{path} is neither a Lightning checkpoint, a MiniMind state dict nor a LoRA adapter file")
+    raise UserError(f"{path} is neither a Lightning checkpoint, a MiniMind state dict nor a LoRA adapter file")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -139,8 +174,7 @@ def load_model(path: str | Path, preset: Optional[str] = None, device: str = "au
     return open_checkpoint(path, lora).build_model(preset, device=device)
 
 
-def load_tokenizer(path: str | Path, tokenizer: Optional[str] = None) -> Tokenizer:
-    """``tokenizer`` if given, else the one recorded with the checkpoint at ``path``."""
-    if tokenizer is not None:
-        return Tokenizer.from_file(tokenizer)
-    return open_checkpoint(path).tokenizer()
+def load_tokenizer(path: str | Path, tokenizer: Optional[str] = None, allow_mismatch: bool = False) -> Tokenizer:
+    """``tokenizer`` if given, else the one recorded with the checkpoint at ``path``; either must be the tokenizer
+    the model was trained with, where the checkpoint records it (``allow_mismatch``: only warn)."""
+    return open_checkpoint(path).tokenizer(tokenizer, allow_mismatch)

@@ -10,6 +10,7 @@ import torch
 
 from minimind_pl.checkpoints.files import EMBED, HEAD
 from minimind_pl.config import ModelConfig
+from minimind_pl.errors import UserError
 
 
 def save_minimind(state_dict: dict[str, torch.Tensor], out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
@@ -27,11 +28,11 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     (``rope_theta``, ``max_position_embeddings``, ``rms_norm_eps``, YaRN) keeps MiniMind's defaults.
     """
     if EMBED not in state_dict and HEAD not in state_dict:
-        raise ValueError(f"cannot infer a model config: the state dict has neither {EMBED} nor {HEAD}")
+        raise UserError(f"cannot infer a model config: the state dict has neither {EMBED} nor {HEAD}")
     embed = state_dict.get(EMBED, state_dict.get(HEAD))
     layers = {int(k.split(".")[2]) for k in state_dict if k.startswith("model.layers.")}
     if not layers:
-        raise ValueError("cannot infer a model config: the state dict has no model.layers.*")
+        raise UserError("cannot infer a model config: the state dict has no model.layers.*")
     p = "model.layers.0."
     head_dim = state_dict[p + "self_attn.q_norm.weight"].shape[0]
     fields: dict[str, Any] = {

@@ -64,6 +64,7 @@ def chat_command(
     lora: str | None = None,
     prompt: str | None = None,
     tokenizer: str | None = None,
+    allow_tokenizer_mismatch: bool = False,
     preset: str | None = None,
     system: str | None = None,
     open_thinking: bool = False,
@@ -83,6 +84,8 @@ def chat_command(
         lora: A LoRA adapter file (LoRA stage .ckpt or MiniMind LoRA .pth) run on top of ``ckpt``, unmerged.
         prompt: Answer this one prompt and exit, instead of an interactive session.
         tokenizer: Tokenizer directory (default: the one recorded with the checkpoint).
+        allow_tokenizer_mismatch: Use ``--tokenizer`` (or the recorded folder) even when it is not the tokenizer
+            the checkpoint was trained with (checkpoints record its fingerprint): a warning instead of an error.
         preset: Model preset of a MiniMind .pth, which stores no config (default: read from the tensor shapes).
         system: An optional system prompt.
         open_thinking: Let the model write its reasoning in a <think> block before the answer.
@@ -101,8 +104,9 @@ def chat_command(
     sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k,
                                 repetition_penalty=repetition_penalty)
     session = ChatSession(
-        checkpoint.build_model(preset, device=device), checkpoint.tokenizer(tokenizer), system=system,
-        history_turns=history_turns, open_thinking=open_thinking, max_new_tokens=max_new_tokens, sampling=sampling,
+        checkpoint.build_model(preset, device=device), checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch),
+        system=system, history_turns=history_turns, open_thinking=open_thinking, max_new_tokens=max_new_tokens,
+        sampling=sampling,
     )
     if prompt is not None:
         print_answer(session, prompt, sys.stdout)

@@ -38,6 +38,7 @@ def eval_command(
     ckpt: str,
     data: str,
     tokenizer: str | None = None,
+    allow_tokenizer_mismatch: bool = False,
     preset: str | None = None,
     lora: str | None = None,
     seq_len: int = 1024,
@@ -54,6 +55,8 @@ def eval_command(
         data: A jsonl file: pretraining ``text``, SFT ``conversations``, or multiple-choice questions
             ``{"question", "A", "B", "C", "D", "answer"}``.
         tokenizer: Tokenizer directory (default: the one recorded with the checkpoint).
+        allow_tokenizer_mismatch: Use ``--tokenizer`` (or the recorded folder) even when it is not the tokenizer
+            the checkpoint was trained with (checkpoints record its fingerprint): a warning instead of an error.
         preset: Model preset of a MiniMind .pth (default: read from the tensor shapes).
         lora: A LoRA adapter file to apply on top of the weights.
         seq_len: Longest window scored at once (longer documents are split into windows).
@@ -68,7 +71,7 @@ def eval_command(
     kind = detect_format(records, data)
     checkpoint = open_checkpoint(ckpt, lora)
     model = checkpoint.build_model(preset, merge=True, device=device)  # adapters folded in: faster
-    tok = checkpoint.tokenizer(tokenizer)
+    tok = checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch)
     if kind == "choice":
         metrics = multiple_choice(model, tok, records, data, mc_format, chat, batch_size, seq_len)
         print(f"{data}: accuracy {metrics['accuracy']:.4f}  acc_norm {metrics['acc_norm']:.4f}  "
@@ -196,7 +199,7 @@ def choice_prompts(record: dict[str, Any], letters: list[str], mc_format: str) -
         options = "\n".join(f"{k}. {record[k]}" for k in letters)
         return f"{question}\n{options}\n答案：", letters
     if mc_format != "cloze":
-        raise ValueError(f"unknown mc_format {mc_format!r}; use 'cloze' or 'letter'")
+        raise UserError(f"unknown mc_format {mc_format!r}; use 'cloze' or 'letter'")
     return f"{question}\n答案：", [str(record[k]) for k in letters]
 
 

@@ -135,6 +135,7 @@ def generate_command(
     open_thinking: bool = False,
     seed: int = 42,
     tokenizer: Optional[str] = None,
+    allow_tokenizer_mismatch: bool = False,
     preset: Optional[str] = None,
     lora: Optional[str] = None,
     device: str = "auto",
@@ -154,6 +155,8 @@ def generate_command(
             reasoning is written to ``reasoning_content``.
         seed: Seed of the sampling.
         tokenizer: Tokenizer directory; default: the one recorded with the checkpoint.
+        allow_tokenizer_mismatch: Use ``--tokenizer`` (or the recorded folder) even when it is not the tokenizer
+            the checkpoint was trained with (checkpoints record its fingerprint): a warning instead of an error.
         preset: Model preset of a .pth checkpoint (default: read off the tensor shapes).
         lora: A LoRA adapter file run on top of the teacher's weights (unmerged).
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda:0``, ...
@@ -169,7 +172,7 @@ def generate_command(
         return str(out_path)
     checkpoint = open_checkpoint(ckpt, lora)
     model = checkpoint.build_model(preset, device=device)
-    tok = checkpoint.tokenizer(tokenizer)
+    tok = checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}; "
                         "give the model's own tokenizer with --tokenizer")

@@ -491,6 +491,7 @@ def serve_command(
     ckpt: str,
     lora: str | None = None,
     tokenizer: str | None = None,
+    allow_tokenizer_mismatch: bool = False,
     preset: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8998,
@@ -510,6 +511,8 @@ def serve_command(
         ckpt: A Lightning .ckpt of any stage, a MiniMind .pth or a Hugging Face directory.
         lora: A LoRA adapter file to apply on top of the weights.
         tokenizer: Tokenizer directory (default: the one recorded with the checkpoint).
+        allow_tokenizer_mismatch: Use ``--tokenizer`` (or the recorded folder) even when it is not the tokenizer
+            the checkpoint was trained with (checkpoints record its fingerprint): a warning instead of an error.
         preset: Model preset of a MiniMind .pth (default: read from the tensor shapes).
         host: Address to bind; the default serves this machine only. Use 0.0.0.0 to serve the network.
         port: TCP port.
@@ -527,7 +530,8 @@ def serve_command(
     model = checkpoint.build_model(preset, merge=True, device=device)  # adapters folded in: faster
     settings = ServerSettings(SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k),
                               max_tokens=max_tokens, max_tokens_limit=max_tokens_limit)
-    engine = ChatEngine(model, checkpoint.tokenizer(tokenizer), model_name=model_name, settings=settings)
+    engine = ChatEngine(model, checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch), model_name=model_name,
+                        settings=settings)
     server = make_server(engine, host, port, api_key=api_key, max_body_bytes=max_body_bytes)
     print(f"serving {ckpt} as {model_name!r} on http://{host}:{server.server_address[1]}/ "
           f"(OpenAI API at /v1, web chat at /); Ctrl-C stops")

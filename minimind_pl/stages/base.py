@@ -20,12 +20,14 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from minimind_pl.checkpoints import open_checkpoint
+from minimind_pl.checkpoints.loading import check_same_tokenizer
+from minimind_pl.checkpoints.files import nonfinite_tensors
 from minimind_pl.config import ModelConfig, architecture_diff
 from minimind_pl.errors import TrainingStopped, UserError
 from minimind_pl.model import MiniMindForCausalLM
-from minimind_pl.stages.nonfinite import NonFiniteSteps, nonfinite_tensors
+from minimind_pl.stages.nonfinite import NonFiniteSteps
 from minimind_pl.stages.resume import collect_rng_states, optimizer_settings_changed, restore_rng_states
-from minimind_pl.tokenizer import Tokenizer
+from minimind_pl.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
 class Stage(L.LightningModule):
@@ -55,6 +57,7 @@ class Stage(L.LightningModule):
         peak_tflops: float | None = None,
         compile: bool = False,
         nonfinite_step_limit: int = 5,
+        allow_tokenizer_mismatch: bool = False,
     ) -> None:
         """Build the transformer for a training stage.
 
@@ -81,6 +84,8 @@ class Stage(L.LightningModule):
             nonfinite_step_limit: Stop the run (exit code 1, naming the last checkpoint) after this many optimizer
                 steps in a row whose loss or gradients were NaN/inf. Each such step is skipped without changing
                 the weights or the optimizer's moments and counted in ``train/skipped_steps``.
+            allow_tokenizer_mismatch: Only warn when ``init_weights`` (or the checkpoint to resume) was trained with
+                another tokenizer than ``--data.tokenizer`` (checkpoints record its vocabulary fingerprint).
         """
         super().__init__()
         if nonfinite_step_limit < 1:
@@ -92,7 +97,10 @@ class Stage(L.LightningModule):
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = config.to_dict()
         self.config = config
-        check_fits(config, tokenizer, seq_len)
+        run_tokenizer = read_run_tokenizer(tokenizer)
+        check_fits(config, run_tokenizer, tokenizer, seq_len)
+        #: ``Tokenizer.vocabulary_fingerprint`` of ``--data.tokenizer``, recorded in every checkpoint.
+        self.tokenizer_fingerprint = run_tokenizer.vocabulary_fingerprint if run_tokenizer else None
         self.model = MiniMindForCausalLM(config)
         if init_weights:
             self.load_initial_weights(init_weights)
@@ -111,10 +119,12 @@ class Stage(L.LightningModule):
         Names must match exactly, and the architecture must be the one this stage was configured with.
         """
         checkpoint = open_checkpoint(path)
+        self.check_tokenizer(checkpoint.tokenizer_fingerprint, f"--model.init_weights {path}")
         if checkpoint.model_config is not None:
             diff = architecture_diff(checkpoint.model_config, self.config)
             if diff:
-                raise ValueError(f"{path} was trained with another architecture ({diff}); pass the same config")
+                raise UserError(f"--model.init_weights {path} was trained with another architecture ({diff}, "
+                                f"checkpoint != this run); pass the checkpoint's values as --model.config.<field>")
         if checkpoint.adapter is None:
             self.model.load_weights(checkpoint.weights, strict=True)
         else:  # a LoRA checkpoint: its adapters folded into its base
@@ -133,9 +143,17 @@ class Stage(L.LightningModule):
         checkpoint["model_config"] = self.config.to_dict()
         checkpoint["stage"] = type(self).__name__
         checkpoint["rng_states"] = collect_rng_states()
+        if self.tokenizer_fingerprint is not None:
+            checkpoint["tokenizer_fingerprint"] = self.tokenizer_fingerprint
+
+    def check_tokenizer(self, recorded: str | None, model: str) -> None:
+        """``model`` (weights this run starts from) must come from the tokenizer of ``--data.tokenizer``."""
+        check_same_tokenizer(recorded, self.tokenizer_fingerprint, model, self.hparams.tokenizer,
+                             self.hparams.allow_tokenizer_mismatch, "--model.allow_tokenizer_mismatch true")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep what resuming needs once training starts again: the RNG states and the saved arguments."""
+        self.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), "the checkpoint to resume (--ckpt_path)")
         self._resumed = {"hparams": dict(checkpoint.get("hyper_parameters") or {}),
                          "rng_states": checkpoint.get("rng_states")}
 
@@ -336,13 +354,21 @@ def last_checkpoint_advice(trainer: "L.Trainer") -> str:
             f"--ckpt_path {paths[0]} --model.learning_rate <lower> to the same command.")
 
 
-def check_fits(config: ModelConfig, tokenizer: str | None, seq_len: int | None) -> None:
-    """Fail early, with both numbers, when the tokenizer or the rows do not fit the model."""
-    if tokenizer and (Path(tokenizer) / "tokenizer.json").exists():
-        vocab = Tokenizer.from_file(tokenizer).vocab_size
+def read_run_tokenizer(tokenizer: str | None) -> Tokenizer | None:
+    """The run's tokenizer (``--data.tokenizer``) if its folder exists (the DataModule reports a missing one)."""
+    if tokenizer and (Path(tokenizer) / TOKENIZER_FILE).exists():
+        return Tokenizer.from_file(tokenizer)
+    return None
+
+
+def check_fits(config: ModelConfig, tokenizer: Tokenizer | None, tokenizer_dir: str | None, seq_len: int | None) -> None:
+    """Fail early, with both numbers, when the tokenizer (read from ``tokenizer_dir``) or the rows do not fit."""
+    if tokenizer is not None:
+        vocab = tokenizer.vocab_size
         if vocab > config.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer} has {vocab} tokens but the model's vocab_size is "
-                             f"{config.vocab_size}; set --model.config.vocab_size {vocab}")
+            raise UserError(f"tokenizer {tokenizer_dir} has {vocab} tokens but the model's vocab_size is "
+                            f"{config.vocab_size}; set --model.config.vocab_size {vocab}")
     if seq_len and seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
-                         f"{config.max_position_embeddings}")
+        raise UserError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+                        f"{config.max_position_embeddings}; lower --data.seq_len or raise "
+                        f"--model.config.max_position_embeddings")

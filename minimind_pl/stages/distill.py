@@ -17,7 +17,8 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from minimind_pl.checkpoints import load_model
+from minimind_pl.checkpoints import open_checkpoint
+from minimind_pl.errors import UserError
 from minimind_pl.losses import distillation_loss
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.stages.pretrain import SFT
@@ -53,12 +54,14 @@ class Distill(SFT):
         """
         super().__init__(learning_rate=learning_rate, **kwargs)
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+            raise UserError(f"alpha must be in [0, 1], got {alpha}")
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise UserError(f"temperature must be > 0, got {temperature}")
         self._teacher: FrozenModel | None = None
         if teacher:
-            self.set_teacher(load_model(teacher, preset=teacher_preset, device="cpu"))
+            checkpoint = open_checkpoint(teacher)
+            self.check_tokenizer(checkpoint.tokenizer_fingerprint, f"the teacher {teacher}")
+            self.set_teacher(checkpoint.build_model(teacher_preset, device="cpu"))
 
     # ------------------------------------------------------------------ teacher
     @property
@@ -69,13 +72,13 @@ class Distill(SFT):
     def _frozen_teacher(self) -> FrozenModel:
         """The teacher's holder; a clear error when no teacher was given."""
         if self._teacher is None:
-            raise ValueError("the Distill stage needs a teacher: pass --model.init_args.teacher PATH")
+            raise UserError("the Distill stage needs a teacher: pass --model.init_args.teacher PATH")
         return self._teacher
 
     def set_teacher(self, model: MiniMindForCausalLM) -> None:
         """Freeze ``model`` and hold it as the teacher, after checking that it shares the vocabulary."""
         if model.config.vocab_size != self.config.vocab_size:
-            raise ValueError(f"teacher and student need the same tokenizer: the teacher's vocab_size is "
+            raise UserError(f"teacher and student need the same tokenizer: the teacher's vocab_size is "
                              f"{model.config.vocab_size}, the student's {self.config.vocab_size}")
         self._teacher = FrozenModel(model, "teacher")
         total, _ = model.config.num_parameters()

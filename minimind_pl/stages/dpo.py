@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from minimind_pl.errors import UserError
 from minimind_pl.losses import IGNORE_INDEX, dpo_loss, sequence_log_probs, token_log_probs
 from minimind_pl.stages.base import Stage
 from minimind_pl.stages.side_models import FrozenModel
@@ -98,7 +99,7 @@ class DPO(Stage):
         """
         super().__init__(learning_rate=learning_rate, **kwargs)
         if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
+            raise UserError(f"beta must be > 0, got {beta}")
         self.reference = FrozenModel.copy_of(self.model, "reference")
         self._reference_logps: dict[str, torch.Tensor] = {}
 

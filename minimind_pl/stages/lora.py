@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from minimind_pl.checkpoints.adapters import adapter_record
 from minimind_pl.checkpoints.files import STAGE_PREFIX
+from minimind_pl.errors import UserError
 from minimind_pl.lora import DEFAULT_TARGETS, LORA_SUFFIXES, LoRAConfig, apply_lora, count_parameters, describe, lora_state_dict
 from minimind_pl.stages.pretrain import SFT
 
@@ -67,14 +68,14 @@ class LoRA(SFT):
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("lora_config")
         if saved is None:
-            raise ValueError("this checkpoint was not written by the LoRA stage (no lora_config); to start "
+            raise UserError("this checkpoint was not written by the LoRA stage (no lora_config); to start "
                              "from full weights use --model.init_weights, --ckpt_path only resumes a LoRA run")
         if LoRAConfig(**saved) != self.lora:
-            raise ValueError(f"the checkpoint's adapters ({saved}) differ from this run's ({self.lora.to_dict()})")
+            raise UserError(f"the checkpoint's adapters ({saved}) differ from this run's ({self.lora.to_dict()})")
         expected = {STAGE_PREFIX + k for k in lora_state_dict(self.model)}
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:
-            raise ValueError(f"the checkpoint lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
+            raise UserError(f"the checkpoint lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter tensors in the transformer's names (``model.layers.0.self_attn.q_proj.lora_A``, ...)."""

@@ -10,8 +10,6 @@ skipped one or two steps later, through ``HostMirror``, and the stage stops the 
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 
 
@@ -92,14 +90,3 @@ class NonFiniteSteps:
         """``(in_a_row, skipped, step)`` as of the newest step the device has finished (zeros before any)."""
         value, step = self.mirror.latest()
         return (value[0], value[1], step) if value is not None else (0, 0, None)
-
-
-def nonfinite_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the floating-point tensors holding NaN or inf (one host sync for all of them)."""
-    named = [(name, t) for name, t in tensors if torch.is_tensor(t) and t.is_floating_point()]
-    if not named:
-        return []
-    finite = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named])
-    if bool(finite.all()):
-        return []
-    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]

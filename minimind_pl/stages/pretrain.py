@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from minimind_pl.errors import UserError
 from minimind_pl.losses import IGNORE_INDEX, causal_lm_loss, token_weights, weighted_causal_lm_loss
 from minimind_pl.stages.base import Stage
 from minimind_pl.tokenizer import Tokenizer
@@ -78,7 +79,7 @@ class SFT(Pretrain):
         """Ids of ``special_tokens`` that are single tokens of the tokenizer, on ``device`` (cached)."""
         if self._special_ids is None:
             if not self.hparams.tokenizer:
-                raise ValueError("special_token_weight needs the tokenizer (--data.tokenizer) to find the tag ids")
+                raise UserError("special_token_weight needs the tokenizer (--data.tokenizer) to find the tag ids")
             tokenizer = Tokenizer.from_file(self.hparams.tokenizer)
             found = {tag: tokenizer.token_to_id(tag) for tag in self.hparams.special_tokens}
             missing = [tag for tag, i in found.items() if i is None]

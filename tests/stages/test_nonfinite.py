@@ -11,7 +11,8 @@ import torch
 from helpers import RecordBatches, fit, tiny_run
 from minimind_pl.cli import main
 from minimind_pl.errors import TrainingStopped
-from minimind_pl.stages.nonfinite import NonFiniteSteps, nonfinite_tensors
+from minimind_pl.checkpoints.files import nonfinite_tensors
+from minimind_pl.stages.nonfinite import NonFiniteSteps
 
 CORPUS = "pretrain_real.jsonl"
 QUIET = ["--trainer.enable_progress_bar", "false"]
