@@ -14,6 +14,7 @@ from minimind_pl.tokenizer import (
     ADDED_TOKENS, CONTROL_TOKENS, Tokenizer, iter_jsonl_texts, train_tokenizer,
 )
 from minimind_pl.commands.tokenizer import tokenizer_command
+from minimind_pl.errors import UserError
 
 TEXTS = [
     "你好，世界！今天天气不错。",
@@ -306,3 +307,9 @@ def test_tokenizer_command_small(tmp_path, capsys):
     assert "chars/token" in report and "saved to" in report
     tok = Tokenizer.from_file(tmp_path / "tok")
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+def test_tokenizer_command_names_a_folder_given_as_data(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "hi"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"\(from --data\) is a directory.*a\.jsonl"):
+        tokenizer_command([str(tmp_path)], vocab_size=400, out=str(tmp_path / "tok"))
