@@ -29,6 +29,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -318,6 +319,9 @@ _WORKER_ENCODER: Optional[RecordEncoder] = None
 
 def _init_worker(encoder: RecordEncoder) -> None:
     global _WORKER_ENCODER
+    # Ctrl+C reaches every process of the terminal's group: the parent alone handles it (its `finally`
+    # terminates the pool); a worker dying of it mid-task could leave the parent waiting on the lost task.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_ENCODER = encoder
 
