@@ -30,13 +30,20 @@ PROCESS_TIMEOUT = 240  # seconds any one `python main.py` may take here (2 share
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def default_stop_signals() -> None:
+    """In the child: SIGINT/SIGTERM as in a terminal. A test suite started in the background by a shell without
+    job control inherits SIGINT ignored, and a Python child would then never see Ctrl+C."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def training_process(args: list[str], stderr: Path, env: dict | None = None) -> Iterator[subprocess.Popen]:
     """``python main.py <args>`` in a process group of its own (its DataLoader workers, DDP ranks), stderr to a
     file (a pipe nobody reads would fill up and block it); the group is killed when the test leaves."""
     with open(stderr, "w") as err:
         process = subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                                   stderr=err, env=env, start_new_session=True)
+                                   stderr=err, env=env, start_new_session=True, preexec_fn=default_stop_signals)
     try:
         yield process
     finally:
