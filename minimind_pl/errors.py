@@ -39,7 +39,7 @@ REPORTED_ERRORS = (ReportedError, FileNotFoundError, IsADirectoryError, NotADire
 
 
 def reported_cause(error: BaseException) -> BaseException | None:
-    """The first error in ``error``'s chain (itself, then what caused it) that is reported in one line, if any.
+    """The first error in ``error``'s chain (itself, then its explicit causes) that is reported in one line, if any.
 
     Libraries that call our code wrap its errors (jsonargparse, instantiating a stage or DataModule, raises
     "Does not validate against any of the Union subtypes" from them); the original says what to fix.
@@ -49,7 +49,7 @@ def reported_cause(error: BaseException) -> BaseException | None:
         if isinstance(error, REPORTED_ERRORS):
             return error
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
+        error = error.__cause__  # explicit causes only: an error raised while handling another is its own bug
     return None
 
 

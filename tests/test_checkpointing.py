@@ -86,11 +86,12 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
+def assert_same_weights(a: Path, b: Path, context: str = "") -> None:
+    """Bit-identical weights; a failure names the tensors that differ and ``context`` (how the run was stopped)."""
     weights_a, weights_b = load(a)["state_dict"], load(b)["state_dict"]
     assert weights_a.keys() == weights_b.keys()
-    for name, value in weights_a.items():
-        assert torch.equal(value, weights_b[name]), name
+    differ = [name for name, value in weights_a.items() if not torch.equal(value, weights_b[name])]
+    assert not differ, f"{len(differ)} of {len(weights_a)} tensors differ, e.g. {differ[:3]}; {context}"
 
 
 def loader_position(checkpoint: dict) -> dict:
@@ -225,7 +226,9 @@ def test_a_stop_signal_saves_the_step_and_the_resumed_run_ends_with_the_same_wei
     resumed = pretrain(tmp_path, shared_dir, cache, STEPS, ["--ckpt_path", str(last)])
     assert run_to_end(resumed, tmp_path / "resumed.txt") == 0, (tmp_path / "resumed.txt").read_text()[-3000:]
     assert load(last)["global_step"] == STEPS
-    assert_same_weights(straight, last)
+    stopped_log = [line for line in stderr.read_text().splitlines() if "received" in line]
+    assert_same_weights(straight, last, f"stopped at step {saved['global_step']} ({stopped_log}), "
+                                        f"loader position {position}")
 
 
 def test_every_ddp_rank_stops_after_the_same_step_when_one_rank_gets_sigterm(tmp_path, shared_dir, uninterrupted):

@@ -35,6 +35,13 @@ def test_the_cause_is_found_under_the_errors_that_wrap_it():
     except ValueError as outer:
         assert str(reported_cause(outer)) == "the real problem"
     assert reported_cause(RuntimeError("a bug")) is None
+    try:
+        try:
+            raise UserError("handled")
+        except UserError:
+            raise RuntimeError("a bug while handling it")  # an implicit context: the bug must show
+    except RuntimeError as bug:
+        assert reported_cause(bug) is None
 
 
 def test_a_missing_tokenizer_folder_is_one_line_in_a_real_process(tmp_path, shared_dir):
