@@ -50,8 +50,9 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def stale_temporaries(folder: Path, in_progress: Iterable[str] = ()) -> list[Path]:
-    """Temporary files in ``folder`` left behind by writers that were killed.
+def stale_temporaries(folder: Path, in_progress: Iterable[str] = (), folders: bool = False) -> list[Path]:
+    """Temporary files (or, with ``folders``, temporary folders: the token cache builds one) in ``folder`` left
+    behind by writers that were killed.
 
     A file counts as stale when it was made on this host by a process that is gone, or by this very process
     but is not in ``in_progress`` (a restarted container reuses its host name and process ids). Files of other
@@ -61,7 +62,7 @@ def stale_temporaries(folder: Path, in_progress: Iterable[str] = ()) -> list[Pat
     stale = []
     for path in folder.iterdir() if folder.is_dir() else ():
         match = _TEMP_NAME.match(path.name)
-        if not match or match["host"] != host or str(path) in busy or path.is_dir():
+        if not match or match["host"] != host or str(path) in busy or path.is_dir() != folders:
             continue
         pid = int(match["pid"])
         if pid == own or not _process_alive(pid):

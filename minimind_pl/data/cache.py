@@ -30,7 +30,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 import uuid
@@ -41,6 +40,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from minimind_pl.checkpointing import TEMP_MARK, stale_temporaries, temporary_path
 from minimind_pl.errors import UserError, check_input_file
 
 from .jsonl import parse_line
@@ -435,20 +435,11 @@ def _format_error(source: Path, line_no: int, msg: str) -> str:
 
 
 def _clean_stale_tmp(final: Path) -> None:
-    """Remove temporary build folders of this cache left by killed runs on this host."""
-    host = socket.gethostname()
-    prefix = f"{final.name}.tmp-"
-    for tmp in final.parent.glob(prefix + "*"):
-        parts = tmp.name[len(prefix):].rsplit("-", 2)  # HOST-PID-RAND
-        if len(parts) != 3 or parts[0] != host:
-            continue
-        try:
-            os.kill(int(parts[1]), 0)
-            continue  # its builder is still running
-        except ProcessLookupError:
+    """Remove temporary build folders of this cache left by killed runs on this host (named as checkpoints'
+    temporary files are: ``checkpointing.temporary_path``)."""
+    for tmp in stale_temporaries(final.parent, folders=True):
+        if tmp.name.startswith(f"{final.name}{TEMP_MARK}"):
             shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, PermissionError):
-            continue
 
 
 @contextlib.contextmanager
@@ -495,7 +486,7 @@ def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, s
     source, final = Path(source), Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_tmp(final)
-    tmp = final.parent / f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp = temporary_path(final)
     tmp.mkdir()
     dtype = token_dtype(encoder.tokenizer.vocab_size)
     st = os.stat(source)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +122,7 @@ def test_killed_build_leaves_no_cache(tmp_path, tok_dir, write_jsonl, monkeypatc
     assert not [p for p in (tmp_path / "c").iterdir() if ".tmp-" in p.name]
     monkeypatch.setattr(cache_mod, "encode_block", real)
     # a stale temp folder of a dead process is cleaned up by the next build
-    stale = final.parent / f"{final.name}.tmp-{cache_mod.socket.gethostname()}-999999999-abcdef"
+    stale = final.parent / f"{final.name}.tmp-{socket.gethostname()}-999999999-abcdef12"  # as temporary_path names it
     stale.mkdir()
     (stale / "tokens.bin").write_bytes(b"junk")
     c = ensure_cache(data, enc, cache_dir=tmp_path / "c", progress=False)
