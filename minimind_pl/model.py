@@ -15,17 +15,21 @@ D head_dim, C hidden_size, E experts, N = B*T tokens, V vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from minimind_pl.config import ModelConfig
 from minimind_pl.errors import UserError
 
 # One (key, value) pair per layer, each (B, K, S, D), RoPE already applied.
 KVCache = list[tuple[Tensor, Tensor]]
+# What every layer's attention is told about visibility: None (plain causal), a dense boolean
+# (B or 1, 1, T, S) mask for scaled_dot_product_attention, or a FlexAttention BlockMask.
+AttentionMask = Union[None, Tensor, BlockMask]
 
 
 class CausalLMOutput(NamedTuple):
@@ -110,6 +114,17 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.inv_freq, self.attention_factor = rope_frequencies(config)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "RotaryEmbedding":
+        """Follow the module's device moves (`.to`, `.cuda`), never its dtype: the frequencies stay float32.
+
+        Moving them here, not lazily in `forward`, keeps a compiled forward free of attribute
+        mutation (which would recompile it once after the first step).
+        """
+        device = fn(torch.zeros((), dtype=torch.float32)).device
+        if device.type != "meta":
+            self.inv_freq = self.inv_freq.to(device)
+        return super()._apply(fn, recurse)
+
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """position_ids (B, T) -> cos, sin, each (B, T, D) float32."""
         if self.inv_freq.device != position_ids.device:
@@ -156,19 +171,43 @@ def build_attention_mask(
     return mask | (k_pos == q_pos)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+def document_block_mask(doc_ids: Tensor) -> BlockMask:
+    """FlexAttention mask for packed rows: a token sees earlier tokens of its own document only.
+
+    doc_ids (B, T). Built once per batch and shared by every layer; FlexAttention then skips the
+    128x128 tiles that are wholly masked (above the diagonal or across documents), which the dense
+    mask of `build_attention_mask` cannot. On CUDA the mask is built by a compiled kernel (shapes
+    stay fixed from batch to batch, so it compiles once); on the CPU eagerly.
+    """
+    b, t = doc_ids.shape
+
+    def same_document_causal(batch: Tensor, head: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (kv_idx <= q_idx) & (doc_ids[batch, q_idx] == doc_ids[batch, kv_idx])
+
+    return create_block_mask(same_document_causal, b, None, t, t, device=doc_ids.device,
+                             _compile=doc_ids.device.type == "cuda")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask = None, dropout_p: float = 0.0) -> Tensor:
     """Scaled dot-product attention, the single place every layer's attention goes through.
 
     q (B, H, T, D), k/v (B, K, S, D) with K dividing H (grouped-query: query head h uses
     key/value head h // (H / K)). mask None means causal when T > 1 (then T must equal S,
-    which `build_attention_mask` guarantees) and "see everything" for a single query.
+    which `build_attention_mask` guarantees) and "see everything" for a single query; a
+    BlockMask runs FlexAttention (fused only under torch.compile; no dropout).
     Returns (B, H, T, D).
     """
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:  # expand kv heads; works with every SDPA backend and mask
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    gqa = q.shape[1] != k.shape[1]
+    if isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    if gqa and mask is not None and q.device.type != "cpu":
+        # CUDA's memory-efficient kernel (the one that takes a dense mask) has no grouped-query
+        # broadcast: with enable_gqa it would fall back to the math kernel, so expand K/V instead.
+        n_rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1), False
     is_causal = mask is None and q.shape[2] > 1
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -189,7 +228,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
         past_kv: Optional[tuple[Tensor, Tensor]] = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, T, C) -> output (B, T, C) and this layer's (k, v) including the past."""
@@ -223,9 +262,10 @@ class FeedForward(nn.Module):
 class MoEFeedForward(nn.Module):
     """Mixture of SwiGLU experts: softmax router, top-k, optionally renormalised weights.
 
-    No shared expert. Experts a batch does not use simply get no gradient (no fake
-    zero-times-parameter terms); with DDP use `find_unused_parameters=True` or a strategy
-    that tolerates it.
+    No shared expert. The experts run as one grouped matmul over their stacked weights, so every
+    expert takes part in every step (an expert no token chose gets a zero gradient) and DDP needs
+    no `find_unused_parameters`. Where the grouped matmul does not apply (unaligned sizes), the
+    experts run one after the other and unused ones get no gradient.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -251,18 +291,42 @@ class MoEFeedForward(nn.Module):
         return y.view(b, t, c), aux
 
     def _dispatch(self, x_flat: Tensor, top_w: Tensor, top_idx: Tensor) -> Tensor:
-        """Run each expert on its tokens and add the weighted outputs back: (N, C)."""
+        """Run each expert on its tokens and add the weighted outputs back: (N, C).
+
+        Sync-free: the (token, slot) pairs are sorted by expert and all experts run as one grouped
+        matmul whose group offsets stay on the device (no `.tolist()`, no graph break under compile).
+        Where the grouped matmul does not apply, `_experts_loop` (the reference) runs instead.
+        """
+        n, k = top_idx.shape
         flat_expert = top_idx.flatten()  # (N*k,) expert of each (token, slot)
         order = flat_expert.argsort(stable=True)  # slots grouped by expert
-        counts = torch.bincount(flat_expert, minlength=len(self.experts)).tolist()  # one host sync
-        flat_w = top_w.flatten()
-        y = torch.zeros_like(x_flat)
-        for expert, slots in zip(self.experts, order.split(counts)):
-            if slots.numel() == 0:
-                continue
-            tokens = slots // self.top_k
-            y.index_add_(0, tokens, (expert(x_flat[tokens]) * flat_w[slots, None]).to(y.dtype))
-        return y
+        x_sorted = x_flat[order // k]  # (N*k, C)
+        counts = torch.zeros(len(self.experts), dtype=torch.int32, device=x_flat.device)
+        counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))  # (E,)
+        if grouped_matmul_applies(x_flat, self.experts):
+            out_sorted = self._experts_grouped(x_sorted, counts.cumsum(0, dtype=torch.int32))
+        else:
+            out_sorted = self._experts_loop(x_sorted, counts)
+        out = torch.empty_like(out_sorted)
+        out[order] = out_sorted  # (N*k, C) back in (token, slot) order
+        return (out.view(n, k, -1) * top_w[..., None]).sum(1).to(x_flat.dtype)  # weighted in float32
+
+    def _experts_grouped(self, x_sorted: Tensor, offsets: Tensor) -> Tensor:
+        """All experts' SwiGLU in three grouped matmuls; rows offsets[e-1]:offsets[e] belong to expert e."""
+        dtype = matmul_dtype(x_sorted)
+        x = x_sorted.to(dtype)
+
+        def stacked(name: str) -> Tensor:  # (E, in, out): each expert's Linear weight, transposed
+            return torch.stack([getattr(e, name).weight for e in self.experts]).to(dtype).transpose(-2, -1)
+
+        gate = torch._grouped_mm(x, stacked("gate_proj"), offs=offsets)  # (N*k, I)
+        up = torch._grouped_mm(x, stacked("up_proj"), offs=offsets)
+        return torch._grouped_mm(F.silu(gate) * up, stacked("down_proj"), offs=offsets)  # (N*k, C)
+
+    def _experts_loop(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+        """The reference: one expert after the other on its rows (one host sync for the counts)."""
+        chunks = x_sorted.split(counts.tolist())
+        return torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
 
     def _aux_loss(self, probs: Tensor, top_idx: Tensor) -> Tensor:
         """MiniMind's load-balancing loss: E * coef * sum_e load_e * mean_prob_e.
@@ -273,6 +337,21 @@ class MoEFeedForward(nn.Module):
         num_experts = probs.shape[-1]
         load = F.one_hot(top_idx, num_experts).float().sum(1).mean(0)  # (E,)
         return num_experts * self.aux_loss_coef * (load * probs.mean(0)).sum()
+
+
+def matmul_dtype(x: Tensor) -> Tensor:
+    """The dtype a matmul on x runs in: the autocast dtype when autocast is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def grouped_matmul_applies(x: Tensor, experts: nn.ModuleList) -> bool:
+    """Whether `torch._grouped_mm` serves these experts: it exists, and every row is a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    expert = experts[0]
+    row_bytes = torch.finfo(matmul_dtype(x)).bits // 8
+    return all(size * row_bytes % 16 == 0 for size in expert.gate_proj.weight.shape)
 
 
 # ----------------------------------------------------------------------------- block and model
@@ -293,7 +372,7 @@ class MiniMindBlock(nn.Module):
             self.mlp = FeedForward(config.hidden_size, config.intermediate_size)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
         past_kv: Optional[tuple[Tensor, Tensor]] = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor], Optional[Tensor]]:
         """x (B, T, C) -> (x (B, T, C), (k, v), aux loss or None)."""
@@ -322,12 +401,14 @@ class MiniMindModel(nn.Module):
     def forward(
         self, input_ids: Tensor, position_ids: Tensor, doc_ids: Optional[Tensor] = None,
         attention_mask: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None,
-        use_cache: bool = False,
+        use_cache: bool = False, block_mask: Optional[BlockMask] = None,
     ) -> tuple[Tensor, Tensor, Optional[KVCache]]:
         """input_ids (B, T) -> (hidden (B, T, C), aux loss 0-d float32, new cache or None)."""
         t = input_ids.shape[1]
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
-        mask = build_attention_mask(t, past_len + t, doc_ids, attention_mask, input_ids.device)
+        mask: AttentionMask = block_mask
+        if block_mask is None:
+            mask = build_attention_mask(t, past_len + t, doc_ids, attention_mask, input_ids.device)
         cos, sin = self.rotary(position_ids)  # (B, T, D) each
         x = self.dropout(self.embed_tokens(input_ids))  # (B, T, C)
         aux_loss = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -376,6 +457,7 @@ class MiniMindForCausalLM(nn.Module):
         past_key_values: Optional[KVCache] = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        block_mask: Optional[BlockMask] = None,
     ) -> CausalLMOutput:
         """Next-token logits for `input_ids` (B, T).
 
@@ -390,13 +472,18 @@ class MiniMindForCausalLM(nn.Module):
             use_cache: return the updated cache in the output.
             logits_to_keep: if > 0, compute logits only for the last that many positions
                 (generation needs only the last one).
+            block_mask: a FlexAttention mask to use instead of the dense one (e.g.
+                `document_block_mask(doc_ids)`, built once per batch outside a compiled forward).
+                Training only: no cache, no padding mask, no attention dropout.
         """
         past_len = self._check_inputs(input_ids, position_ids, doc_ids, attention_mask, past_key_values)
+        if block_mask is not None:
+            self._check_block_mask(block_mask, input_ids, attention_mask, past_key_values)
         if position_ids is None:
             t = input_ids.shape[1]
             position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).expand_as(input_ids)
         hidden, aux_loss, cache = self.model(
-            input_ids, position_ids, doc_ids, attention_mask, past_key_values, use_cache)
+            input_ids, position_ids, doc_ids, attention_mask, past_key_values, use_cache, block_mask)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return CausalLMOutput(self.lm_head(hidden), aux_loss, cache)
@@ -426,6 +513,18 @@ class MiniMindForCausalLM(nn.Module):
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != (batch, cached + new) "
                              f"= {expected}")
         return past_len
+
+    def _check_block_mask(self, block_mask: BlockMask, input_ids: Tensor, attention_mask: Optional[Tensor],
+                          past_key_values: Optional[KVCache]) -> None:
+        """Raise ValueError where a FlexAttention mask cannot stand in for the dense one."""
+        b, t = input_ids.shape
+        if past_key_values or attention_mask is not None:
+            raise ValueError("block_mask cannot be combined with past_key_values or attention_mask")
+        if block_mask.shape[0] not in (1, b) or tuple(block_mask.shape[-2:]) != (t, t):
+            raise ValueError(f"block_mask shape {tuple(block_mask.shape)} does not fit input_ids {(b, t)}")
+        if self.training and self.config.dropout > 0:
+            raise ValueError("block_mask (FlexAttention) has no attention dropout; train with dropout 0 "
+                             "or without block_mask")
 
     def _check_token_range(self, input_ids: Tensor) -> None:
         """Raise ValueError for ids outside [0, vocab_size).

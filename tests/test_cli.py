@@ -21,13 +21,18 @@ def test_help_lists_every_command(capsys):
 
 
 def test_pretrain_loss_falls_and_logs_to_tensorboard(tmp_path, shared_dir):
-    cli = main(tiny_run(tmp_path, shared_dir, "pretrain", "pretrain_real.jsonl", max_steps=30))
+    peak = 0.05  # TFLOP/s, given: on the CPU nothing is measured
+    cli = main(tiny_run(tmp_path, shared_dir, "pretrain", "pretrain_real.jsonl", max_steps=30,
+                        extra=["--model.peak_tflops", str(peak)]))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(Path(cli.trainer.logger.log_dir))).Reload()
     scalars = set(events.Tags()["scalars"])
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "val/loss", "val/ppl"):
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu", "val/loss", "val/ppl"):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    rates, mfus = ([e.value for e in events.Scalars(tag)] for tag in ("train/tokens_per_sec", "train/mfu"))
+    expected = [rate * cli.model.flops_per_token() / (peak * 1e12) for rate in rates]
+    assert mfus == pytest.approx(expected, rel=1e-5) and 0 < mfus[-1] < 1
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses[-1] < losses[0] - 1.0, losses
     assert events.Tags()["tensors"], "generated samples are logged as text"

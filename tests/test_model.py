@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -209,6 +211,57 @@ def test_packed_documents_match_separate_documents() -> None:
     assert not torch.allclose(model(packed, position_ids=position_ids).logits, alone, atol=1e-3)
 
 
+def random_packed_rows(rows: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, position_ids, doc_ids), each (rows, length): documents of random lengths back to back."""
+    g = torch.Generator().manual_seed(seed)
+    doc_ids = torch.cumsum(torch.rand(rows, length, generator=g) < 0.02, dim=1)  # ~50-token documents
+    starts = torch.cat([torch.ones(rows, 1, dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], dim=1)
+    index = torch.arange(length).expand(rows, length)
+    position_ids = index - torch.cummax(torch.where(starts, index, 0), dim=1).values
+    return torch.randint(0, V, (rows, length), generator=g), position_ids, doc_ids
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_block_mask_matches_the_dense_document_mask() -> None:
+    """FlexAttention (eager here: on the CPU it runs without gradients) sees exactly what the dense mask lets
+    through, over rows longer than its 128-token blocks, with grouped-query heads."""
+    from minimind_pl.model import document_block_mask
+    model = debug_model()
+    ids, position_ids, doc_ids = random_packed_rows(2, 300)
+    with torch.no_grad():
+        dense = model(ids, position_ids=position_ids, doc_ids=doc_ids).logits
+        flex = model(ids, position_ids=position_ids, block_mask=document_block_mask(doc_ids)).logits
+        causal_only = model(ids, position_ids=position_ids).logits
+    torch.testing.assert_close(flex, dense, rtol=0, atol=1e-5)
+    assert not torch.allclose(causal_only, dense, atol=1e-3)  # the documents do matter here
+
+
+def test_block_mask_refuses_what_it_cannot_express() -> None:
+    from minimind_pl.model import document_block_mask
+    model = debug_model()
+    ids, position_ids, doc_ids = random_packed_rows(2, 16)
+    mask = document_block_mask(doc_ids)
+    with pytest.raises(ValueError, match="does not fit"):
+        model(ids[:, :8], block_mask=mask)
+    with pytest.raises(ValueError, match="past_key_values or attention_mask"):
+        model(ids, attention_mask=torch.ones_like(ids), block_mask=mask)
+    with pytest.raises(ValueError, match="dropout"):
+        debug_model(dropout=0.1).train()(ids, block_mask=mask)
+
+
+def test_grouped_query_attention_broadcasts_like_repeated_heads() -> None:
+    """``attention`` on 2 key/value heads equals SDPA on the 4 heads they stand for (causal and dense mask)."""
+    import torch.nn.functional as F
+    from minimind_pl.model import attention, build_attention_mask
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 24, 8, generator=g) for h in (4, 2, 2))
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    repeated = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    mask = build_attention_mask(24, 24, doc_ids, None, q.device)
+    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, *repeated, is_causal=True))
+    torch.testing.assert_close(attention(q, k, v, mask), F.scaled_dot_product_attention(q, *repeated, attn_mask=mask))
+
+
 def test_left_padding_matches_unpadded() -> None:
     model = debug_model()
     x = torch.randint(0, V, (1, 6))
@@ -250,11 +303,49 @@ def test_moe_aux_loss_positive_with_grad_and_train_only() -> None:
 
 
 def test_moe_top2_and_unused_experts() -> None:
+    """An expert no token chose gets an exact zero gradient (so DDP needs no find_unused_parameters)."""
     model = debug_model(use_moe=True, num_experts=8, num_experts_per_tok=2).train()
     out = model(torch.randint(0, V, (1, 3)))  # 3 tokens x 2 slots < 8 experts: some get nothing
     (out.logits.sum() + out.aux_loss).backward()
     grads = [e.up_proj.weight.grad for e in model.model.layers[0].mlp.experts]
-    assert any(g is None for g in grads) and any(g is not None for g in grads)
+    assert all(g is not None for g in grads)
+    used = [bool(g.abs().sum() > 0) for g in grads]
+    assert 0 < sum(used) <= 6 and not all(used)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_grouped_experts_match_the_loop(top_k: int, autocast: bool) -> None:
+    """The sync-free grouped matmul gives the loop's outputs and gradients (fp32 exactly; bf16 autocast close)."""
+    torch.manual_seed(0)
+    moe = debug_model(use_moe=True, num_experts=4, num_experts_per_tok=top_k).model.layers[0].mlp.train()
+    x = torch.randn(2, 40, 64, requires_grad=True)
+    outputs, grads = [], []
+    for grouped in (True, False):
+        moe.zero_grad()
+        x.grad = None
+        with mock.patch("minimind_pl.model.grouped_matmul_applies", return_value=grouped), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, aux = moe(x)
+        (y.float().square().sum() + aux).backward()
+        outputs.append(y.detach().float())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in moe.parameters()])
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(outputs[0], outputs[1], **tol)
+    for grouped_grad, loop_grad in zip(*grads):
+        torch.testing.assert_close(grouped_grad, loop_grad, **tol)
+
+
+def test_grouped_experts_need_aligned_rows() -> None:
+    from minimind_pl.model import grouped_matmul_applies
+    aligned = debug_model(use_moe=True).model.layers[0].mlp.experts
+    odd = debug_model(use_moe=True, moe_intermediate_size=250).model.layers[0].mlp.experts
+    x = torch.zeros(1, 64)
+    assert grouped_matmul_applies(x, aligned) and not grouped_matmul_applies(x, odd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # 2-byte rows: 250 * 2 is not a multiple of 16
+        assert not grouped_matmul_applies(x, odd)
+    model = debug_model(use_moe=True, moe_intermediate_size=250)  # the loop serves it
+    assert torch.isfinite(model(torch.randint(0, V, (2, 8))).logits).all()
 
 
 # ----------------------------------------------------------------------------- YaRN

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
@@ -25,8 +26,10 @@ from minimind_pl.checkpoints.files import nonfinite_tensors
 from minimind_pl.config import ModelConfig, architecture_diff
 from minimind_pl.errors import TrainingStopped, UserError
 from minimind_pl.model import MiniMindForCausalLM
+from minimind_pl.stages.compiled import CompiledTraining, compile_decision, flex_decision
 from minimind_pl.stages.nonfinite import NonFiniteSteps
 from minimind_pl.stages.resume import collect_rng_states, optimizer_settings_changed, restore_rng_states
+from minimind_pl.throughput import flops_per_token, matmul_peak_tflops
 from minimind_pl.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -55,7 +58,8 @@ class Stage(L.LightningModule):
         sample_prompts: list[str] | None = None,
         sample_max_new_tokens: int = 48,
         peak_tflops: float | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
+        flex_attention: bool | None = None,
         nonfinite_step_limit: int = 5,
         allow_tokenizer_mismatch: bool = False,
     ) -> None:
@@ -79,8 +83,14 @@ class Stage(L.LightningModule):
             sample_prompts: Prompts completed greedily at each validation and logged to TensorBoard as text
                 (by ``callbacks.SampleLogger``, which ``main.py fit`` adds).
             sample_max_new_tokens: Length of those samples in tokens.
-            peak_tflops: Peak bf16 matmul TFLOP/s of the accelerator; when set, MFU is logged.
-            compile: Compile the transformer with ``torch.compile``.
+            peak_tflops: Peak bf16 matmul TFLOP/s of the accelerator, the denominator of ``train/mfu``.
+                ``None`` measures it on CUDA when training starts (a second of bf16 matmuls) and logs no MFU
+                on the CPU; 0 turns MFU off.
+            compile: Compile the training forward and loss with ``torch.compile`` (validation and samples run
+                uncompiled). ``None``: on CUDA yes, on the CPU no (compiling costs more than it saves there).
+            flex_attention: Keep packed documents apart with a FlexAttention block mask instead of a dense
+                (B, 1, T, T) mask, in compiled training steps. ``None``: on CUDA when ``dropout`` is 0. FlexAttention
+                trains only on a GPU (on the CPU it has no backward).
             nonfinite_step_limit: Stop the run (exit code 1, naming the last checkpoint) after this many optimizer
                 steps in a row whose loss or gradients were NaN/inf. Each such step is skipped without changing
                 the weights or the optimizer's moments and counted in ``train/skipped_steps``.
@@ -104,8 +114,10 @@ class Stage(L.LightningModule):
         self.model = MiniMindForCausalLM(config)
         if init_weights:
             self.load_initial_weights(init_weights)
-        if compile:
-            self.model.compile()
+        #: The training fast path (compiled forward and losses), set up when training starts on its device.
+        self.compiled: CompiledTraining | None = None
+        #: The measured or given peak TFLOP/s behind ``train/mfu`` (None: no MFU).
+        self.peak_tflops = peak_tflops or None
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in self.VAL_METRICS})
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
@@ -157,6 +169,20 @@ class Stage(L.LightningModule):
         self._resumed = {"hparams": dict(checkpoint.get("hyper_parameters") or {}),
                          "rng_states": checkpoint.get("rng_states")}
 
+    def on_fit_start(self) -> None:
+        """On the training device: set up the compiled fast path and measure the matmul peak for MFU."""
+        device = self.device
+        if compile_decision(self.hparams.compile, device):
+            flex = flex_decision(self.hparams.flex_attention, device, self.config.dropout)
+            self.compiled = CompiledTraining(self.model, flex_attention=flex)
+        if self.hparams.peak_tflops is None and device.type == "cuda":
+            self.peak_tflops = matmul_peak_tflops(device)
+            rank_zero_info(f"measured bf16 matmul peak: {self.peak_tflops:.0f} TFLOP/s (the denominator of train/mfu)")
+
+    def on_fit_end(self) -> None:
+        """Drop the compiled forward (a later ``fit`` or tool sees the plain model)."""
+        self.compiled = None
+
     def on_train_start(self) -> None:
         """After a resume: apply this run's optimizer settings where they differ from the checkpoint's."""
         if self._resumed is not None and optimizer_settings_changed(self._resumed["hparams"], dict(self.hparams)):
@@ -175,9 +201,21 @@ class Stage(L.LightningModule):
         raise NotImplementedError
 
     def forward_batch(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None):
-        """Run the transformer (or another ``model``, e.g. a teacher) on a batch of packed or padded rows."""
-        model = self.model if model is None else model
+        """Run the transformer (or another ``model``, e.g. a teacher) on a batch of packed or padded rows.
+
+        Training steps of the trained model go through the compiled fast path when there is one.
+        """
+        if model is None or model is self.model:
+            if self.compiled is not None and self.training:
+                return self.compiled.forward(batch)
+            model = self.model
         return model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+
+    def training_loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``loss_fn`` compiled for training steps on the fast path, else as it is."""
+        if self.compiled is not None and self.training:
+            return self.compiled.loss(loss_fn)
+        return loss_fn
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One micro-batch: compute the stage's loss and log it (no GPU->CPU sync here)."""
@@ -301,8 +339,8 @@ class Stage(L.LightningModule):
         if self._last_log_time is not None:
             tokens_per_sec = self._tokens_since_log * self.trainer.world_size / max(now - self._last_log_time, 1e-9)
             self.log("train/tokens_per_sec", tokens_per_sec, on_step=True, on_epoch=False)
-            if self.hparams.peak_tflops:
-                mfu = tokens_per_sec * self.flops_per_token() / (self.hparams.peak_tflops * 1e12 * self.trainer.world_size)
+            if self.peak_tflops:
+                mfu = tokens_per_sec * self.flops_per_token() / (self.peak_tflops * 1e12 * self.trainer.world_size)
                 self.log("train/mfu", mfu, on_step=True, on_epoch=False)
         self._last_log_time, self._tokens_since_log = now, 0
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
@@ -318,11 +356,8 @@ class Stage(L.LightningModule):
             f"{step - in_a_row}. {last_checkpoint_advice(self.trainer)}")
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6 x active parameters + attention over the row (PaLM appendix B)."""
-        cfg = self.config
-        _, active = cfg.num_parameters()
-        attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (self.hparams.seq_len or 0)
-        return 6 * active + attention
+        """Training FLOPs per token of this model at ``seq_len`` (``throughput.flops_per_token``)."""
+        return flops_per_token(self.config, self.hparams.seq_len or 0)
 
     # -------------------------------------------------------------- samples
     def sample_prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:

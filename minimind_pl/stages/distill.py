@@ -95,7 +95,8 @@ class Distill(SFT):
         out = self.forward_batch(batch)
         labels = batch["labels"]
         ce_loss = self.lm_loss(out.logits, labels)
-        kl_loss = distillation_loss(out.logits, self.teacher_logits(batch), labels, self.hparams.temperature)
+        kl = self.training_loss(distillation_loss)
+        kl_loss = kl(out.logits, self.teacher_logits(batch), labels, self.hparams.temperature)
         alpha = self.hparams.alpha
         loss = alpha * (ce_loss + out.aux_loss) + (1 - alpha) * kl_loss
         logs = {"ce_loss": ce_loss.detach(), "kl_loss": kl_loss.detach()}

@@ -29,7 +29,7 @@ class Pretrain(Stage):
 
     def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The language-modelling term: mean cross entropy over labelled positions."""
-        return causal_lm_loss(logits, labels)
+        return self.training_loss(causal_lm_loss)(logits, labels)
 
     def validation_weight(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Batches count by their labelled tokens, so ``val/loss`` is the mean over tokens."""
@@ -73,7 +73,7 @@ class SFT(Pretrain):
         if weight == 1.0 or not self.training:
             return super().lm_loss(logits, labels)
         ids = self.special_token_ids(labels.device)
-        return weighted_causal_lm_loss(logits, labels, token_weights(labels, ids, weight))
+        return self.training_loss(weighted_causal_lm_loss)(logits, labels, token_weights(labels, ids, weight))
 
     def special_token_ids(self, device: torch.device) -> torch.Tensor:
         """Ids of ``special_tokens`` that are single tokens of the tokenizer, on ``device`` (cached)."""
