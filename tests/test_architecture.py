@@ -12,7 +12,8 @@ import minimind_pl
 PACKAGE = Path(minimind_pl.__file__).parent
 
 # Floors, lowest first: a module may import its own floor and the ones below, never one above.
-CORE = ("errors", "config", "model", "losses", "lora", "tokenizer", "chat_format", "generation", "checkpoints")
+CORE = ("errors", "config", "model", "losses", "lora", "tokenizer", "chat_format", "generation", "checkpoints",
+        "throughput")
 TRAINING = ("data", "stages", "callbacks", "checkpointing")
 COMMANDS = ("commands", "demo", "cli")
 

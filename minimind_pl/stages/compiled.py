@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.utils._triton import has_triton
 
 from minimind_pl.model import CausalLMOutput, MiniMindForCausalLM, document_block_mask
 
@@ -52,8 +53,11 @@ class CompiledTraining:
 
 
 def compile_decision(compile: bool | None, device: torch.device) -> bool:
-    """Whether to compile: as asked, or by default (None) on CUDA only, where it pays for its compile time."""
-    return device.type == "cuda" if compile is None else bool(compile)
+    """Whether to compile: as asked, or by default (None) on CUDA only, where it pays for its compile time,
+    and only where Triton, which the compiled CUDA kernels are written in, is installed."""
+    if compile is None:
+        return device.type == "cuda" and has_triton()
+    return bool(compile)
 
 
 def flex_decision(flex_attention: bool | None, device: torch.device, dropout: float) -> bool:

@@ -3,6 +3,8 @@ documents move, and checkpoints and tools that see the plain model."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 import torch._dynamo
 
@@ -50,7 +52,10 @@ def test_compiled_training_gives_the_plain_losses_without_recompiling(tmp_path, 
 
 def test_defaults_compile_and_use_flex_attention_on_cuda_only():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert compile_decision(None, cuda) and not compile_decision(None, cpu)
+    with mock.patch("minimind_pl.stages.compiled.has_triton", return_value=True):
+        assert compile_decision(None, cuda) and not compile_decision(None, cpu)
+    with mock.patch("minimind_pl.stages.compiled.has_triton", return_value=False):
+        assert not compile_decision(None, cuda)
     assert compile_decision(True, cpu) and not compile_decision(False, cuda)
     assert flex_decision(None, cuda, dropout=0.0) and not flex_decision(None, cuda, dropout=0.1)
     assert not flex_decision(None, cpu, dropout=0.0) and flex_decision(True, cpu, dropout=0.0)

@@ -1,0 +1,23 @@
+"""The benchmark scripts run (their figures are read in bench/RESULTS.md, never asserted here)."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import REPO, run_python
+
+
+def test_throughput_benchmark_runs_every_runner_on_the_cpu(tmp_path, shared_dir):
+    out = tmp_path / "throughput.json"
+    result = run_python([str(REPO / "bench" / "throughput.py"), "--modes", "padded-loop,sft-loop,moe-fit",
+                         "--steps", "2", "--warmup", "1", "--seq_len", "64", "--batch_size", "2",
+                         "--corpus", str(shared_dir / "corpus"), "--tokenizer", str(shared_dir / "minimind"),
+                         "--cache_dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["modes"]) == {"padded-loop", "sft-loop", "moe-fit"}
+    assert all(mode["finite"] and mode["real_tokens_per_s"] > 0 for mode in results["modes"].values())
+    assert results["modes"]["padded-loop"]["real_token_fraction"] < results["modes"]["sft-loop"]["real_token_fraction"]
+    assert "packed_over_padded" in results["ratios"]
+    table = result.stdout[result.stdout.rindex("\nmode "):]  # the table comes last
+    assert all(f"\n{name} " in table for name in results["modes"]) and "packed_over_padded: " in table
