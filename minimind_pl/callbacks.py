@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from minimind_pl.generation import GREEDY, generate
+from minimind_pl.stages.strategies import shards_parameters
 from minimind_pl.tokenizer import Tokenizer
 
 
@@ -42,7 +43,8 @@ class SampleLogger(Callback):
 
     Reads from the stage: ``hparams.sample_prompts``, ``hparams.sample_max_new_tokens``, ``hparams.tokenizer``
     and ``sample_prompt_ids(tokenizer)`` (plain text or chat, by the stage's ``SAMPLE_STYLE``). Runs on
-    rank 0 only, and not during the sanity check. Does nothing for stages or loggers without them.
+    rank 0 only (on every rank where the weights are sharded, logged by rank 0), and not during the sanity check.
+    Does nothing for stages or loggers without them.
     """
 
     def __init__(self) -> None:
@@ -53,13 +55,16 @@ class SampleLogger(Callback):
         """Generate and log the samples."""
         hparams = pl_module.hparams
         experiment = getattr(trainer.logger, "experiment", None)
-        if (trainer.sanity_checking or trainer.global_rank != 0 or not hparams.get("sample_prompts")
-                or not hparams.get("tokenizer") or not hasattr(experiment, "add_text")):
+        every_rank = shards_parameters(trainer.strategy)  # each forward needs all ranks' shards
+        if (trainer.sanity_checking or (trainer.global_rank != 0 and not every_rank)
+                or not hparams.get("sample_prompts") or not hparams.get("tokenizer") or not hasattr(experiment, "add_text")):
             return
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.from_file(hparams.tokenizer)
         tokenizer = self._tokenizer
         outputs = generate(pl_module.model, pl_module.sample_prompt_ids(tokenizer), hparams.sample_max_new_tokens,
                            GREEDY, tokenizer.eos_id)
+        if trainer.global_rank != 0:
+            return
         lines = [f"**{p}** → {tokenizer.decode(o)}" for p, o in zip(hparams.sample_prompts, outputs)]
         experiment.add_text("samples", "\n\n".join(lines), global_step=trainer.global_step)

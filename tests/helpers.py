@@ -97,11 +97,14 @@ TINY_MODEL = [
 ]
 
 
-def tiny_run(tmp_path: Path, shared_dir: Path, stage: str, data: str, max_steps: int, extra=()) -> list[str]:
-    """Arguments of a tiny CPU fit on a shared corpus file, writing everything under ``tmp_path``."""
+def tiny_run(tmp_path: Path, shared_dir: Path, stage: str, data: str, max_steps: int, extra=(),
+             keep_checkpoints: bool = False) -> list[str]:
+    """Arguments of a tiny CPU fit on a shared corpus file, writing everything under ``tmp_path``; a checkpoint
+    every 2 steps (only the newest and ``last.ckpt`` stay, unless ``keep_checkpoints``)."""
     config = REPO / "configs" / "minimind3" / f"{stage}.yaml"
+    keep = ', "save_top_k": -1' if keep_checkpoints else ""
     callbacks = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
-                 f'{{"dirpath": "{tmp_path / "ckpt"}", "save_last": true, "every_n_train_steps": 2}}}}]')
+                 f'{{"dirpath": "{tmp_path / "ckpt"}", "save_last": true, "every_n_train_steps": 2{keep}}}}}]')
     return ["fit", "--config", str(config), *TINY_MODEL,
             "--model.init_weights", "null", "--model.learning_rate", "3e-3",
             "--data.train_path", str(shared_dir / "corpus" / data), "--data.val_path", "null",

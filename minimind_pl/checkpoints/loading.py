@@ -8,7 +8,9 @@ folder it was trained with, and the LoRA adapters to put on top. It accepts
   the config under ``model_config``, the tokenizer under ``hyper_parameters.tokenizer``),
 - a LoRA stage checkpoint or adapter file (its recorded base is opened for the weights),
 - a MiniMind ``.pth`` (a bare state dict; no config: a preset or the tensor shapes give it),
-- a Hugging Face folder (``config.json`` + weights), as written by ``export`` or MiniMind.
+- a Hugging Face folder (``config.json`` + weights), as written by ``export`` or MiniMind,
+- a checkpoint folder of a sharded strategy (FSDP ``state_dict_type="sharded"``, DeepSpeed), consolidated in
+  memory (``checkpoints.sharded``).
 
 :func:`load_model` (the public ``minimind_pl.load_model``) builds the model from it in eval mode.
 """
@@ -26,6 +28,7 @@ from minimind_pl.checkpoints.adapters import LoRAFile, adapter_from_raw, apply_a
 from minimind_pl.checkpoints.files import STAGE_PREFIX, nonfinite_tensors, read_torch_file, strip_prefix
 from minimind_pl.checkpoints.huggingface import load_hf_directory
 from minimind_pl.checkpoints.minimind import infer_config
+from minimind_pl.checkpoints.sharded import read_sharded_folder
 from minimind_pl.config import ModelConfig
 from minimind_pl.errors import UserError
 from minimind_pl.lora import merge_lora
@@ -94,7 +97,10 @@ class Checkpoint:
 def open_checkpoint(path: str | Path, lora: Optional[str | Path] = None) -> Checkpoint:
     """Read ``path`` (see the module doc) and, if given, the adapter file ``lora`` — each exactly once."""
     path = Path(path)
-    if path.is_dir():
+    sharded = read_sharded_folder(path) if path.is_dir() else None
+    if sharded is not None:  # a sharded FSDP / DeepSpeed checkpoint: an ordinary stage checkpoint once read
+        checkpoint = _from_raw(path, sharded)
+    elif path.is_dir():
         weights, config = load_hf_directory(path)
         tokenizer = str(path) if (path / "tokenizer.json").exists() else None
         checkpoint = Checkpoint(str(path), weights, config, tokenizer)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
@@ -29,6 +30,7 @@ from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.stages.compiled import CompiledTraining, compile_decision, flex_decision
 from minimind_pl.stages.nonfinite import NonFiniteSteps
 from minimind_pl.stages.resume import collect_rng_states, optimizer_settings_changed, restore_rng_states
+from minimind_pl.stages.strategies import clips_gradients_itself, decays_weight, gradient_norm_clipped, wrap_for_fsdp
 from minimind_pl.throughput import flops_per_token, matmul_peak_tflops
 from minimind_pl.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -169,6 +171,11 @@ class Stage(L.LightningModule):
         self._resumed = {"hparams": dict(checkpoint.get("hyper_parameters") or {}),
                          "rng_states": checkpoint.get("rng_states")}
 
+    def configure_model(self) -> None:
+        """Under FSDP: one unit per transformer block (``strategies.wrap_for_fsdp``); nothing otherwise."""
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            wrap_for_fsdp(self)
+
     def on_fit_start(self) -> None:
         """On the training device: set up the compiled fast path and measure the matmul peak for MFU."""
         device = self.device
@@ -249,7 +256,8 @@ class Stage(L.LightningModule):
         for metric in self.val_metrics.values():
             metric.reset()
         for name, value in self.validation_logs(means).items():
-            self.log(f"val/{name}", value, prog_bar=name in self.PROGRESS_METRICS)
+            # already the mean over all ranks (torchmetrics syncs on compute); sync_dist only says so to Lightning
+            self.log(f"val/{name}", value, prog_bar=name in self.PROGRESS_METRICS, sync_dist=True)
 
     def validation_logs(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What is logged from the validation means (a stage may add derived values)."""
@@ -257,13 +265,14 @@ class Stage(L.LightningModule):
 
     # --------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        """Fused AdamW (decay on matrices only) with linear warmup and cosine to ``min_lr_ratio``.
+        """Fused AdamW (decay on all weights but the norms') with linear warmup and cosine to ``min_lr_ratio``.
 
         Fused, on CPU too, because only the fused kernel takes ``found_inf``: the flag that skips a step whose
         gradients are not finite without a GPU->CPU sync (see ``configure_gradient_clipping``).
         """
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2]}]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if decays_weight(n)]},
+                  {"params": [p for n, p in named if not decays_weight(n)]}]
         for group, settings in zip(groups, self.optimizer_group_settings()):
             group.update(settings)
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas,
@@ -314,13 +323,14 @@ class Stage(L.LightningModule):
         return min(candidates) if candidates else int(trainer.estimated_stepping_batches)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip through the Trainer's setting and log the global grad norm it measured (one fused norm)."""
-        plain = type(self.trainer.strategy).__name__ in {"SingleDeviceStrategy", "DDPStrategy"}
-        if not plain or gradient_clip_algorithm not in (None, "norm"):
+        """Clip through the Trainer's setting and log the global grad norm it measured (one fused norm; under FSDP
+        over all ranks' shards). DeepSpeed's engine clips by itself."""
+        strategy = self.trainer.strategy
+        if clips_gradients_itself(strategy) or gradient_clip_algorithm not in (None, "norm"):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         max_norm = gradient_clip_val if gradient_clip_val else float("inf")
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # NaN/inf when any gradient is
+        norm = gradient_norm_clipped(self.trainer, params, max_norm)  # NaN/inf when any gradient is
         found_inf = self.nonfinite.verdict(norm, self.global_step + 1)
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = found_inf  # the fused kernel skips this step when it is 1, on the device

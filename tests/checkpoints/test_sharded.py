@@ -1,0 +1,46 @@
+"""Checkpoint folders of the sharded strategies open like the file a single-device run writes."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from helpers import RecordBatches, fit, logits, tiny_run
+from minimind_pl.checkpoints import load_model, open_checkpoint
+from minimind_pl.errors import UserError
+
+
+def fsdp_sharded_folder(checkpoint_file, folder):
+    """The folder Lightning's FSDP strategy writes with ``state_dict_type="sharded"``: the weights (and optimizer
+    states) as torch.distributed.checkpoint shards, everything else in ``meta.pt``."""
+    raw = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+    shards = {"model": raw.pop("state_dict")}
+    shards.update({f"optimizer_{i}": state for i, state in enumerate(raw.pop("optimizer_states", []))})
+    dcp.save(shards, checkpoint_id=folder, no_dist=True)
+    torch.save(raw, folder / "meta.pt")
+    return folder
+
+
+def test_an_fsdp_sharded_folder_opens_as_its_stage_checkpoint(tmp_path, shared_dir):
+    fit(tiny_run(tmp_path, shared_dir, "pretrain", "pretrain_real.jsonl", 2,
+                 ["--trainer.enable_progress_bar", "false"]), RecordBatches())
+    whole = tmp_path / "ckpt" / "last.ckpt"
+    folder = fsdp_sharded_folder(whole, tmp_path / "sharded.ckpt")
+    a, b = open_checkpoint(str(whole)), open_checkpoint(str(folder))
+    assert a.weights.keys() == b.weights.keys() and all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    assert (b.model_config, b.stage, b.tokenizer_dir, b.tokenizer_fingerprint) == (
+        a.model_config, a.stage, a.tokenizer_dir, a.tokenizer_fingerprint)
+    ids = torch.randint(3, 6400, (1, 12))
+    torch.testing.assert_close(logits(load_model(folder, device="cpu"), ids), logits(load_model(whole, device="cpu"), ids))
+
+
+def test_a_deepspeed_folder_without_deepspeed_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed.utils.zero_to_fp32", None)  # as where the extra is not installed
+    folder = tmp_path / "ds.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint")
+    with pytest.raises(UserError, match=r'DeepSpeed checkpoint folder.*pip install -e "\.\[deepspeed\]"'):
+        open_checkpoint(str(folder))
