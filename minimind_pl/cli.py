@@ -48,6 +48,13 @@ TOOL_COMMANDS: dict[str, tuple[str, str, str]] = {
              "loss / perplexity / bits per byte on a jsonl, or multiple-choice accuracy"),
 }
 
+# command -> (module, function, one-line help) of commands that take their arguments as they are (a group of
+# subcommands, or LightningCLI's arguments).
+GROUP_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": ("minimind_pl.commands.data", "data_command",
+             "datasets before training: data prepare --config CONFIG.yaml builds a config's token caches"),
+}
+
 
 class MiniMindCLI(LightningCLI):
     """LightningCLI with the project's argument links and defaults.
@@ -174,12 +181,14 @@ def with_base_configs(args: list[str]) -> list[str]:
     return out
 
 
-def run_lightning(args: list[str], extra_callbacks: list | None = None) -> MiniMindCLI:
+def run_lightning(args: list[str], extra_callbacks: list | None = None,
+                  cli_class: type[MiniMindCLI] = MiniMindCLI, run: bool = True) -> MiniMindCLI:
     """Run a LightningCLI subcommand (``fit``, ``validate``, ...) with the given arguments.
 
     A ``--config configs/<preset>/<stage>.yaml`` is read on top of ``configs/<preset>/base.yaml``
     (``with_base_configs``). ``extra_callbacks`` are added to every run beside the ones the config names
-    (programmatic use).
+    (programmatic use). With ``run=False`` ``args`` name no subcommand: the config is parsed and ``cli_class``
+    instantiates what it needs (``data prepare`` builds only the DataModule).
     """
     from lightning import LightningDataModule
 
@@ -187,7 +196,7 @@ def run_lightning(args: list[str], extra_callbacks: list | None = None) -> MiniM
 
     # The arguments are always passed explicitly (main() strips the program name; the demo builds its own).
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    return MiniMindCLI(
+    return cli_class(
         Stage,
         LightningDataModule,
         subclass_mode_model=True,
@@ -196,6 +205,7 @@ def run_lightning(args: list[str], extra_callbacks: list | None = None) -> MiniM
         trainer_defaults={"callbacks": list(extra_callbacks or [])},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        run=run,
     )
 
 
@@ -213,7 +223,7 @@ def usage() -> str:
     lines = ["usage: python main.py <command> [--help] [arguments]", "", "training (LightningCLI):"]
     lines += [f"  {name:<10} {text}" for name, text in TRAINING_COMMANDS.items()]
     lines += ["", "tools:"]
-    lines += [f"  {name:<10} {text}" for name, (_, _, text) in TOOL_COMMANDS.items()]
+    lines += [f"  {name:<10} {text}" for name, (_, _, text) in {**TOOL_COMMANDS, **GROUP_COMMANDS}.items()]
     lines += ["", "python main.py <command> --help shows the arguments of one command."]
     return "\n".join(lines)
 
@@ -244,6 +254,9 @@ def dispatch(argv: list[str]) -> Any:
     command, rest = argv[0], argv[1:]
     if command in TOOL_COMMANDS:
         return run_tool(command, rest)
+    if command in GROUP_COMMANDS:
+        module_name, function_name, _ = GROUP_COMMANDS[command]
+        return getattr(importlib.import_module(module_name), function_name)(rest)
     if command in TRAINING_COMMANDS:
         return run_lightning(argv)
     print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)

@@ -195,17 +195,40 @@ def small_data(tmp_path_factory, shared_dir) -> Path:
     return root
 
 
+class RecordingFastPath:
+    """Stands in for ``CompiledTraining`` (compiling takes long on the CPU): records that a stage set up its fast
+    path and sent its training forwards through it."""
+
+    made: list["RecordingFastPath"] = []
+
+    def __init__(self, model, flex_attention: bool) -> None:
+        self.model, self.forward_calls = model, 0
+        RecordingFastPath.made.append(self)
+
+    def forward(self, batch):
+        self.forward_calls += 1
+        return self.model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+
+    def loss(self, loss_fn):
+        return loss_fn
+
+
 @pytest.mark.parametrize("config", STAGE_CONFIGS, ids=ids)
-def test_every_stage_config_trains_on_a_small_dataset_as_shipped(config, small_data, shared_dir, tmp_path):
+def test_every_stage_config_trains_on_a_small_dataset_as_shipped(config, small_data, shared_dir, tmp_path,
+                                                                 monkeypatch):
     """Only the model size, the data (48 lines, rows of 64), the starting weights and the output folders are
-    replaced; trainer settings (validation interval, accumulation, precision, clipping) stay as shipped."""
+    replaced; trainer settings (validation interval, accumulation, precision, clipping) stay as shipped. With
+    ``--model.compile true`` every stage trains through its fast path (DPO runs its pairs through the plain model:
+    their lengths vary from batch to batch)."""
+    monkeypatch.setattr("minimind_pl.stages.base.CompiledTraining", RecordingFastPath)
+    RecordingFastPath.made = []
     preset, stage = config.parent.name, config.stem
     tokenizer = small_data / "tokenizer" if preset == "demo" else shared_dir / "minimind"
     data = small_data / STAGE_DATA[stage]
     args = ["fit", "--config", str(config), *[a for k, v in TINY.items() for a in (f"--model.config.{k}", str(v))],
             "--data.train_path", str(data), "--data.tokenizer", str(tokenizer), "--data.seq_len", "64",
             "--data.batch_size", "2", "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache"),
-            "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--model.compile", "true",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
             "--trainer.callbacks", json.dumps([{"init_args": {"dirpath": str(tmp_path / "ckpt")}}])]
     shipped = read(config)["model"]["init_args"]
@@ -223,3 +246,5 @@ def test_every_stage_config_trains_on_a_small_dataset_as_shipped(config, small_d
     assert trainer.accumulate_grad_batches == effective.get("accumulate_grad_batches", 1)
     assert trainer.gradient_clip_val == 1.0
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    assert len(RecordingFastPath.made) == 1 and cli.model.compiled is None  # set up for fit, dropped after it
+    assert RecordingFastPath.made[0].forward_calls >= (0 if stage == "dpo" else 2)

@@ -143,7 +143,9 @@ class DPO(Stage):
         rank_zero_info(f"[DPO] reference log-probs precomputed for {sizes}; reference model released")
 
     def on_fit_start(self) -> None:
-        """Put the reference on the policy's device, or precompute its log-probs over the data module's pairs."""
+        """Set up the fast path (``Stage.on_fit_start``); put the reference on the policy's device, or precompute
+        its log-probs over the data module's pairs."""
+        super().on_fit_start()
         if not self.hparams.precompute_reference:
             self.reference_model()
             return

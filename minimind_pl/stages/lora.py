@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from minimind_pl.checkpoints.adapters import adapter_record
@@ -53,8 +54,15 @@ class LoRA(SFT):
         if not self.hparams.get("init_weights"):
             rank_zero_warn("LoRA stage without --model.init_weights: the adapters train on a random base model")
 
+    def configure_model(self) -> None:
+        """Under DeepSpeed, save only what trains: its checkpoint folders bypass ``on_save_checkpoint``'s filter."""
+        super().configure_model()
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            self.trainer.strategy.exclude_frozen_parameters = True
+
     def on_fit_start(self) -> None:
-        """Report how many parameters train, and their share of the model."""
+        """Set up the fast path (``Stage.on_fit_start``) and report how many parameters train, and their share."""
+        super().on_fit_start()
         rank_zero_info(describe(*count_parameters(self.model)))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
