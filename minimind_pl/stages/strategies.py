@@ -38,10 +38,15 @@ def clips_gradients_itself(strategy: Strategy) -> bool:
 def gradient_norm_clipped(trainer: Any, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip the gradients to ``max_norm`` and return their global norm before clipping (NaN/inf if any is).
 
-    Under FSDP the norm must be taken over all ranks' shards, which only the FSDP root module can do.
+    Under FSDP the norm must be taken over all ranks' shards, which only the root FSDP unit can do: the
+    transformer itself (``wrap_for_fsdp``; Lightning then leaves the LightningModule unwrapped), else the
+    LightningModule Lightning wrapped.
     """
     if isinstance(trainer.strategy, FSDPStrategy):
-        return trainer.model.clip_grad_norm_(max_norm)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = next(m for m in trainer.model.modules() if isinstance(m, FullyShardedDataParallel))  # outermost first
+        return root.clip_grad_norm_(max_norm)
     return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
 
