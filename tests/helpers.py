@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from minimind_pl.cli import run_lightning
 from minimind_pl.config import ModelConfig
+from minimind_pl.generation import generate
 from minimind_pl.model import MiniMindForCausalLM
 
 
@@ -86,6 +87,14 @@ def write_stage_checkpoint(model: MiniMindForCausalLM, path: Path, tokenizer_dir
                 "model_config": model.config.to_dict(), "stage": "Pretrain",
                 "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}, path)
     return path
+
+
+def greedy_chat_answer(model: MiniMindForCausalLM, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """What ``chat --temperature 0`` should print for one user ``prompt``: plain greedy generation, decoded."""
+    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True))
+    return tokenizer.decode(generate(model, [ids], max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=tokenizer.eos_id)[0])
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -131,13 +131,17 @@ def test_matches_transformers_qwen3(yarn: bool) -> None:
         kwargs["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "beta_fast": 32.0,
                                      "beta_slow": 1.0, "original_max_position_embeddings": 2048,
                                      "attention_factor": 1.0}
-    hf_config = transformers.Qwen3Config(**kwargs)
+    assert_same_logits(model, transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**kwargs), atol=1e-4)
+
+
+def assert_same_logits(model: MiniMindForCausalLM, hf_class: type, hf_config, atol: float) -> None:
+    """Our model and transformers' `hf_class` (eager attention) holding the same weights agree on fp32 logits."""
     hf_config._attn_implementation = "eager"
-    hf = transformers.Qwen3ForCausalLM(hf_config).eval()
+    hf = hf_class(hf_config).eval()
     copy_weights_to_hf(model, hf)
     x = torch.randint(0, V, (2, 40))
     with torch.no_grad():
-        torch.testing.assert_close(model(x).logits, hf(input_ids=x).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(model(x).logits, hf(input_ids=x).logits, rtol=0, atol=atol)
 
 
 def test_moe_matches_transformers_qwen3_moe() -> None:
@@ -176,12 +180,7 @@ def test_minimind2_matches_transformers_llama() -> None:
     transformers = require_module("transformers")
     model = debug_model(qk_norm=False, rms_norm_eps=1e-5)
     hf_config = transformers.LlamaConfig(**hf_config_kwargs(model.config), attention_bias=False, mlp_bias=False)
-    hf_config._attn_implementation = "eager"
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    copy_weights_to_hf(model, hf)
-    x = torch.randint(0, V, (2, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x).logits, hf(input_ids=x).logits, rtol=0, atol=1e-5)
+    assert_same_logits(model, transformers.LlamaForCausalLM, hf_config, atol=1e-5)
 
 
 def test_minimind2_moe_block_matches_transformers_qwen2_moe() -> None:

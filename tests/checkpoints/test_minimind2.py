@@ -13,11 +13,10 @@ from minimind_pl.cli import main
 from minimind_pl.commands.export import export_command
 from minimind_pl.config import ModelConfig
 from minimind_pl.errors import UserError
-from minimind_pl.generation import generate
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 
-from helpers import logits, minimind_state_dict, require_module
+from helpers import greedy_chat_answer, logits, minimind_state_dict, require_module
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 192}  # 8 heads of 8, 2 kv heads
 DENSE = ModelConfig.from_preset("minimind2-small", **TINY)
@@ -105,11 +104,7 @@ def test_chat_with_a_minimind2_folder(tmp_path, tokenizer_dir, capsys):
     model, folder = minimind2_folder(tmp_path, DENSE, tokenizer_dir)
     main(["chat", "--ckpt", str(folder), "--prompt", "你好", "--max_new_tokens", "8", "--temperature", "0",
           "--device", "cpu"])
-    tokenizer = Tokenizer.from_file(folder)
-    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "你好"}],
-                                                            add_generation_prompt=True))
-    expected = tokenizer.decode(generate(model, [prompt], max_new_tokens=8, do_sample=False,
-                                         eos_token_id=tokenizer.eos_id)[0])
+    expected = greedy_chat_answer(model, Tokenizer.from_file(folder), "你好", max_new_tokens=8)
     assert capsys.readouterr().out == expected + "\n"
 
 
