@@ -3,7 +3,9 @@
 Decoder-only, pre-norm (RMSNorm), rotary positions (optionally YaRN-scaled), grouped-query
 attention with per-head q/k RMSNorm, SwiGLU MLP or a mixture of SwiGLU experts.
 The math and the parameter names are MiniMind-3's (which are Hugging Face Qwen3's), so a
-MiniMind state dict loads with strict=True and gives the same logits.
+MiniMind state dict loads with strict=True and gives the same logits. The same modules are
+MiniMind2 (the generation before) with `qk_norm=False` (then the attention is Llama's) and, for
+MiniMind2-MoE, top-2 routing, shared experts and the per-sequence balancing loss (`seq_aux`).
 
 Read top to bottom: leaf modules, the attention function, attention / MLP / MoE, the block,
 the backbone (`MiniMindModel`) and the causal LM (`MiniMindForCausalLM`).
@@ -212,7 +214,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask = None, dropo
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with per-head q/k RMSNorm (before RoPE) and a KV cache."""
+    """Grouped-query self-attention with per-head q/k RMSNorm (before RoPE; unless `qk_norm` is off) and a KV cache."""
 
     def __init__(self, config: ModelConfig) -> None:
         """Build the projections for `config` (no biases)."""
@@ -223,8 +225,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c, config.num_key_value_heads * d, bias=False)
         self.v_proj = nn.Linear(c, config.num_key_value_heads * d, bias=False)
         self.o_proj = nn.Linear(config.num_attention_heads * d, c, bias=False)
-        self.q_norm = RMSNorm(d, eps=config.rms_norm_eps)
-        self.k_norm = RMSNorm(d, eps=config.rms_norm_eps)
+        # MiniMind2 has no q/k norm: an identity keeps one forward and adds no parameter names
+        self.q_norm = RMSNorm(d, eps=config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d, eps=config.rms_norm_eps) if config.qk_norm else nn.Identity()
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -261,23 +264,27 @@ class FeedForward(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Mixture of SwiGLU experts: softmax router, top-k, optionally renormalised weights.
+    """Mixture of SwiGLU experts: softmax router, top-k, optionally renormalised weights, plus
+    `n_shared_experts` plain SwiGLU MLPs every token goes through (MiniMind2-MoE; none in MiniMind-3).
 
-    No shared expert. The experts run as one grouped matmul over their stacked weights, so every
+    The routed experts run as one grouped matmul over their stacked weights, so every
     expert takes part in every step (an expert no token chose gets a zero gradient) and DDP needs
     no `find_unused_parameters`. Where the grouped matmul does not apply (unaligned sizes), the
     experts run one after the other and unused ones get no gradient.
     """
 
     def __init__(self, config: ModelConfig) -> None:
-        """Build the router (`gate`) and `num_experts` experts."""
+        """Build the router (`gate`), `num_experts` routed experts and `n_shared_experts` shared ones."""
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.aux_loss_coef = config.router_aux_loss_coef
+        self.seq_aux = config.seq_aux
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
             FeedForward(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts))
+        self.shared_experts = nn.ModuleList(
+            FeedForward(config.hidden_size, config.intermediate_size) for _ in range(config.n_shared_experts))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """x (B, T, C) -> (output (B, T, C), aux loss 0-d tensor in training mode else None)."""
@@ -287,8 +294,12 @@ class MoEFeedForward(nn.Module):
         top_w, top_idx = probs.topk(self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
-        y = self._dispatch(x_flat, top_w, top_idx)
-        aux = self._aux_loss(probs, top_idx) if self.training and self.aux_loss_coef > 0 else None
+        y = self._dispatch(x_flat, top_w, top_idx)  # (N, C)
+        for shared in self.shared_experts:  # unweighted, for every token
+            y = y + shared(x_flat)
+        aux = None
+        if self.training and self.aux_loss_coef > 0:
+            aux = self._aux_loss(probs, top_idx, groups=b if self.seq_aux else 1)
         return y.view(b, t, c), aux
 
     def _dispatch(self, x_flat: Tensor, top_w: Tensor, top_idx: Tensor) -> Tensor:
@@ -329,15 +340,20 @@ class MoEFeedForward(nn.Module):
         chunks = x_sorted.split(counts.tolist())
         return torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
 
-    def _aux_loss(self, probs: Tensor, top_idx: Tensor) -> Tensor:
-        """MiniMind's load-balancing loss: E * coef * sum_e load_e * mean_prob_e.
+    def _aux_loss(self, probs: Tensor, top_idx: Tensor, groups: int) -> Tensor:
+        """MiniMind's load-balancing loss: E * coef * sum_e load_e * mean_prob_e, averaged over groups.
 
-        load_e is the fraction of tokens that have expert e among their top-k (so the loads sum
-        to k); mean_prob_e is the router probability of e averaged over tokens.
+        probs (N, E), top_idx (N, k); the N tokens split into `groups` equal groups (1: the batch,
+        MiniMind-3; B: each sequence, MiniMind2's `seq_aux`). Within a group, load_e is the fraction of
+        tokens that have expert e among their top-k (so the loads sum to k) and mean_prob_e the router
+        probability of e averaged over its tokens. MiniMind2's own form, alpha * sum_e P_e * f_e with
+        f_e = E * (share of the N*k routing slots), is this with coef = alpha / k.
         """
-        num_experts = probs.shape[-1]
-        load = F.one_hot(top_idx, num_experts).float().sum(1).mean(0)  # (E,)
-        return num_experts * self.aux_loss_coef * (load * probs.mean(0)).sum()
+        num_experts, k = probs.shape[-1], top_idx.shape[-1]
+        chosen = F.one_hot(top_idx.view(groups, -1, k), num_experts).float()  # (G, N/G, k, E)
+        load = chosen.sum(2).mean(1)  # (G, E)
+        mean_prob = probs.view(groups, -1, num_experts).mean(1)  # (G, E)
+        return num_experts * self.aux_loss_coef * (load * mean_prob).sum(-1).mean()
 
 
 def matmul_dtype(x: Tensor) -> Tensor:

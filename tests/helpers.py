@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from minimind_pl.cli import run_lightning
 from minimind_pl.config import ModelConfig
+from minimind_pl.generation import generate
 from minimind_pl.model import MiniMindForCausalLM
 
 
@@ -50,12 +51,50 @@ def random_model(seed: int = 0, **overrides) -> MiniMindForCausalLM:
     return model.eval()
 
 
+def minimind_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random fp16 state dict in the format of MiniMind's `out/*.pth` files, built from the
+    documented key names (tied: `lm_head.weight` and `model.embed_tokens.weight` both present)."""
+    g = torch.Generator().manual_seed(seed)
+    c, d, i = config.hidden_size, config.head_dim, config.intermediate_size
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, c), "model.norm.weight": (c,)}
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (config.num_attention_heads * d, c),
+            p + "self_attn.k_proj.weight": (config.num_key_value_heads * d, c),
+            p + "self_attn.v_proj.weight": (config.num_key_value_heads * d, c),
+            p + "self_attn.o_proj.weight": (c, config.num_attention_heads * d),
+            p + "input_layernorm.weight": (c,), p + "post_attention_layernorm.weight": (c,),
+        })
+        if config.qk_norm:  # MiniMind2's files have none
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+        mlps = {p + "mlp.": i}
+        if config.use_moe:
+            shapes[p + "mlp.gate.weight"] = (config.num_experts, c)
+            mlps = {p + f"mlp.experts.{e}.": config.moe_intermediate_size for e in range(config.num_experts)}
+            mlps.update({p + f"mlp.shared_experts.{e}.": i for e in range(config.n_shared_experts)})
+        for m, width in mlps.items():
+            shapes.update({m + "gate_proj.weight": (width, c), m + "up_proj.weight": (width, c),
+                           m + "down_proj.weight": (c, width)})
+    sd = {k: (0.05 * torch.randn(s, generator=g)).half() for k, s in shapes.items()}
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return sd
+
+
 def write_stage_checkpoint(model: MiniMindForCausalLM, path: Path, tokenizer_dir: Path) -> Path:
     """A file in the layout a Stage checkpoint has (weights under ``model.``, config, linked tokenizer)."""
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
                 "model_config": model.config.to_dict(), "stage": "Pretrain",
                 "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}, path)
     return path
+
+
+def greedy_chat_answer(model: MiniMindForCausalLM, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """What ``chat --temperature 0`` should print for one user ``prompt``: plain greedy generation, decoded."""
+    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True))
+    return tokenizer.decode(generate(model, [ids], max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=tokenizer.eos_id)[0])
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

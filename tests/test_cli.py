@@ -68,3 +68,44 @@ def test_bad_data_stops_before_training_with_file_and_line(tmp_path, shared_dir,
         main(args)
     assert done.value.code == 2
     assert "bad.jsonl, line 3" in capsys.readouterr().err
+
+
+MINIMIND2 = ["--model.config.qk_norm", "false", "--model.config.rms_norm_eps", "1e-5",
+             "--model.config.num_attention_heads", "8", "--model.config.num_key_value_heads", "2",
+             "--model.config.intermediate_size", "192"]  # MiniMind2's attention at 64 hidden (8 heads of 8)
+
+
+def test_minimind2_moe_pretrain_runs_with_shared_expert_and_sequence_balance(tmp_path, shared_dir):
+    moe = ["--model.config.use_moe", "true", "--model.config.num_experts", "4", "--model.config.num_experts_per_tok",
+           "2", "--model.config.n_shared_experts", "1", "--model.config.aux_loss_alpha", "0.01",
+           "--model.config.seq_aux", "true"]
+    cli = main(tiny_run(tmp_path, shared_dir, "pretrain", "pretrain_real.jsonl", max_steps=3, extra=[*MINIMIND2, *moe]))
+    model = cli.model.model
+    assert cli.trainer.global_step == 3 and len(model.model.layers[0].mlp.shared_experts) == 1
+    assert not any("q_norm" in name for name in model.state_dict())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(cli.trainer.logger.log_dir))).Reload()
+    aux = [e.value for e in events.Scalars("train/aux_loss")]
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert aux and all(0 < a < 1 for a in aux) and all(torch.isfinite(torch.tensor(losses)))
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["model_config"]
+    assert (saved["aux_loss_alpha"], saved["router_aux_loss_coef"], saved["seq_aux"]) == (0.01, 0.005, True)
+
+
+def test_minimind2_sft_starts_from_a_minimind2_pth(tmp_path, shared_dir):
+    """--model.init_weights takes MiniMind2's out/*.pth (config read off the shapes) for a qk_norm=false SFT run."""
+    from helpers import minimind_state_dict
+    from minimind_pl.config import ModelConfig
+
+    config = ModelConfig.from_preset("minimind2-small", hidden_size=64, num_hidden_layers=2, intermediate_size=192)
+    start = minimind_state_dict(config, seed=3)
+    torch.save(start, tmp_path / "pretrain_64.pth")
+    args = tiny_run(tmp_path, shared_dir, "sft", "sft_real.jsonl", max_steps=2, extra=MINIMIND2)
+    args[args.index("--model.init_weights") + 1] = str(tmp_path / "pretrain_64.pth")
+    cli = main(args)
+    assert cli.trainer.global_step == 2 and not cli.model.config.qk_norm
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    trained = cli.model.model.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(trained, start["model.layers.0.mlp.up_proj.weight"].float())  # it learned
+    assert (trained - start["model.layers.0.mlp.up_proj.weight"].float()).abs().max() < 0.05  # from those weights

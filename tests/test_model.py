@@ -10,39 +10,9 @@ import torch
 from minimind_pl.config import ModelConfig
 from minimind_pl.model import MiniMindForCausalLM, rope_frequencies, yarn_ramp_bounds
 
-from helpers import random_model as debug_model, require_module
+from helpers import minimind_state_dict, random_model as debug_model, require_module
 
 V = 6400
-
-
-def minimind_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random fp16 state dict in the format of MiniMind's `out/*.pth` files, built from the
-    documented key names (tied: `lm_head.weight` and `model.embed_tokens.weight` both present)."""
-    g = torch.Generator().manual_seed(seed)
-    c, d, i = config.hidden_size, config.head_dim, config.intermediate_size
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, c), "model.norm.weight": (c,)}
-    for layer in range(config.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (config.num_attention_heads * d, c),
-            p + "self_attn.k_proj.weight": (config.num_key_value_heads * d, c),
-            p + "self_attn.v_proj.weight": (config.num_key_value_heads * d, c),
-            p + "self_attn.o_proj.weight": (c, config.num_attention_heads * d),
-            p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
-            p + "input_layernorm.weight": (c,), p + "post_attention_layernorm.weight": (c,),
-        })
-        if config.use_moe:
-            shapes[p + "mlp.gate.weight"] = (config.num_experts, c)
-            mlps = [p + f"mlp.experts.{e}." for e in range(config.num_experts)]
-            i = config.moe_intermediate_size
-        else:
-            mlps = [p + "mlp."]
-        for m in mlps:
-            shapes.update({m + "gate_proj.weight": (i, c), m + "up_proj.weight": (i, c),
-                           m + "down_proj.weight": (c, i)})
-    sd = {k: (0.05 * torch.randn(s, generator=g)).half() for k, s in shapes.items()}
-    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    return sd
 
 
 # ----------------------------------------------------------------------------- structure and weights
@@ -57,9 +27,15 @@ def test_forward_shapes_and_tied_head() -> None:
     assert model(torch.randint(0, V, (2, 7)), logits_to_keep=1).logits.shape == (2, 1, V)
 
 
-@pytest.mark.parametrize("use_moe", [False, True])
-def test_minimind_state_dict_loads_strict_and_round_trips(use_moe: bool) -> None:
-    config = ModelConfig.from_preset("debug", use_moe=use_moe)
+MINIMIND2_TINY = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 192}  # 8 heads of 8
+
+
+@pytest.mark.parametrize("config", [
+    ModelConfig.from_preset("debug"), ModelConfig.from_preset("debug", use_moe=True),
+    ModelConfig.from_preset("minimind2-small", **MINIMIND2_TINY),
+    ModelConfig.from_preset("minimind2-moe", **MINIMIND2_TINY),
+], ids=["minimind-3", "minimind-3-moe", "minimind2", "minimind2-moe"])
+def test_minimind_state_dict_loads_strict_and_round_trips(config: ModelConfig) -> None:
     sd = minimind_state_dict(config)
     model = MiniMindForCausalLM(config)
     model.load_weights(sd, strict=True)
@@ -155,13 +131,17 @@ def test_matches_transformers_qwen3(yarn: bool) -> None:
         kwargs["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "beta_fast": 32.0,
                                      "beta_slow": 1.0, "original_max_position_embeddings": 2048,
                                      "attention_factor": 1.0}
-    hf_config = transformers.Qwen3Config(**kwargs)
+    assert_same_logits(model, transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**kwargs), atol=1e-4)
+
+
+def assert_same_logits(model: MiniMindForCausalLM, hf_class: type, hf_config, atol: float) -> None:
+    """Our model and transformers' `hf_class` (eager attention) holding the same weights agree on fp32 logits."""
     hf_config._attn_implementation = "eager"
-    hf = transformers.Qwen3ForCausalLM(hf_config).eval()
+    hf = hf_class(hf_config).eval()
     copy_weights_to_hf(model, hf)
     x = torch.randint(0, V, (2, 40))
     with torch.no_grad():
-        torch.testing.assert_close(model(x).logits, hf(input_ids=x).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(model(x).logits, hf(input_ids=x).logits, rtol=0, atol=atol)
 
 
 def test_moe_matches_transformers_qwen3_moe() -> None:
@@ -193,6 +173,77 @@ def test_moe_matches_transformers_qwen3_moe() -> None:
         hf_out = hf(input_ids=x)
     torch.testing.assert_close(out.logits, hf_out.logits, rtol=0, atol=1e-4)
     torch.testing.assert_close(out.aux_loss, c.router_aux_loss_coef * hf_out.aux_loss, rtol=1e-5, atol=1e-8)
+
+
+def test_minimind2_matches_transformers_llama() -> None:
+    """MiniMind2's attention has no q/k norm: the model is then exactly Llama (same names, RoPE, SwiGLU)."""
+    transformers = require_module("transformers")
+    model = debug_model(qk_norm=False, rms_norm_eps=1e-5)
+    hf_config = transformers.LlamaConfig(**hf_config_kwargs(model.config), attention_bias=False, mlp_bias=False)
+    assert_same_logits(model, transformers.LlamaForCausalLM, hf_config, atol=1e-5)
+
+
+def test_minimind2_moe_block_matches_transformers_qwen2_moe() -> None:
+    """MiniMind2-MoE's block (softmax, top-2 renormalised, one shared expert added unweighted) is Qwen2-MoE's
+    sparse block whose shared expert gate is sigmoid(0) = 1/2, with that expert's down projection doubled."""
+    transformers = require_module("transformers")
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    model = debug_model(qk_norm=False, use_moe=True, num_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                        moe_intermediate_size=32)
+    ours, c = model.model.layers[0].mlp, model.config
+    hf = Qwen2MoeSparseMoeBlock(transformers.Qwen2MoeConfig(
+        hidden_size=c.hidden_size, num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+        moe_intermediate_size=c.moe_intermediate_size, shared_expert_intermediate_size=c.intermediate_size,
+        norm_topk_prob=True)).eval()
+    with torch.no_grad():
+        hf.gate.weight.copy_(ours.gate.weight)
+        hf.experts.gate_up_proj.copy_(torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight])
+                                                   for e in ours.experts]))
+        hf.experts.down_proj.copy_(torch.stack([e.down_proj.weight for e in ours.experts]))
+        shared = ours.shared_experts[0]
+        hf.shared_expert.gate_proj.weight.copy_(shared.gate_proj.weight)
+        hf.shared_expert.up_proj.weight.copy_(shared.up_proj.weight)
+        hf.shared_expert.down_proj.weight.copy_(2 * shared.down_proj.weight)
+        hf.shared_expert_gate.weight.zero_()
+        x = torch.randn(2, 24, c.hidden_size)
+        torch.testing.assert_close(ours(x)[0], hf(x), rtol=0, atol=1e-5)
+        without_shared = ours(x)[0] - shared(x)
+        assert not torch.allclose(without_shared, ours(x)[0], atol=1e-3)  # the shared expert does contribute
+
+
+@pytest.mark.parametrize("seq_aux, expected", [(False, 1.15), (True, 1.35)])
+def test_aux_loss_for_a_known_routing(seq_aux: bool, expected: float) -> None:
+    """Hand-computed values: 2 sequences x 2 tokens, 2 experts, top-1, weight c = 0.1.
+
+    Router probabilities (0.9, 0.1), (0.8, 0.2) | (0.3, 0.7), (0.6, 0.4), so the tokens pick experts 0, 0 | 1, 0.
+    Over the batch: loads (3/4, 1/4), mean probabilities (0.65, 0.35): 2c(0.4875 + 0.0875) = 1.15c.
+    Per sequence (MiniMind2's seq_aux): row 1 (1, 0).(0.85, 0.15) = 0.85, row 2 (1/2, 1/2).(0.45, 0.55) = 0.5,
+    mean 0.675, times 2c = 1.35c; MiniMind2's own form, alpha * mean_b sum_e count_be / (T k / E) * P_be with
+    alpha = c * k, gives alpha * (1.7 + 1.0) / 2 = 1.35c as well.
+    """
+    moe = debug_model(use_moe=True, num_experts=2, num_experts_per_tok=1, router_aux_loss_coef=0.1,
+                      seq_aux=seq_aux).model.layers[0].mlp
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    top_idx = probs.topk(1, dim=-1).indices
+    loss = moe._aux_loss(probs, top_idx, groups=2 if seq_aux else 1)
+    torch.testing.assert_close(loss, torch.tensor(expected * 0.1), rtol=1e-6, atol=0)
+
+
+def test_shared_experts_learn_and_add_to_every_token() -> None:
+    model = debug_model(use_moe=True, num_experts=4, num_experts_per_tok=2, n_shared_experts=2, seq_aux=True).train()
+    moe = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        routed_only = moe(x)[0] - sum(shared(x) for shared in moe.shared_experts)
+        for shared in moe.shared_experts:
+            shared.down_proj.weight.zero_()
+        torch.testing.assert_close(moe(x)[0], routed_only, rtol=0, atol=1e-6)
+    out = model(torch.randint(0, V, (2, 16)))
+    (out.logits.sum() + out.aux_loss).backward()
+    assert out.aux_loss.item() > 0
+    untouched = model.model.layers[1].mlp.shared_experts[1]  # layer 0's were zeroed above
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in untouched.parameters())
 
 
 # ----------------------------------------------------------------------------- masks and cache

@@ -1,5 +1,6 @@
 """MiniMind's own weight files: a bare state dict in MiniMind's parameter names (``full_sft_768.pth``, usually
-fp16), which carries no config; :func:`infer_config` reads one off the tensor shapes."""
+fp16), which carries no config; :func:`infer_config` reads one off the tensor shapes. MiniMind2's files (no
+q/k norms; MoE with a shared expert) and MiniMind-3's are told apart by their keys."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 
 from minimind_pl.checkpoints.files import EMBED, HEAD
-from minimind_pl.config import ModelConfig
+from minimind_pl.config import MINIMIND2_DEFAULTS, ModelConfig
 from minimind_pl.errors import UserError
 
 
@@ -24,8 +25,11 @@ def save_minimind(state_dict: dict[str, torch.Tensor], out: str | Path, dtype: t
 def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """A ModelConfig dict read off a MiniMind state dict's tensor shapes.
 
-    Sizes, heads (via the q/k norm width), experts and tying are in the shapes; what is not
-    (``rope_theta``, ``max_position_embeddings``, ``rms_norm_eps``, YaRN) keeps MiniMind's defaults.
+    Sizes, experts (routed and shared) and tying are in the shapes. With q/k norms (MiniMind-3) their width
+    is head_dim, which gives the heads; without them the file is MiniMind2's: head_dim = hidden / 8 (its
+    8 query heads), the key/value heads are k_proj's rows / head_dim, and what the shapes do not hold takes
+    MiniMind2's values (``MINIMIND2_DEFAULTS``: eps 1e-5, top-2, balancing per sequence). What no shape
+    holds (``rope_theta``, ``max_position_embeddings``, YaRN) keeps MiniMind's defaults either way.
     """
     if EMBED not in state_dict and HEAD not in state_dict:
         raise UserError(f"cannot infer a model config: the state dict has neither {EMBED} nor {HEAD}")
@@ -34,22 +38,46 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     if not layers:
         raise UserError("cannot infer a model config: the state dict has no model.layers.*")
     p = "model.layers.0."
-    head_dim = state_dict[p + "self_attn.q_norm.weight"].shape[0]
     fields: dict[str, Any] = {
         "vocab_size": embed.shape[0], "hidden_size": embed.shape[1], "num_hidden_layers": max(layers) + 1,
-        "head_dim": head_dim,
-        "num_attention_heads": state_dict[p + "self_attn.q_proj.weight"].shape[0] // head_dim,
-        "num_key_value_heads": state_dict[p + "self_attn.k_proj.weight"].shape[0] // head_dim,
         "tie_word_embeddings": HEAD not in state_dict or EMBED not in state_dict
         or torch.equal(state_dict[HEAD], state_dict[EMBED]),
     }
-    experts = {int(k.split(".")[5]) for k in state_dict if k.startswith(p + "mlp.experts.")}
-    if experts:
-        fields.update(use_moe=True, num_experts=max(experts) + 1,
-                      moe_intermediate_size=state_dict[p + "mlp.experts.0.gate_proj.weight"].shape[0])
-        fields["intermediate_size"] = fields["moe_intermediate_size"]
-    else:
-        fields["intermediate_size"] = state_dict[p + "mlp.gate_proj.weight"].shape[0]
+    fields.update(_attention_fields(state_dict, p, fields["hidden_size"]))
+    fields.update(_mlp_fields(state_dict, p, minimind2=not fields.get("qk_norm", True)))
     if fields["head_dim"] * fields["num_attention_heads"] == fields["hidden_size"]:
         fields.pop("head_dim")  # the default; keeps the config identical to a preset's
     return ModelConfig.from_dict(fields).to_dict()
+
+
+def _attention_fields(state_dict: dict[str, torch.Tensor], p: str, hidden_size: int) -> dict[str, Any]:
+    """Heads and head width of layer prefix ``p``: from the q/k norm width, else MiniMind2's 8 heads."""
+    q_rows, k_rows = (state_dict[p + f"self_attn.{n}_proj.weight"].shape[0] for n in "qk")
+    norm = state_dict.get(p + "self_attn.q_norm.weight")
+    if norm is not None:
+        head_dim = norm.shape[0]
+        return {"head_dim": head_dim, "num_attention_heads": q_rows // head_dim, "num_key_value_heads": k_rows // head_dim}
+    heads = MINIMIND2_DEFAULTS["num_attention_heads"]
+    head_dim = hidden_size // heads
+    if q_rows != hidden_size or k_rows % head_dim:
+        raise UserError(f"cannot infer the attention heads: without q/k norms (MiniMind2) the file must have "
+                        f"{heads} heads of hidden/{heads} = {head_dim}, but q_proj has {q_rows} rows and k_proj "
+                        f"{k_rows}; give the config (--preset) instead")
+    return {"qk_norm": False, "rms_norm_eps": MINIMIND2_DEFAULTS["rms_norm_eps"], "head_dim": head_dim,
+            "num_attention_heads": heads, "num_key_value_heads": k_rows // head_dim}
+
+
+def _mlp_fields(state_dict: dict[str, torch.Tensor], p: str, minimind2: bool) -> dict[str, Any]:
+    """MLP / MoE sizes of layer prefix ``p`` (a MiniMind2 MoE also takes its routing defaults)."""
+    experts = {int(k.split(".")[5]) for k in state_dict if k.startswith(p + "mlp.experts.")}
+    if not experts:
+        return {"intermediate_size": state_dict[p + "mlp.gate_proj.weight"].shape[0]}
+    width = state_dict[p + "mlp.experts.0.gate_proj.weight"].shape[0]
+    shared = {int(k.split(".")[5]) for k in state_dict if k.startswith(p + "mlp.shared_experts.")}
+    fields: dict[str, Any] = {"use_moe": True, "num_experts": max(experts) + 1, "moe_intermediate_size": width,
+                              "n_shared_experts": len(shared), "intermediate_size": width}
+    if shared:
+        fields["intermediate_size"] = state_dict[p + "mlp.shared_experts.0.gate_proj.weight"].shape[0]
+    if minimind2:
+        fields.update({k: MINIMIND2_DEFAULTS[k] for k in ("num_experts_per_tok", "aux_loss_alpha", "seq_aux")})
+    return fields

@@ -2,10 +2,10 @@
 
 from minimind_pl.commands.chat import ChatSession
 from minimind_pl.cli import main
-from minimind_pl.generation import GREEDY, generate
+from minimind_pl.generation import GREEDY
 from minimind_pl.tokenizer import Tokenizer
 
-from helpers import random_model, write_stage_checkpoint
+from helpers import greedy_chat_answer, random_model, write_stage_checkpoint
 
 
 def tiny_checkpoint(tmp_path, tokenizer_dir):
@@ -19,11 +19,7 @@ def test_prompt_prints_the_greedy_answer(tmp_path, shared_dir, capsys):
     model, ckpt = tiny_checkpoint(tmp_path, shared_dir / "minimind")
     main(["chat", "--ckpt", str(ckpt), "--prompt", "你好", "--max_new_tokens", "12", "--temperature", "0",
           "--device", "cpu"])
-    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "你好"}],
-                                                            add_generation_prompt=True))
-    expected = tokenizer.decode(generate(model, [prompt], max_new_tokens=12, do_sample=False,
-                                         eos_token_id=tokenizer.eos_id)[0])
-    assert capsys.readouterr().out == expected + "\n"
+    assert capsys.readouterr().out == greedy_chat_answer(model, tokenizer, "你好", max_new_tokens=12) + "\n"
 
 
 def test_session_keeps_history_and_streams_whole_characters(tmp_path, shared_dir):
