@@ -52,7 +52,7 @@ TOOL_COMMANDS: dict[str, tuple[str, str, str]] = {
 # subcommands, or LightningCLI's arguments).
 GROUP_COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("minimind_pl.commands.data", "data_command",
-             "datasets before training: data prepare --config CONFIG.yaml builds a config's token caches"),
+             "datasets before training: data stats | clean | split | mix | prepare (data --help lists them)"),
 }
 
 

@@ -36,7 +36,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -326,7 +326,7 @@ def _init_worker(encoder: RecordEncoder) -> None:
     _WORKER_ENCODER = encoder
 
 
-def _parse_block(first_line: int, data: bytes) -> tuple[list, list, int]:
+def parse_block(first_line: int, data: bytes) -> tuple[list, list, int]:
     """Split a block of complete lines, decode and JSON-parse them: (records, errors, n_lines)."""
     records, errors = [], []
     lines = data.split(b"\n")
@@ -344,7 +344,7 @@ def _parse_block(first_line: int, data: bytes) -> tuple[list, list, int]:
 
 def encode_block(encoder: RecordEncoder, first_line: int, data: bytes, dtype: np.dtype) -> _ChunkResult:
     """Parse and tokenize one block of complete jsonl lines starting at line ``first_line``."""
-    records, errors, n_lines = _parse_block(first_line, data)
+    records, errors, n_lines = parse_block(first_line, data)
     results = encoder.encode_records(records) if records else []
     limit = np.iinfo(dtype).max
     toks, masks, lengths = [], [], []
@@ -377,12 +377,19 @@ def _worker_encode(args: tuple) -> _ChunkResult:
     return encode_block(_WORKER_ENCODER, first_line, data, dtype)
 
 
-def _pool_results(pool: Any, blocks: Iterator, dtype: np.dtype, max_pending: int) -> Iterator:
-    """Results of ``blocks`` encoded in ``pool``, in order, with at most ``max_pending`` in flight."""
+def process_pool(num_proc: int, initializer: Callable, initargs: tuple) -> Any:
+    """A pool of ``num_proc`` worker processes (forked where the platform can), each set up by ``initializer``."""
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    return ctx.Pool(num_proc, initializer=initializer, initargs=initargs)
+
+
+def pool_results(pool: Any, worker: Callable, tasks: Iterator[tuple[tuple, int]], max_pending: int) -> Iterator:
+    """``(worker(*args), nbytes)`` of each ``(args, nbytes)`` task run in ``pool``, in order, with at most
+    ``max_pending`` in flight (bounded: RAM does not grow with the file)."""
     queue: deque = deque()
-    for first, data, nbytes in blocks:
-        queue.append((pool.apply_async(_worker_encode, ((first, data, dtype),)), nbytes))
-        if len(queue) >= max_pending:  # bounded: RAM does not grow with the file
+    for args, nbytes in tasks:
+        queue.append((pool.apply_async(worker, args), nbytes))
+        if len(queue) >= max_pending:
             res, nb = queue.popleft()
             yield res.get(), nb
     while queue:
@@ -390,8 +397,9 @@ def _pool_results(pool: Any, blocks: Iterator, dtype: np.dtype, max_pending: int
         yield res.get(), nb
 
 
-def _iter_blocks(path: Path, hasher: Any, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes, int]]:
-    """Yield ``(first_line_number, block_of_complete_lines, bytes_consumed)``, hashing all bytes."""
+def iter_line_blocks(path: Path, hasher: Any = None,
+                     block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes, int]]:
+    """Yield ``(first_line_number, block_of_complete_lines, bytes_consumed)``, hashing all bytes (if ``hasher``)."""
     line_no = 1
     pending = b""
     with open(path, "rb") as f:
@@ -401,7 +409,8 @@ def _iter_blocks(path: Path, hasher: Any, block_bytes: int = BLOCK_BYTES) -> Ite
                 if pending:
                     yield line_no, pending, len(pending)
                 return
-            hasher.update(block)
+            if hasher is not None:
+                hasher.update(block)
             data = pending + block
             cut = data.rfind(b"\n")
             if cut < 0:
@@ -412,7 +421,8 @@ def _iter_blocks(path: Path, hasher: Any, block_bytes: int = BLOCK_BYTES) -> Ite
             line_no += chunk.count(b"\n") + 1
 
 
-def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
+    """A tqdm bar over ``total`` bytes (a no-op one when disabled)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm ships with lightning
@@ -422,7 +432,8 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
 
 
-def _default_num_proc() -> int:
+def default_num_proc() -> int:
+    """The CPUs this process may use, at most 32."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -490,7 +501,7 @@ def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, s
     tmp.mkdir()
     dtype = token_dtype(encoder.tokenizer.vocab_size)
     st = os.stat(source)
-    num_proc = _default_num_proc() if num_proc is None else max(1, int(num_proc))
+    num_proc = default_num_proc() if num_proc is None else max(1, int(num_proc))
     if st.st_size <= 2 * BLOCK_BYTES:
         num_proc = 1  # a pool costs more than it saves
     hasher = hashlib.sha256()
@@ -504,15 +515,15 @@ def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, s
             f_off = files.enter_context(open(tmp / "offsets.bin", "wb"))
             f_mask = files.enter_context(open(tmp / "mask.bin", "wb")) if encoder.has_mask else None
             f_off.write(np.zeros(1, np.int64).tobytes())
-            blocks = _iter_blocks(source, hasher, BLOCK_BYTES)
+            blocks = iter_line_blocks(source, hasher, BLOCK_BYTES)
             if num_proc > 1:
-                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-                pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=(encoder,))
-                results = _pool_results(pool, blocks, dtype, 2 * num_proc)
+                pool = process_pool(num_proc, _init_worker, (encoder,))
+                tasks = ((((first, data, dtype),), nb) for first, data, nb in blocks)
+                results = pool_results(pool, _worker_encode, tasks, 2 * num_proc)
             else:
                 results = ((encode_block(encoder, first, data, dtype), nb) for first, data, nb in blocks)
 
-            with _progress_bar(st.st_size, f"tokenizing {source.name}", progress) as bar:
+            with progress_bar(st.st_size, f"tokenizing {source.name}", progress) as bar:
                 for chunk, nbytes in results:
                     if chunk.errors:
                         if not skip_invalid:

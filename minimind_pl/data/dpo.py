@@ -53,7 +53,7 @@ def _common_prefix(texts: Sequence[str]) -> str:
     return first[:n]
 
 
-def _check_pair(obj: Any) -> Optional[str]:
+def check_pair(obj: Any) -> Optional[str]:
     """Why ``obj`` is not a valid preference pair, or None."""
     if not isinstance(obj, dict) or any(side not in obj for side in SIDES):
         keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
@@ -122,7 +122,7 @@ class DPOEncoder(RecordEncoder):
         texts: list[str] = []
         for i, (_, obj) in enumerate(records):
             try:
-                out[i] = _check_pair(obj) or len(texts)
+                out[i] = check_pair(obj) or len(texts)
                 if not isinstance(out[i], str):
                     texts.extend(self.split_texts(obj))
             except ValueError as exc:  # the chat template names the bad message

@@ -1,12 +1,25 @@
 """PretrainDataModule: ``{"text": ...}`` lines (MiniMind's pretrain_t2t*.jsonl) for causal LM pretraining."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .base import JsonlDataModule
 from .cache import RecordEncoder
+
+
+def check_text_record(obj: Any, field: str = "text") -> Optional[str]:
+    """Why ``obj`` is not a ``{field: non-blank string}`` record, or None."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object with a {field!r} field, got {type(obj).__name__}"
+    if field not in obj:
+        return f"missing {field!r} field (keys: {', '.join(map(str, list(obj)[:8])) or 'none'})"
+    if not isinstance(obj[field], str):
+        return f"{field!r} must be a string, got {type(obj[field]).__name__}"
+    if not obj[field].strip():
+        return f"empty document ({field!r} is blank)"
+    return None
 
 
 class PretrainEncoder(RecordEncoder):
@@ -36,15 +49,8 @@ class PretrainEncoder(RecordEncoder):
         out: list = [None] * len(records)
         texts, where = [], []
         for i, (_, obj) in enumerate(records):
-            if not isinstance(obj, dict):
-                out[i] = f"expected a JSON object with a {self.field!r} field, got {type(obj).__name__}"
-            elif self.field not in obj:
-                out[i] = f"missing {self.field!r} field (keys: {', '.join(map(str, list(obj)[:8])) or 'none'})"
-            elif not isinstance(obj[self.field], str):
-                out[i] = f"{self.field!r} must be a string, got {type(obj[self.field]).__name__}"
-            elif not obj[self.field].strip():
-                out[i] = f"empty document ({self.field!r} is blank)"
-            else:
+            out[i] = check_text_record(obj, self.field)
+            if out[i] is None:
                 texts.append(obj[self.field])
                 where.append(i)
         bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id

@@ -85,6 +85,41 @@ def assistant_mask(ids: Sequence[int] | np.ndarray, start: Sequence[int], end: S
     return mask
 
 
+def check_conversation_record(obj: Any, field: str = "conversations") -> Optional[str]:
+    """Why ``obj`` is not a ``{field: [messages]}`` record with an assistant turn, or None (the message fields
+    are checked when the conversation is rendered, :func:`minimind_pl.chat_format.prepare_messages`)."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object with a {field!r} field, got {type(obj).__name__}"
+    if field not in obj:
+        return f"missing {field!r} field (keys: {', '.join(map(str, list(obj)[:8])) or 'none'})"
+    conv = obj[field]
+    if not isinstance(conv, list):
+        return f"{field!r} must be a list of messages, got {type(conv).__name__}"
+    if not conv:
+        return f"empty document ({field!r} is an empty list)"
+    for j, m in enumerate(conv):
+        if not isinstance(m, dict):
+            return f"message {j} must be an object, got {type(m).__name__}"
+    if not any(m.get("role") == "assistant" for m in conv):
+        return "conversation has no assistant turn (nothing to learn)"
+    return None
+
+
+def empty_answer_error(conversation: list) -> Optional[str]:
+    """Why a (well-formed) conversation has an assistant turn with nothing to learn, or None.
+
+    Every assistant turn is a target, so each needs an answer or tool calls; reasoning alone is not
+    an answer (see :func:`minimind_pl.chat_format.empty_answer`).
+    """
+    for j, m in enumerate(conversation):
+        if m.get("role") == "assistant" and empty_answer(m):
+            thought = any(m.get(key) for key in REASONING_FIELDS) or THINK_CLOSE in str(m.get("content"))
+            after = " after its reasoning" if thought else ""
+            return (f"empty answer: message {j} (assistant) has blank content{after} and no tool_calls, "
+                    "but every assistant turn is trained on")
+    return None
+
+
 class SFTEncoder(RecordEncoder):
     """Conversations -> chat-template tokens + assistant loss mask (MiniMind's SFTDataset rules).
 
@@ -137,38 +172,6 @@ class SFTEncoder(RecordEncoder):
             "end_ids": self.end_ids.tolist(),
         }
 
-    def _check(self, obj: Any) -> Optional[str]:
-        if not isinstance(obj, dict):
-            return f"expected a JSON object with a {self.field!r} field, got {type(obj).__name__}"
-        if self.field not in obj:
-            return f"missing {self.field!r} field (keys: {', '.join(map(str, list(obj)[:8])) or 'none'})"
-        conv = obj[self.field]
-        if not isinstance(conv, list):
-            return f"{self.field!r} must be a list of messages, got {type(conv).__name__}"
-        if not conv:
-            return f"empty document ({self.field!r} is an empty list)"
-        for j, m in enumerate(conv):
-            if not isinstance(m, dict):
-                return f"message {j} must be an object, got {type(m).__name__}"
-        if not any(m.get("role") == "assistant" for m in conv):
-            return "conversation has no assistant turn (nothing to learn)"
-        return None
-
-    @staticmethod
-    def _empty_answer(conversation: list) -> Optional[str]:
-        """Why a (well-formed) conversation has an assistant turn with nothing to learn, or None.
-
-        Every assistant turn is a target, so each needs an answer or tool calls; reasoning alone is not
-        an answer (see :func:`minimind_pl.chat_format.empty_answer`).
-        """
-        for j, m in enumerate(conversation):
-            if m.get("role") == "assistant" and empty_answer(m):
-                thought = any(m.get(key) for key in REASONING_FIELDS) or THINK_CLOSE in str(m.get("content"))
-                after = " after its reasoning" if thought else ""
-                return (f"empty answer: message {j} (assistant) has blank content{after} and no tool_calls, "
-                        "but every assistant turn is trained on")
-        return None
-
     def render(self, conversation: list, line_no: int) -> str:
         """The training text of one conversation, with the line's seeded augmentations."""
         rng = random.Random(f"minimind-sft:{self.seed}:{line_no}")
@@ -187,11 +190,11 @@ class SFTEncoder(RecordEncoder):
         out: list = [None] * len(records)
         texts, where = [], []
         for i, (line_no, obj) in enumerate(records):
-            err = self._check(obj)
+            err = check_conversation_record(obj, self.field)
             if err is None:
                 try:
                     text = self.render(obj[self.field], line_no)  # also checks roles and content types
-                    err = self._empty_answer(obj[self.field])
+                    err = empty_answer_error(obj[self.field])
                 except ValueError as exc:
                     err = f"invalid conversation: {exc}"
             if err is None:

@@ -1,4 +1,4 @@
-"""``python main.py data <subcommand>``: work on datasets before training.
+"""``python main.py data prepare``: build a training config's token caches.
 
     data prepare --config CONFIG.yaml [--data.<argument> VALUE ...]
 
@@ -14,9 +14,6 @@ from typing import Any
 
 from minimind_pl.cli import MiniMindCLI, namespace_dict, run_lightning
 from minimind_pl.errors import UserError, reported_cause
-
-SUBCOMMANDS = {"prepare": "build the token caches of a training config: data prepare --config CONFIG.yaml "
-                          "[--data.<argument> VALUE ...]"}
 
 
 class DataOnlyCLI(MiniMindCLI):
@@ -37,18 +34,6 @@ class DataOnlyCLI(MiniMindCLI):
             if cause is None or cause is error:
                 raise
             raise cause from None
-
-
-def data_command(args: list[str]) -> Any:
-    """Run a ``data`` subcommand."""
-    if not args or args[0] in ("-h", "--help", "help"):
-        print("usage: python main.py data <subcommand> ...\n\nsubcommands:")
-        for name, text in SUBCOMMANDS.items():
-            print(f"  {name:<10} {text}")
-        return None
-    if args[0] == "prepare":
-        return prepare_command(args[1:])
-    raise UserError(f"unknown data subcommand {args[0]!r}; choose one of {sorted(SUBCOMMANDS)}")
 
 
 def prepare_command(args: list[str]) -> dict[str, dict]:

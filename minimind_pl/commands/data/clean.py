@@ -1,0 +1,218 @@
+"""``python main.py data clean INPUT --output OUTPUT``: the data cleaning step before training.
+
+Each line goes through the rules in this order; the first that removes it is the one counted:
+
+1. ``invalid_json``: not UTF-8 or not JSON;
+2. ``invalid_record``: not a valid record of the file's format (the training code's rule);
+3. ``empty_after_cleaning``: valid before, invalid after its texts were normalised (e.g. a text of control
+   characters);
+4. ``too_short`` / ``too_long``: fewer than ``min_chars`` or more than ``max_chars`` characters of model text;
+5. ``language``: too few letters in the chosen languages;
+6. ``exact_duplicate``: the same model text as an earlier kept line;
+7. ``near_duplicate``: MinHash LSH says an earlier kept line is at least ``near_threshold`` similar.
+
+Kept lines are written with their texts normalised, as JSON (``ensure_ascii=False``, keys in their order), in input order:
+the output depends only on the input and the arguments (not on the number of processes).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from minimind_pl.data.cache import parse_block
+from minimind_pl.errors import UserError
+
+from .blocks import atomic_output, check_output, input_files, map_blocks
+from .dedup import KeySet, NearDuplicateKeys, text_key
+from .formats import (FORMATS, LANGUAGES, check_record, detect_format, letter_counts, map_texts, model_text,
+                      normalize_text)
+
+RULES = ("invalid_json", "invalid_record", "empty_after_cleaning", "too_short", "too_long", "language",
+         "exact_duplicate", "near_duplicate")
+UNICODE_FORMS = ("NFC", "NFKC", "none")
+MAX_EXAMPLES = 5  # removed lines quoted per rule in the report
+
+
+@dataclass
+class CleanedLine:
+    """What a worker decided about one line: the rule that removed it, or the line to write and its keys."""
+
+    line_no: int
+    rule: Optional[str] = None
+    reason: str = ""
+    output: bytes = b""
+    exact_key: int = 0
+    near_keys: Optional[np.ndarray] = None
+
+
+@dataclass
+class LineCleaner:
+    """The per-line rules that need no other line (run in the worker processes)."""
+
+    data_format: str
+    unicode_form: Optional[str]
+    min_chars: int
+    max_chars: Optional[int]
+    languages: tuple[str, ...]
+    min_language_share: float
+    near: Optional[NearDuplicateKeys]
+
+    def __call__(self, first_line: int, data: bytes) -> list[CleanedLine]:
+        records, errors, _ = parse_block(first_line, data)
+        out = [CleanedLine(line_no, "invalid_json", reason) for line_no, reason in errors]
+        out += [self.clean(line_no, obj) for line_no, obj in records]
+        return sorted(out, key=lambda line: line.line_no)
+
+    def clean(self, line_no: int, obj: Any) -> CleanedLine:
+        """Normalise one parsed record and apply the rules 2-5 (see the module doc)."""
+        error = check_record(obj, self.data_format)
+        if error:
+            return CleanedLine(line_no, "invalid_record", error)
+        obj = map_texts(obj, self.data_format, lambda text: normalize_text(text, self.unicode_form))
+        error = check_record(obj, self.data_format)
+        if error:
+            return CleanedLine(line_no, "empty_after_cleaning", error)
+        text = model_text(obj, self.data_format)
+        rule = self.length_or_language(text)
+        if rule:
+            return CleanedLine(line_no, rule, f"{len(text)} characters")
+        return CleanedLine(line_no, output=json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n",
+                           exact_key=text_key(text), near_keys=self.near.keys(text) if self.near else None)
+
+    def length_or_language(self, text: str) -> Optional[str]:
+        """The length or language rule that removes ``text``, or None."""
+        if len(text) < self.min_chars:
+            return "too_short"
+        if self.max_chars is not None and len(text) > self.max_chars:
+            return "too_long"
+        if self.languages:
+            counts = dict(zip(LANGUAGES, letter_counts(text)))
+            letters = sum(counts.values())
+            if letters and sum(counts[lang] for lang in self.languages) < self.min_language_share * letters:
+                return "language"
+        return None
+
+
+@dataclass
+class CleanReport:
+    """How many lines each rule removed, with a few examples (``file:line: reason``)."""
+
+    data_format: str
+    lines: int = 0
+    kept: int = 0
+    removed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RULES, 0))
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def count(self, path: Path, line: CleanedLine) -> None:
+        """Count one decided line."""
+        self.lines += 1
+        if line.rule is None:
+            self.kept += 1
+            return
+        self.removed[line.rule] += 1
+        shown = self.examples.setdefault(line.rule, [])
+        if len(shown) < MAX_EXAMPLES:
+            shown.append(f"{path}:{line.line_no}: {line.reason}".rstrip(": "))
+
+    def summary(self) -> str:
+        """The report as printed at the end."""
+        rows = [f"{self.lines:,} lines ({self.data_format}): {self.kept:,} kept, {self.lines - self.kept:,} removed"]
+        rows += [f"  {rule:<22} {n:>10,}" for rule, n in self.removed.items()]
+        for rule, shown in self.examples.items():
+            rows += [f"  e.g. {rule}: {example}" for example in shown[:2]]
+        return "\n".join(rows)
+
+
+def resolve_format(path: Path, data_format: str) -> str:
+    """``data_format``, or with ``auto`` the format of the first line of ``path`` that is a JSON object."""
+    if data_format != "auto":
+        if data_format not in FORMATS:
+            raise UserError(f"--format must be auto or one of {', '.join(FORMATS)}, got {data_format!r}")
+        return data_format
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            records, _, _ = parse_block(line_no, raw.rstrip(b"\r\n"))
+            found = detect_format(records[0][1]) if records else None
+            if found:
+                return found
+    raise UserError(f"{path}: no line is a record of a known format ({', '.join(FORMATS)}); "
+                    "check the file, or name its format with --format")
+
+
+def make_cleaner(data_format: str, unicode_form: str, min_chars: int, max_chars: Optional[int],
+                 languages: Optional[list[str]], min_language_share: float,
+                 near_threshold: Optional[float], num_perm: int, ngram: int) -> LineCleaner:
+    """The per-line rules from the command's arguments, each checked."""
+    if unicode_form not in UNICODE_FORMS:
+        raise UserError(f"--unicode_form must be one of {', '.join(UNICODE_FORMS)}, got {unicode_form!r}")
+    unknown = sorted(set(languages or ()) - set(LANGUAGES))
+    if unknown:
+        raise UserError(f"--languages takes {', '.join(LANGUAGES)}; unknown: {', '.join(unknown)}")
+    near = NearDuplicateKeys(near_threshold, num_perm, ngram) if near_threshold else None
+    return LineCleaner(data_format, None if unicode_form == "none" else unicode_form, min_chars, max_chars,
+                       tuple(languages or ()), min_language_share, near)
+
+
+def clean_command(input: str, *, output: str, format: str = "auto", unicode_form: str = "NFC", min_chars: int = 1,
+                  max_chars: Optional[int] = None, languages: Optional[list[str]] = None,
+                  min_language_share: float = 0.5, dedup: bool = True, near_threshold: Optional[float] = 0.8,
+                  num_perm: int = 128, ngram: int = 3, num_proc: Optional[int] = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Clean a jsonl dataset (pretrain, SFT, DPO or RL prompts) into a new file and report what each rule removed.
+
+    Texts are normalised (Unicode form, control characters, line ends, trailing spaces, runs of empty lines);
+    invalid, too short or long, other-language and duplicate lines are removed. The input is never modified.
+
+    Args:
+        input: the jsonl file to clean.
+        output: the cleaned jsonl file to write (not the input).
+        format: auto (from the first record), pretrain, sft, dpo or rl.
+        unicode_form: NFC (same look), NFKC (also folds full-width punctuation and compatibility characters) or none.
+        min_chars: remove lines with fewer characters of model text (what a model reads, without chat markup).
+        max_chars: remove lines with more characters of model text (none: no limit).
+        languages: keep only lines whose letters are mostly in these languages (zh, en, other); none: all.
+        min_language_share: the share of letters that must be in ``languages`` (lines without letters are kept).
+        dedup: remove exact duplicates (same model text after cleaning) and, with near_threshold, near duplicates.
+        near_threshold: Jaccard similarity (of word n-grams, a Chinese character being a word; MinHash LSH) from which a line is a
+            near duplicate of an earlier one; none: exact duplicates only. Needs datasketch (pip install -e ".[data]").
+        num_perm: MinHash permutations (more: a sharper threshold, slower).
+        ngram: words per n-gram for the similarity.
+        num_proc: worker processes (default: every CPU).
+        progress: show a progress bar.
+    """
+    source = input_files([input], "INPUT")[0]
+    target = check_output(Path(output), [source])
+    data_format = resolve_format(source, format)
+    cleaner = make_cleaner(data_format, unicode_form, min_chars, max_chars, languages, min_language_share,
+                           near_threshold if dedup else None, num_perm, ngram)
+    report = CleanReport(data_format)
+    exact, near = KeySet(), KeySet()
+    with atomic_output(target) as handle:
+        for block in map_blocks(source, cleaner, num_proc, f"cleaning {source.name}", progress):
+            for line in block:
+                if line.rule is None and dedup:
+                    mark_duplicate(line, exact, near)
+                if line.rule is None:
+                    handle.write(line.output)
+                report.count(source, line)
+    print(report.summary())
+    print(f"wrote {target}")
+    return {"format": data_format, "lines": report.lines, "kept": report.kept, "removed": report.removed,
+            "examples": report.examples}
+
+
+def mark_duplicate(line: CleanedLine, exact: KeySet, near: KeySet) -> None:
+    """Set ``line.rule`` if an earlier kept line had its text or one of its band keys; else remember its keys."""
+    exact_key = np.array([line.exact_key], np.uint64)
+    if exact.contains_any(exact_key):
+        line.rule = "exact_duplicate"
+    elif line.near_keys is not None and near.contains_any(line.near_keys):
+        line.rule = "near_duplicate"
+    else:
+        exact.add(exact_key)
+        if line.near_keys is not None:
+            near.add(line.near_keys)

@@ -1,0 +1,148 @@
+"""Exact and near-duplicate detection that stays small: 64-bit keys in sorted arrays, MinHash LSH band keys.
+
+A line is an exact duplicate when the 64-bit BLAKE2b hash of its model text (after cleaning) was seen on an
+earlier kept line, and a near duplicate when one of its LSH band keys was: its MinHash signature (datasketch,
+over the n-grams of words of the lower-cased text, where each Chinese character is a word) agrees with an earlier kept line's on every row of some
+band. Bands and rows are chosen for the Jaccard ``threshold`` as MinHash LSH does, minimising the area of false
+positives below the threshold plus false negatives above it.
+
+The keys seen live in :class:`KeySet`, 8 bytes a key in sorted numpy arrays (datasketch's own ``MinHashLSH``
+keeps each band of each key as Python objects, kilobytes a line: a million-line file would not fit in 1 GB).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import numpy as np
+
+from minimind_pl.errors import UserError
+
+MIX = np.uint64(0x9E3779B97F4A7C15)  # an odd 64-bit constant: folds values into one key (wrapping multiply)
+DATA_EXTRA_HINT = 'pip install -e ".[data]"'
+MIX_INVERSE = np.uint64(pow(int(MIX), -1, 1 << 64))
+# The words of the similarity: runs of letters and digits, and each CJK character alone (Chinese has no spaces).
+NOT_WORD = re.compile(r"[\W_]+")
+CJK_CHAR = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def require_extra(module: str, what: str) -> Any:
+    """Import an optional dependency of the data tools, or a UserError saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise UserError(f"{what} needs the `{module}` package, an optional extra: {DATA_EXTRA_HINT}") from exc
+
+
+def text_key(text: str) -> int:
+    """A 64-bit hash of ``text`` (the exact-duplicate key)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """``(bands, rows)`` with ``bands * rows <= num_perm`` whose collision curve ``1 - (1 - s**rows)**bands``
+    best separates Jaccard similarities below ``threshold`` from those above (equal weights)."""
+    if not 0.0 < threshold < 1.0:
+        raise UserError(f"--near_threshold must be between 0 and 1 (exclusive), got {threshold}")
+    similarity = (np.arange(2000) + 0.5) / 2000
+    best = (np.inf, 1, 1)
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            collide = 1.0 - (1.0 - similarity ** rows) ** bands
+            error = np.where(similarity < threshold, collide, 1.0 - collide).mean()
+            best = min(best, (error, bands, rows))
+    return best[1], best[2]
+
+
+class NearDuplicateKeys:
+    """The LSH band keys of a text: MinHash (datasketch) over its ``ngram``-grams of words (see :data:`WORDS`).
+
+    Args:
+        threshold: Jaccard similarity from which two texts count as near duplicates.
+        num_perm: MinHash permutations.
+        ngram: words per shingle.
+        seed: seed of the permutations.
+    """
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 3, seed: int = 1) -> None:
+        datasketch = require_extra("datasketch", "near-duplicate removal (--near_threshold)")
+        if ngram < 1 or num_perm < 2:
+            raise UserError(f"--ngram must be >= 1 and --num_perm >= 2, got {ngram} and {num_perm}")
+        self.bands, self.rows = lsh_bands(threshold, num_perm)
+        self.ngram, self.num_perm, self.seed = ngram, num_perm, seed
+        self.minhash = datasketch.MinHash(num_perm=num_perm, seed=seed, hashfunc=_same)  # cleared for each text
+        self.row_powers = np.cumprod(np.full(self.rows, MIX, np.uint64))
+        self.band_ids = np.arange(1, self.bands + 1, dtype=np.uint64)
+
+    def shingles(self, text: str) -> np.ndarray:
+        """32-bit hashes of the word n-grams of ``text`` (lower-cased; a shorter text is one shingle).
+
+        The text becomes words separated by one space; the hash of the characters from position i to j is
+        ``(prefix[j] - prefix[i]) * MIX**-i`` with ``prefix`` the running sum of ``char * MIX**position`` (wrapping
+        at 2**64), so every n-gram is hashed in a few array operations, the same wherever it stands.
+        """
+        spaced = " ".join(CJK_CHAR.sub(r" \g<0> ", NOT_WORD.sub(" ", text.lower())).split()) or " "
+        points = np.frombuffer(spaced.encode("utf-32-le"), np.uint32).astype(np.uint64)
+        powers = np.cumprod(np.full(points.size, MIX, np.uint64)) * MIX_INVERSE  # MIX**0, MIX**1, ...
+        prefix = np.concatenate([np.zeros(1, np.uint64), np.cumsum(points * powers, dtype=np.uint64)])
+        space = points == 32
+        starts = np.flatnonzero(~space & np.concatenate([[True], space[:-1]]))
+        ends = np.flatnonzero(~space & np.concatenate([space[1:], [True]])) + 1
+        width = max(1, min(self.ngram, starts.size))
+        first, last = starts[: max(1, starts.size - width + 1)], ends[width - 1:] if ends.size else np.array([points.size])
+        inverse = np.cumprod(np.full(points.size + 1, MIX_INVERSE, np.uint64)) * MIX  # MIX**-0, MIX**-1, ...
+        hashes = (prefix[last] - prefix[first]) * inverse[first]
+        return np.unique((hashes ^ (hashes >> np.uint64(32))) & np.uint64(0xFFFFFFFF))
+
+    def keys(self, text: str) -> np.ndarray:
+        """One uint64 key per band of the MinHash signature of ``text``."""
+        minhash = self.minhash
+        minhash.clear()
+        minhash.update_batch(self.shingles(text).tolist())
+        rows = minhash.hashvalues[: self.bands * self.rows].astype(np.uint64).reshape(self.bands, self.rows)
+        return (rows * self.row_powers).sum(axis=1, dtype=np.uint64) + self.band_ids  # the band's number: bands differ
+
+
+def _same(value: int) -> int:
+    """The shingle hashes are hashed already: datasketch's hash function is the identity."""
+    return value
+
+
+class KeySet:
+    """A growing set of uint64 keys: recent ones in a Python set, the others in a few sorted numpy arrays (merged
+    like a binary counter, so lookups stay logarithmic and memory is about 8 bytes a key).
+
+    Args:
+        flush_at: keys held in the Python set before they move into a sorted array.
+    """
+
+    def __init__(self, flush_at: int = 1 << 16) -> None:
+        self.recent: set[int] = set()
+        self.runs: list[np.ndarray] = []
+        self.flush_at = flush_at
+
+    def __len__(self) -> int:
+        return len(self.recent) + sum(run.size for run in self.runs)
+
+    def contains_any(self, keys: np.ndarray) -> bool:
+        """Whether any of ``keys`` (uint64) was added."""
+        if any(key in self.recent for key in keys.tolist()):
+            return True
+        for run in self.runs:
+            found = np.minimum(np.searchsorted(run, keys), run.size - 1)
+            if np.any(run[found] == keys):
+                return True
+        return False
+
+    def add(self, keys: np.ndarray) -> None:
+        """Add ``keys`` (uint64)."""
+        self.recent.update(keys.tolist())
+        if len(self.recent) >= self.flush_at:
+            run = np.sort(np.fromiter(self.recent, np.uint64, len(self.recent)))
+            self.recent.clear()
+            while self.runs and self.runs[-1].size <= 2 * run.size:
+                run = np.union1d(self.runs.pop(), run)
+            self.runs.append(run)

@@ -1,0 +1,213 @@
+"""``python main.py data stats FILE... [--tokenizer DIR]``: what a dataset holds before training on it.
+
+Per file: lines, documents, blank and invalid lines (the training code's rule), exact duplicates (same model
+text), characters and their length percentiles, the share of Chinese / English / other letters, and with a
+tokenizer the tokens training would see (the stage's own encoder: chat template, bos/eos, both sides of a DPO
+pair) with the share of real tokens when each document is padded to ``seq_len`` (MiniMind) versus packed.
+"""
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from minimind_pl.data.cache import parse_block
+from minimind_pl.errors import UserError
+
+from .blocks import input_files, map_blocks
+from .clean import resolve_format
+from .dedup import KeySet, require_extra, text_key
+from .formats import LANGUAGES, check_record, letter_counts, model_text
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class BlockStats:
+    """The statistics of one block of lines (summed over blocks by :class:`FileStats`)."""
+
+    lines: int = 0
+    blank: int = 0
+    invalid: int = 0
+    chars: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)  # per training document (two per DPO pair)
+    letters: list = field(default_factory=lambda: [0, 0, 0])
+    keys: list = field(default_factory=list)
+
+
+@dataclass
+class LineStats:
+    """Measures the lines of a block (run in the worker processes)."""
+
+    data_format: str
+    encoder: Any = None  # the stage's RecordEncoder, or None without a tokenizer
+
+    def __call__(self, first_line: int, data: bytes) -> BlockStats:
+        records, errors, n_lines = parse_block(first_line, data)
+        stats = BlockStats(lines=n_lines, invalid=len(errors))
+        stats.blank = n_lines - len(records) - len(errors)
+        valid = []
+        for line_no, obj in records:
+            if check_record(obj, self.data_format):
+                stats.invalid += 1
+                continue
+            valid.append((line_no, obj))
+            text = model_text(obj, self.data_format)
+            stats.chars.append(len(text))
+            stats.keys.append(text_key(text))
+            stats.letters = [a + b for a, b in zip(stats.letters, letter_counts(text))]
+        if self.encoder is not None and valid:
+            for documents in self.encoder.encode_records(valid):
+                stats.tokens += [len(ids) for ids, _ in documents] if not isinstance(documents, str) else []
+        return stats
+
+
+def make_encoder(tokenizer: Optional[str], data_format: str, seq_len: int) -> Any:
+    """The encoder training uses for ``data_format`` (RL prompts: the prompt rendered for generation)."""
+    if tokenizer is None:
+        return None
+    from minimind_pl.data.dpo import DPOEncoder
+    from minimind_pl.data.pretrain import PretrainEncoder
+    from minimind_pl.data.sft import SFTEncoder
+    from minimind_pl.tokenizer import Tokenizer
+
+    loaded = Tokenizer.from_file(tokenizer)
+    if data_format == "rl":
+        return PromptEncoder(loaded)
+    if data_format == "dpo":
+        return DPOEncoder(loaded, max_tokens=1 << 30)
+    return PretrainEncoder(loaded) if data_format == "pretrain" else SFTEncoder(loaded)
+
+
+class PromptEncoder:
+    """An RL prompt as the policy reads it: its messages rendered with the generation prompt."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def encode_records(self, records: list) -> list:
+        """One document (the prompt's tokens) per record."""
+        out = []
+        for _, obj in records:
+            messages = [{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else obj["conversations"]
+            if messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+            out.append([(self.tokenizer.encode_chat(messages, add_generation_prompt=True), None)])
+        return out
+
+
+class FileStats:
+    """The statistics of a whole file, summed block by block (lengths kept as 4 bytes per document)."""
+
+    def __init__(self, path: Path, data_format: str) -> None:
+        self.path, self.data_format = path, data_format
+        self.lines = self.blank = self.invalid = self.duplicates = 0
+        self.chars, self.tokens = array("I"), array("I")
+        self.letters = [0, 0, 0]
+        self.seen = KeySet()
+
+    def add(self, block: BlockStats) -> None:
+        """Sum one block in (duplicates are counted against every earlier block)."""
+        self.lines += block.lines
+        self.blank += block.blank
+        self.invalid += block.invalid
+        self.chars.extend(block.chars)
+        self.tokens.extend(block.tokens)
+        self.letters = [a + b for a, b in zip(self.letters, block.letters)]
+        for key in block.keys:
+            key = np.array([key], np.uint64)
+            if self.seen.contains_any(key):
+                self.duplicates += 1
+            else:
+                self.seen.add(key)
+
+    def summary(self, seq_len: int) -> dict[str, Any]:
+        """The statistics as a dict (the printed report and the command's return value)."""
+        out: dict[str, Any] = {"file": str(self.path), "format": self.data_format, "lines": self.lines,
+                               "documents": len(self.chars), "blank_lines": self.blank,
+                               "invalid_lines": self.invalid, "exact_duplicates": self.duplicates,
+                               "characters": int(sum(self.chars))}
+        out.update(percentiles("chars", self.chars))
+        letters = sum(self.letters) or 1
+        out.update({f"share_{lang}": round(n / letters, 4) for lang, n in zip(LANGUAGES, self.letters)})
+        if self.tokens:
+            out["tokens"] = int(sum(self.tokens))
+            out.update(percentiles("tokens", self.tokens))
+            out.update(padding_shares(np.asarray(self.tokens, np.int64), seq_len))
+        return out
+
+
+def percentiles(name: str, lengths: array) -> dict[str, int]:
+    """The ``PERCENTILES`` and the maximum of ``lengths``."""
+    if not lengths:
+        return {}
+    values = np.percentile(np.asarray(lengths), PERCENTILES, method="lower")
+    return {**{f"{name}_p{p}": int(v) for p, v in zip(PERCENTILES, values)}, f"{name}_max": int(max(lengths))}
+
+
+def padding_shares(lengths: np.ndarray, seq_len: int) -> dict[str, float]:
+    """Real tokens per token of a batch row: each document padded to ``seq_len`` (cut if longer, MiniMind) versus
+    documents packed into full rows."""
+    total = int(lengths.sum())
+    padded = float(np.minimum(lengths, seq_len).sum()) / (lengths.size * seq_len)
+    packed = total / (math.ceil(total / seq_len) * seq_len)
+    return {"seq_len": seq_len, "real_share_padded": round(padded, 4), "real_share_packed": round(packed, 4),
+            "docs_cut_at_seq_len": int((lengths > seq_len).sum())}
+
+
+def stats_command(files: list[str], tokenizer: Optional[str] = None, seq_len: int = 340, format: str = "auto",
+                  plot: Optional[str] = None, num_proc: Optional[int] = None,
+                  progress: bool = True) -> list[dict[str, Any]]:
+    """Print what jsonl datasets hold: documents, characters, tokens, lengths, languages, duplicates, bad lines.
+
+    Args:
+        files: the jsonl files (pretrain, SFT, DPO or RL prompts).
+        tokenizer: a tokenizer folder: also count the tokens training sees, and the padding waste.
+        seq_len: the row length for the padding-versus-packing shares (MiniMind's pretrain: 340).
+        format: auto (from each file's first record), pretrain, sft, dpo or rl.
+        plot: write a PNG histogram of the document lengths here (needs matplotlib: pip install -e ".[data]").
+        num_proc: worker processes (default: every CPU).
+        progress: show a progress bar.
+    """
+    if seq_len < 1:
+        raise UserError(f"--seq_len must be >= 1, got {seq_len}")
+    results, measured = [], []
+    for path in input_files(files, "FILE"):
+        data_format = resolve_format(path, format)
+        stats = FileStats(path, data_format)
+        measure = LineStats(data_format, make_encoder(tokenizer, data_format, seq_len))
+        for block in map_blocks(path, measure, num_proc, f"reading {path.name}", progress):
+            stats.add(block)
+        summary = stats.summary(seq_len)
+        print("\n".join([str(path)] + [f"  {k:<20} {v:,}" if isinstance(v, int) else f"  {k:<20} {v}"
+                                       for k, v in summary.items() if k != "file"]))
+        results.append(summary)
+        measured.append(stats)
+    if plot:
+        plot_lengths(measured, Path(plot))
+    return results
+
+
+def plot_lengths(measured: list[FileStats], target: Path) -> None:
+    """A PNG with a histogram of each file's document lengths (tokens when counted, else characters)."""
+    require_extra("matplotlib", "--plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    unit = "tokens" if all(s.tokens for s in measured) else "characters"
+    for stats in measured:
+        axis.hist(np.asarray(stats.tokens if unit == "tokens" else stats.chars), bins=60, alpha=0.6,
+                  label=stats.path.name)
+    axis.set(xlabel=f"document length ({unit})", ylabel="documents", title="document lengths")
+    axis.legend()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    print(f"wrote {target}")

@@ -1,0 +1,114 @@
+"""``python main.py data clean``: each rule removes exactly the planted lines, the kept lines come out normalised."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pytest
+
+from minimind_pl.cli import dispatch
+from minimind_pl.commands.data.clean import clean_command
+from minimind_pl.errors import UserError
+
+
+def words(seed: int, n: int = 80) -> str:
+    rng = random.Random(seed)
+    return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+                    for _ in range(n))
+
+
+def write_lines(path, lines) -> None:
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else json.dumps(line, ensure_ascii=False).encode())
+                              + b"\n" for line in lines))
+
+
+def one_word_changed(text: str) -> str:
+    parts = text.split(" ")
+    parts[40] = "changed"
+    return " ".join(parts)
+
+
+def test_clean_pretrain_removes_each_planted_line_by_its_rule(tmp_path, capsys):
+    a, b = words(1), words(2)
+    source = tmp_path / "pretrain.jsonl"
+    lines = [{"text": a}, {"text": a}, {"text": one_word_changed(a)}, b'{"text": ', b'{"text": "\xff"}',
+             {"text": "   "}, {"text": "\x00\x01"}, {"text": "short"}, {"text": f"  {b}  \r\nnext\n\n\n\nend \t"},
+             b"", {"conversations": [{"role": "user", "content": "hi"}]}, {"text": "Привет мир как дела сегодня"},
+             {"text": "中文的句子，足够长了。" + "很好" * 5}]
+    write_lines(source, lines)
+    before = source.read_bytes()
+    report = clean_command(str(source), output=str(tmp_path / "out.jsonl"), min_chars=10, languages=["zh", "en"],
+                           progress=False)
+    assert report["format"] == "pretrain" and report["lines"] == 12 and report["kept"] == 3
+    assert report["removed"] == {"invalid_json": 2, "invalid_record": 2, "empty_after_cleaning": 1, "too_short": 1,
+                                 "too_long": 0, "language": 1, "exact_duplicate": 1, "near_duplicate": 1}
+    assert report["examples"]["invalid_json"][0].startswith(f"{source}:4: not valid JSON")
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert out == [{"text": a}, {"text": f"{b}\nnext\n\nend"}, {"text": "中文的句子，足够长了。" + "很好" * 5}]
+    assert source.read_bytes() == before  # the input is never modified
+    assert "near_duplicate" in capsys.readouterr().out
+
+
+def test_clean_is_deterministic_and_thresholds_and_switches_work(tmp_path):
+    a = words(3)
+    source = tmp_path / "p.jsonl"
+    write_lines(source, [{"text": a}, {"text": one_word_changed(a)}, {"text": a + " tail"}, {"text": words(4)}])
+    first, second = tmp_path / "1.jsonl", tmp_path / "2.jsonl"
+    clean_command(str(source), output=str(first), progress=False)
+    clean_command(str(source), output=str(second), progress=False, num_proc=2)
+    assert first.read_bytes() == second.read_bytes() and len(first.read_text().splitlines()) == 2
+    strict = clean_command(str(source), output=str(second), near_threshold=0.99, progress=False)
+    assert strict["removed"]["near_duplicate"] == 0 and strict["kept"] == 4  # none is 99 % alike
+    exact_only = clean_command(str(source), output=str(second), near_threshold=None, progress=False)
+    assert exact_only["kept"] == 4
+    none = clean_command(str(source), output=str(second), dedup=False, max_chars=len(a), progress=False)
+    assert none["removed"]["too_long"] == 2 and none["kept"] == 2  # the tail and the random text are longer
+
+
+def conversation(question: str, answer: str) -> dict:
+    return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def test_clean_sft_dpo_and_rl_formats(tmp_path):
+    a = words(5)
+    sft = tmp_path / "sft.jsonl"
+    write_lines(sft, [conversation("q1", a), conversation("q1", a), conversation("q1", one_word_changed(a)),
+                      conversation("q2", " "), {"conversations": [{"role": "robot", "content": "x"},
+                                                                  {"role": "assistant", "content": "y"}]},
+                      conversation("q3", "an answer\u00a0\u200b")])
+    report = clean_command(str(sft), output=str(tmp_path / "o.jsonl"), progress=False)
+    assert report["format"] == "sft" and report["kept"] == 2
+    assert report["removed"]["invalid_record"] == 2 and report["removed"]["exact_duplicate"] == 1
+    assert report["removed"]["near_duplicate"] == 1
+    assert json.loads((tmp_path / "o.jsonl").read_text().splitlines()[1]) == conversation("q3", "an answer")
+
+    dpo = tmp_path / "dpo.jsonl"
+    prompt = [{"role": "user", "content": "which?"}]
+    pair = {"chosen": prompt + [{"role": "assistant", "content": "good"}],
+            "rejected": prompt + [{"role": "assistant", "content": "bad"}]}
+    other = {"chosen": prompt + [{"role": "assistant", "content": "x"}],
+             "rejected": [{"role": "user", "content": "else"}, {"role": "assistant", "content": "y"}]}
+    write_lines(dpo, [pair, other, pair])
+    report = clean_command(str(dpo), output=str(tmp_path / "d.jsonl"), progress=False)
+    assert (report["format"], report["kept"], report["removed"]["invalid_record"],
+            report["removed"]["exact_duplicate"]) == ("dpo", 1, 1, 1)
+
+    rl = tmp_path / "rl.jsonl"
+    write_lines(rl, [{"conversations": [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": ""}]},
+                     {"conversations": [{"role": "user", "content": " "}, {"role": "assistant", "content": ""}]}])
+    report = clean_command(str(rl), output=str(tmp_path / "r.jsonl"), progress=False)
+    assert (report["format"], report["kept"], report["removed"]["invalid_record"]) == ("rl", 1, 1)
+
+
+def test_clean_refuses_its_input_as_output_and_names_the_missing_extra(tmp_path, monkeypatch):
+    source = tmp_path / "p.jsonl"
+    write_lines(source, [{"text": "hello there"}])
+    with pytest.raises(UserError, match="never modify their input"):
+        dispatch(["data", "clean", str(source), "--output", str(source)])
+    monkeypatch.setitem(sys.modules, "datasketch", None)
+    with pytest.raises(UserError, match=r'pip install -e "\.\[data\]"'):
+        clean_command(str(source), output=str(tmp_path / "o.jsonl"), progress=False)
+    with pytest.raises(UserError, match="--languages takes"):
+        clean_command(str(source), output=str(tmp_path / "o.jsonl"), languages=["fr"], near_threshold=None)
