@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -22,9 +22,9 @@ from minimind_pl.errors import UserError
 MIX = np.uint64(0x9E3779B97F4A7C15)  # an odd 64-bit constant: folds values into one key (wrapping multiply)
 DATA_EXTRA_HINT = 'pip install -e ".[data]"'
 MIX_INVERSE = np.uint64(pow(int(MIX), -1, 1 << 64))
-# The words of the similarity: runs of letters and digits, and each CJK character alone (Chinese has no spaces).
-NOT_WORD = re.compile(r"[\W_]+")
-CJK_CHAR = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# The words of the similarity: each CJK character alone (Chinese has no spaces), and runs of other letters and digits.
+CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+WORD = re.compile(f"[{CJK}]|[^\\W_{CJK}]+")
 
 
 def require_extra(module: str, what: str) -> Any:
@@ -75,27 +75,35 @@ class NearDuplicateKeys:
         self.ngram, self.num_perm, self.seed = ngram, num_perm, seed
         self.minhash = datasketch.MinHash(num_perm=num_perm, seed=seed, hashfunc=_same)  # cleared for each text
         self.row_powers = np.cumprod(np.full(self.rows, MIX, np.uint64))
+        self._powers: Optional[tuple[np.ndarray, np.ndarray]] = None
         self.band_ids = np.arange(1, self.bands + 1, dtype=np.uint64)
 
     def shingles(self, text: str) -> np.ndarray:
         """32-bit hashes of the word n-grams of ``text`` (lower-cased; a shorter text is one shingle).
 
-        The text becomes words separated by one space; the hash of the characters from position i to j is
+        The words are joined by one space; the hash of the characters from position i to j is
         ``(prefix[j] - prefix[i]) * MIX**-i`` with ``prefix`` the running sum of ``char * MIX**position`` (wrapping
         at 2**64), so every n-gram is hashed in a few array operations, the same wherever it stands.
         """
-        spaced = " ".join(CJK_CHAR.sub(r" \g<0> ", NOT_WORD.sub(" ", text.lower())).split()) or " "
-        points = np.frombuffer(spaced.encode("utf-32-le"), np.uint32).astype(np.uint64)
-        powers = np.cumprod(np.full(points.size, MIX, np.uint64)) * MIX_INVERSE  # MIX**0, MIX**1, ...
-        prefix = np.concatenate([np.zeros(1, np.uint64), np.cumsum(points * powers, dtype=np.uint64)])
-        space = points == 32
-        starts = np.flatnonzero(~space & np.concatenate([[True], space[:-1]]))
-        ends = np.flatnonzero(~space & np.concatenate([space[1:], [True]])) + 1
-        width = max(1, min(self.ngram, starts.size))
-        first, last = starts[: max(1, starts.size - width + 1)], ends[width - 1:] if ends.size else np.array([points.size])
-        inverse = np.cumprod(np.full(points.size + 1, MIX_INVERSE, np.uint64)) * MIX  # MIX**-0, MIX**-1, ...
+        words = WORD.findall(text.lower()) or [" "]
+        points = np.frombuffer(" ".join(words).encode("utf-32-le"), np.uint32).astype(np.uint64)
+        powers, inverse = self.powers(points.size + 1)  # MIX**i and MIX**-i
+        prefix = np.concatenate([np.zeros(1, np.uint64), np.cumsum(points * powers[: points.size], dtype=np.uint64)])
+        lengths = np.fromiter(map(len, words), np.int64, len(words))
+        starts = np.concatenate([[0], np.cumsum(lengths[:-1] + 1)])  # each word's first character
+        ends = starts + lengths
+        width = min(self.ngram, len(words))
+        first, last = starts[: len(words) - width + 1], ends[width - 1:]
         hashes = (prefix[last] - prefix[first]) * inverse[first]
         return np.unique((hashes ^ (hashes >> np.uint64(32))) & np.uint64(0xFFFFFFFF))
+
+    def powers(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """``MIX**i`` and ``MIX**-i`` for i < ``size`` (wrapping at 2**64), kept and grown as texts get longer."""
+        if self._powers is None or self._powers[0].size < size:
+            size = max(size, 4096, 2 * (0 if self._powers is None else self._powers[0].size))
+            self._powers = (np.cumprod(np.full(size, MIX, np.uint64)) * MIX_INVERSE,
+                            np.cumprod(np.full(size, MIX_INVERSE, np.uint64)) * MIX)
+        return self._powers
 
     def keys(self, text: str) -> np.ndarray:
         """One uint64 key per band of the MinHash signature of ``text``."""
