@@ -112,3 +112,21 @@ def test_clean_refuses_its_input_as_output_and_names_the_missing_extra(tmp_path,
         clean_command(str(source), output=str(tmp_path / "o.jsonl"), progress=False)
     with pytest.raises(UserError, match="--languages takes"):
         clean_command(str(source), output=str(tmp_path / "o.jsonl"), languages=["fr"], near_threshold=None)
+
+
+def test_key_set_finds_every_key_added_and_no_other_across_merged_runs():
+    import numpy as np
+
+    from minimind_pl.commands.data.dedup import KeySet
+
+    rng = np.random.default_rng(0)
+    keys = np.unique(rng.integers(1, 1 << 62, 6000, dtype=np.uint64))[:5000]
+    rng.shuffle(keys)
+    added, absent = keys[:4000], keys[4000:]
+    seen = KeySet(flush_at=64, max_run=1000)
+    for chunk in np.array_split(added, 400):
+        seen.add(chunk)
+    assert len(seen) == 4000 and all(run.size <= 1000 for run in seen.runs) and len(seen.runs) > 1
+    assert all(np.all(run[:-1] < run[1:]) for run in seen.runs)  # each run sorted, no key twice
+    assert all(seen.contains_any(added[i:i + 1]) for i in range(0, 4000, 7))
+    assert not any(seen.contains_any(absent[i:i + 1]) for i in range(1000))

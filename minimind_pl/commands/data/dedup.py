@@ -120,17 +120,19 @@ def _same(value: int) -> int:
 
 
 class KeySet:
-    """A growing set of uint64 keys: recent ones in a Python set, the others in a few sorted numpy arrays (merged
-    like a binary counter, so lookups stay logarithmic and memory is about 8 bytes a key).
+    """A growing set of uint64 keys: recent ones in a Python set, the others in sorted numpy arrays ("runs"), merged
+    like a binary counter up to ``max_run`` keys each, so lookups stay logarithmic, memory is about 8 bytes a key
+    and a merge never needs more than twice a run's size on top.
 
     Args:
         flush_at: keys held in the Python set before they move into a sorted array.
+        max_run: the largest run a merge makes (8M keys, 64 MB).
     """
 
-    def __init__(self, flush_at: int = 1 << 16) -> None:
+    def __init__(self, flush_at: int = 1 << 16, max_run: int = 1 << 23) -> None:
         self.recent: set[int] = set()
         self.runs: list[np.ndarray] = []
-        self.flush_at = flush_at
+        self.flush_at, self.max_run = flush_at, max_run
 
     def __len__(self) -> int:
         return len(self.recent) + sum(run.size for run in self.runs)
@@ -146,11 +148,14 @@ class KeySet:
         return False
 
     def add(self, keys: np.ndarray) -> None:
-        """Add ``keys`` (uint64)."""
+        """Add ``keys`` (uint64) that are not in the set yet (callers look them up first)."""
         self.recent.update(keys.tolist())
-        if len(self.recent) >= self.flush_at:
-            run = np.sort(np.fromiter(self.recent, np.uint64, len(self.recent)))
-            self.recent.clear()
-            while self.runs and self.runs[-1].size <= 2 * run.size:
-                run = np.union1d(self.runs.pop(), run)
-            self.runs.append(run)
+        if len(self.recent) < self.flush_at:
+            return
+        run = np.sort(np.fromiter(self.recent, np.uint64, len(self.recent)))
+        self.recent.clear()
+        # keys are never added twice, so a merge is a concatenation sorted in place (no unique pass, no copies)
+        while self.runs and self.runs[-1].size <= 2 * run.size and self.runs[-1].size + run.size <= self.max_run:
+            run = np.concatenate([self.runs.pop(), run])
+            run.sort()
+        self.runs.append(run)
