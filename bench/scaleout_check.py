@@ -5,7 +5,7 @@ For pretrain, LoRA and DPO and each strategy (``auto`` = single device, ``fsdp``
 ``deepspeed_stage_3``): ``python main.py fit`` with the shipped config, a small model and a few steps on the
 corpus; then ``python main.py export`` of its ``last.ckpt`` (a folder under DeepSpeed) and the logits of the exported
 model on held-out text against the single-device run's. Lightning's FSDP and DeepSpeed need CUDA, so this runs on a
-GPU only (``bench/gpu_scaleout.sh``).
+GPU only (``bash bench/gpu_check.sh scaleout``).
 
     python bench/scaleout_check.py --corpus ../shared/corpus --tokenizer ../shared/minimind --out results.json
 """

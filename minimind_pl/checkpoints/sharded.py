@@ -3,8 +3,8 @@
 - FSDP with ``state_dict_type="sharded"``: a folder of ``torch.distributed.checkpoint`` shards (``.metadata``,
   ``*.distcp``) whose tensors sit under ``model`` / ``optimizer_<i>``, plus ``meta.pt`` with everything else
   (hyper-parameters, ``model_config``, ``stage``, ...). Read without any process group.
-- DeepSpeed: a folder with ``latest`` (the tag) and ``<tag>/mp_rank_00_model_states.pt`` plus ZeRO partitions.
-  Consolidated to full float32 weights by DeepSpeed's own reader (the ``deepspeed`` extra).
+- DeepSpeed: a folder with ``latest`` (the tag) and ``<tag>/*model_states.pt`` plus ZeRO partitions.
+  Consolidated to full float32 weights by Lightning's converter on DeepSpeed's reader (the ``deepspeed`` extra).
 
 :func:`read_sharded_folder` returns the same dict a Lightning ``.ckpt`` holds (``state_dict`` and the extra
 keys), so every tool opens these folders as it opens a file.
@@ -12,6 +12,9 @@ keys), so every tool opens these folders as it opens a file.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,7 +33,7 @@ def is_fsdp_sharded(path: Path) -> bool:
 
 def is_deepspeed(path: Path) -> bool:
     """A DeepSpeed checkpoint folder (as Lightning's DeepSpeed strategy saves a ``.ckpt``)."""
-    return (path / "latest").is_file() or any(path.glob("*/mp_rank_00_model_states.pt"))
+    return (path / "latest").is_file() or any(path.glob("*/*model_states.pt"))
 
 
 def read_sharded_folder(path: Path) -> Optional[dict[str, Any]]:
@@ -61,18 +64,17 @@ def read_fsdp_sharded(path: Path) -> dict[str, Any]:
 
 
 def read_deepspeed(path: Path) -> dict[str, Any]:
-    """DeepSpeed's ZeRO partitions consolidated into full float32 weights, with the checkpoint's other keys."""
+    """DeepSpeed's ZeRO partitions consolidated into full float32 weights, with the checkpoint's other keys.
+
+    Lightning's converter does it (it knows which keys are the engine's and where each ZeRO stage keeps the model
+    states); it also writes the result to a file, here a temporary one.
+    """
     try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        import deepspeed.utils.zero_to_fp32  # noqa: F401 - the converter below needs it
     except ImportError as err:
         raise UserError(f"{path} is a DeepSpeed checkpoint folder; reading it needs DeepSpeed: "
                         "pip install -e \".[deepspeed]\"") from err
-    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else None
-    state_dir = path / tag if tag else next(path.glob("*/mp_rank_00_model_states.pt")).parent
-    extra = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=state_dir.name)
-    engine_keys = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
-                   "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
-                   "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
-                   "ds_version"}
-    return {**{k: v for k, v in extra.items() if k not in engine_keys}, "state_dict": weights}
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):  # it prints the file
+        return convert_zero_checkpoint_to_fp32_state_dict(str(path), str(Path(folder) / "consolidated.ckpt"))

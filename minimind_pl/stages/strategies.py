@@ -1,7 +1,7 @@
 """What a stage does differently under Lightning's sharded strategies (FSDP, DeepSpeed).
 
 DDP and a single device need nothing here. FSDP and DeepSpeed need a GPU (Lightning refuses them on the CPU);
-``bench/gpu_scaleout.sh`` runs them.
+``bash bench/gpu_check.sh scaleout`` runs them on a GPU.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The parts of the sharded-strategy support that do not need a GPU (the rest: bench/gpu_scaleout.sh)."""
+"""The parts of the sharded-strategy support that do not need a GPU (the rest: bash bench/gpu_check.sh scaleout)."""
 
 from __future__ import annotations
 
