@@ -4,7 +4,7 @@
   ``*.distcp``) whose tensors sit under ``model`` / ``optimizer_<i>``, plus ``meta.pt`` with everything else
   (hyper-parameters, ``model_config``, ``stage``, ...). Read without any process group.
 - DeepSpeed: a folder with ``latest`` (the tag) and ``<tag>/*model_states.pt`` plus ZeRO partitions.
-  Consolidated to full float32 weights by Lightning's converter on DeepSpeed's reader (the ``deepspeed`` extra).
+  Consolidated to full float32 weights by DeepSpeed's own reader (the ``deepspeed`` extra).
 
 :func:`read_sharded_folder` returns the same dict a Lightning ``.ckpt`` holds (``state_dict`` and the extra
 keys), so every tool opens these folders as it opens a file.
@@ -12,9 +12,6 @@ keys), so every tool opens these folders as it opens a file.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -64,17 +61,19 @@ def read_fsdp_sharded(path: Path) -> dict[str, Any]:
 
 
 def read_deepspeed(path: Path) -> dict[str, Any]:
-    """DeepSpeed's ZeRO partitions consolidated into full float32 weights, with the checkpoint's other keys.
-
-    Lightning's converter does it (it knows which keys are the engine's and where each ZeRO stage keeps the model
-    states); it also writes the result to a file, here a temporary one.
-    """
+    """DeepSpeed's ZeRO partitions consolidated into full float32 weights, with the checkpoint's other keys (what the
+    stage stored: hyper-parameters, ``model_config``, ``stage``, ...), read from rank 0's model-state file."""
     try:
-        import deepspeed.utils.zero_to_fp32  # noqa: F401 - the converter below needs it
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as err:
         raise UserError(f"{path} is a DeepSpeed checkpoint folder; reading it needs DeepSpeed: "
                         "pip install -e \".[deepspeed]\"") from err
-    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):  # it prints the file
-        return convert_zero_checkpoint_to_fp32_state_dict(str(path), str(Path(folder) / "consolidated.ckpt"))
+    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else None
+    states = sorted((path / tag).glob("*model_states.pt") if tag else path.glob("*/*model_states.pt"))
+    if not states:
+        raise UserError(f"{path} looks like a DeepSpeed checkpoint folder but holds no *model_states.pt file")
+    # rank 0's file: mp_rank_00_model_states.pt (ZeRO-1/2), zero_pp_rank_0_mp_rank_00_model_states.pt (ZeRO-3)
+    extra = torch.load(states[0], map_location="cpu", weights_only=False)
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=states[0].parent.name)
+    # the engine's own module and optimizer states are not needed: the weights come consolidated
+    return {**{k: v for k, v in extra.items() if k not in ("module", "optimizer")}, "state_dict": weights}
