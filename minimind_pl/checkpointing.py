@@ -9,6 +9,7 @@ step, a message saying how to resume, and a non-zero exit. ``python main.py fit`
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -18,7 +19,7 @@ import threading
 import uuid
 from pathlib import Path
 from types import FrameType
-from typing import Any, BinaryIO, Callable, Iterable, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional
 
 import lightning as L
 import torch
@@ -85,14 +86,22 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(target: Path, write: Callable[[BinaryIO], None], in_progress: set[str]) -> None:
-    """Write ``target`` through ``write(file)`` so that readers only ever see the old or the complete new file.
+#: Temporary files this process is writing through ``atomic_file`` without a set of its own: never stale.
+_WRITING_NOW: set[str] = set()
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, in_progress: Optional[set[str]] = None) -> Iterator[BinaryIO]:
+    """A binary file to write whose content becomes ``target`` only when the block ends without an error, so that
+    readers only ever see the old or the complete new file.
 
     The data goes to a temporary file beside ``target``, is flushed and fsynced, renamed over ``target``
     (``os.replace``: atomic on POSIX and Windows), and the rename is fsynced with the folder. Temporary files of
     earlier writers that were killed are removed first; ``in_progress`` holds the temporary files this process
-    is writing right now, which are not stale.
+    is writing right now, which are not stale (by default the process-wide set: two files written at once in one
+    folder keep each other's temporaries).
     """
+    in_progress = _WRITING_NOW if in_progress is None else in_progress
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     for stale in stale_temporaries(folder, in_progress):
@@ -101,7 +110,7 @@ def write_atomically(target: Path, write: Callable[[BinaryIO], None], in_progres
     in_progress.add(str(temporary))
     try:
         with open(temporary, "wb") as file:
-            write(file)
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, target)
@@ -111,6 +120,12 @@ def write_atomically(target: Path, write: Callable[[BinaryIO], None], in_progres
     finally:
         in_progress.discard(str(temporary))
     fsync_folder(folder)
+
+
+def write_atomically(target: Path, write: Callable[[BinaryIO], None], in_progress: set[str]) -> None:
+    """Write ``target`` through ``write(file)`` atomically (see ``atomic_file``)."""
+    with atomic_file(target, in_progress) as file:
+        write(file)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

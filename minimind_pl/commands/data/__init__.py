@@ -75,9 +75,3 @@ def data_command(args: list[str]) -> Any:
     rest = gather_lists(args[1:], LIST_ARGUMENTS.get(args[0], ()))
     return CLI(function, args=rest, prog=f"main.py data {args[0]}", as_positional=positional)
 
-
-def prepare_command(args: list[str]) -> Any:
-    """``data prepare`` (see :mod:`minimind_pl.commands.data.prepare`)."""
-    from .prepare import prepare_command as prepare
-
-    return prepare(args)

@@ -2,13 +2,12 @@
 and the checks and atomic writes of the files the data tools create."""
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, ContextManager, Iterator, Optional
 
-from minimind_pl.checkpointing import temporary_path
+from minimind_pl.checkpointing import atomic_file
 from minimind_pl.data.cache import (BLOCK_BYTES, default_num_proc, iter_line_blocks, pool_results, process_pool,
                                     progress_bar)
 from minimind_pl.errors import UserError, check_input_file
@@ -76,18 +75,10 @@ def check_output(output: Path, inputs: list[Path], argument: str = "--output") -
     return output
 
 
-@contextlib.contextmanager
-def atomic_output(output: Path) -> Iterator[Any]:
-    """A binary file handle whose content becomes ``output`` only when the block ends without an error."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(output)
-    try:
-        with open(tmp, "wb") as handle:
-            yield handle
-        os.replace(tmp, output)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+def atomic_output(output: Path) -> ContextManager[BinaryIO]:
+    """A binary file handle whose content becomes ``output`` only when the block ends without an error (fsynced,
+    renamed over it; temporaries of killed runs removed: ``checkpointing.atomic_file``)."""
+    return atomic_file(Path(output))
 
 
 def input_files(paths: list[str], argument: str) -> list[Path]:

@@ -55,10 +55,11 @@ def split_command(input: str, val_docs: Optional[int] = None, val_fraction: floa
     if not 0 < wanted < total:
         raise UserError(f"{source} has {total} documents: cannot hold out {wanted} for validation "
                         "(--val_docs / --val_fraction must leave documents on both sides)")
-    chosen = set(np.random.default_rng(seed).choice(total, wanted, replace=False).tolist())
+    chosen = np.zeros(total, bool)  # a byte a document, not a Python set of line numbers
+    chosen[np.random.default_rng(seed).choice(total, wanted, replace=False)] = True
     with atomic_output(train_path) as train, atomic_output(val_path) as val:
         for index, line in enumerate(documents(source)):
-            (val if index in chosen else train).write(line)
+            (val if chosen[index] else train).write(line)
     print(f"{source}: {total - wanted:,} documents -> {train_path}, {wanted:,} -> {val_path}")
     return {"train": total - wanted, "val": wanted}
 
@@ -99,11 +100,13 @@ def weighted_documents(path: Path, weight: float, rng: np.random.Generator) -> t
     fractional part, kept in file order."""
     total = count_documents(path)
     passes, extra = int(weight), round((weight - int(weight)) * total)
-    subset = set(rng.choice(total, extra, replace=False).tolist()) if extra else set()
+    subset = np.zeros(total, bool)  # a byte a document, not a Python set of line numbers
+    if extra:
+        subset[rng.choice(total, extra, replace=False)] = True
 
     def generate() -> Iterator[bytes]:
         for _ in range(passes):
             yield from documents(path)
-        yield from (line for index, line in enumerate(documents(path)) if index in subset)
+        yield from (line for index, line in enumerate(documents(path)) if subset[index])
 
     return passes * total + extra, generate()
