@@ -83,6 +83,17 @@ class MiniMindCLI(LightningCLI):
                 raise
             raise cause from None
 
+    def before_fit(self) -> None:
+        """A stage that optimises by hand (the RL stages) clips and steps itself: refuse Trainer settings that
+        Lightning would reject with a traceback."""
+        model, trainer = self.model, self.trainer
+        if not getattr(model, "automatic_optimization", True):
+            clip, accumulate = trainer.gradient_clip_val, trainer.accumulate_grad_batches
+            if clip or accumulate != 1:
+                raise UserError(f"{type(model).__name__} clips and steps by itself: set --trainer.gradient_clip_val "
+                                f"null (got {clip}; clip with --model.max_grad_norm) and --trainer.accumulate_grad_batches "
+                                f"1 (got {accumulate})")
+
     def _parse_ckpt_path(self) -> None:
         """Resume (``--ckpt_path``) with this run's arguments, saying what changed.
 

@@ -18,6 +18,7 @@ from minimind_pl.cli import run_lightning
 from minimind_pl.config import ModelConfig
 from minimind_pl.generation import generate
 from minimind_pl.model import MiniMindForCausalLM
+from minimind_pl.rewards import Reward
 
 
 def require(available: bool, what: str) -> None:
@@ -205,3 +206,25 @@ def without_root_override() -> list[str]:
     if not shutil.which("setpriv") or subprocess.run([*prefix, "true"], capture_output=True).returncode:
         pytest.skip("running as root without setpriv: permissions cannot be made to apply")
     return prefix
+
+
+class CJKShare(Reward):
+    """A reward any policy can learn fast: the share of an answer's characters that are CJK ideographs (a random
+    model writes some; a policy that writes more scores more)."""
+
+    name = "cjk"
+
+    def score(self, samples):
+        return [sum("\u4e00" <= ch <= "\u9fff" for ch in s.completion) / max(len(s.completion), 1) for s in samples]
+
+
+class SaveRankWeights(Callback):
+    """At the end of training, every rank saves its transformer's weights to ``<dirpath>/rank<N>.pt`` (to check that
+    the ranks of a DDP run stayed in step)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        torch.save(pl_module.model.state_dict(), self.dirpath / f"rank{trainer.global_rank}.pt")

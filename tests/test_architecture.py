@@ -13,7 +13,7 @@ PACKAGE = Path(minimind_pl.__file__).parent
 
 # Floors, lowest first: a module may import its own floor and the ones below, never one above.
 CORE = ("errors", "config", "model", "losses", "lora", "tokenizer", "chat_format", "generation", "checkpoints",
-        "throughput")
+        "throughput", "rewards")
 TRAINING = ("data", "stages", "callbacks", "checkpointing")
 COMMANDS = ("commands", "demo", "cli")
 

@@ -23,7 +23,8 @@ BASE_CONFIGS = [p for p in ALL_YAML if p.name == BASE_CONFIG]     # a preset's s
 STAGE_CONFIGS = [p for p in ALL_YAML if p not in MODEL_CONFIGS and p not in BASE_CONFIGS]
 
 STAGE_CLASSES = {"pretrain": "Pretrain", "sft": "SFT", "lora": "LoRA", "dpo": "DPO", "distill": "Distill",
-                 "reason": "SFT"}
+                 "reason": "SFT", "grpo": "GRPO", "ppo": "PPO"}
+RL_STAGES = ("grpo", "ppo")  # manual optimisation: the stage clips, the Trainer must not
 # What each preset's stages share, as the effective config shows it; {stage} is the file's stem.
 PRESETS = {
     "minimind3": {"precision": "bf16-mixed", "save_dir": "checkpoints", "name": "minimind3/{stage}",
@@ -94,7 +95,7 @@ def test_every_stage_config_has_its_effective_values(config, capsys):
     assert cfg["data"]["class_path"].startswith("minimind_pl.data.")
     assert cfg["seed_everything"] == 42
     assert trainer["precision"] == expected["precision"]
-    assert trainer["gradient_clip_val"] == 1.0
+    assert trainer["gradient_clip_val"] == (None if stage in RL_STAGES else 1.0)
     assert trainer["logger"]["class_path"] == TENSORBOARD
     assert trainer["logger"]["init_args"]["save_dir"] == expected["save_dir"]
     assert trainer["logger"]["init_args"]["name"] == expected["name"]
@@ -172,23 +173,28 @@ def test_command_line_overrides_win_over_base_and_stage(capsys):
 
 
 STAGE_DATA = {"pretrain": "pretrain_real.jsonl", "sft": "sft_real.jsonl", "lora": "sft_real.jsonl",
-              "reason": "sft_real.jsonl", "distill": "sft_real.jsonl", "dpo": "dpo_real.jsonl"}
+              "reason": "sft_real.jsonl", "distill": "sft_real.jsonl", "dpo": "dpo_real.jsonl",
+              "grpo": "prompts.jsonl", "ppo": "prompts.jsonl"}
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
         "max_position_embeddings": 1024}
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, shared_dir) -> Path:
-    """The first 48 lines of each shared corpus file (far fewer batches than any shipped validation interval),
-    a 320-token tokenizer for the demo preset (vocab_size 1024) and tiny checkpoints to start from."""
+    """The first 48 lines of each shared corpus file (far fewer batches than any shipped validation interval), RL
+    prompts (their first user turns), a 320-token tokenizer for the demo preset (vocab_size 1024) and tiny
+    checkpoints to start from."""
     from helpers import random_model, write_stage_checkpoint
 
     from minimind_pl.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("small")
-    for name in set(STAGE_DATA.values()):
+    for name in set(STAGE_DATA.values()) - {"prompts.jsonl"}:
         lines = (shared_dir / "corpus" / name).read_text(encoding="utf-8").splitlines(keepends=True)[:48]
         (root / name).write_text("".join(lines), encoding="utf-8")
+    conversations = [json.loads(line)["conversations"] for line in (root / "sft_real.jsonl").open(encoding="utf-8")]
+    prompts = [{"prompt": next(m["content"] for m in c if m["role"] == "user"), "gt": "1"} for c in conversations]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts), "utf-8")
     train_tokenizer([root / "pretrain_real.jsonl"], 320, root / "tokenizer", show_progress=False)
     for preset, vocab, tokenizer in (("demo", 1024, root / "tokenizer"), ("minimind3", 6400, shared_dir / "minimind")):
         write_stage_checkpoint(random_model(vocab_size=vocab, **TINY), root / f"{preset}.ckpt", tokenizer)
@@ -234,6 +240,8 @@ def test_every_stage_config_trains_on_a_small_dataset_as_shipped(config, small_d
     shipped = read(config)["model"]["init_args"]
     if preset == "demo":
         args += ["--data.val_path", str(data)]
+    if stage in RL_STAGES:  # short answers, and no reward model to download
+        args += ["--model.max_new_tokens", "8", "--model.rewards", '[{"class_path": "minimind_pl.rewards.LengthShaping"}]']
     for key in ("init_weights", "teacher"):
         if shipped.get(key):
             args += [f"--model.{key}", str(small_data / f"{preset}.ckpt")]
@@ -244,7 +252,8 @@ def test_every_stage_config_trains_on_a_small_dataset_as_shipped(config, small_d
     assert trainer.num_training_batches < 200  # fewer batches than minimind3's validation interval
     assert trainer.val_check_interval == effective.get("val_check_interval", 1.0)
     assert trainer.accumulate_grad_batches == effective.get("accumulate_grad_batches", 1)
-    assert trainer.gradient_clip_val == 1.0
+    assert trainer.gradient_clip_val == (None if stage in RL_STAGES else 1.0)
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
     assert len(RecordingFastPath.made) == 1 and cli.model.compiled is None  # set up for fit, dropped after it
-    assert RecordingFastPath.made[0].forward_calls >= (0 if stage == "dpo" else 2)
+    plain = ("dpo", *RL_STAGES)  # rows of varying length (pairs, sampled answers) would recompile
+    assert RecordingFastPath.made[0].forward_calls >= (0 if stage in plain else 2)

@@ -2,9 +2,12 @@
 
 import math
 
+import pytest
 import torch
 
 from minimind_pl.losses import IGNORE_INDEX, causal_lm_loss, token_log_probs
+from minimind_pl.losses import (clipped_surrogate, generalized_advantages, group_advantages, grpo_loss, k3_kl,
+                                masked_mean, ppo_losses, whiten)
 
 
 def test_causal_lm_loss_is_mean_over_labelled_positions_only():
@@ -135,3 +138,102 @@ def test_sequence_log_probs_sums_only_labelled_tokens():
     logp = torch.log_softmax(logits, -1)
     expected = torch.stack([logp[0, 0, 1] + logp[0, 1, 2], logp[1, 1, 0] + logp[1, 2, 5] + logp[1, 3, 3]])
     assert torch.allclose(sequence_log_probs(logits, labels), expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- reinforcement learning
+
+def test_group_advantages_compare_each_reward_with_its_own_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
+    std = math.sqrt(0.25 * 0.75)  # population std of (1, 0, 0, 0)
+    expected = [0.75 / (std + 1e-4)] + [-0.25 / (std + 1e-4)] * 3 + [0.0] * 4  # an all-equal group gives 0
+    assert group_advantages(rewards, 4).tolist() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(rewards, 3)
+
+
+def test_k3_kl_is_the_schulman_estimator():
+    policy, ref = torch.tensor([-1.0, -0.5]), torch.tensor([-2.0, -0.5])
+    assert k3_kl(policy, ref).tolist() == pytest.approx([math.exp(-1) + 1 - 1, 0.0])
+
+
+LOGPS = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+MASK = torch.tensor([[True, True], [True, False]])
+ADVANTAGES = torch.tensor([1.0, -1.0])
+
+
+def test_cispo_weights_each_token_log_prob_by_the_advantage():
+    # ratio 1: per token -(A log p): row 0 (1 + 2) / 2, row 1 -0.5 -> mean 0.5
+    loss, stats = grpo_loss(LOGPS, LOGPS, LOGPS, ADVANTAGES, MASK, beta=0.1, loss_type="cispo")
+    assert float(loss) == pytest.approx(0.5)
+    assert float(stats["kl"]) == 0.0 and float(stats["clip_fraction"]) == 0.0
+
+
+def test_cispo_clamps_the_ratio_at_epsilon_high_and_keeps_the_gradient():
+    logps = torch.tensor([[-1.0]], requires_grad=True)
+    old = torch.tensor([[-1.0 - math.log(10.0)]])  # ratio 10
+    loss, stats = grpo_loss(logps, old, logps.detach(), torch.tensor([1.0]), torch.tensor([[True]]), beta=0.0,
+                            loss_type="cispo", epsilon_high=5.0)
+    assert float(loss) == pytest.approx(5.0)  # -(5 * 1 * -1)
+    loss.backward()
+    assert float(logps.grad) == pytest.approx(-5.0)  # the clamped weight is detached: d/dlogp = -5
+    assert float(stats["clip_fraction"]) == 1.0
+
+
+@pytest.mark.parametrize("advantage, expected", [(1.0, -1.2), (-1.0, 1.5)])
+def test_grpo_clips_the_ratio_on_the_side_the_advantage_pushes(advantage, expected):
+    old = torch.tensor([[-1.0]])
+    logps = old + math.log(1.5)  # ratio 1.5, clipped to 1.2
+    loss, stats = grpo_loss(logps, old, logps, torch.tensor([advantage]), torch.tensor([[True]]), beta=0.0,
+                            loss_type="grpo", epsilon=0.2)
+    assert float(loss) == pytest.approx(expected)
+    assert float(stats["clip_fraction"]) == 1.0
+
+
+def test_grpo_adds_beta_times_the_kl_to_the_reference():
+    ref = LOGPS - 1.0  # every token: delta -1
+    loss, stats = grpo_loss(LOGPS, LOGPS, ref, torch.zeros(2), MASK, beta=0.1, loss_type="grpo")
+    kl = math.exp(-1)  # k3 with delta -1
+    assert float(loss) == pytest.approx(0.1 * kl) and float(stats["kl"]) == pytest.approx(kl)
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo_loss(LOGPS, LOGPS, ref, torch.zeros(2), MASK, loss_type="ppo")
+
+
+def test_gae_discounts_the_final_reward_back_over_the_answer():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5, 9.0]])  # the last position is not in the answer: its value is ignored
+    mask = torch.tensor([[True, True, True, False]])
+    advantages, returns = generalized_advantages(rewards, values, mask, gamma=1.0, lam=0.95)
+    assert advantages.tolist()[0] == pytest.approx([0.95 * 0.475, 0.475, 0.5, 0.0])
+    assert returns.tolist()[0] == pytest.approx([0.95125, 0.975, 1.0, 0.0])
+
+
+def test_gae_with_gamma_below_one_discounts_values_too():
+    advantages, _ = generalized_advantages(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]]),
+                                           torch.tensor([[True, True]]), gamma=0.5, lam=1.0)
+    # delta_1 = 1, delta_0 = 0 + 0.5 * 0 - 1 = -1; A_0 = -1 + 0.5 * 1 = -0.5
+    assert advantages.tolist()[0] == pytest.approx([-0.5, 1.0])
+
+
+def test_whiten_and_masked_mean_ignore_what_is_masked_out():
+    values, mask = torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[True, True, False]])
+    assert float(masked_mean(values, mask)) == 2.0
+    assert whiten(values, mask).tolist()[0] == pytest.approx([-1.0, 1.0, 0.0], abs=1e-6)
+
+
+def test_ppo_value_loss_clips_a_value_that_moved_too_far():
+    one = torch.ones(1, 1)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    # value moved 0 -> 1, return 1: unclipped error 0, clipped (0.2 - 1)^2 = 0.64 -> the larger, halved
+    policy_loss, value_loss, stats = ppo_losses(-one, -one, -one, one, one, 0 * one, one, mask,
+                                                clip_epsilon=0.2, value_clip=0.2, kl_coef=0.02)
+    assert float(value_loss) == pytest.approx(0.32)
+    assert float(policy_loss) == pytest.approx(-1.0)  # ratio 1, advantage 1, no KL
+    assert float(stats["approx_kl"]) == 0.0
+
+
+def test_clipped_surrogate_marks_the_clipped_tokens():
+    old = torch.zeros(1, 3)
+    logps = torch.log(torch.tensor([[0.7, 1.0, 1.3]]))
+    objective, clipped = clipped_surrogate(logps, old, torch.ones(1, 3), epsilon=0.2)
+    assert objective.tolist()[0] == pytest.approx([0.7, 1.0, 1.2])
+    assert clipped.tolist() == [[True, False, True]]

@@ -8,6 +8,7 @@ folders. The scorecard reports what the models really answer (greedy decoding, s
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from minimind_pl.data.dpo import pair_loader
 from minimind_pl.data.jsonl import read_jsonl
 from minimind_pl.demo.corpus import score_answer, write_demo_corpus
 from minimind_pl.generation import GREEDY, generate
+from minimind_pl.rewards import AnswerMatch
 from minimind_pl.stages.dpo import preference_accuracy
 from minimind_pl.tokenizer import Tokenizer, train_tokenizer
 
@@ -84,13 +86,26 @@ def accuracy(answers: list[str], expected: list[str]) -> float:
     return sum(score_answer(a, e) for a, e in zip(answers, expected)) / max(len(expected), 1)
 
 
+def score_text(score: float, n: int) -> str:
+    """``"83% of 24 (±15)"``: a share of ``n`` items and the half-width of its 95% Wilson interval in points, so a
+    change between two lines can be told from noise (it stays above 0 at 0% and 100%)."""
+    z = 1.96
+    half = z / (1 + z * z / n) * math.sqrt(score * (1 - score) / n + z * z / (4 * n * n))
+    return f"{score:.0%} of {n} (±{100 * half:.0f})"
+
+
+def record_score(run: DemoRun, name: str, score: float, n: int) -> float:
+    """Add a scorecard row; returns ``score``."""
+    run.scores.append((name, score_text(score, n)))
+    return score
+
+
 def score_facts(run: DemoRun, tokenizer: Tokenizer, stage: str, lora: str | None = None) -> float:
     """Held-out fact accuracy of a stage's model: facts seen in pretraining, never asked in SFT."""
     qa = read_records(run.corpus["heldout_qa"])
     answers = ask(run.checkpoints[stage], tokenizer, [r["question"] for r in qa], lora=lora)
-    score = accuracy(answers, [r["answer"] for r in qa])
-    run.scores.append((f"held-out fact accuracy after {stage}", f"{score:.0%} of {len(qa)}"))
-    return score
+    return record_score(run, f"held-out fact accuracy after {stage}", accuracy(answers, [r["answer"] for r in qa]),
+                        len(qa))
 
 
 def score_identity(run: DemoRun, tokenizer: Tokenizer, stage: str, key: str = "answer",
@@ -98,8 +113,8 @@ def score_identity(run: DemoRun, tokenizer: Tokenizer, stage: str, key: str = "a
     """Ask the identity questions; record how many answers name the expected assistant."""
     qa = read_records(run.corpus["identity_qa"])
     answers = ask(run.checkpoints[stage], tokenizer, [r["question"] for r in qa], lora=lora)
-    score = accuracy(answers, [r[key] for r in qa])
-    run.scores.append((f"identity answers naming '{qa[0][key]}' after {stage}", f"{score:.0%} of {len(qa)}"))
+    record_score(run, f"identity answers naming '{qa[0][key]}' after {stage}", accuracy(answers, [r[key] for r in qa]),
+                 len(qa))
     return answers
 
 
@@ -141,8 +156,7 @@ def score_preferences(run: DemoRun, stage: str) -> float:
     it finds more likely than the rejected one."""
     pairs = pair_loader(run.corpus["dpo_val"], run.tokenizer_dir, seq_len=128)
     score = preference_accuracy(load_model(run.checkpoints[stage], device="cpu"), pairs)
-    run.scores.append((f"held-out preference accuracy after {stage}", f"{score:.0%} of {len(pairs.dataset)}"))
-    return score
+    return record_score(run, f"held-out preference accuracy after {stage}", score, len(pairs.dataset))
 
 
 def demo_dpo_step(run: DemoRun, sft_ckpt: str) -> str:
@@ -153,6 +167,32 @@ def demo_dpo_step(run: DemoRun, sft_ckpt: str) -> str:
     dpo = fit_stage(run, "dpo", "dpo", "dpo_val", init_weights=sft_ckpt)
     score_preferences(run, "dpo")
     return dpo
+
+
+ARITHMETIC_SETS = {"arith_reworded": "GRPO's sums reworded", "arith_qa": "sums GRPO never saw"}
+
+
+def score_arithmetic(run: DemoRun, tokenizer: Tokenizer, stage: str, key: str) -> float:
+    """Arithmetic accuracy of a stage's model on one of ``ARITHMETIC_SETS`` (questions that are not GRPO's prompts),
+    judged as GRPO's reward judges (the answer's last number is the result)."""
+    records = read_records(run.corpus[key])
+    answers = ask(run.checkpoints[stage], tokenizer, [r["conversations"][0]["content"] for r in records])
+    judge = AnswerMatch(mode="numeric")
+    score = sum(judge.is_right(a, r["gt"]) for a, r in zip(answers, records)) / len(records)
+    return record_score(run, f"arithmetic, {ARITHMETIC_SETS[key]}, after {stage}", score, len(records))
+
+
+def demo_grpo_step(run: DemoRun, tokenizer: Tokenizer, sft_ckpt: str) -> str:
+    """GRPO: from the SFT model, sampled answers to arithmetic questions are rewarded when their result is right
+    (``configs/demo/grpo.yaml``). The scorecard shows the arithmetic accuracy before (SFT) and after on questions
+    that are not GRPO's prompts: its sums in other words, and sums it never saw. Returns the GRPO checkpoint (the
+    frozen reference is not in it)."""
+    for key in ARITHMETIC_SETS:
+        score_arithmetic(run, tokenizer, "sft", key)
+    grpo = fit_stage(run, "grpo", "grpo_arith", "arith_qa", init_weights=sft_ckpt)
+    for key in ARITHMETIC_SETS:
+        score_arithmetic(run, tokenizer, "grpo", key)
+    return grpo
 
 
 def print_scorecard(run: DemoRun, seconds: float) -> None:
@@ -189,6 +229,7 @@ def demo_command(out_dir: str = "data/demo", ckpt_dir: str = "checkpoints/demo",
     score_facts(run, tokenizer, "sft")
     score_identity(run, tokenizer, "sft")
     demo_dpo_step(run, run.checkpoints["sft"])
+    demo_grpo_step(run, tokenizer, run.checkpoints["sft"])
     demo_lora_step(run, tokenizer, run.checkpoints["sft"])
     demo_distill_step(run, tokenizer, run.checkpoints["sft"])
     show_chats(run, tokenizer, "sft", ["Who are you?", "What is 3 + 4?", "你是谁？", "5加2等于几？"])

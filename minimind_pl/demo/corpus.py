@@ -43,6 +43,9 @@ FILE_NAMES = {
     "dpo": "dpo.jsonl",
     "dpo_val": "dpo_val.jsonl",
     "distill_prompts": "distill_prompts.jsonl",
+    "grpo_arith": "grpo_arith.jsonl",
+    "arith_reworded": "arith_reworded.jsonl",
+    "arith_qa": "arith_qa.jsonl",
 }
 
 # ----------------------------------------------------------------------------- the world
@@ -576,7 +579,35 @@ def _distill_prompts(rng: random.Random, world: World) -> list[dict]:
     return [{"conversations": [_msg("user", p)]} for p in prompts]
 
 
+def _split_problems(seed: int, n_heldout: int) -> tuple[list, list]:
+    """All arithmetic problems split in two: ``(GRPO's problems, held-out problems)``, disjoint."""
+    problems = _problems()
+    random.Random(f"minimind_pl-demo:{seed}:arith_split").shuffle(problems)
+    return problems[n_heldout:], problems[:n_heldout]
+
+
+def _arith_prompt(problem: tuple, lang: str, template: int) -> dict:
+    """An RL prompt (an empty final assistant turn, as MiniMind's rlaif.jsonl) asking ``problem`` with question
+    template number ``template``, its result as ``gt``."""
+    a, op, b, c = problem
+    question = ARITH[op][f"{lang}_q"][template].format(a=a, b=b)
+    return {"conversations": [_msg("user", question), _msg("assistant", "")], "gt": str(c)}
+
+
+def _arith_prompt_sets(rng: random.Random, problems: list) -> tuple[list[dict], list[dict]]:
+    """Every problem once per language twice, in two different wordings: ``(prompts, the same sums reworded)``."""
+    prompts, reworded = [], []
+    for problem in problems:
+        for lang in LANGS:
+            first = rng.randrange(3)
+            prompts.append(_arith_prompt(problem, lang, first))
+            reworded.append(_arith_prompt(problem, lang, (first + 1 + rng.randrange(2)) % 3))
+    rng.shuffle(prompts)
+    return prompts, reworded
+
+
 # ----------------------------------------------------------------------------- evaluation sets
+
 
 def _heldout_qa(rng: random.Random, world: World) -> list[dict]:
     """One question per held-out fact and language, with the short expected answer."""
@@ -615,6 +646,8 @@ def generate_demo_corpus(seed: int = 0, pretrain_repeats: int = 6) -> dict[str, 
         """The random stream of one data set."""
         return random.Random(f"minimind_pl-demo:{seed}:{key}")
 
+    grpo_problems, heldout_problems = _split_problems(seed, n_heldout=100)
+    grpo_prompts, grpo_reworded = _arith_prompt_sets(rng("grpo_arith"), grpo_problems)
     val_docs = _pretrain_texts(rng("pretrain_val"), world, 1)
     out = {
         "pretrain": [{"text": t} for t in _pretrain_texts(rng("pretrain"), world, pretrain_repeats)],
@@ -625,8 +658,11 @@ def generate_demo_corpus(seed: int = 0, pretrain_repeats: int = 6) -> dict[str, 
         "identity_qa": _identity_qa(),
         "lora_identity": _lora_records(rng("lora_identity"), world),
         "dpo": _dpo_records(rng("dpo"), world, n_facts=120, n_other=60),
-        "dpo_val": _dpo_records(rng("dpo_val"), world, n_facts=16, n_other=8),
+        "dpo_val": _dpo_records(rng("dpo_val"), world, n_facts=80, n_other=40),
         "distill_prompts": _distill_prompts(rng("distill_prompts"), world),
+        "grpo_arith": grpo_prompts,
+        "arith_reworded": grpo_reworded,
+        "arith_qa": _arith_prompt_sets(rng("arith_qa"), heldout_problems)[0],  # GRPO validates on these
     }
     for key in ("sft", "sft_val", "lora_identity", "dpo", "dpo_val", "distill_prompts"):
         out[key] = _without_heldout(out[key], world)
@@ -637,7 +673,8 @@ def write_demo_corpus(out_dir: str | Path, seed: int = 0, pretrain_repeats: int 
     """Write the demo corpus of ``seed`` as jsonl files into ``out_dir`` (created if needed).
 
     Returns ``{key: path}`` for the keys of ``FILE_NAMES`` (pretrain, pretrain_val, sft, sft_val,
-    heldout_qa, identity_qa, lora_identity, dpo, dpo_val, distill_prompts). Same seed, same bytes.
+    heldout_qa, identity_qa, lora_identity, dpo, dpo_val, distill_prompts, grpo_arith, arith_reworded, arith_qa).
+    Same seed, same bytes.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@
 from minimind_pl.stages.base import Stage
 from minimind_pl.stages.distill import Distill
 from minimind_pl.stages.dpo import DPO
+from minimind_pl.stages.grpo import GRPO
 from minimind_pl.stages.lora import LoRA
+from minimind_pl.stages.ppo import PPO
 from minimind_pl.stages.pretrain import SFT, Pretrain
 
-__all__ = ["Stage", "Pretrain", "SFT", "LoRA", "Distill", "DPO"]
+__all__ = ["Stage", "Pretrain", "SFT", "LoRA", "Distill", "DPO", "GRPO", "PPO"]

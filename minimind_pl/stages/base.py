@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import lightning as L
 import torch
@@ -270,11 +270,8 @@ class Stage(L.LightningModule):
         Fused, on CPU too, because only the fused kernel takes ``found_inf``: the flag that skips a step whose
         gradients are not finite without a GPU->CPU sync (see ``configure_gradient_clipping``).
         """
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for n, p in named if decays_weight(n)]},
-                  {"params": [p for n, p in named if not decays_weight(n)]}]
-        for group, settings in zip(groups, self.optimizer_group_settings()):
-            group.update(settings)
+        groups = [{"params": params, **settings}
+                  for params, settings in zip(self.parameter_groups(), self.optimizer_group_settings())]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas,
                                       fused=self.device.type in FUSED_ADAMW_DEVICES)
         total = max(self.total_optimizer_steps(), 1)
@@ -282,9 +279,14 @@ class Stage(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.learning_rate_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def parameter_groups(self) -> list[list[nn.Parameter]]:
+        """The trained parameters in optimizer groups: weight matrices (decayed), then the rest (norm weights)."""
+        return split_by_decay(self.named_parameters())
+
     def optimizer_group_settings(self) -> list[dict[str, Any]]:
-        """Settings of the two param groups: weight matrices (decayed) and the rest (norm weights)."""
-        return [{"weight_decay": self.hparams.weight_decay}, {"weight_decay": 0.0}]
+        """Learning rate and weight decay of each of ``parameter_groups``."""
+        lr = self.hparams.learning_rate
+        return [{"lr": lr, "weight_decay": self.hparams.weight_decay}, {"lr": lr, "weight_decay": 0.0}]
 
     def learning_rate_factor(self, step: int) -> float:
         """The schedule's factor at optimizer step ``step`` (``schedule_steps`` is set by configure_optimizers)."""
@@ -294,12 +296,12 @@ class Stage(L.LightningModule):
     def apply_optimizer_settings(self, optimizer: torch.optim.Optimizer, schedule: Any) -> None:
         """Put this run's learning rate, betas, weight decay and schedule into a restored optimizer, at the
         schedule's current step (a resume with a changed learning rate continues from there)."""
-        lr = self.hparams.learning_rate
-        for group, settings in zip(optimizer.param_groups, self.optimizer_group_settings()):
-            group.update(settings, initial_lr=lr, betas=tuple(self.hparams.betas))
-        schedule.base_lrs = [lr for _ in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["lr"] = lr * self.learning_rate_factor(schedule.last_epoch)
+        settings = self.optimizer_group_settings()
+        for group, group_settings in zip(optimizer.param_groups, settings):
+            group.update(group_settings, initial_lr=group_settings["lr"], betas=tuple(self.hparams.betas))
+        schedule.base_lrs = [group_settings["lr"] for group_settings in settings]
+        for group, base_lr in zip(optimizer.param_groups, schedule.base_lrs):
+            group["lr"] = base_lr * self.learning_rate_factor(schedule.last_epoch)
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps of the whole run, for the schedule.
@@ -316,11 +318,15 @@ class Stage(L.LightningModule):
         batches = len(datamodule.train_dataloader())
         limit = trainer.limit_train_batches
         batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
-        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) * self.optimizer_steps_per_batch()
         by_epochs = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         by_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         candidates = [n for n in (by_epochs, by_steps) if n is not None]
         return min(candidates) if candidates else int(trainer.estimated_stepping_batches)
+
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps a training batch makes (1; an RL stage's rollout batch may make several)."""
+        return 1
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip through the Trainer's setting and log the global grad norm it measured (one fused norm; under FSDP
@@ -376,6 +382,12 @@ class Stage(L.LightningModule):
         if self.SAMPLE_STYLE == "chat":
             return [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
         return [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+
+
+def split_by_decay(named_parameters: Iterable[tuple[str, nn.Parameter]]) -> list[list[nn.Parameter]]:
+    """Trainable parameters as ``[decayed, not decayed]`` (``strategies.decays_weight``: by name)."""
+    named = [(n, p) for n, p in named_parameters if p.requires_grad]
+    return [[p for n, p in named if decays_weight(n)], [p for n, p in named if not decays_weight(n)]]
 
 
 def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float:

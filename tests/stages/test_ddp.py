@@ -80,3 +80,25 @@ def test_stages_train_under_ddp(tmp_path, shared_dir, stage, data, extra):
     fit_process(tiny_run(tmp_path, shared_dir, stage, data, 3, [*QUIET, *DDP, *extra]))
     trained = weights(tmp_path / "ckpt" / "last.ckpt")
     assert all(torch.isfinite(v).all() for v in trained.values())
+
+
+def test_grpo_ranks_sample_their_own_answers_and_stay_in_step(tmp_path, shared_dir):
+    """Each rank answers its own prompts; two updates per batch (two manual backwards) are all-reduced, so both
+    ranks end with the same weights, and those are the checkpoint's."""
+    prompts = tmp_path / "prompts.jsonl"
+    lines = (shared_dir / "corpus" / "sft_real.jsonl").read_text(encoding="utf-8").splitlines()[:16]
+    firsts = [next(m["content"] for m in json.loads(line)["conversations"] if m["role"] == "user") for line in lines]
+    prompts.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in firsts), "utf-8")
+    callbacks = json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                             "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+                            {"class_path": "helpers.SaveRankWeights", "init_args": {"dirpath": str(tmp_path / "ranks")}}])
+    args = tiny_run(tmp_path, shared_dir, "grpo", "sft_real.jsonl", 4, [
+        *QUIET, *DDP, "--data.train_path", str(prompts), "--data.val_fraction", "0", "--data.batch_size", "2",
+        "--model.rewards", '[{"class_path": "helpers.CJKShare"}]', "--model.max_new_tokens", "6",
+        "--model.num_generations", "3", "--model.num_iterations", "2", "--trainer.callbacks", callbacks])
+    result = run_python([str(REPO / "main.py"), *args], env={"PYTHONPATH": str(REPO / "tests")})
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    saved = weights(tmp_path / "ckpt" / "last.ckpt")
+    assert all(torch.equal(saved[k], rank0[k].float()) for k in saved)

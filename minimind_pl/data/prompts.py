@@ -1,0 +1,214 @@
+"""PromptDataModule: prompts for the RL stages (MiniMind's ``rlaif.jsonl``, or ``{"prompt": ...}`` lines).
+
+A line is either a conversation whose last assistant turn is empty (MiniMind's RLAIF format: the model writes
+that turn) or ends with a user turn, or ``{"prompt": "..."}`` (asked as one user turn). It may carry a ground
+truth ``gt`` (a string or a number) that verifiable rewards check (``rewards.AnswerMatch``).
+
+Each line is rendered once with the chat template and a generation prompt; with probability ``thinking_ratio``
+(seeded per line, as MiniMind draws it per sample) the prompt leaves a ``<think>`` block open. A prompt longer
+than ``seq_len`` tokens keeps its last ``seq_len`` tokens (MiniMind cuts from the left too). The token cache
+(:mod:`minimind_pl.data.cache`) holds two documents per line: the prompt's tokens, and ``bos`` followed by the
+tokens of ``gt`` (``bos`` alone without one), decoded back to text when a batch is made.
+
+Batches hold ``prompt_ids`` (B, P) long, left-padded, ``prompt_lengths`` (B,) long, ``index`` (B,) long (the
+line's number in its split) and ``gt`` (a list of B strings or None).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..chat_format import prepare_messages
+from ..errors import UserError
+from .base import JsonlDataModule
+from .cache import RecordEncoder
+from .packing import DocumentStream
+
+
+def check_prompt_record(obj: Any) -> Optional[str]:
+    """Why ``obj`` is not an RL prompt (``{"prompt": ...}``, or a conversation ending in an empty assistant turn
+    or a user turn), or None."""
+    if isinstance(obj, dict) and "prompt" in obj:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            return "'prompt' must be a non-empty string"
+        return _check_gt(obj)
+    conversation = obj.get("conversations") if isinstance(obj, dict) else None
+    if not isinstance(conversation, list) or not conversation or not all(isinstance(m, dict) for m in conversation):
+        return "expected a JSON object with a 'prompt' string or a non-empty 'conversations' list of messages"
+    asked = prompt_turns(conversation)
+    if not any(m.get("role") == "user" and str(m.get("content") or "").strip() for m in asked):
+        return "empty prompt (no user turn with text)"
+    if asked[-1].get("role") == "assistant":
+        return "the prompt ends with an answered assistant turn: leave the last assistant turn empty"
+    try:
+        prepare_messages(conversation)
+    except ValueError as exc:
+        return f"invalid conversation: {exc}"
+    return _check_gt(obj)
+
+
+def _check_gt(obj: dict) -> Optional[str]:
+    """Why the record's ``gt`` cannot serve as a ground truth, or None."""
+    gt = obj.get("gt")
+    if gt is not None and (isinstance(gt, bool) or not isinstance(gt, (str, int, float))):
+        return f"'gt' must be a string or a number, got {type(gt).__name__}"
+    return None
+
+
+def prompt_turns(conversation: Sequence[dict]) -> list[dict]:
+    """The turns the model is asked: the conversation without its final, empty assistant turn."""
+    last = conversation[-1]
+    if last.get("role") == "assistant" and not str(last.get("content") or "").strip() and not last.get("tool_calls"):
+        return list(conversation[:-1])
+    return list(conversation)
+
+
+class PromptEncoder(RecordEncoder):
+    """An RL prompt line -> two documents: the rendered prompt's tokens, and ``bos`` + the tokens of ``gt``.
+
+    Args:
+        tokenizer: the tokenizer (its chat template renders the prompt).
+        max_tokens: the most prompt tokens (longer prompts keep their end).
+        thinking_ratio: probability that a prompt leaves a ``<think>`` block open (MiniMind: 0.9).
+        seed: seed of that per-line draw.
+    """
+
+    kind = "prompts"
+    version = 1
+    docs_per_record = 2
+
+    def __init__(self, tokenizer: Any, max_tokens: int, thinking_ratio: float = 0.0, seed: int = 42) -> None:
+        super().__init__(tokenizer)
+        if not 0.0 <= thinking_ratio <= 1.0:
+            raise UserError(f"--data.thinking_ratio must be in [0, 1], got {thinking_ratio}")
+        self.max_tokens, self.thinking_ratio, self.seed = int(max_tokens), float(thinking_ratio), int(seed)
+
+    def settings(self) -> dict:
+        """Cache key: the base settings, the length limit and the thinking draw."""
+        random_draw = 0.0 < self.thinking_ratio < 1.0
+        return {**super().settings(), "max_tokens": self.max_tokens, "thinking_ratio": self.thinking_ratio,
+                "seed": self.seed if random_draw else None}
+
+    def render(self, obj: dict, line_no: int) -> str:
+        """The prompt text of one valid record, thinking opened by the line's seeded draw."""
+        messages = [{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else prompt_turns(obj["conversations"])
+        think = random.Random(f"minimind-prompts:{self.seed}:{line_no}").random() < self.thinking_ratio
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, open_thinking=think)
+
+    def encode_records(self, records: Sequence[tuple[int, Any]]) -> list:
+        """Validate, render and tokenize the prompts (one batch); invalid ones become error strings."""
+        out: list = [None] * len(records)
+        texts: list[str] = []
+        for i, (line_no, obj) in enumerate(records):
+            error = check_prompt_record(obj)
+            if error is None:
+                gt = obj.get("gt")
+                texts += [self.render(obj, line_no), "" if gt is None else str(gt)]
+                out[i] = len(texts) - 2
+            else:
+                out[i] = error
+        ids = self.tokenizer.encode_batch(texts) if texts else []
+        bos = self.tokenizer.bos_id
+        for i, res in enumerate(out):
+            if not isinstance(res, str):
+                prompt, gt = ids[res][-self.max_tokens:], ids[res + 1]
+                out[i] = [(np.asarray(prompt, np.int64), None), (np.asarray([bos, *gt], np.int64), None)]
+        return out
+
+
+class PromptDataset(Dataset):
+    """Prompts (and ground truths) read from a :class:`DocumentStream` of document pairs.
+
+    Args:
+        stream: documents in pairs: ``2 i`` is prompt ``i``, ``2 i + 1`` its ``bos`` + ground truth.
+        tokenizer: decodes the ground truths.
+    """
+
+    def __init__(self, stream: DocumentStream, tokenizer: Any) -> None:
+        if stream.n_docs % 2:
+            raise ValueError("a prompt stream must hold whole records (an even number of documents)")
+        self.stream, self.tokenizer = stream, tokenizer
+
+    def __len__(self) -> int:
+        return self.stream.n_docs // 2
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        prompt, _ = self.stream.doc(2 * index)
+        gt, _ = self.stream.doc(2 * index + 1)
+        return {"index": index, "prompt": prompt.astype(np.int64),
+                "gt": self.tokenizer.decode(gt[1:].tolist()) if gt.size > 1 else None}
+
+
+def collate_prompts(samples: Sequence[dict], pad_id: int) -> dict:
+    """Left-pad the prompts of a batch (the batch format of the module doc)."""
+    lengths = [s["prompt"].size for s in samples]
+    ids = np.full((len(samples), max(lengths)), pad_id, np.int64)
+    for row, sample in enumerate(samples):
+        ids[row, ids.shape[1] - lengths[row]:] = sample["prompt"]
+    return {"prompt_ids": torch.from_numpy(ids), "prompt_lengths": torch.tensor(lengths, dtype=torch.long),
+            "index": torch.tensor([s["index"] for s in samples], dtype=torch.long), "gt": [s["gt"] for s in samples]}
+
+
+class _PromptCollate:
+    """Picklable ``collate_fn`` (DataLoader workers) binding the padding id."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        return collate_prompts(samples, self.pad_id)
+
+
+def prompt_lists(batch: dict) -> list[list[int]]:
+    """The prompts of a batch as token-id lists, padding removed."""
+    ids, lengths = batch["prompt_ids"].tolist(), batch["prompt_lengths"].tolist()
+    return [row[len(row) - n:] for row, n in zip(ids, lengths)]
+
+
+class PromptDataModule(JsonlDataModule):
+    """Prompts for GRPO and PPO (MiniMind's ``rlaif.jsonl``): see the module doc for the lines and batches.
+
+    Its other arguments are those of :class:`JsonlDataModule`, counted in prompts, except ``packing`` and
+    ``cross_document_attention``: prompts are never packed.
+
+    Args:
+        train_path: jsonl file(s) of prompts.
+        seq_len: the most prompt tokens (MiniMind: 768); longer prompts keep their end.
+        batch_size: prompts per batch on each device (MiniMind: 2); each is answered ``num_generations`` times.
+        thinking_ratio: share of prompts rendered with an open ``<think>`` block (MiniMind: 0.9), drawn per line
+            from ``seed``.
+        kwargs: the other keyword arguments of :class:`JsonlDataModule`.
+    """
+
+    def __init__(self, train_path: Union[str, list[str]], seq_len: int = 768, batch_size: int = 2,
+                 thinking_ratio: float = 0.0, **kwargs: Any) -> None:
+        fixed = [name for name in ("packing", "cross_document_attention") if name in kwargs]
+        if fixed:
+            raise UserError(f"PromptDataModule takes no {' or '.join(fixed)}: prompts are never packed; remove it")
+        super().__init__(train_path, seq_len, batch_size, packing=False, cross_document_attention=False, **kwargs)
+        self.thinking_ratio = thinking_ratio
+
+    def make_encoder(self) -> PromptEncoder:
+        """Prompts rendered with the chat template, cut to ``seq_len`` tokens."""
+        return PromptEncoder(self.tokenizer, self.seq_len, self.thinking_ratio, self.seed)
+
+    def make_dataset(self, stream: DocumentStream) -> PromptDataset:
+        """The prompts of one split, by index."""
+        return PromptDataset(stream, self.tokenizer)
+
+    @property
+    def collate_fn(self) -> _PromptCollate:
+        """Left-pads each batch (:func:`collate_prompts`)."""
+        return _PromptCollate(self.tokenizer.pad_id)
+
+    def describe(self, stream: DocumentStream, dataset: PromptDataset) -> dict:
+        """How many prompts the split has."""
+        return {"prompts": len(dataset)}

@@ -1,0 +1,85 @@
+"""PromptDataModule: MiniMind's rlaif lines and plain prompts, ground truths, thinking, truncation, bad lines."""
+import json
+
+import pytest
+import torch
+
+from minimind_pl.data import DataFormatError, PromptDataModule
+from minimind_pl.data.prompts import prompt_lists
+
+
+def _msg(role, content):
+    return {"role": role, "content": content}
+
+
+RECORDS = [
+    {"conversations": [_msg("user", "3加4等于几？"), _msg("assistant", "")], "gt": "7"},  # MiniMind's rlaif line
+    {"prompt": "What is 10 - 2?", "gt": 8},
+    {"conversations": [_msg("system", "Be brief."), _msg("user", "Hi"), _msg("assistant", "Hello!"),
+                       _msg("user", "Name a river in 中国.")]},  # ends with a user turn, no gt
+]
+
+
+def _module(tmp_path, tokenizer_dir, records, **kwargs):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records),
+                    encoding="utf-8")
+    dm = PromptDataModule(str(path), tokenizer=tokenizer_dir, batch_size=3, num_workers=0,
+                          cache_dir=str(tmp_path / "cache"), **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def _batch(dm):
+    return next(iter(dm.ordered_dataloader("train")))
+
+
+def test_prompts_render_as_the_model_is_asked_with_their_ground_truths(tmp_path, tokenizer_dir):
+    dm = _module(tmp_path, tokenizer_dir, RECORDS)
+    batch = _batch(dm)
+    texts = [dm.tokenizer.decode(p) for p in prompt_lists(batch)]
+    tok = dm.tokenizer
+    assert texts[0] == tok.apply_chat_template([_msg("user", "3加4等于几？")], add_generation_prompt=True)
+    assert texts[1] == tok.apply_chat_template([_msg("user", "What is 10 - 2?")], add_generation_prompt=True)
+    assert texts[2] == tok.apply_chat_template(RECORDS[2]["conversations"], add_generation_prompt=True)
+    assert all(t.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for t in texts)  # thinking off
+    assert batch["gt"] == ["7", "8", None]
+    lengths = batch["prompt_lengths"].tolist()
+    ids = batch["prompt_ids"]
+    assert ids.shape == (3, max(lengths))  # left padding: each prompt ends at the last column
+    for row, n in enumerate(lengths):
+        assert (ids[row, : ids.shape[1] - n] == tok.pad_id).all()
+    assert batch["index"].tolist() == [0, 1, 2]
+
+
+def test_thinking_ratio_opens_a_think_block_and_long_prompts_keep_their_end(tmp_path, tokenizer_dir):
+    dm = _module(tmp_path, tokenizer_dir, RECORDS, thinking_ratio=1.0)
+    assert all(dm.tokenizer.decode(p).endswith("<think>\n") for p in prompt_lists(_batch(dm)))
+    full = prompt_lists(_batch(_module(tmp_path / "a", tokenizer_dir, RECORDS)))
+    cut = prompt_lists(_batch(_module(tmp_path / "b", tokenizer_dir, RECORDS, seq_len=8)))
+    assert [len(p) for p in cut] == [8, 8, 8] and all(c == f[-8:] for c, f in zip(cut, full))
+
+
+def test_the_thinking_draw_is_seeded_per_line(tmp_path, tokenizer_dir):
+    records = [{"prompt": f"Question {i}?"} for i in range(40)]
+    opened = [[dm.tokenizer.decode(p).endswith("<think>\n") for p in prompt_lists(b)]
+              for dm in [_module(tmp_path / str(k), tokenizer_dir, records, thinking_ratio=0.5) for k in range(2)]
+              for b in [next(iter(torch.utils.data.DataLoader(dm.train_dataset, batch_size=40,
+                                                               collate_fn=dm.collate_fn)))]]
+    assert opened[0] == opened[1] and 5 < sum(opened[0]) < 35
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"conversations": [_msg("user", "Q?"), _msg("assistant", "Already answered.")]}, "answered assistant turn"),
+    ({"conversations": [_msg("system", "x"), _msg("assistant", "")]}, "no user turn"),
+    ({"prompt": "  "}, "non-empty string"),
+    ({"prompt": "Q?", "gt": [1, 2]}, "'gt' must be a string or a number"),
+    ({"text": "a pretraining line"}, "'prompt' string or a non-empty 'conversations'"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_prompts_name_file_and_line(tmp_path, tokenizer_dir, record, message):
+    with pytest.raises(DataFormatError, match=rf"prompts\.jsonl, line 3: .*{message}"):
+        _module(tmp_path, tokenizer_dir, [RECORDS[0], RECORDS[1], record])
+    dm = _module(tmp_path, tokenizer_dir, [RECORDS[0], RECORDS[1], record], skip_invalid=True)
+    assert len(dm.train_dataset) == 2 and dm.stats["skipped_lines"] == 1

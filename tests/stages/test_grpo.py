@@ -1,0 +1,143 @@
+"""The RL stages end to end on the CPU: GRPO's reward rises on an obvious task, the reference never moves and is
+never saved, PPO trains its critic beside the policy, and both refuse what they cannot do."""
+import json
+
+import pytest
+import torch
+
+from helpers import TINY_MODEL, random_model, write_stage_checkpoint
+from minimind_pl.checkpoints import load_model
+from minimind_pl.cli import run_lightning
+from minimind_pl.errors import UserError
+from minimind_pl.model import MiniMindForCausalLM
+
+CJK_REWARD = '[{"class_path": "helpers.CJKShare"}]'
+
+
+@pytest.fixture(scope="module")
+def prompts_file(shared_dir, tmp_path_factory):
+    """32 prompts: the first user turns of the shared SFT corpus, as ``{"prompt": ...}`` lines."""
+    path = tmp_path_factory.mktemp("rl") / "prompts.jsonl"
+    with open(shared_dir / "corpus" / "sft_real.jsonl", encoding="utf-8") as f:
+        firsts = [next(m["content"] for m in json.loads(line)["conversations"] if m["role"] == "user") for line in f]
+    path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in firsts[:32]), "utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(shared_dir, tmp_path_factory):
+    """A random tiny model (TINY_MODEL's shape) saved as a stage checkpoint: the policy's and reference's start."""
+    shape = dict(zip(TINY_MODEL[0::2], TINY_MODEL[1::2]))
+    config = {k.split(".")[-1]: int(v) for k, v in shape.items()}
+    return write_stage_checkpoint(random_model(seed=3, **config), tmp_path_factory.mktemp("start") / "start.ckpt",
+                                  shared_dir / "minimind")
+
+
+def rl_args(stage, tmp_path, shared_dir, prompts_file, start, max_steps, extra=()):
+    """A tiny CPU run of ``configs/minimind3/<stage>.yaml`` on the prompts, rewarded by ``CJKShare``."""
+    callbacks = json.dumps([{"init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": max_steps}}])
+    return ["fit", "--config", f"configs/minimind3/{stage}.yaml", *TINY_MODEL, "--model.init_weights", str(start),
+            "--model.rewards", CJK_REWARD, "--model.max_new_tokens", "8", "--model.temperature", "1.0",
+            "--data.train_path", str(prompts_file), "--data.val_fraction", "0", "--data.seq_len", "64",
+            "--data.tokenizer", str(shared_dir / "minimind"), "--data.batch_size", "4", "--data.num_workers", "0",
+            "--data.thinking_ratio", "0", "--data.cache_dir", str(tmp_path / "cache"),
+            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", str(max_steps),
+            "--trainer.max_epochs", "100", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.callbacks", callbacks, *extra]
+
+
+def logged(cli, tag):
+    """Every value TensorBoard got for ``tag``, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(cli.trainer.logger.log_dir)
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def test_grpo_raises_the_reward_and_leaves_the_reference_as_it_started(tmp_path, shared_dir, prompts_file,
+                                                                        start_checkpoint):
+    cli = run_lightning(rl_args("grpo", tmp_path, shared_dir, prompts_file, start_checkpoint, 24,
+                                ["--model.learning_rate", "3e-3", "--model.num_generations", "4"]))
+    rewards = logged(cli, "train/reward")
+    assert len(rewards) == 24
+    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
+    assert last > first + 0.15, rewards
+    start = load_model(str(start_checkpoint), device="cpu").state_dict()
+    reference = cli.model.reference.model.state_dict()
+    assert all(torch.equal(reference[k], start[k]) for k in start)
+    assert not torch.equal(cli.model.model.lm_head.weight, start["lm_head.weight"])
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith("reference") for k in saved)
+    assert all(logged(cli, tag) for tag in ("train/kl", "train/clip_fraction", "train/answer_length", "train/reward/cjk"))
+
+
+def test_grpo_with_several_iterations_makes_that_many_optimizer_steps(tmp_path, shared_dir, prompts_file,
+                                                                      start_checkpoint):
+    cli = run_lightning(rl_args("grpo", tmp_path, shared_dir, prompts_file, start_checkpoint, 4,
+                                ["--model.num_iterations", "2", "--model.loss_type", "grpo",
+                                 "--model.learning_rate", "0.05"]))
+    assert cli.trainer.global_step == 4 and cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2
+    # the second update measures its ratio against the sampling policy, which the first moved
+    assert max(logged(cli, "train/clip_fraction")) > 0
+
+
+def test_ppo_trains_policy_and_critic_and_tools_read_the_policy(tmp_path, shared_dir, prompts_file, start_checkpoint):
+    cli = run_lightning(rl_args("ppo", tmp_path, shared_dir, prompts_file, start_checkpoint, 4,
+                                ["--model.learning_rate", "1e-3", "--model.critic_learning_rate", "1e-3",
+                                 "--model.early_stop_kl", "100"]))
+    assert cli.trainer.global_step == 4  # one batch of 4 answers: 2 passes x 2 mini-batches of 2
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert any(k.startswith("critic.value_head") for k in saved["state_dict"]) and saved["stage"] == "PPO"
+    groups = cli.model.optimizers().optimizer.param_groups
+    assert [g["initial_lr"] for g in groups] == [1e-3, 1e-3, 1e-3, 1e-3] and len(groups) == 4
+    policy = load_model(str(tmp_path / "ckpt" / "last.ckpt"), device="cpu")
+    assert isinstance(policy, MiniMindForCausalLM)
+    assert torch.equal(policy.lm_head.weight, cli.model.model.lm_head.weight)
+    assert all(torch.isfinite(torch.tensor(logged(cli, tag))).all() for tag in ("train/value_loss", "train/approx_kl"))
+
+
+def test_ppo_stops_the_passes_when_the_policy_moves_too_far(tmp_path, shared_dir, prompts_file, start_checkpoint):
+    cli = run_lightning(rl_args("ppo", tmp_path, shared_dir, prompts_file, start_checkpoint, 2,
+                                ["--model.learning_rate", "0.5", "--model.early_stop_kl", "1e-9",
+                                 "--trainer.max_steps", "-1", "--trainer.limit_train_batches", "2",
+                                 "--trainer.max_epochs", "1"]))
+    # each batch: the first mini-batch steps (ratio 1), the second sees a moved policy and stops the passes
+    assert cli.trainer.global_step == 2
+
+
+def test_rl_stages_refuse_trainer_clipping_and_empty_rewards(tmp_path, shared_dir, prompts_file, start_checkpoint):
+    args = rl_args("grpo", tmp_path, shared_dir, prompts_file, start_checkpoint, 1)
+    with pytest.raises(UserError, match="set --trainer.gradient_clip_val null .*max_grad_norm"):
+        run_lightning(args + ["--trainer.gradient_clip_val", "1.0"])
+    with pytest.raises(UserError, match="accumulate_grad_batches 1 \\(got 2\\)"):
+        run_lightning(args + ["--trainer.accumulate_grad_batches", "2"])
+    with pytest.raises(UserError, match="rewards is empty"):
+        run_lightning(args + ["--model.rewards", "[]"])
+
+
+def test_a_resumed_grpo_run_ends_with_the_straight_runs_weights(tmp_path, shared_dir, prompts_file, start_checkpoint):
+    """The sampling draws come from the RNG states the checkpoint holds, so the resumed run samples the same
+    answers and makes the same updates."""
+    keep = json.dumps([{"init_args": {"dirpath": str(tmp_path / "a" / "ckpt"), "every_n_train_steps": 2,
+                                      "save_top_k": -1}}])
+    run_lightning(rl_args("grpo", tmp_path / "a", shared_dir, prompts_file, start_checkpoint, 4,
+                          ["--model.learning_rate", "3e-3", "--trainer.callbacks", keep]))
+    run_lightning(rl_args("grpo", tmp_path / "b", shared_dir, prompts_file, start_checkpoint, 4,
+                          ["--model.learning_rate", "3e-3",
+                           "--ckpt_path", str(tmp_path / "a" / "ckpt" / "epoch=0-step=2.ckpt")]))
+    a, b = (load_model(str(tmp_path / run / "ckpt" / "last.ckpt"), device="cpu").state_dict() for run in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    moved = load_model(str(tmp_path / "a" / "ckpt" / "epoch=0-step=2.ckpt"), device="cpu").state_dict()
+    assert not torch.equal(moved["lm_head.weight"], a["lm_head.weight"])
+
+
+def test_rewards_given_as_objects_are_recorded_as_plain_config(shared_dir):
+    from minimind_pl.config import ModelConfig
+    from minimind_pl.rewards import AnswerMatch
+    from minimind_pl.stages import GRPO
+
+    stage = GRPO(config=ModelConfig.from_preset("debug"), rewards=[AnswerMatch(mode="exact")],
+                 tokenizer=str(shared_dir / "minimind"))
+    assert stage.hparams["rewards"] == [{"class_path": "minimind_pl.rewards.AnswerMatch", "init_args": {
+        "mode": "exact", "correct": 1.0, "wrong": 0.0, "tolerance": 1e-6, "weight": 1.0}}]
