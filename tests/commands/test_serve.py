@@ -8,6 +8,7 @@ import json
 import shutil
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,31 +26,51 @@ from minimind_pl.tokenizer import Tokenizer
 
 SCRIPT = "<think>\nLet me think.\n</think>\n\nHello there, friend!"
 TOOL_SCRIPT = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+TOOL_RESPONSE = 23  # the <tool_response> token of MiniMind's tokenizer
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
 class ScriptedModel(nn.Module):
-    """Answers every prompt with the same token ids (then eos) under greedy decoding; records the prompt."""
+    """Answers every prompt with the same token ids (then eos) under greedy decoding; records the prompts.
 
-    def __init__(self, script: list[int], eos: int = 2, vocab_size: int = 6400) -> None:
+    Every row of a batch follows its own script: the row's prompt length and which script it reads (``after_tool``
+    once the prompt holds a ``<tool_response>``) ride in its KV cache, so rows may join and leave between steps.
+    ``delay`` seconds per forward make generation slow enough to interrupt; ``calls`` counts forwards.
+    """
+
+    def __init__(self, script: list[int], eos: int = 2, vocab_size: int = 6400, after_tool: list[int] | None = None,
+                 delay: float = 0.0) -> None:
         super().__init__()
         self.config = ModelConfig.from_preset("debug", vocab_size=vocab_size)
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the model a device
-        self.script, self.eos, self.prompt_len, self.prompts = script + [eos], eos, 0, []
+        self.scripts = [script + [eos], (after_tool if after_tool is not None else script) + [eos]]
+        self.delay, self.calls, self.prompts = delay, 0, []
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
                 logits_to_keep=0, **_):
-        past = past_key_values[0][0].shape[2] if past_key_values else 0
-        if not past_key_values:
-            self.prompt_len = input_ids.shape[1]
-            self.prompts.append(input_ids[0].tolist())
-        produced = past + input_ids.shape[1] - self.prompt_len  # tokens generated so far
-        logits = torch.full((input_ids.shape[0], 1, self.config.vocab_size), -1e4)
-        logits[:, 0, self.script[min(produced, len(self.script) - 1)]] = 1e4
-        length = past + input_ids.shape[1]
-        cache = [(torch.zeros(1, 1, length, 1), torch.zeros(1, 1, length, 1))]
-        return CausalLMOutput(logits, torch.zeros(()), cache)
+        self.calls += 1
+        time.sleep(self.delay)
+        b, t = input_ids.shape
+        if past_key_values:  # (B, 1, S, 1) caches: prompt length and script index, zeros where left-padded
+            prompt_len = past_key_values[0][0].amax(dim=2)[:, 0, 0].long()
+            which = past_key_values[0][1].amax(dim=2)[:, 0, 0].long()
+            produced = position_ids[:, -1] - prompt_len + 1  # tokens generated so far
+        else:
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            prompts = [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask)]
+            self.prompts += prompts
+            prompt_len = mask.sum(1)
+            which = torch.tensor([int(TOOL_RESPONSE in p) for p in prompts])
+            produced = torch.zeros(b, dtype=torch.long)
+        logits = torch.full((b, 1, self.config.vocab_size), -1e4)
+        for row in range(b):
+            script = self.scripts[int(which[row])]
+            logits[row, 0, script[min(int(produced[row]), len(script) - 1)]] = 1e4
+        new = (prompt_len.float().view(b, 1, 1, 1).expand(b, 1, t, 1), which.float().view(b, 1, 1, 1).expand(b, 1, t, 1))
+        if past_key_values:
+            new = tuple(torch.cat([old, part], dim=2) for old, part in zip(past_key_values[0], new))
+        return CausalLMOutput(logits, torch.zeros(()), [new])
 
 
 @pytest.fixture(scope="module")
@@ -286,9 +307,9 @@ def test_client_leaving_mid_stream_frees_the_model(scripted):
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        assert sock.recv(64).startswith(b"HTTP/1.0 200")
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
     response = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "again"}])
     assert response.choices[0].message.content == "Hello there, friend!"
 
