@@ -116,6 +116,8 @@ def sample_rows(logits: Tensor, seen: Optional[Tensor], settings: list[SamplingS
                 generators: list[Optional[torch.Generator]]) -> Tensor:
     """Pick the next token of every row from (B, V) logits, each row with its own settings and generator
     (as `sample_next` would for that row alone); returns (B,) long."""
+    if all(s.greedy and s.repetition_penalty == 1.0 for s in settings):
+        return logits.argmax(dim=-1)  # the common case, in one call
     return torch.cat([sample_next(logits[i:i + 1], None if seen is None else seen[i:i + 1], sampling, generator)
                       for i, (sampling, generator) in enumerate(zip(settings, generators))])
 

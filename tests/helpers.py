@@ -81,10 +81,10 @@ def minimind_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.T
     return sd
 
 
-def write_stage_checkpoint(model: MiniMindForCausalLM, path: Path, tokenizer_dir: Path) -> Path:
-    """A file in the layout a Stage checkpoint has (weights under ``model.``, config, linked tokenizer)."""
+def write_stage_checkpoint(model: MiniMindForCausalLM, path: Path, tokenizer_dir: Path, stage: str = "Pretrain") -> Path:
+    """A file in the layout a Stage checkpoint has (weights under ``model.``, config, linked tokenizer, stage)."""
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "model_config": model.config.to_dict(), "stage": "Pretrain",
+                "model_config": model.config.to_dict(), "stage": stage,
                 "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}, path)
     return path
 

@@ -309,6 +309,7 @@ class APIServer:
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))
+        self.socket.listen(2048)  # connections wait from now on, before uvicorn runs
         self.server_address = self.socket.getsockname()[:2]
         self.engine = engine
         config = uvicorn.Config(app, access_log=access_log, log_level="info", timeout_graceful_shutdown=3,
