@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import shutil
@@ -87,6 +88,13 @@ def write_stage_checkpoint(model: MiniMindForCausalLM, path: Path, tokenizer_dir
                 "model_config": model.config.to_dict(), "stage": stage,
                 "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}, path)
     return path
+
+
+def with_yarn(model: MiniMindForCausalLM) -> MiniMindForCausalLM:
+    """The same weights with YaRN RoPE scaling on (what ``--inference_rope_scaling true`` builds)."""
+    scaled = MiniMindForCausalLM(dataclasses.replace(model.config, inference_rope_scaling=True))
+    scaled.load_state_dict(model.state_dict())
+    return scaled.eval()
 
 
 def greedy_chat_answer(model: MiniMindForCausalLM, tokenizer, prompt: str, max_new_tokens: int) -> str:

@@ -587,7 +587,7 @@ def slow_server(tokenizer, **settings):
 def test_full_queue_gets_429(tokenizer):
     server, url, model = slow_server(tokenizer, max_batch_size=1, max_queue=1)
     scheduler = server.engine.scheduler
-    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}).encode()
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30}).encode()
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
             running = [pool.submit(raw, url, "POST", "/v1/chat/completions", body)]

@@ -111,7 +111,7 @@ class ChatEngine:
 
     def text_prompt(self, request: GenerationRequest) -> list[int]:
         """Tokenize a plain-text prompt as pretraining saw text: ``<bos>`` then the text."""
-        return self._fitting([self.tokenizer.bos_id] + self.tokenizer.encode(request.prompt), request, "prompt")
+        return self._fitting(self.tokenizer.encode_text(request.prompt), request, "prompt")
 
     def _fitting(self, ids: list[int], request: GenerationRequest, param: str) -> list[int]:
         """``ids``, or a 400 when they and ``max_tokens`` exceed the model's context."""
