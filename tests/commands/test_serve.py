@@ -694,3 +694,47 @@ def test_binding_beyond_loopback_without_a_key_warns():
     assert "without an API key" in exposure_warning("0.0.0.0", None)
     assert exposure_warning("0.0.0.0", "sk") is None
     assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None
+
+
+def test_web_page_runs_tool_calls_over_turns_and_regenerates(tokenizer):
+    calc_call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "(3+4)*2"}}\n</tool_call>'
+    model = ScriptedModel(tokenizer.encode(calc_call), after_tool=tokenizer.encode("It is 14."))
+    server, url = start(ChatEngine(model, tokenizer, model_name="tool-test"))
+    driver = browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def finished(count):
+        WebDriverWait(driver, 30).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']")) == count
+            and not d.find_element(By.ID, "send").get_attribute("disabled"))
+
+    try:
+        driver.get(url + "/")
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "model").text == "tool-test")
+        assert driver.execute_script("return [calculate('2^3^2'), calculate('-(1+2)*3 % 5'), calculate('.5*4'),"
+                                     " convertUnits(100, 'C', 'F'), convertUnits(2, 'kg', 'g')]") == [512, -4, 2, 212, 2000]
+        assert driver.execute_script("return runTool({function: {name: 'calculator', arguments: '{\"expression\": \"1+\"}'}})"
+                                     ).startswith("error:")
+        driver.find_element(By.CSS_SELECTOR, "input[name=tool][value=calculator]").click()
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("what is (3+4)*2?")
+        box.send_keys(Keys.ENTER)
+        finished(2)  # a turn that calls the tool, then the answer
+        first, second = driver.find_elements(By.CSS_SELECTOR, ".assistant")
+        assert "tool call: calculator" in first.find_element(By.CLASS_NAME, "tool").text
+        assert first.find_element(By.CLASS_NAME, "tool-result").text == "→ 14"
+        assert second.find_element(By.CLASS_NAME, "answer").text == "It is 14."
+        prompt = tokenizer.decode(model.prompts[-1])
+        assert "<tool_response>\n14\n</tool_response>" in prompt and '"name": "calculator"' in prompt
+        asked = len(model.prompts)
+        driver.find_element(By.ID, "regenerate").click()
+        finished(2)  # the old answer was replaced, not added to
+        assert len(model.prompts) == asked + 2 and len(driver.find_elements(By.CSS_SELECTOR, ".user")) == 1
+        assert tokenizer.decode(model.prompts[-1]).count("what is (3+4)*2?") == 1
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error")
+    finally:
+        driver.quit()
+        server.shutdown()
+        server.server_close()
