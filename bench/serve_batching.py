@@ -2,11 +2,11 @@
 
 Starts `python main.py serve`'s server in a subprocess (a random model of the given size with MiniMind's
 tokenizer, so clients and server do not share a Python interpreter), then streams greedy chat answers of
-`--max_tokens` tokens: first one client alone, then `--clients` at once (after one untimed round of each, as
-the CPU kernels are slow the first time they meet a shape). Tokens are counted from the
-server-sent chunks' usage; tokens/s is completion tokens over wall time.
+`--max_tokens` tokens: one client alone, then `--clients` at once, `--repeats` times (after one untimed round
+of each, as the CPU kernels are slow the first time they meet a shape); the round with the median ratio is
+reported. Tokens are counted from the server-sent chunks' usage; tokens/s is completion tokens over wall time.
 
-    python bench/serve_batching.py [--clients 8] [--max_tokens 64] [--hidden_size 256] [--layers 4] [--threads 1]
+    python bench/serve_batching.py [--clients 8] [--max_tokens 128] [--hidden_size 128] [--layers 4] [--threads 1]
         [--out x.json]
 """
 
@@ -83,8 +83,9 @@ def main() -> None:
     """Start the server, measure one client then many, print and optionally write the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--max_tokens", type=int, default=64)
-    parser.add_argument("--hidden_size", type=int, default=256)
+    parser.add_argument("--max_tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="measured rounds (one client, then all); the median counts")
+    parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (the machine is shared)")
     parser.add_argument("--tokenizer", default=str(SHARED / "minimind"))
@@ -101,18 +102,20 @@ def main() -> None:
         port = int(server.stdout.readline())
         for clients in (1, args.clients):  # warm-up: the CPU kernels first meet each shape slowly
             run_clients(port, clients, args.max_tokens)
-        single = run_clients(port, 1, args.max_tokens)
-        batched = run_clients(port, args.clients, args.max_tokens)
+        rounds = [(run_clients(port, 1, args.max_tokens), run_clients(port, args.clients, args.max_tokens))
+                  for _ in range(args.repeats)]
     finally:
         server.terminate()
         server.wait(timeout=30)
+    # the round of median ratio: one client then all of them, back to back, so both see the same machine load
+    single, batched = sorted(rounds, key=lambda r: r[1]["tokens_per_s"] / r[0]["tokens_per_s"])[len(rounds) // 2]
     ratio = batched["tokens_per_s"] / single["tokens_per_s"]
-    results = {"model": {"hidden_size": args.hidden_size, "layers": args.layers}, "threads": args.threads, "max_tokens": args.max_tokens,
+    results = {"ratios": [b["tokens_per_s"] / s["tokens_per_s"] for s, b in rounds], "model": {"hidden_size": args.hidden_size, "layers": args.layers}, "threads": args.threads, "max_tokens": args.max_tokens,
                "single": single, "batched": batched, "ratio": ratio}
     print(f"{'clients':>8}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}")
     for row in (single, batched):
         print(f"{row['clients']:>8}{row['tokens']:>8}{row['seconds']:>9.2f}{row['tokens_per_s']:>10.1f}")
-    print(f"ratio: {ratio:.2f}")
+    print(f"ratio: {ratio:.2f} (median of {', '.join(f'{r:.2f}' for r in results['ratios'])})")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
