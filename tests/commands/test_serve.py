@@ -669,7 +669,8 @@ def test_serve_command_key_from_environment_warning_and_access_log(tmp_path, tok
     ckpt = write_stage_checkpoint(random_model(), tmp_path / "tiny.ckpt", tokenizer_dir, stage="SFT")
     env = {**os.environ, "MINIMIND_API_KEY": "sk-env"}
     process = subprocess.Popen([sys.executable, "main.py", "serve", "--ckpt", str(ckpt), "--host", "0.0.0.0",
-                                "--port", "0", "--device", "cpu", "--max_tokens", "4"], cwd=REPO, env=env,
+                                "--port", "0", "--device", "cpu", "--max_tokens", "4", "--cors_origins",
+                                "http://a.example,http://app.example"], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -681,6 +682,11 @@ def test_serve_command_key_from_environment_warning_and_access_log(tmp_path, tok
         url = f"http://127.0.0.1:{port}"
         assert raw(url, "GET", "/v1/models")[0] == 401
         assert [m.id for m in client(url, key="sk-env").models.list().data] == ["minimind"]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("OPTIONS", "/v1/models", headers={"Origin": "http://app.example",
+                                                       "Access-Control-Request-Method": "GET"})
+        assert conn.getresponse().getheader("Access-Control-Allow-Origin") == "http://app.example"
+        conn.close()
     finally:
         process.send_signal(signal.SIGINT)
         output = "".join(lines) + process.communicate(timeout=30)[0]

@@ -23,6 +23,12 @@ def require_serve_extra() -> None:
         raise UserError(f"serve needs {' and '.join(missing)}: pip install -e \".[serve]\"")
 
 
+def names(value: list[str] | str | None) -> list[str]:
+    """A list argument given as a list or as one comma-separated string."""
+    items = value.split(",") if isinstance(value, str) else value or []
+    return [item.strip() for item in items if item.strip()]
+
+
 def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
     """The warning for binding beyond loopback without an API key, or None."""
     from minimind_pl.commands.serve.app import is_loopback
@@ -53,13 +59,12 @@ def serve_command(
     max_batch_size: int = 8,
     max_queue: int = 64,
     request_timeout: float = 600.0,
-    cors_origins: Optional[list[str]] = None,
-    allowed_hosts: Optional[list[str]] = None,
+    cors_origins: list[str] | str | None = None,
+    allowed_hosts: list[str] | str | None = None,
     access_log: bool = True,
     inference_rope_scaling: bool = False,
 ) -> None:
-    """Serve a model with an OpenAI-compatible API and a web chat page at ``http://HOST:PORT/`` (API docs at
-    ``/docs``). Needs the serve extra: pip install -e ".[serve]".
+    """Serve a model: OpenAI-compatible API under /v1, web chat page at /, API docs at /docs (pip install -e ".[serve]").
 
     Args:
         ckpt: A Lightning .ckpt of any stage, a MiniMind .pth or a Hugging Face directory.
@@ -86,16 +91,19 @@ def serve_command(
         max_queue: Most requests waiting for a place in the batch; beyond, clients get 429.
         request_timeout: Seconds a request may take, waiting included; its generation then stops (504, or an
             error event when streaming).
-        cors_origins: Origins whose web pages may call the API (CORS), e.g. ``[http://localhost:3000]``; ``[*]``
-            allows any. Without an API key, other origins are refused.
+        cors_origins: Origins whose web pages may call the API (CORS), comma-separated or a list, e.g.
+            ``http://localhost:3000``; ``*`` allows any. Without an API key, other origins are refused.
         allowed_hosts: Host names clients may use besides localhost and IP addresses (checked without an API key,
-            against DNS rebinding), e.g. ``[myserver.lan]``.
+            against DNS rebinding), comma-separated or a list, e.g. ``myserver.lan``.
         access_log: Log one line per request.
         inference_rope_scaling: YaRN RoPE scaling (MiniMind's settings) for prompts beyond the trained length.
     """
     require_serve_extra()
     from minimind_pl.commands.serve.app import make_server
 
+    if max_batch_size < 1 or max_queue < 0 or request_timeout <= 0:
+        raise UserError(f"--max_batch_size must be >= 1, --max_queue >= 0 and --request_timeout > 0, got "
+                        f"{max_batch_size}, {max_queue}, {request_timeout}")
     api_key = api_key or os.environ.get(API_KEY_VARIABLE) or None
     checkpoint = open_checkpoint(ckpt, lora)
     model = checkpoint.build_model(preset, merge=True, device=device,  # adapters folded in: faster
@@ -106,7 +114,7 @@ def serve_command(
     engine = ChatEngine(model, checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch), model_name=model_name,
                         settings=settings)
     server = make_server(engine, host, port, api_key=api_key, max_body_bytes=max_body_bytes,
-                         cors_origins=cors_origins or (), allowed_hosts=allowed_hosts or (), access_log=access_log)
+                         cors_origins=names(cors_origins), allowed_hosts=names(allowed_hosts), access_log=access_log)
     warning = exposure_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
