@@ -1,6 +1,6 @@
 """Continuous batching of `serve`: aggregate tokens/s of 8 concurrent streaming clients over one client's.
 
-Starts `python main.py serve`'s server in a subprocess (a random model of the given size with MiniMind's
+Starts the `serve` server (`make_server`) in a subprocess (a random model of the given size with MiniMind's
 tokenizer, so clients and server do not share a Python interpreter), then streams greedy chat answers of
 `--max_tokens` tokens: one client alone, then `--clients` at once, `--repeats` times (after one untimed round
 of each, as the CPU kernels are slow the first time they meet a shape); the round with the median ratio is
@@ -84,7 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max_tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="measured rounds (one client, then all); the median counts")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measured rounds (one client, then all); the median counts")
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (the machine is shared)")
@@ -96,7 +97,8 @@ def main() -> None:
         serve(args)
         return
     command = [sys.executable, __file__, "--serve", "--clients", str(args.clients), "--hidden_size",
-               str(args.hidden_size), "--layers", str(args.layers), "--threads", str(args.threads), "--tokenizer", args.tokenizer]
+               str(args.hidden_size), "--layers", str(args.layers), "--threads", str(args.threads),
+               "--tokenizer", args.tokenizer]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         port = int(server.stdout.readline())
@@ -110,8 +112,9 @@ def main() -> None:
     # the round of median ratio: one client then all of them, back to back, so both see the same machine load
     single, batched = sorted(rounds, key=lambda r: r[1]["tokens_per_s"] / r[0]["tokens_per_s"])[len(rounds) // 2]
     ratio = batched["tokens_per_s"] / single["tokens_per_s"]
-    results = {"ratios": [b["tokens_per_s"] / s["tokens_per_s"] for s, b in rounds], "model": {"hidden_size": args.hidden_size, "layers": args.layers}, "threads": args.threads, "max_tokens": args.max_tokens,
-               "single": single, "batched": batched, "ratio": ratio}
+    results = {"model": {"hidden_size": args.hidden_size, "layers": args.layers}, "threads": args.threads,
+               "max_tokens": args.max_tokens, "single": single, "batched": batched, "ratio": ratio,
+               "ratios": [b["tokens_per_s"] / s["tokens_per_s"] for s, b in rounds]}
     print(f"{'clients':>8}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}")
     for row in (single, batched):
         print(f"{row['clients']:>8}{row['tokens']:>8}{row['seconds']:>9.2f}{row['tokens_per_s']:>10.1f}")

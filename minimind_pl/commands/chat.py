@@ -72,7 +72,8 @@ class ChatSession:
             pieces.append(tail)
             yield tail
         if not self.text_mode:
-                self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": "".join(pieces)}]
+                self.history += [{"role": "user", "content": user_text},
+                             {"role": "assistant", "content": "".join(pieces)}]
 
 
 def chat_command(
