@@ -123,6 +123,8 @@ class BatchScheduler:
                     self._fail(list(self.waiting) + self.active, RuntimeError("the server is shutting down"))
                     return
                 arrivals = self._admit()
+            if not arrivals and not self.active:
+                continue  # the waiting requests were cancelled or timed out
             try:
                 self._step(arrivals)
             except Exception as err:  # noqa: BLE001 - a failed step ends its requests, not the server
