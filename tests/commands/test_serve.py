@@ -694,12 +694,30 @@ def test_serve_command_key_from_environment_warning_and_access_log(tmp_path, tok
     assert '"GET /v1/models HTTP/1.1" 401' in output and '"GET /v1/models HTTP/1.1" 200' in output
 
 
-def test_binding_beyond_loopback_without_a_key_warns():
+def test_binding_beyond_loopback_without_a_key_warns(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    from helpers import write_stage_checkpoint
+
+    from minimind_pl.cli import main
+    from minimind_pl.commands.serve import app
     from minimind_pl.commands.serve.command import exposure_warning
 
-    assert "without an API key" in exposure_warning("0.0.0.0", None)
-    assert exposure_warning("0.0.0.0", "sk") is None
-    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None
+    ckpt = write_stage_checkpoint(random_model(), tmp_path / "tiny.ckpt", tokenizer_dir, stage="SFT")
+    keys = []
+
+    class Unbound:  # the command up to serving, nothing bound
+        server_address = ("0.0.0.0", 8998)
+        serve_forever = server_close = lambda self: None
+
+    monkeypatch.setattr(app, "make_server",
+                        lambda engine, host, port, api_key=None, **kw: keys.append(api_key) or Unbound())
+    monkeypatch.delenv("MINIMIND_API_KEY", raising=False)
+    main(["serve", "--ckpt", str(ckpt), "--host", "0.0.0.0", "--device", "cpu"])
+    assert "warning: serving on 0.0.0.0 without an API key" in capsys.readouterr().err
+    monkeypatch.setenv("MINIMIND_API_KEY", "sk-env")
+    main(["serve", "--ckpt", str(ckpt), "--host", "0.0.0.0", "--device", "cpu"])
+    assert "without an API key" not in capsys.readouterr().err and keys == [None, "sk-env"]
+    assert exposure_warning("::1", None) is None and exposure_warning("localhost", None) is None
+    assert exposure_warning("192.168.1.5", None) is not None
 
 
 def test_web_page_runs_tool_calls_over_turns_and_regenerates(tokenizer):
