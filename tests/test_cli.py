@@ -123,7 +123,8 @@ def test_inference_rope_scaling_switch_reaches_the_model(tmp_path, shared_dir, m
     ckpt = write_stage_checkpoint(model, tmp_path / "tiny.ckpt", shared_dir / "minimind", stage="SFT")
     built = []
     build = Checkpoint.build_model
-    monkeypatch.setattr(Checkpoint, "build_model", lambda self, *a, **k: built.append(build(self, *a, **k)) or built[-1])
+    monkeypatch.setattr(Checkpoint, "build_model",
+                        lambda self, *a, **k: built.append(build(self, *a, **k)) or built[-1])
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "你好"}\n', encoding="utf-8")
     args = {"chat": ["--prompt", "你好", "--max_new_tokens", "2"], "eval": ["--data", str(prompts)],

@@ -67,7 +67,7 @@ class ScriptedModel(nn.Module):
         for row in range(b):
             script = self.scripts[int(which[row])]
             logits[row, 0, script[min(int(produced[row]), len(script) - 1)]] = 1e4
-        new = (prompt_len.float().view(b, 1, 1, 1).expand(b, 1, t, 1), which.float().view(b, 1, 1, 1).expand(b, 1, t, 1))
+        new = tuple(value.float().view(b, 1, 1, 1).expand(b, 1, t, 1) for value in (prompt_len, which))
         if past_key_values:
             new = tuple(torch.cat([old, part], dim=2) for old, part in zip(past_key_values[0], new))
         return CausalLMOutput(logits, torch.zeros(()), [new])
@@ -737,10 +737,11 @@ def test_web_page_runs_tool_calls_over_turns_and_regenerates(tokenizer):
     try:
         driver.get(url + "/")
         WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "model").text == "tool-test")
-        assert driver.execute_script("return [calculate('2^3^2'), calculate('-(1+2)*3 % 5'), calculate('.5*4'),"
-                                     " convertUnits(100, 'C', 'F'), convertUnits(2, 'kg', 'g')]") == [512, -4, 2, 212, 2000]
-        assert driver.execute_script("return runTool({function: {name: 'calculator', arguments: '{\"expression\": \"1+\"}'}})"
-                                     ).startswith("error:")
+        assert driver.execute_script(
+            "return [calculate('2^3^2'), calculate('-(1+2)*3 % 5'), calculate('.5*4'),"
+            " convertUnits(100, 'C', 'F'), convertUnits(2, 'kg', 'g')]") == [512, -4, 2, 212, 2000]
+        broken = "runTool({function: {name: 'calculator', arguments: '{\"expression\": \"1+\"}'}})"
+        assert driver.execute_script("return " + broken).startswith("error:")
         driver.find_element(By.CSS_SELECTOR, "input[name=tool][value=calculator]").click()
         box = driver.find_element(By.ID, "input")
         box.send_keys("what is (3+4)*2?")

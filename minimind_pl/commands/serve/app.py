@@ -207,13 +207,15 @@ def create_app(engine: ChatEngine, api_key: Optional[str] = None, cors_origins: 
         authorize(request, api_key)
         return engine.models()
 
-    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)", openapi_extra=documented_body(ChatCompletionBody))
+    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)",
+              openapi_extra=documented_body(ChatCompletionBody))
     async def chat_completions(request: Request) -> Response:
         authorize(request, api_key)
         body = parse_chat_request(await read_body(request, max_body_bytes), engine.settings)
         return await answer(engine, request, body)
 
-    @app.post("/v1/completions", summary="Text completion (OpenAI legacy)", openapi_extra=documented_body(CompletionBody))
+    @app.post("/v1/completions", summary="Text completion (OpenAI legacy)",
+              openapi_extra=documented_body(CompletionBody))
     async def completions(request: Request) -> Response:
         authorize(request, api_key)
         body = parse_completion_request(await read_body(request, max_body_bytes), engine.settings)

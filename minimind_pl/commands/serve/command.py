@@ -64,7 +64,7 @@ def serve_command(
     access_log: bool = True,
     inference_rope_scaling: bool = False,
 ) -> None:
-    """Serve a model: OpenAI-compatible API under /v1, web chat page at /, API docs at /docs (pip install -e ".[serve]").
+    """Serve a model: OpenAI-compatible API under /v1, web chat at /, docs at /docs (pip install -e ".[serve]").
 
     Args:
         ckpt: A Lightning .ckpt of any stage, a MiniMind .pth or a Hugging Face directory.

@@ -173,8 +173,9 @@ class ChatEngine:
     @staticmethod
     def _record(events: list[tuple[str, Any]], outcome: Outcome) -> list[tuple[str, Any]]:
         """Add events to the outcome and pass them on."""
+        parts = {"reasoning": outcome.reasoning, "content": outcome.content, "tool_call": outcome.tool_calls}
         for kind, value in events:
-            {"reasoning": outcome.reasoning, "content": outcome.content, "tool_call": outcome.tool_calls}[kind].append(value)
+            parts[kind].append(value)
         return events
 
     def _start(self, request: GenerationRequest) -> tuple[TokenStream, Any]:
