@@ -3,7 +3,9 @@ repetition penalty, batched prompts of different lengths (left padding), and str
 
 `SamplingSettings` holds how the next token is chosen and MiniMind's defaults; every command takes its
 defaults from it. `generate` and `stream_generate` work with any model whose forward matches
-`MiniMindForCausalLM.forward`. The model runs in eval mode under `torch.inference_mode`
+`MiniMindForCausalLM.forward`. Both run on `DecodeBatch`, the KV-cache state of rows that decode together,
+which rows may also join and leave between steps (the server's continuous batching uses it directly, with
+`sample_rows` giving each row its own settings). The model runs in eval mode under `torch.inference_mode`
 only while a step is computed; its train/eval mode is restored after every step, so a paused
 `stream_generate` iterator never leaks inference mode or eval mode into the caller's code.
 """
