@@ -452,11 +452,12 @@ def test_batched_decoding_equals_each_request_alone():
 
 
 def test_concurrent_requests_decode_together(tokenizer):
-    model = ScriptedModel(tokenizer.encode(SCRIPT), delay=0.002)
+    model = ScriptedModel(tokenizer.encode(SCRIPT), delay=0.02)  # an answer takes ~0.3 s: the 4 overlap
     server, url = start(ChatEngine(model, tokenizer))
+    api = client(url)
     try:
         with ThreadPoolExecutor(max_workers=4) as pool:
-            answers = list(pool.map(lambda i: client(url).chat.completions.create(
+            answers = list(pool.map(lambda i: api.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": f"q{i}"}]).choices[0].message.content, range(4)))
         assert answers == ["Hello there, friend!"] * 4
         steps = len(tokenizer.encode(SCRIPT)) + 1
@@ -587,7 +588,7 @@ def slow_server(tokenizer, **settings):
 def test_full_queue_gets_429(tokenizer):
     server, url, model = slow_server(tokenizer, max_batch_size=1, max_queue=1)
     scheduler = server.engine.scheduler
-    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30}).encode()
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}).encode()
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
             running = [pool.submit(raw, url, "POST", "/v1/chat/completions", body)]

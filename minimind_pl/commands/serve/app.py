@@ -21,7 +21,7 @@ import json
 import socket
 import threading
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
@@ -207,21 +207,25 @@ def create_app(engine: ChatEngine, api_key: Optional[str] = None, cors_origins: 
         authorize(request, api_key)
         return engine.models()
 
-    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI)",
-              openapi_extra=documented_body(ChatCompletionBody))
-    async def chat_completions(request: Request) -> Response:
-        authorize(request, api_key)
-        body = parse_chat_request(await read_body(request, max_body_bytes), engine.settings)
-        return await answer(engine, request, body)
-
-    @app.post("/v1/completions", summary="Text completion (OpenAI legacy)",
-              openapi_extra=documented_body(CompletionBody))
-    async def completions(request: Request) -> Response:
-        authorize(request, api_key)
-        body = parse_completion_request(await read_body(request, max_body_bytes), engine.settings)
-        return await answer(engine, request, body)
+    routes = (("/v1/chat/completions", "Chat completion (OpenAI)", parse_chat_request, ChatCompletionBody),
+              ("/v1/completions", "Text completion (OpenAI legacy)", parse_completion_request, CompletionBody))
+    for path, summary, parse, documented in routes:
+        app.add_api_route(path, generation_route(engine, parse, api_key, max_body_bytes), methods=["POST"],
+                          summary=summary, openapi_extra=documented_body(documented))
 
     return app
+
+
+def generation_route(engine: ChatEngine, parse: Callable[[bytes, Any], Any], api_key: Optional[str],
+                     max_body_bytes: int) -> Callable[[Request], Awaitable[Response]]:
+    """The handler of a generating endpoint: key, body, ``parse`` (the endpoint's checks), answer."""
+
+    async def handle(request: Request) -> Response:
+        authorize(request, api_key)
+        body = parse(await read_body(request, max_body_bytes), engine.settings)
+        return await answer(engine, request, body)
+
+    return handle
 
 
 def _add_error_handlers(app: FastAPI) -> None:
