@@ -3,7 +3,9 @@ repetition penalty, batched prompts of different lengths (left padding), and str
 
 `SamplingSettings` holds how the next token is chosen and MiniMind's defaults; every command takes its
 defaults from it. `generate` and `stream_generate` work with any model whose forward matches
-`MiniMindForCausalLM.forward`. The model runs in eval mode under `torch.inference_mode`
+`MiniMindForCausalLM.forward`. Both run on `DecodeBatch`, the KV-cache state of rows that decode together,
+which rows may also join and leave between steps (the server's continuous batching uses it directly, with
+`sample_rows` giving each row its own settings). The model runs in eval mode under `torch.inference_mode`
 only while a step is computed; its train/eval mode is restored after every step, so a paused
 `stream_generate` iterator never leaks inference mode or eval mode into the caller's code.
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -111,8 +114,18 @@ def sample_next(logits: Tensor, seen: Optional[Tensor] = None, sampling: Samplin
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def sample_rows(logits: Tensor, seen: Optional[Tensor], settings: list[SamplingSettings],
+                generators: list[Optional[torch.Generator]]) -> Tensor:
+    """Pick the next token of every row from (B, V) logits, each row with its own settings and generator
+    (as `sample_next` would for that row alone); returns (B,) long."""
+    if all(s.greedy and s.repetition_penalty == 1.0 for s in settings):
+        return logits.argmax(dim=-1)  # the common case, in one call
+    return torch.cat([sample_next(logits[i:i + 1], None if seen is None else seen[i:i + 1], sampling, generator)
+                      for i, (sampling, generator) in enumerate(zip(settings, generators))])
+
+
 @contextmanager
-def _inference_step(model: nn.Module) -> Iterator[None]:
+def inference_step(model: nn.Module) -> Iterator[None]:
     """Eval mode + inference mode for one step, restoring the model's previous mode afterwards."""
     was_training = model.training
     model.eval()
@@ -123,13 +136,36 @@ def _inference_step(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-class _BatchDecoder:
-    """KV-cache decoding state for a batch of left-padded prompts."""
+class DecodeBatch:
+    """KV-cache decoding state of sequences that decode together; rows may join and leave between steps.
 
-    def __init__(self, model: nn.Module, prompts: list[list[int]], track_seen: bool) -> None:
-        """Run the prompts through the model (prefill) and keep the cache and last logits."""
-        self.model = model
-        device = next(model.parameters()).device
+    The cache of every layer is one left-padded (B, K, S, D) tensor; ``mask`` (B, S) marks real keys (None
+    when no row is padded, so attention takes the causal fast path) and ``next_pos`` (B,) holds each row's
+    next RoPE position, so a row's numbers do not depend on its neighbours. Prompts that join are run
+    through the model together (prefill, left-padded) and their cache is left-padded to the batch's length
+    (or the batch's to theirs). ``logits`` (B, V) are the next-token logits of every row.
+    """
+
+    def __init__(self, model: nn.Module, track_seen: bool = False) -> None:
+        """Args:
+            model: a `MiniMindForCausalLM` (or anything with the same forward), in eval mode.
+            track_seen: keep ``seen`` (B, V), the tokens of each row so far, for the repetition penalty.
+        """
+        self.model, self.track_seen = model, track_seen
+        self.device = next(model.parameters()).device
+        self.cache: Optional[list[tuple[Tensor, Tensor]]] = None
+        self.mask: Optional[Tensor] = None
+        self.next_pos = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.logits: Optional[Tensor] = None
+        self.seen: Optional[Tensor] = None
+
+    @property
+    def size(self) -> int:
+        """Rows in the batch."""
+        return int(self.next_pos.shape[0])
+
+    def add(self, prompts: list[list[int]]) -> None:
+        """Prefill ``prompts`` (each at least one token) and append them as the last rows."""
         lengths = [len(p) for p in prompts]
         width = max(lengths)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -137,18 +173,62 @@ class _BatchDecoder:
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             pad_mask[i, width - len(prompt):] = 1
-        position_ids = (pad_mask.cumsum(-1) - 1).clamp(min=0).to(device)  # (B, T) 0.. per real token
-        # no mask at all when nothing is padded: attention then takes the is_causal fast path
-        self.mask = pad_mask.to(device) if min(lengths) < width else None
-        self.next_pos = torch.tensor(lengths, device=device)  # (B,) position of the next token
-        out = model(ids.to(device), position_ids=position_ids, attention_mask=self.mask,
-                    use_cache=True, logits_to_keep=1)
-        self.cache, self.logits = out.past_key_values, out.logits[:, -1]  # (B, V)
-        self.seen: Optional[Tensor] = None
-        if track_seen:
-            self.seen = torch.zeros(self.logits.shape, dtype=torch.bool, device=device)
+        position_ids = (pad_mask.cumsum(-1) - 1).clamp(min=0).to(self.device)  # (B, T) 0.. per real token
+        mask = pad_mask.to(self.device) if min(lengths) < width else None
+        out = self.model(ids.to(self.device), position_ids=position_ids, attention_mask=mask,
+                         use_cache=True, logits_to_keep=1)
+        seen = None
+        if self.track_seen:
+            seen = torch.zeros(out.logits[:, -1].shape, dtype=torch.bool, device=self.device)
             for i, prompt in enumerate(prompts):
-                self.seen[i, torch.tensor(prompt, device=device)] = True
+                seen[i, torch.tensor(prompt, device=self.device)] = True
+        self._append(out.past_key_values, mask, torch.tensor(lengths, device=self.device), out.logits[:, -1], seen)
+
+    def _append(self, cache: list[tuple[Tensor, Tensor]], mask: Optional[Tensor], next_pos: Tensor, logits: Tensor,
+                seen: Optional[Tensor]) -> None:
+        """Join new rows to the batch, left-padding whichever cache is shorter."""
+        if self.cache is None or self.size == 0:
+            self.cache, self.mask, self.next_pos, self.logits, self.seen = cache, mask, next_pos, logits, seen
+            return
+        old_len, new_len = self.cache[0][0].shape[2], cache[0][0].shape[2]
+        width = max(old_len, new_len)
+        self.cache = [(torch.cat([_left_pad(k0, width), _left_pad(k1, width)]),
+                       torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
+                      for (k0, v0), (k1, v1) in zip(self.cache, cache)]
+        self.mask = torch.cat([_padded_mask(self.mask, self.size, old_len, width, self.device),
+                               _padded_mask(mask, len(next_pos), new_len, width, self.device)])
+        self.next_pos = torch.cat([self.next_pos, next_pos])
+        self.logits = torch.cat([self.logits, logits])
+        if self.seen is not None:
+            self.seen = torch.cat([self.seen, seen])
+        self._trim()
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (indices, in this order); the others leave the batch."""
+        if len(rows) == self.size:
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.next_pos, self.logits = self.next_pos[index], self.logits[index]
+        if self.seen is not None:
+            self.seen = self.seen[index]
+        if not rows:
+            self.cache, self.mask = None, None
+            return
+        self.cache = [(k[index], v[index]) for k, v in self.cache]
+        self.mask = None if self.mask is None else self.mask[index]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the leading cache columns no row uses; no mask at all once nothing is padded."""
+        if self.mask is None:
+            return
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else self.mask.shape[1]
+        if first:
+            self.mask = self.mask[:, first:]
+            self.cache = [(k[:, :, first:], v[:, :, first:]) for k, v in self.cache]
+        if bool(self.mask.all()):
+            self.mask = None
 
     def feed(self, tokens: Tensor) -> None:
         """Append one token per row (B,) and compute the logits that follow it."""
@@ -156,10 +236,22 @@ class _BatchDecoder:
             self.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        out = self.model(tokens[:, None], position_ids=self.next_pos[:, None], attention_mask=self.mask,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(tokens[:, None].to(self.device), position_ids=self.next_pos[:, None],
+                         attention_mask=self.mask, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.next_pos = self.next_pos + 1
         self.cache, self.logits = out.past_key_values, out.logits[:, -1]
+
+
+def _left_pad(x: Tensor, width: int) -> Tensor:
+    """(B, K, S, D) -> (B, K, width, D), zeros in front."""
+    return F.pad(x, (0, 0, width - x.shape[2], 0))
+
+
+def _padded_mask(mask: Optional[Tensor], rows: int, length: int, width: int, device: torch.device) -> Tensor:
+    """A (rows, width) key mask: ``mask`` (or all ones for ``length`` keys) with zeros in front."""
+    if mask is None:
+        mask = torch.ones(rows, length, dtype=torch.long, device=device)
+    return F.pad(mask, (width - length, 0))
 
 
 def _decode_steps(
@@ -173,11 +265,12 @@ def _decode_steps(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not prompts or max_new_tokens == 0:
         return
-    with _inference_step(model):
-        decoder = _BatchDecoder(model, prompts, track_seen=sampling.repetition_penalty != 1.0)
+    decoder = DecodeBatch(model, track_seen=sampling.repetition_penalty != 1.0)
+    with inference_step(model):
+        decoder.add(prompts)
     finished = [False] * len(prompts)
     for step in range(max_new_tokens):
-        with _inference_step(model):
+        with inference_step(model):
             if step > 0:
                 decoder.feed(tokens)
             tokens = sample_next(decoder.logits, decoder.seen, sampling, generator)

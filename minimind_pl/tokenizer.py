@@ -195,6 +195,10 @@ class Tokenizer:
         """Token ids of ``text``; nothing is added (special tokens written in the text are kept)."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """``<bos>`` and the ids of ``text``: how pretraining saw the start of a document (a prompt to continue)."""
+        return [self.bos_id] + self.encode(text)
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of many texts, encoded in parallel by the `tokenizers` library."""
         encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import shutil
@@ -82,12 +83,19 @@ def minimind_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.T
     return sd
 
 
-def write_stage_checkpoint(model: MiniMindForCausalLM, path: Path, tokenizer_dir: Path) -> Path:
-    """A file in the layout a Stage checkpoint has (weights under ``model.``, config, linked tokenizer)."""
+def write_stage_checkpoint(model: MiniMindForCausalLM, path: Path, tokenizer_dir: Path, stage: str = "Pretrain") -> Path:
+    """A file in the layout a Stage checkpoint has (weights under ``model.``, config, linked tokenizer, stage)."""
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "model_config": model.config.to_dict(), "stage": "Pretrain",
+                "model_config": model.config.to_dict(), "stage": stage,
                 "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}, path)
     return path
+
+
+def with_yarn(model: MiniMindForCausalLM) -> MiniMindForCausalLM:
+    """The same weights with YaRN RoPE scaling on (what ``--inference_rope_scaling true`` builds)."""
+    scaled = MiniMindForCausalLM(dataclasses.replace(model.config, inference_rope_scaling=True))
+    scaled.load_state_dict(model.state_dict())
+    return scaled.eval()
 
 
 def greedy_chat_answer(model: MiniMindForCausalLM, tokenizer, prompt: str, max_new_tokens: int) -> str:

@@ -21,3 +21,14 @@ def test_throughput_benchmark_runs_every_runner_on_the_cpu(tmp_path, shared_dir)
     assert "packed_over_padded" in results["ratios"]
     table = result.stdout[result.stdout.rindex("\nmode "):]  # the table comes last
     assert all(f"\n{name} " in table for name in results["modes"]) and "packed_over_padded: " in table
+
+
+def test_serve_batching_benchmark_runs(tmp_path, shared_dir):
+    out = tmp_path / "serve.json"
+    result = run_python([str(REPO / "bench" / "serve_batching.py"), "--clients", "2", "--max_tokens", "4",
+                         "--repeats", "1", "--hidden_size", "64", "--layers", "1",
+                         "--tokenizer", str(shared_dir / "minimind"), "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["single"]["tokens"] == 4 and results["batched"]["tokens"] == 8 and results["ratio"] > 0
+    assert "ratio: " in result.stdout

@@ -109,3 +109,39 @@ def test_minimind2_sft_starts_from_a_minimind2_pth(tmp_path, shared_dir):
     trained = cli.model.model.state_dict()["model.layers.0.mlp.up_proj.weight"]
     assert not torch.equal(trained, start["model.layers.0.mlp.up_proj.weight"].float())  # it learned
     assert (trained - start["model.layers.0.mlp.up_proj.weight"].float()).abs().max() < 0.05  # from those weights
+
+
+@pytest.mark.parametrize("command", ["chat", "eval", "generate", "serve"])
+def test_inference_rope_scaling_switch_reaches_the_model(tmp_path, shared_dir, monkeypatch, command):
+    """``--inference_rope_scaling true`` builds the model with YaRN (MiniMind's settings), whatever the checkpoint
+    recorded; without it the recorded setting stays. YaRN applies beyond 2048 positions, so the model is longer."""
+    from helpers import random_model, with_yarn, write_stage_checkpoint
+
+    from minimind_pl.checkpoints.loading import Checkpoint
+
+    model = random_model(max_position_embeddings=32768)
+    ckpt = write_stage_checkpoint(model, tmp_path / "tiny.ckpt", shared_dir / "minimind", stage="SFT")
+    built = []
+    build = Checkpoint.build_model
+    monkeypatch.setattr(Checkpoint, "build_model",
+                        lambda self, *a, **k: built.append(build(self, *a, **k)) or built[-1])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "你好"}\n', encoding="utf-8")
+    args = {"chat": ["--prompt", "你好", "--max_new_tokens", "2"], "eval": ["--data", str(prompts)],
+            "generate": ["--data", str(prompts), "--out", str(tmp_path / "out.jsonl"), "--max_new_tokens", "2"],
+            "serve": ["--port", "0"]}[command]
+    if command == "serve":  # bind nothing: the model is what is checked
+        from minimind_pl.commands.serve import app
+
+        monkeypatch.setattr(app, "make_server", lambda *a, **k: type("Stub", (), {
+            "server_address": ("127.0.0.1", 0), "serve_forever": lambda s: None, "server_close": lambda s: None})())
+    if command == "eval":  # eval reads text lines
+        prompts.write_text('{"text": "你好，世界"}\n', encoding="utf-8")
+    for run, switch in enumerate((["--inference_rope_scaling", "true"], [])):
+        if command == "generate":  # a new answer file each time (an answered prompt is not generated again)
+            args[3] = str(tmp_path / f"out{run}.jsonl")
+        main([command, "--ckpt", str(ckpt), "--device", "cpu", *args, *switch])
+    x = torch.arange(3000)[None] % 6000
+    scaled, plain = (m.model.rotary(x)[0] for m in built)
+    assert built[0].config.inference_rope_scaling and not built[1].config.inference_rope_scaling
+    assert torch.equal(scaled, with_yarn(model).model.rotary(x)[0]) and not torch.allclose(scaled, plain)

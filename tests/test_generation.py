@@ -148,3 +148,41 @@ def test_left_padded_rows_get_their_own_positions() -> None:
     calls.clear()
     generate(model, [[5, 6], [7, 8]], max_new_tokens=1, do_sample=False)
     assert calls[0]["attention_mask"] is None  # equal lengths: no mask, the is_causal fast path
+
+
+def test_decode_batch_rows_join_and_leave_between_steps() -> None:
+    """A row's tokens do not depend on its neighbours: rows joining later (other lengths) or leaving early
+    decode exactly as each prompt alone."""
+    from minimind_pl.generation import DecodeBatch, inference_step
+
+    model = debug_model()
+    batch = DecodeBatch(model)
+    rows: list[list[int]] = []
+    outputs: list[list[int]] = []
+
+    def step() -> None:
+        tokens = batch.logits.argmax(-1)
+        for out, token in zip(outputs, tokens.tolist()):
+            out.append(token)
+        batch.feed(tokens)
+
+    with inference_step(model):
+        batch.add([PROMPTS[0], PROMPTS[1]])
+        rows += [0, 1]
+        outputs += [[], []]
+        for _ in range(3):
+            step()
+        batch.add([PROMPTS[2]])  # longer than the cache so far: the batch's cache is left-padded
+        rows.append(2)
+        outputs.append([])
+        for _ in range(2):
+            step()
+        batch.keep([1, 2])  # the first row leaves; the padding it needed goes with it
+        done = {rows.pop(0): outputs.pop(0)}
+        assert batch.mask is None or bool(batch.mask[:, 0].any())  # no cache column that no row uses
+        for _ in range(4):
+            step()
+    done.update(zip(rows, outputs))
+    for i, out in done.items():
+        assert out == generate(model, [PROMPTS[i]], max_new_tokens=len(out), do_sample=False, eos_token_id=None)[0]
+    assert [len(done[i]) for i in range(3)] == [5, 9, 6]

@@ -17,6 +17,7 @@ folder it was trained with, and the LoRA adapters to put on top. It accepts
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +71,15 @@ class Checkpoint:
             return ModelConfig.from_preset(preset)
         return ModelConfig.from_dict(infer_config(self.weights))
 
-    def build_model(self, preset: Optional[str] = None, merge: bool = False,
-                    device: str = "cpu") -> MiniMindForCausalLM:
+    def build_model(self, preset: Optional[str] = None, merge: bool = False, device: str = "cpu",
+                    inference_rope_scaling: bool = False) -> MiniMindForCausalLM:
         """The transformer with these weights (float32, eval mode) on ``device`` (``auto``: CUDA when
-        available); the adapters on top, folded into the weights if ``merge``."""
-        model = MiniMindForCausalLM(self.config(preset))
+        available); the adapters on top, folded into the weights if ``merge``. ``inference_rope_scaling`` turns
+        YaRN on (MiniMind's settings) whatever the recorded config says; False keeps the recorded setting."""
+        config = self.config(preset)
+        if inference_rope_scaling:
+            config = dataclasses.replace(config, inference_rope_scaling=True)
+        model = MiniMindForCausalLM(config)
         model.load_weights({k: v.float() for k, v in self.weights.items()}, strict=True)
         if self.adapter is not None:
             apply_adapter(model, self.adapter, self.adapter_path or self.path)

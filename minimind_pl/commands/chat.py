@@ -1,13 +1,20 @@
-"""``python main.py chat``: talk to a trained model in the terminal, with streaming output."""
+"""``python main.py chat``: talk to a trained model in the terminal, with streaming output.
+
+A pretrained (not yet chat-tuned) checkpoint continues raw text instead: each prompt is a document start
+(``<bos>`` + text), as MiniMind's ``eval_llm.py`` feeds its pretrain weights. After each answer the speed
+(tokens/s) goes to stderr, so the answer alone can be piped.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import Iterator, TextIO
+import time
+from pathlib import Path
+from typing import Iterator, Literal, TextIO
 
 import torch
 
-from minimind_pl.checkpoints import open_checkpoint
+from minimind_pl.checkpoints import Checkpoint, open_checkpoint
 from minimind_pl.generation import SamplingSettings, stream_generate
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
@@ -20,7 +27,7 @@ class ChatSession:
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer: Tokenizer, system: str | None = None,
                  history_turns: int = 4, open_thinking: bool = False, max_new_tokens: int = 512,
-                 sampling: SamplingSettings = DEFAULT) -> None:
+                 sampling: SamplingSettings = DEFAULT, text_mode: bool = False) -> None:
         """Args:
             model: The model to talk to.
             tokenizer: Its tokenizer (with the chat template).
@@ -29,14 +36,19 @@ class ChatSession:
             open_thinking: Let the model reason in a ``<think>`` block first.
             max_new_tokens: Longest answer in tokens.
             sampling: How tokens are chosen.
+            text_mode: Continue each prompt as raw text (pretrained models): no template, no history.
         """
         self.model, self.tokenizer = model, tokenizer
         self.system, self.history_turns, self.open_thinking = system, history_turns, open_thinking
-        self.max_new_tokens, self.sampling = max_new_tokens, sampling
+        self.max_new_tokens, self.sampling, self.text_mode = max_new_tokens, sampling, text_mode
         self.history: list[dict[str, str]] = []
+        self.last_speed: tuple[int, float] = (0, 0.0)  # tokens and seconds of the last answer
 
     def prompt_ids(self, user_text: str) -> list[int]:
-        """Token ids of the system prompt, the kept history and the new user turn, ready to answer."""
+        """Token ids of the system prompt, the kept history and the new user turn, ready to answer (in text
+        mode: the text as a document start)."""
+        if self.text_mode:
+            return self.tokenizer.encode_text(user_text)
         kept = self.history[-2 * self.history_turns:] if self.history_turns > 0 else []
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + kept
         messages.append({"role": "user", "content": user_text})
@@ -47,7 +59,10 @@ class ChatSession:
         decoder = self.tokenizer.stream_decoder()
         pieces: list[str] = []
         ids = self.prompt_ids(user_text)
+        start, count = time.perf_counter(), 0
         for token in stream_generate(self.model, ids, self.max_new_tokens, self.sampling, self.tokenizer.eos_id):
+            count += 1
+            self.last_speed = (count, time.perf_counter() - start)
             piece = decoder.push(token)
             if piece:
                 pieces.append(piece)
@@ -56,7 +71,9 @@ class ChatSession:
         if tail:
             pieces.append(tail)
             yield tail
-        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": "".join(pieces)}]
+        if not self.text_mode:
+                self.history += [{"role": "user", "content": user_text},
+                             {"role": "assistant", "content": "".join(pieces)}]
 
 
 def chat_command(
@@ -76,8 +93,10 @@ def chat_command(
     repetition_penalty: float = DEFAULT.repetition_penalty,
     seed: int | None = None,
     device: str = "auto",
+    mode: Literal["auto", "chat", "text"] = "auto",
+    inference_rope_scaling: bool = False,
 ) -> None:
-    """Chat with a model in the terminal; answers stream as they are generated.
+    """Chat with a model in the terminal; answers stream as they are generated, then their speed (tokens/s).
 
     Args:
         ckpt: A Lightning .ckpt of any stage, a MiniMind .pth or a Hugging Face directory.
@@ -97,17 +116,25 @@ def chat_command(
         repetition_penalty: Penalty (>1) on tokens already in the prompt or answer.
         seed: Random seed for reproducible sampling.
         device: ``auto``, ``cpu`` or ``cuda``.
+        mode: ``chat`` (the chat template), ``text`` (continue raw text, for pretrained checkpoints) or ``auto``:
+            text for a checkpoint of the Pretrain stage (or, with no stage recorded, a file named like MiniMind's
+            ``pretrain_*.pth``), chat otherwise.
+        inference_rope_scaling: YaRN RoPE scaling (MiniMind's settings) for prompts beyond the trained length.
     """
     if seed is not None:
         torch.manual_seed(seed)
     checkpoint = open_checkpoint(ckpt, lora)
     sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k,
                                 repetition_penalty=repetition_penalty)
+    text_mode = continues_text(checkpoint, mode)
     session = ChatSession(
-        checkpoint.build_model(preset, device=device), checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch),
-        system=system, history_turns=history_turns, open_thinking=open_thinking, max_new_tokens=max_new_tokens,
-        sampling=sampling,
+        checkpoint.build_model(preset, device=device, inference_rope_scaling=inference_rope_scaling),
+        checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch), system=system, history_turns=history_turns,
+        open_thinking=open_thinking, max_new_tokens=max_new_tokens, sampling=sampling, text_mode=text_mode,
     )
+    if text_mode and mode == "auto":
+        print(f"{ckpt} is a pretrained checkpoint: continuing raw text (--mode chat to use the chat template)",
+              file=sys.stderr, flush=True)
     if prompt is not None:
         print_answer(session, prompt, sys.stdout)
         return
@@ -123,12 +150,25 @@ def chat_command(
         print_answer(session, user_text, sys.stdout)
 
 
-def print_answer(session: ChatSession, user_text: str, out: TextIO) -> str:
-    """Stream one answer to ``out`` and return it whole."""
+def continues_text(checkpoint: Checkpoint, mode: str) -> bool:
+    """Whether ``chat`` continues raw text: ``--mode text``, or ``auto`` with a pretrained checkpoint."""
+    if mode != "auto":
+        return mode == "text"
+    if checkpoint.stage is not None:
+        return checkpoint.stage == "Pretrain"
+    return Path(checkpoint.path).name.lower().startswith("pretrain")  # MiniMind's out/pretrain_768.pth
+
+
+def print_answer(session: ChatSession, user_text: str, out: TextIO, speed: TextIO | None = None) -> str:
+    """Stream one answer to ``out``, then its speed to ``speed`` (default: stderr); return the answer whole."""
+    speed = speed or sys.stderr
     parts = []
     for piece in session.stream_answer(user_text):
         out.write(piece)
         out.flush()
         parts.append(piece)
     out.write("\n")
+    tokens, seconds = session.last_speed
+    speed.write(f"[{tokens} tokens, {tokens / seconds if seconds else 0.0:.1f} tokens/s]\n")
+    speed.flush()
     return "".join(parts)

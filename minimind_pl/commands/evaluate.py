@@ -47,6 +47,7 @@ def eval_command(
     mc_format: Literal["cloze", "letter"] = "cloze",
     chat: bool = False,
     device: str = "auto",
+    inference_rope_scaling: bool = False,
 ) -> dict[str, float]:
     """Evaluate a model on a jsonl file: LM metrics for text / conversations, accuracy for multiple choice.
 
@@ -66,11 +67,13 @@ def eval_command(
             lists the choices in the prompt and scores the letters.
         chat: Multiple choice: wrap the question in the chat template (for SFT models).
         device: ``auto``, ``cpu`` or ``cuda``.
+        inference_rope_scaling: YaRN RoPE scaling (MiniMind's settings) for texts beyond the trained length.
     """
     records = list(read_jsonl(data, "--data", limit))  # bad data stops the command before the model loads
     kind = detect_format(records, data)
     checkpoint = open_checkpoint(ckpt, lora)
-    model = checkpoint.build_model(preset, merge=True, device=device)  # adapters folded in: faster
+    model = checkpoint.build_model(preset, merge=True, device=device,  # adapters folded in: faster
+                                   inference_rope_scaling=inference_rope_scaling)
     tok = checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch)
     if kind == "choice":
         metrics = multiple_choice(model, tok, records, data, mc_format, chat, batch_size, seq_len)

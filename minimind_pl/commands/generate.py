@@ -139,6 +139,7 @@ def generate_command(
     preset: Optional[str] = None,
     lora: Optional[str] = None,
     device: str = "auto",
+    inference_rope_scaling: bool = False,
 ) -> str:
     """Answer every prompt of ``data`` with the teacher ``ckpt`` and write SFT jsonl to ``out`` (resumable).
 
@@ -160,6 +161,7 @@ def generate_command(
         preset: Model preset of a .pth checkpoint (default: read off the tensor shapes).
         lora: A LoRA adapter file run on top of the teacher's weights (unmerged).
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda:0``, ...
+        inference_rope_scaling: YaRN RoPE scaling (MiniMind's settings) for prompts beyond the trained length.
     """
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
@@ -171,7 +173,7 @@ def generate_command(
     if not pending:
         return str(out_path)
     checkpoint = open_checkpoint(ckpt, lora)
-    model = checkpoint.build_model(preset, device=device)
+    model = checkpoint.build_model(preset, device=device, inference_rope_scaling=inference_rope_scaling)
     tok = checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}; "

@@ -8,6 +8,7 @@ import json
 import shutil
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,31 +26,51 @@ from minimind_pl.tokenizer import Tokenizer
 
 SCRIPT = "<think>\nLet me think.\n</think>\n\nHello there, friend!"
 TOOL_SCRIPT = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+TOOL_RESPONSE = 23  # the <tool_response> token of MiniMind's tokenizer
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
 class ScriptedModel(nn.Module):
-    """Answers every prompt with the same token ids (then eos) under greedy decoding; records the prompt."""
+    """Answers every prompt with the same token ids (then eos) under greedy decoding; records the prompts.
 
-    def __init__(self, script: list[int], eos: int = 2, vocab_size: int = 6400) -> None:
+    Every row of a batch follows its own script: the row's prompt length and which script it reads (``after_tool``
+    once the prompt holds a ``<tool_response>``) ride in its KV cache, so rows may join and leave between steps.
+    ``delay`` seconds per forward make generation slow enough to interrupt; ``calls`` counts forwards.
+    """
+
+    def __init__(self, script: list[int], eos: int = 2, vocab_size: int = 6400, after_tool: list[int] | None = None,
+                 delay: float = 0.0) -> None:
         super().__init__()
         self.config = ModelConfig.from_preset("debug", vocab_size=vocab_size)
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the model a device
-        self.script, self.eos, self.prompt_len, self.prompts = script + [eos], eos, 0, []
+        self.scripts = [script + [eos], (after_tool if after_tool is not None else script) + [eos]]
+        self.delay, self.calls, self.prompts = delay, 0, []
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
                 logits_to_keep=0, **_):
-        past = past_key_values[0][0].shape[2] if past_key_values else 0
-        if not past_key_values:
-            self.prompt_len = input_ids.shape[1]
-            self.prompts.append(input_ids[0].tolist())
-        produced = past + input_ids.shape[1] - self.prompt_len  # tokens generated so far
-        logits = torch.full((input_ids.shape[0], 1, self.config.vocab_size), -1e4)
-        logits[:, 0, self.script[min(produced, len(self.script) - 1)]] = 1e4
-        length = past + input_ids.shape[1]
-        cache = [(torch.zeros(1, 1, length, 1), torch.zeros(1, 1, length, 1))]
-        return CausalLMOutput(logits, torch.zeros(()), cache)
+        self.calls += 1
+        time.sleep(self.delay)
+        b, t = input_ids.shape
+        if past_key_values:  # (B, 1, S, 1) caches: prompt length and script index, zeros where left-padded
+            prompt_len = past_key_values[0][0].amax(dim=2)[:, 0, 0].long()
+            which = past_key_values[0][1].amax(dim=2)[:, 0, 0].long()
+            produced = position_ids[:, -1] - prompt_len + 1  # tokens generated so far
+        else:
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            prompts = [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask)]
+            self.prompts += prompts
+            prompt_len = mask.sum(1)
+            which = torch.tensor([int(TOOL_RESPONSE in p) for p in prompts])
+            produced = torch.zeros(b, dtype=torch.long)
+        logits = torch.full((b, 1, self.config.vocab_size), -1e4)
+        for row in range(b):
+            script = self.scripts[int(which[row])]
+            logits[row, 0, script[min(int(produced[row]), len(script) - 1)]] = 1e4
+        new = tuple(value.float().view(b, 1, 1, 1).expand(b, 1, t, 1) for value in (prompt_len, which))
+        if past_key_values:
+            new = tuple(torch.cat([old, part], dim=2) for old, part in zip(past_key_values[0], new))
+        return CausalLMOutput(logits, torch.zeros(()), [new])
 
 
 @pytest.fixture(scope="module")
@@ -286,9 +307,9 @@ def test_client_leaving_mid_stream_frees_the_model(scripted):
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        assert sock.recv(64).startswith(b"HTTP/1.0 200")
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
     response = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "again"}])
     assert response.choices[0].message.content == "Hello there, friend!"
 
@@ -375,3 +396,371 @@ def test_web_page_streams_folds_thinking_and_keeps_the_conversation(scripted, to
         driver.save_screenshot(str(tmp_path / "chat.png"))
     finally:
         driver.quit()
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def run_jobs(scheduler, jobs_and_delays):
+    """Submit (job, steps to wait before submitting) in order; returns each job's tokens once all ended."""
+    from minimind_pl.commands.serve.scheduler import END
+
+    results = [[] for _ in jobs_and_delays]
+    done = threading.Semaphore(0)
+
+    def collector(out):
+        def emit(item):
+            if item is END or isinstance(item, BaseException):
+                done.release()
+            else:
+                out.append(item)
+        return emit
+
+    for (job, wait_steps), out in zip(jobs_and_delays, results):
+        job.emit = collector(out)
+        start = scheduler.steps
+        while scheduler.steps < start + wait_steps:
+            time.sleep(0.001)
+        scheduler.submit(job)
+    for _ in jobs_and_delays:
+        assert done.acquire(timeout=60)
+    return results
+
+
+def test_batched_decoding_equals_each_request_alone():
+    """Requests joining a running batch (other prompt lengths, later steps) get exactly what they get alone."""
+    from minimind_pl.commands.serve.scheduler import BatchScheduler, Job
+    from minimind_pl.generation import GREEDY, SamplingSettings
+
+    model = random_model(seed=2)
+    prompts = [[5, 17, 300, 42], [9], list(range(100, 130)), [7, 7, 7]]
+    sampled = SamplingSettings(temperature=1.2, top_k=0, top_p=1.0, repetition_penalty=1.3)
+    settings = [GREEDY, GREEDY, sampled, GREEDY.with_overrides(repetition_penalty=1.5)]
+    lengths = [12, 20, 16, 9]
+    scheduler = BatchScheduler(model, eos_id=None, max_batch_size=3)
+    try:
+        jobs = [(Job(p, n, s, emit=None, generator=torch.Generator().manual_seed(i)), wait)
+                for i, (p, n, s, wait) in enumerate(zip(prompts, lengths, settings, [0, 0, 3, 5]))]
+        batched = run_jobs(scheduler, jobs)
+    finally:
+        scheduler.close()
+    alone = [generate(model, [p], max_new_tokens=n, sampling=s, eos_token_id=None,
+                      generator=torch.Generator().manual_seed(i))[0]
+             for i, (p, n, s) in enumerate(zip(prompts, lengths, settings))]
+    assert batched == alone and [len(b) for b in batched] == lengths
+    assert scheduler.steps < sum(lengths)  # they did decode together
+
+
+def test_concurrent_requests_decode_together(tokenizer):
+    model = ScriptedModel(tokenizer.encode(SCRIPT), delay=0.02)  # an answer takes ~0.3 s: the 4 overlap
+    server, url = start(ChatEngine(model, tokenizer))
+    api = client(url)
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(pool.map(lambda i: api.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": f"q{i}"}]).choices[0].message.content, range(4)))
+        assert answers == ["Hello there, friend!"] * 4
+        steps = len(tokenizer.encode(SCRIPT)) + 1
+        assert model.calls < 2 * steps  # one at a time would take 4 * steps forwards
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ---------------------------------------------------------------------------- MiniMind's fields, /v1/completions
+
+
+def test_top_level_open_thinking(scripted, tokenizer):
+    _, url, model = scripted
+    api = client(url)
+    api.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                extra_body={"open_thinking": True})
+    assert tokenizer.decode(model.prompts[-1]).endswith("<|im_start|>assistant\n<think>\n")
+    api.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                extra_body={"open_thinking": False, "chat_template_kwargs": {"open_thinking": True}})
+    assert not tokenizer.decode(model.prompts[-1]).endswith("<think>\n")  # the top-level field decides
+    status, data = raw(url, "POST", "/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "x"}], "open_thinking": "yes"}).encode())
+    assert status == 400 and data["error"]["param"] == "open_thinking"
+
+
+def test_text_completions_continue_plain_text(random_server, tokenizer):
+    url, model = random_server
+    api = client(url)
+    prompt = "很久很久以前，"
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    expected = tokenizer.decode(generate(model, [ids], max_new_tokens=10, do_sample=False,
+                                         eos_token_id=tokenizer.eos_id)[0], skip_special_tokens=True)
+    response = api.completions.create(model="m", prompt=prompt, max_tokens=10, temperature=0)
+    assert response.object == "text_completion" and response.choices[0].text == expected
+    assert response.usage.prompt_tokens == len(ids)
+    chunks = list(api.completions.create(model="m", prompt=prompt, max_tokens=10, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    status, data = raw(url, "POST", "/v1/completions", json.dumps({"prompt": ["a", "b"]}).encode())
+    assert status == 400 and data["error"]["param"] == "prompt"
+
+
+def test_openapi_docs(scripted):
+    _, url, _ = scripted
+    status, page = raw(url, "GET", "/docs")
+    assert status == 200 and "swagger" in page.lower()
+    status, schema = raw(url, "GET", "/openapi.json")
+    assert status == 200 and {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(schema["paths"])
+    body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "messages" in body["properties"] and "open_thinking" in body["properties"]
+
+
+# ---------------------------------------------------------------------------- hardening
+
+
+def test_foreign_hosts_and_origins_are_refused_without_a_key(scripted, tokenizer):
+    _, url, _ = scripted
+    port = url.rsplit(":", 1)[1]
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    for headers in ({"Host": f"evil.example:{port}"},  # DNS rebinding: a foreign name for this address
+                    {"Origin": "http://evil.example"}):  # a cross-site page
+        status, data = raw(url, "POST", "/v1/chat/completions", body, headers)
+        assert status == 403 and data["error"]["code"] == "forbidden_origin", headers
+    assert raw(url, "POST", "/v1/chat/completions", body, {"Origin": url})[0] == 200  # the server's own page
+    assert raw(url, "POST", "/v1/chat/completions", body, {"Host": f"localhost:{port}"})[0] == 200
+    server, keyed = start(ChatEngine(ScriptedModel(tokenizer.encode("ok")), tokenizer), api_key="sk-test",
+                          allowed_hosts=["myhost.lan"])
+    try:  # with a key, the key is the protection
+        status, _ = raw(keyed, "POST", "/v1/chat/completions", body,
+                        {"Host": "evil.example", "Origin": "http://evil.example", "Authorization": "Bearer sk-test"})
+        assert status == 200
+        assert raw(keyed, "POST", "/v1/chat/completions", body, {"Authorization": "Bearer sk-tesx"})[0] == 401
+    finally:
+        server.shutdown()
+        server.server_close()
+    server, named = start(ChatEngine(ScriptedModel([5]), tokenizer), allowed_hosts=["myhost.lan"])
+    try:
+        assert raw(named, "GET", "/v1/models", headers={"Host": "myhost.lan"})[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_cors_preflight_and_options(scripted, tokenizer):
+    _, url, _ = scripted
+    status, _ = raw(url, "OPTIONS", "/v1/chat/completions")
+    assert status == 204  # no CORS configured: allowed methods, no cross-origin grant
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+    conn.request("OPTIONS", "/v1/chat/completions")
+    response = conn.getresponse()
+    assert "POST" in response.getheader("Allow") and response.getheader("Access-Control-Allow-Origin") is None
+    conn.close()
+    assert raw(url, "OPTIONS", "/nothing")[0] == 404
+    app_origin = "http://app.example:3000"
+    server, cors = start(ChatEngine(ScriptedModel(tokenizer.encode("ok")), tokenizer), cors_origins=[app_origin])
+    try:
+        conn = http.client.HTTPConnection(cors.removeprefix("http://"), timeout=10)
+        conn.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": app_origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200 and response.getheader("Access-Control-Allow-Origin") == app_origin
+        assert "POST" in response.getheader("Access-Control-Allow-Methods")
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Origin": app_origin})
+        response = conn.getresponse()
+        assert json.loads(response.read())["choices"][0]["message"]["content"] == "ok"
+        assert response.getheader("Access-Control-Allow-Origin") == app_origin
+        conn.close()
+        status, _ = raw(cors, "POST", "/v1/chat/completions", body.encode(), {"Origin": "http://other.example"})
+        assert status == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def slow_server(tokenizer, **settings):
+    """A server whose model takes 20 ms a step for a long answer, with the given ServerSettings fields."""
+    from minimind_pl.commands.serve import ServerSettings
+
+    model = ScriptedModel(tokenizer.encode("慢" * 300), delay=0.02)
+    server, url = start(ChatEngine(model, tokenizer, settings=ServerSettings(**settings)))
+    return server, url, model
+
+
+def test_full_queue_gets_429(tokenizer):
+    server, url, model = slow_server(tokenizer, max_batch_size=1, max_queue=1)
+    scheduler = server.engine.scheduler
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}).encode()
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            running = [pool.submit(raw, url, "POST", "/v1/chat/completions", body)]
+            wait_until(lambda: scheduler.load() == (1, 0))
+            running.append(pool.submit(raw, url, "POST", "/v1/chat/completions", body))
+            wait_until(lambda: scheduler.load() == (1, 1))
+            status, data = raw(url, "POST", "/v1/chat/completions", body)
+            assert status == 429 and data["error"]["code"] == "queue_full"
+            assert [f.result()[0] for f in running] == [200, 200]  # the queued one is served after
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds (fails after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_time_limit_stops_generation(tokenizer):
+    server, url, model = slow_server(tokenizer, request_timeout=0.3)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+    try:
+        status, data = raw(url, "POST", "/v1/chat/completions", json.dumps(body).encode())
+        assert status == 504 and data["error"]["code"] == "timeout"
+        status, text = raw(url, "POST", "/v1/chat/completions", json.dumps({**body, "stream": True}).encode())
+        assert status == 200 and '"code": "timeout"' in text and text.rstrip().endswith("data: [DONE]")
+        assert "慢" in text  # what came before the limit was delivered
+        assert server.engine.scheduler.load() == (0, 0)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_leaving_stops_generation(tokenizer, stream):
+    server, url, model = slow_server(tokenizer)
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 250, "stream": stream}).encode()
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_until(lambda: model.calls > 3)
+        wait_until(lambda: server.engine.scheduler.load() == (0, 0), timeout=5)
+        calls = model.calls
+        time.sleep(0.2)
+        assert model.calls == calls < 100  # stopped long before its 250 tokens
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_missing_serve_extra_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from minimind_pl.commands.serve.command import require_serve_extra
+    from minimind_pl.errors import UserError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    with pytest.raises(UserError, match=r'uvicorn: pip install -e "\.\[serve\]"'):
+        require_serve_extra()
+
+
+def test_serve_command_key_from_environment_warning_and_access_log(tmp_path, tokenizer_dir):
+    """The real command in a subprocess: bound beyond loopback it warns, takes the key from the environment
+    and logs every request."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import REPO, write_stage_checkpoint
+
+    ckpt = write_stage_checkpoint(random_model(), tmp_path / "tiny.ckpt", tokenizer_dir, stage="SFT")
+    env = {**os.environ, "MINIMIND_API_KEY": "sk-env"}
+    process = subprocess.Popen([sys.executable, "main.py", "serve", "--ckpt", str(ckpt), "--host", "0.0.0.0",
+                                "--port", "0", "--device", "cpu", "--max_tokens", "4", "--cors_origins",
+                                "http://a.example,http://app.example"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not lines or "serving" not in lines[-1]:
+            line = process.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        port = int(lines[-1].split("http://0.0.0.0:")[1].split("/")[0])
+        url = f"http://127.0.0.1:{port}"
+        assert raw(url, "GET", "/v1/models")[0] == 401
+        assert [m.id for m in client(url, key="sk-env").models.list().data] == ["minimind"]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("OPTIONS", "/v1/models", headers={"Origin": "http://app.example",
+                                                       "Access-Control-Request-Method": "GET"})
+        assert conn.getresponse().getheader("Access-Control-Allow-Origin") == "http://app.example"
+        conn.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        output = "".join(lines) + process.communicate(timeout=30)[0]
+    assert "without an API key" not in output  # the key came from MINIMIND_API_KEY
+    assert '"GET /v1/models HTTP/1.1" 401' in output and '"GET /v1/models HTTP/1.1" 200' in output
+
+
+def test_binding_beyond_loopback_without_a_key_warns(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    from helpers import write_stage_checkpoint
+
+    from minimind_pl.cli import main
+    from minimind_pl.commands.serve import app
+    from minimind_pl.commands.serve.command import exposure_warning
+
+    ckpt = write_stage_checkpoint(random_model(), tmp_path / "tiny.ckpt", tokenizer_dir, stage="SFT")
+    keys = []
+
+    class Unbound:  # the command up to serving, nothing bound
+        server_address = ("0.0.0.0", 8998)
+        serve_forever = server_close = lambda self: None
+
+    monkeypatch.setattr(app, "make_server",
+                        lambda engine, host, port, api_key=None, **kw: keys.append(api_key) or Unbound())
+    monkeypatch.delenv("MINIMIND_API_KEY", raising=False)
+    main(["serve", "--ckpt", str(ckpt), "--host", "0.0.0.0", "--device", "cpu"])
+    assert "warning: serving on 0.0.0.0 without an API key" in capsys.readouterr().err
+    monkeypatch.setenv("MINIMIND_API_KEY", "sk-env")
+    main(["serve", "--ckpt", str(ckpt), "--host", "0.0.0.0", "--device", "cpu"])
+    assert "without an API key" not in capsys.readouterr().err and keys == [None, "sk-env"]
+    assert exposure_warning("::1", None) is None and exposure_warning("localhost", None) is None
+    assert exposure_warning("192.168.1.5", None) is not None
+
+
+def test_web_page_runs_tool_calls_over_turns_and_regenerates(tokenizer):
+    calc_call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "(3+4)*2"}}\n</tool_call>'
+    model = ScriptedModel(tokenizer.encode(calc_call), after_tool=tokenizer.encode("It is 14."))
+    server, url = start(ChatEngine(model, tokenizer, model_name="tool-test"))
+    driver = browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def finished(count):
+        WebDriverWait(driver, 30).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']")) == count
+            and not d.find_element(By.ID, "send").get_attribute("disabled"))
+
+    try:
+        driver.get(url + "/")
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "model").text == "tool-test")
+        assert driver.execute_script(
+            "return [calculate('2^3^2'), calculate('-(1+2)*3 % 5'), calculate('.5*4'),"
+            " convertUnits(100, 'C', 'F'), convertUnits(2, 'kg', 'g')]") == [512, -4, 2, 212, 2000]
+        broken = "runTool({function: {name: 'calculator', arguments: '{\"expression\": \"1+\"}'}})"
+        assert driver.execute_script("return " + broken).startswith("error:")
+        driver.find_element(By.CSS_SELECTOR, "input[name=tool][value=calculator]").click()
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("what is (3+4)*2?")
+        box.send_keys(Keys.ENTER)
+        finished(2)  # a turn that calls the tool, then the answer
+        first, second = driver.find_elements(By.CSS_SELECTOR, ".assistant")
+        assert "tool call: calculator" in first.find_element(By.CLASS_NAME, "tool").text
+        assert first.find_element(By.CLASS_NAME, "tool-result").text == "→ 14"
+        assert second.find_element(By.CLASS_NAME, "answer").text == "It is 14."
+        prompt = tokenizer.decode(model.prompts[-1])
+        assert "<tool_response>\n14\n</tool_response>" in prompt and '"name": "calculator"' in prompt
+        asked = len(model.prompts)
+        driver.find_element(By.ID, "regenerate").click()
+        finished(2)  # the old answer was replaced, not added to
+        assert len(model.prompts) == asked + 2 and len(driver.find_elements(By.CSS_SELECTOR, ".user")) == 1
+        assert tokenizer.decode(model.prompts[-1]).count("what is (3+4)*2?") == 1
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error")
+    finally:
+        driver.quit()
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,189 @@
+"""Continuous batching: one thread owns the model and decodes every running request in the same step.
+
+Requests wait in a bounded queue. At each step boundary the thread admits waiting requests into the batch
+(their prompts are prefilled together and their KV caches join the batch's, `generation.DecodeBatch`), picks
+the next token of every row with that request's own sampling settings and generator, hands each token to its
+request, and lets rows leave when they end: end of sequence, their token budget, their deadline, or a
+cancellation (the client left, or a stop string matched). A request's tokens are what it would get alone
+(greedy decoding gives the same answer batched or not).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from minimind_pl.generation import DecodeBatch, SamplingSettings, inference_step, sample_rows
+
+
+class QueueFull(Exception):
+    """The waiting queue holds its maximum of requests."""
+
+
+class RequestTimeout(Exception):
+    """A request ran past its deadline; its generation was stopped."""
+
+
+END = object()  # emitted after a request's last token
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's generation.
+
+    Args:
+        prompt: Prompt token ids (at least one).
+        max_new_tokens: Most tokens to produce.
+        sampling: How its tokens are chosen.
+        emit: Called from the decode thread with each token id, then ``END``, or an exception instead.
+        generator: Random generator on the model's device (a request's ``seed``), or None.
+        deadline: ``time.monotonic()`` by which it must end, or None.
+    """
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingSettings
+    emit: Callable[[Any], None]
+    generator: Optional[torch.Generator] = None
+    deadline: Optional[float] = None
+    produced: int = 0
+    cancelled: bool = field(default=False, repr=False)
+
+    def expired(self, now: float) -> bool:
+        """True once the deadline has passed."""
+        return self.deadline is not None and now > self.deadline
+
+
+class BatchScheduler:
+    """Admits requests into a running batch at step boundaries and decodes them together (one thread)."""
+
+    def __init__(self, model: nn.Module, eos_id: Optional[int], max_batch_size: int = 8, max_queue: int = 64) -> None:
+        """Args:
+            model: The model (eval mode, on its device); only the decode thread uses it.
+            eos_id: The token that ends a sequence (never emitted).
+            max_batch_size: Most requests decoded together.
+            max_queue: Most requests waiting for a place; ``submit`` raises ``QueueFull`` beyond.
+        """
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
+        self.model, self.eos_id = model, eos_id
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.condition = threading.Condition()
+        self.waiting: deque[Job] = deque()
+        self.active: list[Job] = []  # the rows of `batch`, in order
+        self.batch: Optional[DecodeBatch] = None
+        self.steps = 0  # decode steps run so far
+        self.thread: Optional[threading.Thread] = None
+        self.closed = False
+
+    def submit(self, job: Job) -> None:
+        """Queue a request; raises ``QueueFull`` when ``max_queue`` requests already wait."""
+        with self.condition:
+            if self.closed:
+                raise RuntimeError("the scheduler is closed")
+            if len(self.waiting) >= self.max_queue and len(self.active) + len(self.waiting) >= self.max_batch_size:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(job)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="minimind-decode", daemon=True)
+                self.thread.start()
+            self.condition.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop a request's generation at the next step boundary (nothing more is emitted)."""
+        job.cancelled = True
+
+    def close(self) -> None:
+        """Stop the decode thread; requests still running or waiting get an error."""
+        with self.condition:
+            self.closed = True
+            self.condition.notify()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=30)
+
+    def load(self) -> tuple[int, int]:
+        """(requests decoding, requests waiting)."""
+        with self.condition:
+            return len(self.active), len(self.waiting)
+
+    # ------------------------------------------------------------------ the decode thread
+    def _run(self) -> None:
+        """Admit, decode one step, repeat; sleeps while there is nothing to do."""
+        while True:
+            with self.condition:
+                while not self.closed and not self.waiting and not self.active:
+                    self.condition.wait()
+                if self.closed:
+                    self._fail(list(self.waiting) + self.active, RuntimeError("the server is shutting down"))
+                    return
+                arrivals = self._admit()
+            if not arrivals and not self.active:
+                continue  # the waiting requests were cancelled or timed out
+            try:
+                self._step(arrivals)
+            except Exception as err:  # noqa: BLE001 - a failed step ends its requests, not the server
+                self._fail(self.active + [j for j in arrivals if j not in self.active], err)
+                self.active, self.batch = [], None
+
+    def _admit(self) -> list[Job]:
+        """Take waiting requests into free batch places (those cancelled or past their deadline leave)."""
+        now, arrivals = time.monotonic(), []
+        for job in list(self.waiting):
+            if job.cancelled or job.expired(now):
+                self.waiting.remove(job)
+                if not job.cancelled:
+                    job.emit(RequestTimeout("the request timed out waiting for a place in the batch"))
+            elif len(self.active) + len(arrivals) < self.max_batch_size:
+                self.waiting.remove(job)
+                arrivals.append(job)
+        return arrivals
+
+    def _step(self, arrivals: list[Job]) -> None:
+        """Prefill the arrivals into the batch, pick one token per row, hand them out, feed the rows that go on."""
+        with inference_step(self.model):
+            if arrivals:
+                if self.batch is None:
+                    self.batch = DecodeBatch(self.model, track_seen=True)
+                self.batch.add([job.prompt for job in arrivals])
+                with self.condition:
+                    self.active = self.active + arrivals
+            batch = self.batch
+            tokens = sample_rows(batch.logits, batch.seen, [j.sampling for j in self.active],
+                                 [j.generator for j in self.active]).tolist()
+            going_on = [i for i, (job, token) in enumerate(zip(self.active, tokens)) if self._hand_out(job, token)]
+            batch.keep(going_on)
+            with self.condition:
+                self.active = [self.active[i] for i in going_on]
+            if going_on:
+                batch.feed(torch.tensor([tokens[i] for i in going_on]))
+            self.steps += 1
+
+    def _hand_out(self, job: Job, token: int) -> bool:
+        """Give ``token`` to its request; False when the request ends here."""
+        if job.cancelled:
+            return False
+        if token == self.eos_id:
+            job.emit(END)
+            return False
+        job.emit(token)
+        job.produced += 1
+        if job.produced >= job.max_new_tokens:
+            job.emit(END)
+            return False
+        if job.expired(time.monotonic()):
+            job.emit(RequestTimeout(f"the request ran past its time limit after {job.produced} tokens"))
+            return False
+        return True
+
+    @staticmethod
+    def _fail(jobs: list[Job], err: BaseException) -> None:
+        """End every job with ``err``."""
+        for job in jobs:
+            if not job.cancelled:
+                job.emit(err)
