@@ -438,7 +438,7 @@ def _pretrain_texts(rng: random.Random, world: World, repeats: int) -> list[str]
         for _ in range(max(1, repeats // 2)):
             docs += [_qa_doc(rng, f, lang) for f in world.facts]
         docs += [_mixed_doc(rng, world, lang) for _ in range(10 * repeats)]
-        docs += _arith_docs(rng, lang, max(1, repeats // 3))
+        docs += _arith_docs(rng, lang, max(1, repeats // 2))
         docs += _identity_docs(rng, lang, 4 * repeats)
     rng.shuffle(docs)
     return docs
@@ -652,7 +652,7 @@ def generate_demo_corpus(seed: int = 0, pretrain_repeats: int = 6) -> dict[str, 
     out = {
         "pretrain": [{"text": t} for t in _pretrain_texts(rng("pretrain"), world, pretrain_repeats)],
         "pretrain_val": [{"text": t} for t in rng("pretrain_val_pick").sample(val_docs, len(val_docs) // 3)],
-        "sft": _sft_records(rng("sft"), world, per_fact=2, n_arith=160, n_extra=40),
+        "sft": _sft_records(rng("sft"), world, per_fact=2, n_arith=320, n_extra=40),
         "sft_val": _sft_val_records(rng("sft_val"), world),
         "heldout_qa": _heldout_qa(rng("heldout_qa"), world),
         "identity_qa": _identity_qa(),

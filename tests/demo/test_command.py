@@ -14,13 +14,15 @@ from minimind_pl.cli import main
 # A second pretraining and SFT epoch and 12 LoRA epochs (the renaming starts at about 10) make the scorecard's
 # effects visible for about 8 s more (the LoRA data is small).
 EPOCHS = {"pretrain": 2, "sft": 2, "lora": 12}
+LIMITS = {"grpo": ["--trainer.limit_train_batches", "4"]}  # a few GRPO updates show the step runs; not its effect
 
 
 def test_demo_runs_every_stage_and_its_scorecard_shows_learning(tmp_path, capsys, monkeypatch):
     fit_stage = demo.fit_stage
 
     def fit_stage_with_epochs(run, stage, *args, extra=None, **kwargs):
-        extra = [*(extra or []), *(["--trainer.max_epochs", str(EPOCHS[stage])] if stage in EPOCHS else [])]
+        extra = [*(extra or []), *(["--trainer.max_epochs", str(EPOCHS[stage])] if stage in EPOCHS else []),
+                 *LIMITS.get(stage, [])]
         return fit_stage(run, stage, *args, extra=extra, **kwargs)
 
     monkeypatch.setattr(demo, "fit_stage", fit_stage_with_epochs)
@@ -28,7 +30,7 @@ def test_demo_runs_every_stage_and_its_scorecard_shows_learning(tmp_path, capsys
     checkpoints = main(["demo", "--out_dir", str(data), "--ckpt_dir", str(tmp_path / "ckpt"), "--max_epochs", "1"])
     card = scorecard(capsys.readouterr().out)
 
-    for stage in ("pretrain", "sft", "dpo", "lora", "distill"):
+    for stage in ("pretrain", "sft", "dpo", "grpo", "lora", "distill"):
         assert checkpoints[stage] == str(tmp_path / "ckpt" / stage / "last.ckpt")
         assert (tmp_path / "ckpt" / stage / "last.ckpt").exists()
 
@@ -42,13 +44,15 @@ def test_demo_runs_every_stage_and_its_scorecard_shows_learning(tmp_path, capsys
 
     # every score is a share of the questions the demo really asks
     asked = {kind: len((data / f"{kind}.jsonl").read_text(encoding="utf-8").splitlines())
-             for kind in ("heldout_qa", "identity_qa", "dpo_val")}
-    assert asked == {"heldout_qa": 36, "identity_qa": 12, "dpo_val": 24}
+             for kind in ("heldout_qa", "identity_qa", "dpo_val", "arith_reworded", "arith_qa")}
+    assert asked == {"heldout_qa": 36, "identity_qa": 12, "dpo_val": 120, "arith_reworded": 284, "arith_qa": 200}
     rows = {
         "held-out fact accuracy after {}": ("heldout_qa", ("pretrain", "sft", "lora", "distill")),
         "identity answers naming 'MiniMind' after {}": ("identity_qa", ("sft", "distill")),
         "identity answers naming 'Lumen' after {}": ("identity_qa", ("sft", "lora")),
         "held-out preference accuracy after {}": ("dpo_val", ("sft", "dpo")),
+        "arithmetic, GRPO's sums reworded, after {}": ("arith_reworded", ("sft", "grpo")),
+        "arithmetic, sums GRPO never saw, after {}": ("arith_qa", ("sft", "grpo")),
     }
     share = {}
     for name, (kind, stages) in rows.items():
@@ -77,9 +81,15 @@ def scorecard(out: str) -> dict[str, str]:
 
 
 def correct_answers(value: str, asked: int) -> int:
-    """The number of right answers behind a ``"42% of 12"`` value (which must be one of k/12, rounded)."""
-    match = re.fullmatch(r"(\d+)% of (\d+)", value)
+    """The number of right answers behind a ``"42% of 12 (±24)"`` value (one of k/12, rounded, with its spread)."""
+    match = re.fullmatch(r"(\d+)% of (\d+) \(±\d+\)", value)
     assert match and int(match[2]) == asked, value
-    right = [k for k in range(asked + 1) if f"{k / asked:.0%}" == f"{match[1]}%"]
+    right = [k for k in range(asked + 1) if demo.score_text(k / asked, asked) == value]
     assert right, f"{value} is no share of {asked} answers"
     return right[0]
+
+
+@pytest.mark.parametrize("score, n, text", [(0.5, 100, "50% of 100 (±10)"), (0.0, 12, "0% of 12 (±12)"),
+                                            (1.0, 12, "100% of 12 (±12)"), (0.9, 120, "90% of 120 (±5)")])
+def test_each_share_comes_with_the_half_width_of_its_95_percent_wilson_interval(score, n, text):
+    assert demo.score_text(score, n) == text

@@ -115,6 +115,22 @@ def test_both_languages_and_identity(corpus):
     assert all(r["answer"] == IDENTITY_NAME for r in _read(corpus["identity_qa"]))
 
 
+def test_grpo_prompts_and_the_arithmetic_questions_asked_after_it(corpus):
+    """GRPO's prompts carry their result as ``gt``; the reworded set asks the same sums in other words (never a
+    prompt's text); the held-out set asks sums GRPO never sees."""
+    def sums(key):  # (operands, minus?, result) of each question
+        questions = [(r["conversations"][0]["content"], r["gt"]) for r in _read(corpus[key])]
+        return [(re.findall(r"\d+", q), bool(re.search("-|minus|减", q)), gt) for q, gt in questions]
+
+    prompts, reworded, heldout = sums("grpo_arith"), sums("arith_reworded"), sums("arith_qa")
+    assert all(r["conversations"][-1] == {"role": "assistant", "content": ""} for r in _read(corpus["grpo_arith"]))
+    assert sorted(map(str, prompts)) == sorted(map(str, reworded))
+    questions = {r["conversations"][0]["content"] for r in _read(corpus["grpo_arith"])}
+    assert not questions & {r["conversations"][0]["content"] for r in _read(corpus["arith_reworded"])}
+    assert not {str(p) for p in prompts} & {str(h) for h in heldout}
+    assert (len(prompts), len(heldout)) == (284, 200)
+
+
 def test_sizes(corpus):
     """Small enough for a tiny CPU model, big enough to teach it something."""
     size = {k: p.stat().st_size for k, p in corpus.items()}
