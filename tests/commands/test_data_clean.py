@@ -128,5 +128,75 @@ def test_key_set_finds_every_key_added_and_no_other_across_merged_runs():
         seen.add(chunk)
     assert len(seen) == 4000 and all(run.size <= 1000 for run in seen.runs) and len(seen.runs) > 1
     assert all(np.all(run[:-1] < run[1:]) for run in seen.runs)  # each run sorted, no key twice
-    assert all(seen.contains_any(added[i:i + 1]) for i in range(0, 4000, 7))
-    assert not any(seen.contains_any(absent[i:i + 1]) for i in range(1000))
+    assert seen.lookup(added).all() and not seen.lookup(absent).any()
+    again = np.concatenate([absent[:3], added[:2], absent[:1]])
+    assert seen.mark(again).tolist() == [False, False, False, True, True, True] and len(seen) == 4003
+
+
+def word_list(seed: int, n: int = 80) -> list[str]:
+    return words(seed, n).split(" ")
+
+
+def test_near_duplicates_are_removed_only_when_their_signatures_agree(tmp_path):
+    """Planted near copies (one word of 80 changed: Jaccard ~0.93) go; planted related documents (the first 64 words
+    of a document, 16 others: Jaccard ~0.66) stay, also those whose LSH band matches the document's."""
+    bases = [word_list(seed) for seed in range(100, 120)]
+    related = [base[:64] + word_list(seed + 1000, 16) for seed, base in zip(range(100, 120), bases)]
+    near = [one_word_changed(" ".join(base)) for base in bases[:10]]
+    source = tmp_path / "p.jsonl"
+    write_lines(source, [{"text": " ".join(b)} for b in bases] + [{"text": t} for t in near]
+                + [{"text": " ".join(r)} for r in related])
+    report = clean_command(str(source), output=str(tmp_path / "o.jsonl"), progress=False)
+    assert report["removed"]["near_duplicate"] == 10 and report["kept"] == 40
+    assert [line.split(":")[-1] for line in report["examples"]["near_duplicate"]] == ["21", "22", "23", "24", "25"]
+
+    from minimind_pl.commands.data.dedup import MinHasher
+
+    hasher = MinHasher(0.8)
+    keys = [hasher.band_keys(hasher.signatures([" ".join(b), " ".join(r)])) for b, r in zip(bases, related)]
+    assert sum(bool(set(k[0].tolist()) & set(k[1].tolist())) for k in keys) >= 2  # LSH alone would remove these
+
+
+def test_band_collisions_are_checked_against_stored_signatures_in_memory_and_on_disk(tmp_path):
+    import numpy as np
+
+    from minimind_pl.commands.data.dedup import MinHasher, NearDuplicateIndex
+
+    hasher = MinHasher(0.8, num_perm=128)
+    index = NearDuplicateIndex(hasher, tmp_path, flush_at=4)
+    index.signatures.buffer_rows = 3  # rows go to the temporary file after 3
+    rng = np.random.default_rng(0)
+    kept = rng.integers(0, 1 << 32, (8, 128), dtype=np.uint32)
+    for signature in kept:
+        index.add(signature, hasher.band_keys(signature[None])[0].tolist())
+        index.settle()
+    assert index.signatures.on_disk == 6 and len(index.sorted) > 0 and np.array_equal(index.signatures.row(1), kept[1])
+    one_band = rng.integers(0, 1 << 32, (128,), dtype=np.uint32)
+    one_band[: hasher.rows] = kept[1][: hasher.rows]  # the same first band, nothing else: Jaccard ~0.1
+    most = kept[1].copy()
+    most[-int(0.15 * 128):] += 1  # 85 % of the values agree
+    for signature, expected in ((one_band, False), (most, True), (kept[7], True)):
+        keys = hasher.band_keys(signature[None])
+        candidates = index.earlier_candidates(keys)[0]
+        assert index.is_near(signature, keys[0].tolist(), candidates) is expected
+    index.close()
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone
+
+
+def test_block_signatures_are_datasketchs_minhash(monkeypatch):
+    import numpy as np
+    from datasketch import MinHash
+
+    import minimind_pl.commands.data.dedup as dedup
+
+    monkeypatch.setattr(dedup, "SHINGLES_PER_STEP", 7)  # texts spanning steps
+    monkeypatch.setattr(dedup, "CHARS_PER_GROUP", 50)  # and groups
+    hasher = dedup.MinHasher(0.8, num_perm=64, ngram=3)
+    texts = [words(1, 30), "", "一二三四五六七八九十 ok", "two words", words(2, 5), "!!"]
+    signatures = hasher.signatures(texts)
+    for text, signature in zip(texts, signatures):
+        expected = MinHash(num_perm=64, seed=1, scheme="affine32", hashfunc=int)
+        hashes, _ = hasher.shingles([text])
+        expected.update_batch(hashes.tolist())
+        assert np.array_equal(signature, expected.hashvalues)
+    assert hasher.shingles(["a b c d"])[0].size == 2 and hasher.shingles(["a b"])[0].size == 1

@@ -1,19 +1,28 @@
-"""Exact and near-duplicate detection that stays small: 64-bit keys in sorted arrays, MinHash LSH band keys.
+"""Exact and near-duplicate detection that stays small: 64-bit keys in sorted arrays, MinHash LSH with a check.
 
 A line is an exact duplicate when the 64-bit BLAKE2b hash of its model text (after cleaning) was seen on an
-earlier kept line, and a near duplicate when one of its LSH band keys was: its MinHash signature (datasketch,
-over the n-grams of words of the lower-cased text, where each Chinese character is a word) agrees with an earlier kept line's on every row of some
-band. Bands and rows are chosen for the Jaccard ``threshold`` as MinHash LSH does, minimising the area of false
-positives below the threshold plus false negatives above it.
+earlier kept line. It is a near duplicate when the MinHash signature of its text agrees with an earlier kept line's
+on at least ``threshold`` of the permutations (the estimated Jaccard similarity of their word n-grams, where each
+Chinese character is a word); only lines sharing an LSH band with it are compared. Bands and rows are chosen for
+the ``threshold`` as MinHash LSH does, minimising the area of false positives below the threshold plus false
+negatives above it.
 
-The keys seen live in :class:`KeySet`, 8 bytes a key in sorted numpy arrays (datasketch's own ``MinHashLSH``
-keeps each band of each key as Python objects, kilobytes a line: a million-line file would not fit in 1 GB).
+Signatures are datasketch's ``MinHash(scheme="affine32")`` (the same values, tested), computed for a whole block
+of lines in a few array operations instead of one ``update_batch`` per line. The index is ours: band keys and line
+numbers packed into 8 bytes in sorted numpy arrays (:class:`SortedRuns`), and the kept signatures in a temporary
+file beside the output (datasketch's own ``MinHashLSH`` keeps each band of each key as Python objects, kilobytes a
+line: a million-line file would not fit in 1 GB).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import re
-from typing import Any, Optional
+import tempfile
+from itertools import chain
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -25,6 +34,9 @@ MIX_INVERSE = np.uint64(pow(int(MIX), -1, 1 << 64))
 # The words of the similarity: each CJK character alone (Chinese has no spaces), and runs of other letters and digits.
 CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 WORD = re.compile(f"[{CJK}]|[^\\W_{CJK}]+")
+LOW32 = np.uint64(0xFFFFFFFF)
+SHINGLES_PER_STEP = 16384  # shingles permuted at once: (num_perm, 16384) uint32, 8 MB
+CHARS_PER_GROUP = 1 << 18  # characters of text hashed into shingles at once
 
 
 def require_extra(module: str, what: str) -> Any:
@@ -42,23 +54,35 @@ def text_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+@functools.lru_cache(maxsize=16)
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """``(bands, rows)`` with ``bands * rows <= num_perm`` whose collision curve ``1 - (1 - s**rows)**bands``
     best separates Jaccard similarities below ``threshold`` from those above (equal weights)."""
     if not 0.0 < threshold < 1.0:
         raise UserError(f"--near_threshold must be between 0 and 1 (exclusive), got {threshold}")
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)])
     similarity = (np.arange(2000) + 0.5) / 2000
-    best = (np.inf, 1, 1)
-    for bands in range(1, num_perm + 1):
-        for rows in range(1, num_perm // bands + 1):
-            collide = 1.0 - (1.0 - similarity ** rows) ** bands
-            error = np.where(similarity < threshold, collide, 1.0 - collide).mean()
-            best = min(best, (error, bands, rows))
+    collide = 1.0 - (1.0 - similarity[None, :] ** pairs[:, 1:2]) ** pairs[:, 0:1]
+    error = np.where(similarity < threshold, collide, 1.0 - collide).mean(axis=1)
+    best = min(zip(error.tolist(), pairs[:, 0].tolist(), pairs[:, 1].tolist()))  # ties: fewest bands, as before
     return best[1], best[2]
 
 
-class NearDuplicateKeys:
-    """The LSH band keys of a text: MinHash (datasketch) over its ``ngram``-grams of words (see :data:`WORDS`).
+def fmix32(values: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser (an avalanching bijection), which datasketch's affine32 scheme applies to each
+    value before its permutations."""
+    values = values ^ (values >> np.uint32(16))
+    values *= np.uint32(0x85EBCA6B)
+    values ^= values >> np.uint32(13)
+    values *= np.uint32(0xC2B2AE35)
+    return values ^ (values >> np.uint32(16))
+
+
+class MinHasher:
+    """MinHash signatures and LSH band keys of many texts at once, over ``ngram``-grams of words (see :data:`WORD`).
+
+    A signature is exactly datasketch's ``MinHash(num_perm, seed, scheme="affine32")`` updated with the 32-bit
+    hashes of the text's n-grams (:meth:`shingles`): per permutation ``min(a * fmix32(h) + b mod 2**32)``.
 
     Args:
         threshold: Jaccard similarity from which two texts count as near duplicates.
@@ -72,30 +96,39 @@ class NearDuplicateKeys:
         if ngram < 1 or num_perm < 2:
             raise UserError(f"--ngram must be >= 1 and --num_perm >= 2, got {ngram} and {num_perm}")
         self.bands, self.rows = lsh_bands(threshold, num_perm)
-        self.ngram, self.num_perm, self.seed = ngram, num_perm, seed
-        self.minhash = datasketch.MinHash(num_perm=num_perm, seed=seed, hashfunc=_same)  # cleared for each text
+        self.threshold, self.ngram, self.num_perm, self.seed = threshold, ngram, num_perm, seed
+        permutations = datasketch.MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+        self.a, self.b = (np.ascontiguousarray(p, np.uint32)[:, None] for p in permutations)  # (num_perm, 1)
         self.row_powers = np.cumprod(np.full(self.rows, MIX, np.uint64))
         self._powers: Optional[tuple[np.ndarray, np.ndarray]] = None
         self.band_ids = np.arange(1, self.bands + 1, dtype=np.uint64)
 
-    def shingles(self, text: str) -> np.ndarray:
-        """32-bit hashes of the word n-grams of ``text`` (lower-cased; a shorter text is one shingle).
+    def shingles(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """32-bit hashes of the word n-grams of each text (lower-cased; a text of fewer words is one shingle), all
+        texts' concatenated, and the index of each text's first hash.
 
         The words are joined by one space; the hash of the characters from position i to j is
         ``(prefix[j] - prefix[i]) * MIX**-i`` with ``prefix`` the running sum of ``char * MIX**position`` (wrapping
         at 2**64), so every n-gram is hashed in a few array operations, the same wherever it stands.
         """
-        words = WORD.findall(text.lower()) or [" "]
+        words_of = [WORD.findall(text.lower()) or [" "] for text in texts]
+        counts = np.fromiter(map(len, words_of), np.int64, len(words_of))
+        words = list(chain.from_iterable(words_of))
         points = np.frombuffer(" ".join(words).encode("utf-32-le"), np.uint32).astype(np.uint64)
         powers, inverse = self.powers(points.size + 1)  # MIX**i and MIX**-i
         prefix = np.concatenate([np.zeros(1, np.uint64), np.cumsum(points * powers[: points.size], dtype=np.uint64)])
         lengths = np.fromiter(map(len, words), np.int64, len(words))
         starts = np.concatenate([[0], np.cumsum(lengths[:-1] + 1)])  # each word's first character
         ends = starts + lengths
-        width = min(self.ngram, len(words))
-        first, last = starts[: len(words) - width + 1], ends[width - 1:]
-        hashes = (prefix[last] - prefix[first]) * inverse[first]
-        return np.unique((hashes ^ (hashes >> np.uint64(32))) & np.uint64(0xFFFFFFFF))
+        width = np.minimum(counts, self.ngram)
+        grams = counts - width + 1  # n-grams per text
+        first_gram = np.concatenate([[0], np.cumsum(grams)[:-1]])
+        text_of = np.repeat(np.arange(len(texts)), grams)
+        first_word = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        first = first_word[text_of] + np.arange(text_of.size) - first_gram[text_of]  # each n-gram's first word
+        begin, end = starts[first], ends[first + width[text_of] - 1]
+        hashes = (prefix[end] - prefix[begin]) * inverse[begin]
+        return ((hashes ^ (hashes >> np.uint64(32))) & LOW32).astype(np.uint32), first_gram
 
     def powers(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """``MIX**i`` and ``MIX**-i`` for i < ``size`` (wrapping at 2**64), kept and grown as texts get longer."""
@@ -105,57 +138,233 @@ class NearDuplicateKeys:
                             np.cumprod(np.full(size, MIX_INVERSE, np.uint64)) * MIX)
         return self._powers
 
-    def keys(self, text: str) -> np.ndarray:
-        """One uint64 key per band of the MinHash signature of ``text``."""
-        minhash = self.minhash
-        minhash.clear()
-        minhash.update_batch(self.shingles(text).tolist())
-        rows = minhash.hashvalues[: self.bands * self.rows].astype(np.uint64).reshape(self.bands, self.rows)
-        return (rows * self.row_powers).sum(axis=1, dtype=np.uint64) + self.band_ids  # the band's number: bands differ
+    def signatures(self, texts: Sequence[str]) -> np.ndarray:
+        """The (len(texts), num_perm) uint32 MinHash signatures of ``texts``."""
+        out = np.empty((len(texts), self.num_perm), np.uint32)
+        start = 0
+        while start < len(texts):  # groups of texts of about CHARS_PER_GROUP characters: bounded arrays
+            stop, chars = start + 1, len(texts[start])
+            while stop < len(texts) and chars + len(texts[stop]) <= CHARS_PER_GROUP:
+                chars += len(texts[stop])
+                stop += 1
+            out[start:stop] = self.permuted_minima(*self.shingles(texts[start:stop]))
+            start = stop
+        return out
+
+    def permuted_minima(self, hashes: np.ndarray, first_gram: np.ndarray) -> np.ndarray:
+        """Per text (its hashes start at ``first_gram``), the minimum of each permutation of its hashes."""
+        out = np.full((first_gram.size, self.num_perm), np.iinfo(np.uint32).max, np.uint32)
+        mixed = fmix32(hashes)
+        text_of = np.repeat(np.arange(first_gram.size), np.diff(np.append(first_gram, hashes.size)))
+        for start in range(0, hashes.size, SHINGLES_PER_STEP):
+            step = slice(start, start + SHINGLES_PER_STEP)
+            permuted = self.a * mixed[None, step]  # (num_perm, step): wraps at 2**32, as datasketch's uint32 arithmetic
+            permuted += self.b
+            texts = text_of[step]
+            cuts = np.flatnonzero(np.diff(texts, prepend=-1))  # where each text's hashes start in this step
+            rows = texts[cuts]
+            out[rows] = np.minimum(out[rows], np.minimum.reduceat(permuted, cuts, axis=1).T)
+        return out
+
+    def band_keys(self, signatures: np.ndarray) -> np.ndarray:
+        """One 32-bit key (as uint64) per band of each signature: (len(signatures), bands)."""
+        rows = signatures[:, : self.bands * self.rows].astype(np.uint64).reshape(-1, self.bands, self.rows)
+        keys = (rows * self.row_powers).sum(axis=2, dtype=np.uint64) + self.band_ids  # the band's number: bands differ
+        return (keys ^ (keys >> np.uint64(32))) & LOW32
 
 
-def _same(value: int) -> int:
-    """The shingle hashes are hashed already: datasketch's hash function is the identity."""
-    return value
-
-
-class KeySet:
-    """A growing set of uint64 keys: recent ones in a Python set, the others in sorted numpy arrays ("runs"), merged
-    like a binary counter up to ``max_run`` keys each, so lookups stay logarithmic, memory is about 8 bytes a key
-    and a merge never needs more than twice a run's size on top.
+class SortedRuns:
+    """A growing set of uint64 values in sorted numpy arrays ("runs"), merged like a binary counter up to
+    ``max_run`` values each, so lookups stay logarithmic, memory is about 8 bytes a value and a merge never needs
+    more than twice a run's size on top.
 
     Args:
-        flush_at: keys held in the Python set before they move into a sorted array.
-        max_run: the largest run a merge makes (8M keys, 64 MB).
+        max_run: the largest run a merge makes (8M values, 64 MB).
     """
 
-    def __init__(self, flush_at: int = 1 << 16, max_run: int = 1 << 23) -> None:
-        self.recent: set[int] = set()
+    def __init__(self, max_run: int = 1 << 23) -> None:
         self.runs: list[np.ndarray] = []
-        self.flush_at, self.max_run = flush_at, max_run
+        self.max_run = max_run
 
     def __len__(self) -> int:
-        return len(self.recent) + sum(run.size for run in self.runs)
+        return sum(run.size for run in self.runs)
 
-    def contains_any(self, keys: np.ndarray) -> bool:
-        """Whether any of ``keys`` (uint64) was added."""
-        if any(key in self.recent for key in keys.tolist()):
-            return True
-        for run in self.runs:
-            found = np.minimum(np.searchsorted(run, keys), run.size - 1)
-            if np.any(run[found] == keys):
-                return True
-        return False
-
-    def add(self, keys: np.ndarray) -> None:
-        """Add ``keys`` (uint64) that are not in the set yet (callers look them up first)."""
-        self.recent.update(keys.tolist())
-        if len(self.recent) < self.flush_at:
-            return
-        run = np.sort(np.fromiter(self.recent, np.uint64, len(self.recent)))
-        self.recent.clear()
-        # keys are never added twice, so a merge is a concatenation sorted in place (no unique pass, no copies)
+    def push(self, values: np.ndarray) -> None:
+        """Add ``values`` (uint64, none of them in the set yet)."""
+        run = np.sort(values)
+        # values are never added twice, so a merge is a concatenation sorted in place (no unique pass, no copies)
         while self.runs and self.runs[-1].size <= 2 * run.size and self.runs[-1].size + run.size <= self.max_run:
             run = np.concatenate([self.runs.pop(), run])
             run.sort()
         self.runs.append(run)
+
+    def contains(self, values: np.ndarray) -> np.ndarray:
+        """Whether each of ``values`` (uint64) is in the set (a bool array)."""
+        found = np.zeros(values.shape, bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, values), run.size - 1)
+            found |= run[at] == values
+        return found
+
+    def between(self, low: np.ndarray, high: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """``(i, the values v with low[i] <= v <= high[i])`` for each i that has some."""
+        out = []
+        for run in self.runs:
+            first, last = np.searchsorted(run, low), np.searchsorted(run, high, side="right")
+            out += [(i, run[first[i]:last[i]]) for i in np.flatnonzero(last > first).tolist()]
+        return out
+
+
+class KeySet:
+    """A growing set of uint64 keys: recent ones in a Python set, the others in :class:`SortedRuns`.
+
+    Args:
+        flush_at: keys held in the Python set before they move into a sorted run.
+        max_run: the largest run (see :class:`SortedRuns`).
+    """
+
+    def __init__(self, flush_at: int = 1 << 16, max_run: int = 1 << 23) -> None:
+        self.recent: set[int] = set()
+        self.sorted = SortedRuns(max_run)
+        self.flush_at = flush_at
+
+    @property
+    def runs(self) -> list[np.ndarray]:
+        return self.sorted.runs
+
+    def __len__(self) -> int:
+        return len(self.recent) + len(self.sorted)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Whether each of ``keys`` (uint64) was added (a bool array)."""
+        found = self.sorted.contains(keys)
+        if self.recent:
+            found |= np.fromiter((key in self.recent for key in keys.tolist()), bool, keys.size)
+        return found
+
+    def add(self, keys: np.ndarray) -> None:
+        """Add ``keys`` (uint64) that are not in the set yet (callers look them up first)."""
+        self.recent.update(keys.tolist())
+        if len(self.recent) >= self.flush_at:
+            self.sorted.push(np.fromiter(self.recent, np.uint64, len(self.recent)))
+            self.recent.clear()
+
+    def mark(self, keys: np.ndarray) -> np.ndarray:
+        """Which of ``keys`` were added before or come again later in ``keys`` (a bool array); adds the others."""
+        seen = self.lookup(keys)
+        new: dict[int, None] = {}
+        for i, key in enumerate(keys.tolist()):
+            if not seen[i]:
+                seen[i] = key in new
+                new[key] = None
+        self.add(np.fromiter(new, np.uint64, len(new)))
+        return seen
+
+
+class SignatureStore:
+    """The signatures of the kept lines, row ``i`` for the ``i``-th kept line: the newest in memory, the others in
+    an unnamed temporary file (read back with ``pread`` only when a line is compared with them, so they cost page
+    cache, not the process's memory).
+
+    Args:
+        num_perm: values per signature.
+        folder: where the temporary file goes (the output's folder: it has room for the output).
+        buffer_rows: rows kept in memory before they are written to the file.
+    """
+
+    def __init__(self, num_perm: int, folder: Optional[Path] = None, buffer_rows: int = 1 << 16) -> None:
+        self.row_bytes = 4 * num_perm
+        self.folder, self.buffer_rows = folder, buffer_rows
+        self.buffer: list[np.ndarray] = []
+        self.on_disk = 0
+        self.file: Any = None
+
+    def __len__(self) -> int:
+        return self.on_disk + len(self.buffer)
+
+    def append(self, signature: np.ndarray) -> int:
+        """Store one signature; return its row."""
+        self.buffer.append(signature)
+        if len(self.buffer) >= self.buffer_rows:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(dir=self.folder, prefix=".minhash-")
+            self.file.write(np.stack(self.buffer).tobytes())
+            self.file.flush()
+            self.on_disk += len(self.buffer)
+            self.buffer.clear()
+        return len(self) - 1
+
+    def row(self, index: int) -> np.ndarray:
+        """The signature stored as row ``index``."""
+        if index >= self.on_disk:
+            return self.buffer[index - self.on_disk]
+        data = os.pread(self.file.fileno(), self.row_bytes, index * self.row_bytes)
+        return np.frombuffer(data, np.uint32)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class NearDuplicateIndex:
+    """The kept lines' LSH band keys and signatures: finds whether a new line is a near duplicate of one of them.
+
+    Band keys live as ``key << 32 | row`` (8 bytes) in :class:`SortedRuns`, the newest in a dict; a line whose band
+    key matches is a candidate, and a near duplicate only if its signature agrees with the candidate's on at least
+    ``threshold`` of the permutations (a band collision alone also happens to less similar lines).
+
+    Args:
+        hasher: the MinHasher the signatures come from (its threshold and sizes).
+        folder: where the signatures' temporary file goes.
+        flush_at: band keys held in the dict before they move into a sorted run.
+    """
+
+    def __init__(self, hasher: MinHasher, folder: Optional[Path] = None, flush_at: int = 1 << 16) -> None:
+        self.min_agreeing = hasher.threshold * hasher.num_perm
+        self.signatures = SignatureStore(hasher.num_perm, folder)
+        self.recent: dict[int, list[int]] = {}
+        self.sorted = SortedRuns()
+        self.flush_at = flush_at
+        self.recent_keys = 0
+
+    def earlier_candidates(self, band_keys: np.ndarray) -> list[set[int]]:
+        """For each line's band keys (rows of ``band_keys``), the rows of kept lines in the sorted runs sharing one."""
+        out: list[set[int]] = [set() for _ in range(band_keys.shape[0])]
+        packed = band_keys.reshape(-1) << np.uint64(32)
+        for i, found in self.sorted.between(packed, packed | LOW32):
+            out[i // band_keys.shape[1]].update((found & LOW32).tolist())
+        return out
+
+    def is_near(self, signature: np.ndarray, band_keys: list[int], candidates: set[int]) -> bool:
+        """Whether a kept line (``candidates`` from the sorted runs, or one in the dict sharing one of ``band_keys``)
+        agrees with ``signature`` on at least ``threshold`` of the permutations."""
+        for key in band_keys:
+            rows = self.recent.get(key)
+            if rows:
+                candidates = candidates.union(rows)
+        return any(np.count_nonzero(self.signatures.row(row) == signature) >= self.min_agreeing
+                   for row in sorted(candidates))
+
+    def add(self, signature: np.ndarray, band_keys: list[int]) -> None:
+        """Remember a kept line."""
+        row = self.signatures.append(signature)
+        for key in band_keys:
+            rows = self.recent.get(key)
+            if rows is None:
+                self.recent[key] = [row]
+            else:
+                rows.append(row)
+        self.recent_keys += len(band_keys)
+
+    def settle(self) -> None:
+        """Move the dict's keys into a sorted run once there are ``flush_at`` (between blocks: the candidates of a
+        block are looked up in the runs before it)."""
+        if self.recent_keys < self.flush_at:
+            return
+        packed = [(key << 32) | row for key, rows in self.recent.items() for row in rows]
+        self.sorted.push(np.array(packed, np.uint64))
+        self.recent.clear()
+        self.recent_keys = 0
+
+    def close(self) -> None:
+        self.signatures.close()
