@@ -200,3 +200,14 @@ def test_block_signatures_are_datasketchs_minhash(monkeypatch):
         expected.update_batch(hashes.tolist())
         assert np.array_equal(signature, expected.hashvalues)
     assert hasher.shingles(["a b c d"])[0].size == 2 and hasher.shingles(["a b"])[0].size == 1
+
+
+def test_words_found_in_arrays_are_the_regular_expressions_words():
+    from minimind_pl.commands.data.dedup import WORD, word_spans
+
+    texts = ["Hello, World_2 naïve café!", "", "中文的句子abc中", "emoji 😀 and 𠀀𠀁 (CJK ext. B) x", "a\ud800b", "__ 12,5"]
+    joined, starts, ends, text_of_word = word_spans(texts)
+    found = [[] for _ in texts]
+    for start, end, text in zip(starts, ends, text_of_word):
+        found[text].append("".join(map(chr, joined[start:end].tolist())))
+    assert found == [WORD.findall(text) for text in texts]

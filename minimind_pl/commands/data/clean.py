@@ -36,6 +36,7 @@ RULES = ("invalid_json", "invalid_record", "empty_after_cleaning", "too_short", 
          "exact_duplicate", "near_duplicate")
 UNICODE_FORMS = ("NFC", "NFKC", "none")
 MAX_EXAMPLES = 5  # removed lines quoted per rule in the report
+JSON_LINE = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(obj, ensure_ascii=False), built once
 
 
 @dataclass
@@ -103,7 +104,7 @@ class LineCleaner:
         rule = self.length_or_language(text)
         if rule:
             return CleanedLine(line_no, rule, f"{len(text)} characters"), None
-        return CleanedLine(line_no, output=json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n"), text
+        return CleanedLine(line_no, output=JSON_LINE(obj).encode("utf-8") + b"\n"), text
 
     def length_or_language(self, text: str) -> Optional[str]:
         """The length or language rule that removes ``text``, or None."""

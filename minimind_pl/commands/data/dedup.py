@@ -20,7 +20,6 @@ import hashlib
 import os
 import re
 import tempfile
-from itertools import chain
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -68,6 +67,41 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
+@functools.lru_cache(maxsize=1)
+def basic_plane_classes() -> tuple[np.ndarray, np.ndarray]:
+    """For each code point below 0x10000: is it a word character (a letter or digit, as ``[^\\W_]``), is it CJK."""
+    word = np.fromiter((chr(code).isalnum() for code in range(0x10000)), bool, 0x10000)
+    cjk = np.zeros(0x10000, bool)
+    for low, high in re.findall("(.)-(.)", CJK):
+        cjk[ord(low): ord(high) + 1] = True
+    return word, cjk
+
+
+def word_spans(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The words of ``texts`` (as :data:`WORD` finds them) joined by one space: the code points (uint64), each word's
+    start and end in them, and each word's text."""
+    points = np.frombuffer("\n".join(texts).encode("utf-32-le", "surrogatepass"), np.uint32)
+    word, cjk = basic_plane_classes()
+    basic = np.minimum(points, 0xFFFF)
+    in_word, in_cjk = word[basic], cjk[basic]
+    astral = np.flatnonzero(points > 0xFFFF)
+    if astral.size:  # other planes (rare): ask Python
+        in_word[astral] = [chr(code).isalnum() for code in points[astral].tolist()]
+        in_cjk[astral] = False
+    joins = in_word & ~in_cjk  # letters that join their neighbours of the same kind into one word
+    starts = in_word & ~(joins & np.concatenate([[False], joins[:-1]]))
+    ends = in_word & ~(joins & np.concatenate([joins[1:], [False]]))
+    kept = np.flatnonzero(in_word)
+    word_number = np.cumsum(starts[kept]) - 1  # the word of each kept character
+    position = np.arange(kept.size) + word_number  # one space before each word but the first
+    joined = np.full(kept.size + max(0, int(word_number[-1]) if kept.size else 0), ord(" "), np.uint64)
+    joined[position] = points[kept]
+    word_starts, word_ends = position[starts[kept]], position[ends[kept]] + 1
+    text_bounds = np.cumsum([len(text) + 1 for text in texts])  # each text's end (+ the newline) in ``points``
+    text_of_word = np.searchsorted(text_bounds, kept[starts[kept]], side="right")
+    return joined, word_starts, word_ends, text_of_word
+
+
 def fmix32(values: np.ndarray) -> np.ndarray:
     """MurmurHash3's 32-bit finaliser (an avalanching bijection), which datasketch's affine32 scheme applies to each
     value before its permutations."""
@@ -104,30 +138,28 @@ class MinHasher:
         self.band_ids = np.arange(1, self.bands + 1, dtype=np.uint64)
 
     def shingles(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """32-bit hashes of the word n-grams of each text (lower-cased; a text of fewer words is one shingle), all
-        texts' concatenated, and the index of each text's first hash.
+        """32-bit hashes of the word n-grams of each text (lower-cased; a text of fewer words is one shingle, a text
+        without words the shingle " "), all texts' concatenated, and the index of each text's first hash.
 
-        The words are joined by one space; the hash of the characters from position i to j is
-        ``(prefix[j] - prefix[i]) * MIX**-i`` with ``prefix`` the running sum of ``char * MIX**position`` (wrapping
-        at 2**64), so every n-gram is hashed in a few array operations, the same wherever it stands.
+        The words of all texts are found at once (:func:`word_spans`) and joined by one space; the hash of the
+        characters from position i to j is ``(prefix[j] - prefix[i]) * MIX**-i`` with ``prefix`` the running sum of
+        ``char * MIX**position`` (wrapping at 2**64), so every n-gram is hashed in a few array operations, the same
+        wherever it stands.
         """
-        words_of = [WORD.findall(text.lower()) or [" "] for text in texts]
-        counts = np.fromiter(map(len, words_of), np.int64, len(words_of))
-        words = list(chain.from_iterable(words_of))
-        points = np.frombuffer(" ".join(words).encode("utf-32-le"), np.uint32).astype(np.uint64)
+        points, starts, ends, text_of_word = word_spans([text.lower() for text in texts])
+        counts = np.bincount(text_of_word, minlength=len(texts))
         powers, inverse = self.powers(points.size + 1)  # MIX**i and MIX**-i
         prefix = np.concatenate([np.zeros(1, np.uint64), np.cumsum(points * powers[: points.size], dtype=np.uint64)])
-        lengths = np.fromiter(map(len, words), np.int64, len(words))
-        starts = np.concatenate([[0], np.cumsum(lengths[:-1] + 1)])  # each word's first character
-        ends = starts + lengths
         width = np.minimum(counts, self.ngram)
-        grams = counts - width + 1  # n-grams per text
+        grams = np.maximum(counts - width + 1, 1)  # n-grams per text (a text without words: one)
         first_gram = np.concatenate([[0], np.cumsum(grams)[:-1]])
         text_of = np.repeat(np.arange(len(texts)), grams)
         first_word = np.concatenate([[0], np.cumsum(counts)[:-1]])
         first = first_word[text_of] + np.arange(text_of.size) - first_gram[text_of]  # each n-gram's first word
-        begin, end = starts[first], ends[first + width[text_of] - 1]
-        hashes = (prefix[end] - prefix[begin]) * inverse[begin]
+        has_words = counts[text_of] > 0
+        first, last = first[has_words], (first + width[text_of] - 1)[has_words]
+        hashes = np.full(text_of.size, ord(" "), np.uint64)  # the hash of " " (a text without words)
+        hashes[has_words] = (prefix[ends[last]] - prefix[starts[first]]) * inverse[starts[first]]
         return ((hashes ^ (hashes >> np.uint64(32))) & LOW32).astype(np.uint32), first_gram
 
     def powers(self, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,9 +188,11 @@ class MinHasher:
         out = np.full((first_gram.size, self.num_perm), np.iinfo(np.uint32).max, np.uint32)
         mixed = fmix32(hashes)
         text_of = np.repeat(np.arange(first_gram.size), np.diff(np.append(first_gram, hashes.size)))
+        buffer = np.empty((self.num_perm, min(SHINGLES_PER_STEP, hashes.size)), np.uint32)  # reused: no page faults
         for start in range(0, hashes.size, SHINGLES_PER_STEP):
             step = slice(start, start + SHINGLES_PER_STEP)
-            permuted = self.a * mixed[None, step]  # (num_perm, step): wraps at 2**32, as datasketch's uint32 arithmetic
+            permuted = buffer[:, : mixed[step].size]
+            np.multiply(self.a, mixed[None, step], out=permuted)  # (num_perm, step): wraps at 2**32, as datasketch's
             permuted += self.b
             texts = text_of[step]
             cuts = np.flatnonzero(np.diff(texts, prepend=-1))  # where each text's hashes start in this step
