@@ -157,28 +157,40 @@ def test_near_duplicates_are_removed_only_when_their_signatures_agree(tmp_path):
     assert sum(bool(set(k[0].tolist()) & set(k[1].tolist())) for k in keys) >= 2  # LSH alone would remove these
 
 
-def test_band_collisions_are_checked_against_stored_signatures_in_memory_and_on_disk(tmp_path):
+def test_band_collisions_are_checked_against_kept_signatures_of_the_block_and_on_disk(tmp_path):
     import numpy as np
 
     from minimind_pl.commands.data.dedup import MinHasher, NearDuplicateIndex
 
     hasher = MinHasher(0.8, num_perm=128)
-    index = NearDuplicateIndex(hasher, tmp_path, flush_at=4)
-    index.signatures.buffer_rows = 3  # rows go to the temporary file after 3
+    index = NearDuplicateIndex(hasher, tmp_path)
+    index.signatures.buffer_rows = 5  # rows go to the temporary file once 5 wait in memory
     rng = np.random.default_rng(0)
-    kept = rng.integers(0, 1 << 32, (8, 128), dtype=np.uint32)
-    for signature in kept:
-        index.add(signature, hasher.band_keys(signature[None])[0].tolist())
-        index.settle()
-    assert index.signatures.on_disk == 6 and len(index.sorted) > 0 and np.array_equal(index.signatures.row(1), kept[1])
-    one_band = rng.integers(0, 1 << 32, (128,), dtype=np.uint32)
+
+    def decide(signatures):
+        index.begin_block(signatures, hasher.band_keys(signatures))
+        near = [index.is_near(i) or index.keep(i) for i in range(len(signatures))]
+        index.end_block()
+        return [bool(n) for n in near]
+
+    def variant(signature, changed):  # ``changed`` of the 128 values differ, the first band stays
+        out = signature.copy()
+        out[128 - changed:] += 1
+        return out
+
+    kept = rng.integers(0, 1 << 32, (4, 128), dtype=np.uint32)
+    assert decide(kept) == [False] * 4 and index.signatures.on_disk == 0
+    assert np.array_equal(index.signatures.take([1]), kept[1:2])
+    one_band = rng.integers(0, 1 << 32, 128, dtype=np.uint32)
     one_band[: hasher.rows] = kept[1][: hasher.rows]  # the same first band, nothing else: Jaccard ~0.1
-    most = kept[1].copy()
-    most[-int(0.15 * 128):] += 1  # 85 % of the values agree
-    for signature, expected in ((one_band, False), (most, True), (kept[7], True)):
-        keys = hasher.band_keys(signature[None])
-        candidates = index.earlier_candidates(keys)[0]
-        assert index.is_near(signature, keys[0].tolist(), candidates) is expected
+    close, far = variant(kept[2], 19), variant(kept[2], 30)  # 85 % and 77 % of the values agree
+    new = rng.integers(0, 1 << 32, 128, dtype=np.uint32)
+    block = np.stack([one_band, close, far, new, variant(new, 40), variant(new, 10), variant(new, 12)])
+    # a line of this block is compared with the earlier kept lines of the block too (new: kept, the first variant
+    # is too far from it and kept; the next two are near it, the second also after its near-duplicate sibling)
+    assert decide(block) == [False, True, False, False, False, True, True]
+    assert index.signatures.on_disk == 8 and np.array_equal(index.signatures.take([1, 5, 6]),
+                                                            np.stack([kept[1], block[2], block[3]]))
     index.close()
     assert list(tmp_path.iterdir()) == []  # the temporary file is gone
 

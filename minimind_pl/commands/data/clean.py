@@ -246,18 +246,18 @@ def mark_duplicates(block: CleanedBlock, exact: KeySet, near: Optional[NearDupli
     (of this block or an earlier one), in file order; remember the keys of the others."""
     kept = [line for line in block.lines if line.rule is None]
     exact_before = exact.lookup(block.exact_keys)
-    near_before = near.earlier_candidates(block.band_keys) if near is not None else None
-    band_keys = block.band_keys.tolist() if near is not None else None
+    if near is not None:
+        near.begin_block(block.signatures, block.band_keys)
     added: dict[int, None] = {}
     for i, (line, key) in enumerate(zip(kept, block.exact_keys.tolist())):
         if exact_before[i] or key in added:
             line.rule = "exact_duplicate"
-        elif near is not None and near.is_near(block.signatures[i], band_keys[i], near_before[i]):
+        elif near is not None and near.is_near(i):
             line.rule = "near_duplicate"
         else:
             added[key] = None
             if near is not None:
-                near.add(block.signatures[i], band_keys[i])
+                near.keep(i)
     exact.add(np.fromiter(added, np.uint64, len(added)))
     if near is not None:
-        near.settle()
+        near.end_block()

@@ -15,6 +15,7 @@ line: a million-line file would not fit in 1 GB).
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import os
@@ -234,18 +235,24 @@ class SortedRuns:
 
     def contains(self, values: np.ndarray) -> np.ndarray:
         """Whether each of ``values`` (uint64) is in the set (a bool array)."""
+        order = np.argsort(values)  # sorted needles: each binary search starts where the last one ended
+        needles = values[order]
         found = np.zeros(values.shape, bool)
         for run in self.runs:
-            at = np.minimum(np.searchsorted(run, values), run.size - 1)
-            found |= run[at] == values
+            at = np.minimum(np.searchsorted(run, needles), run.size - 1)
+            found[order] |= run[at] == needles
         return found
 
-    def between(self, low: np.ndarray, high: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """``(i, the values v with low[i] <= v <= high[i])`` for each i that has some."""
+    def with_prefix(self, prefixes: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """``(i, the values whose upper 32 bits are prefixes[i])`` for each i that has some."""
+        order = np.argsort(prefixes)
+        low = prefixes[order] << np.uint64(32)
         out = []
         for run in self.runs:
-            first, last = np.searchsorted(run, low), np.searchsorted(run, high, side="right")
-            out += [(i, run[first[i]:last[i]]) for i in np.flatnonzero(last > first).tolist()]
+            first = np.minimum(np.searchsorted(run, low), run.size - 1)
+            hits = np.flatnonzero((run[first] >> np.uint64(32)) == (low >> np.uint64(32)))
+            last = np.searchsorted(run, low[hits] | LOW32, side="right")
+            out += [(i, run[a:b]) for i, a, b in zip(order[hits].tolist(), first[hits].tolist(), last.tolist())]
         return out
 
 
@@ -307,33 +314,43 @@ class SignatureStore:
     """
 
     def __init__(self, num_perm: int, folder: Optional[Path] = None, buffer_rows: int = 1 << 16) -> None:
-        self.row_bytes = 4 * num_perm
+        self.num_perm, self.row_bytes = num_perm, 4 * num_perm
         self.folder, self.buffer_rows = folder, buffer_rows
-        self.buffer: list[np.ndarray] = []
-        self.on_disk = 0
+        self.chunks: list[np.ndarray] = []  # in memory: rows on_disk.. in blocks
+        self.chunk_starts: list[int] = []
+        self.on_disk = self.rows = 0
         self.file: Any = None
 
     def __len__(self) -> int:
-        return self.on_disk + len(self.buffer)
+        return self.rows
 
-    def append(self, signature: np.ndarray) -> int:
-        """Store one signature; return its row."""
-        self.buffer.append(signature)
-        if len(self.buffer) >= self.buffer_rows:
+    def extend(self, signatures: np.ndarray) -> int:
+        """Store the rows of ``signatures``; return the row of the first."""
+        first = self.rows
+        if len(signatures):
+            self.chunks.append(signatures)
+            self.chunk_starts.append(first)
+            self.rows += len(signatures)
+        if self.rows - self.on_disk >= self.buffer_rows:
             if self.file is None:
                 self.file = tempfile.TemporaryFile(dir=self.folder, prefix=".minhash-")
-            self.file.write(np.stack(self.buffer).tobytes())
+            for chunk in self.chunks:
+                self.file.write(np.ascontiguousarray(chunk, np.uint32).tobytes())
             self.file.flush()
-            self.on_disk += len(self.buffer)
-            self.buffer.clear()
-        return len(self) - 1
+            self.on_disk = self.rows
+            self.chunks, self.chunk_starts = [], []
+        return first
 
-    def row(self, index: int) -> np.ndarray:
-        """The signature stored as row ``index``."""
-        if index >= self.on_disk:
-            return self.buffer[index - self.on_disk]
-        data = os.pread(self.file.fileno(), self.row_bytes, index * self.row_bytes)
-        return np.frombuffer(data, np.uint32)
+    def take(self, rows: Sequence[int]) -> np.ndarray:
+        """The signatures stored as ``rows``: (len(rows), num_perm)."""
+        out = np.empty((len(rows), self.num_perm), np.uint32)
+        for i, row in enumerate(rows):
+            if row >= self.on_disk:
+                chunk = bisect.bisect_right(self.chunk_starts, row) - 1
+                out[i] = self.chunks[chunk][row - self.chunk_starts[chunk]]
+            else:
+                out[i] = np.frombuffer(os.pread(self.file.fileno(), self.row_bytes, row * self.row_bytes), np.uint32)
+        return out
 
     def close(self) -> None:
         if self.file is not None:
@@ -341,64 +358,67 @@ class SignatureStore:
 
 
 class NearDuplicateIndex:
-    """The kept lines' LSH band keys and signatures: finds whether a new line is a near duplicate of one of them.
+    """The kept lines' LSH band keys and signatures: decides, block by block and line by line in file order, whether
+    a line is a near duplicate of a kept one.
 
-    Band keys live as ``key << 32 | row`` (8 bytes) in :class:`SortedRuns`, the newest in a dict; a line whose band
-    key matches is a candidate, and a near duplicate only if its signature agrees with the candidate's on at least
-    ``threshold`` of the permutations (a band collision alone also happens to less similar lines).
+    Band keys live as ``key << 32 | row`` (8 bytes) in :class:`SortedRuns`; a line sharing a band key with a kept line
+    (of an earlier block, or earlier in its own) is compared with it, and is a near duplicate only if their
+    signatures agree on at least ``threshold`` of the permutations (a band collision alone also happens to less
+    similar lines). All lookups of a block are array operations; Python work is per candidate pair.
 
     Args:
         hasher: the MinHasher the signatures come from (its threshold and sizes).
         folder: where the signatures' temporary file goes.
-        flush_at: band keys held in the dict before they move into a sorted run.
     """
 
-    def __init__(self, hasher: MinHasher, folder: Optional[Path] = None, flush_at: int = 1 << 16) -> None:
+    def __init__(self, hasher: MinHasher, folder: Optional[Path] = None) -> None:
         self.min_agreeing = hasher.threshold * hasher.num_perm
         self.signatures = SignatureStore(hasher.num_perm, folder)
-        self.recent: dict[int, list[int]] = {}
         self.sorted = SortedRuns()
-        self.flush_at = flush_at
-        self.recent_keys = 0
+        self.begin_block(np.zeros((0, hasher.num_perm), np.uint32), np.zeros((0, hasher.bands), np.uint64))
 
-    def earlier_candidates(self, band_keys: np.ndarray) -> list[set[int]]:
-        """For each line's band keys (rows of ``band_keys``), the rows of kept lines in the sorted runs sharing one."""
-        out: list[set[int]] = [set() for _ in range(band_keys.shape[0])]
-        packed = band_keys.reshape(-1) << np.uint64(32)
-        for i, found in self.sorted.between(packed, packed | LOW32):
-            out[i // band_keys.shape[1]].update((found & LOW32).tolist())
-        return out
+    def begin_block(self, signatures: np.ndarray, band_keys: np.ndarray) -> None:
+        """Take the next block's lines (their signatures and band keys) and find their candidates."""
+        self.block_signatures, self.block_keys = signatures, band_keys
+        self.kept = np.zeros(len(signatures), bool)
+        bands = band_keys.shape[1]
+        self.earlier: dict[int, list[int]] = {}  # line -> rows of kept lines of earlier blocks sharing a band
+        for i, found in self.sorted.with_prefix(band_keys.reshape(-1)):
+            self.earlier.setdefault(i // bands, []).extend((found & LOW32).tolist())
+        self.in_block: dict[int, list[int]] = {}  # line -> earlier lines of this block sharing a band
+        flat = band_keys.reshape(-1)
+        order = np.argsort(flat, kind="stable")  # equal keys stay in line order
+        bounds = np.flatnonzero(np.diff(flat[order])) + 1
+        starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [flat.size]])
+        for start, end in zip(starts.tolist(), ends.tolist()):
+            if end - start > 1:  # lines sharing this band key: each is compared with those before it
+                lines = (order[start:end] // bands).tolist()
+                for k in range(1, len(lines)):
+                    self.in_block.setdefault(lines[k], []).extend(lines[:k])
 
-    def is_near(self, signature: np.ndarray, band_keys: list[int], candidates: set[int]) -> bool:
-        """Whether a kept line (``candidates`` from the sorted runs, or one in the dict sharing one of ``band_keys``)
-        agrees with ``signature`` on at least ``threshold`` of the permutations."""
-        for key in band_keys:
-            rows = self.recent.get(key)
-            if rows:
-                candidates = candidates.union(rows)
-        return any(np.count_nonzero(self.signatures.row(row) == signature) >= self.min_agreeing
-                   for row in sorted(candidates))
+    def is_near(self, i: int) -> bool:
+        """Whether line ``i`` of the block agrees with a kept line on at least ``threshold`` of the permutations."""
+        signature = self.block_signatures[i]
+        rows = self.earlier.get(i)
+        if rows and self.agrees(self.signatures.take(sorted(set(rows))), signature):
+            return True
+        earlier_lines = [j for j in self.in_block.get(i, ()) if self.kept[j]]
+        return bool(earlier_lines) and self.agrees(self.block_signatures[earlier_lines], signature)
 
-    def add(self, signature: np.ndarray, band_keys: list[int]) -> None:
-        """Remember a kept line."""
-        row = self.signatures.append(signature)
-        for key in band_keys:
-            rows = self.recent.get(key)
-            if rows is None:
-                self.recent[key] = [row]
-            else:
-                rows.append(row)
-        self.recent_keys += len(band_keys)
+    def agrees(self, candidates: np.ndarray, signature: np.ndarray) -> bool:
+        return bool(((candidates == signature).sum(axis=1) >= self.min_agreeing).any())
 
-    def settle(self) -> None:
-        """Move the dict's keys into a sorted run once there are ``flush_at`` (between blocks: the candidates of a
-        block are looked up in the runs before it)."""
-        if self.recent_keys < self.flush_at:
-            return
-        packed = [(key << 32) | row for key, rows in self.recent.items() for row in rows]
-        self.sorted.push(np.array(packed, np.uint64))
-        self.recent.clear()
-        self.recent_keys = 0
+    def keep(self, i: int) -> None:
+        """Remember line ``i`` of the block as kept."""
+        self.kept[i] = True
+
+    def end_block(self) -> None:
+        """Store the kept lines' signatures and band keys."""
+        kept = np.flatnonzero(self.kept)
+        first = self.signatures.extend(self.block_signatures[kept])
+        rows = np.arange(first, first + kept.size, dtype=np.uint64)
+        if kept.size:
+            self.sorted.push(((self.block_keys[kept] << np.uint64(32)) | rows[:, None]).reshape(-1))
 
     def close(self) -> None:
         self.signatures.close()
