@@ -223,3 +223,23 @@ def test_words_found_in_arrays_are_the_regular_expressions_words():
     for start, end, text in zip(starts, ends, text_of_word):
         found[text].append("".join(map(chr, joined[start:end].tolist())))
     assert found == [WORD.findall(text) for text in texts]
+
+
+def test_many_blocks_in_worker_processes_give_the_same_output_and_counts(tmp_path, monkeypatch):
+    import functools
+
+    import minimind_pl.commands.data.clean as clean_module
+
+    monkeypatch.setattr(clean_module, "map_blocks", functools.partial(clean_module.map_blocks, block_bytes=2048))
+    bases = [words(seed) for seed in range(260, 320)]  # ~500 bytes each: ~4 lines a block, 30 blocks
+    # (seeds whose near copies all share an LSH band with their document: LSH misses ~1% of such pairs)
+    lines = [{"text": t} for t in bases] + [{"text": one_word_changed(t)} for t in bases[::3]] \
+        + [{"text": t} for t in bases[1::5]] + [{"text": one_word_changed(bases[3])}]
+    source = tmp_path / "p.jsonl"
+    write_lines(source, lines)
+    outputs = []
+    for num_proc in (1, 2):
+        outputs.append(tmp_path / f"out{num_proc}.jsonl")
+        report = clean_command(str(source), output=str(outputs[-1]), num_proc=num_proc, progress=False)
+        assert (report["kept"], report["removed"]["near_duplicate"], report["removed"]["exact_duplicate"]) == (60, 21, 12)
+    assert outputs[0].read_bytes() == outputs[1].read_bytes()

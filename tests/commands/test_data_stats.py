@@ -29,7 +29,7 @@ def test_stats_counts_documents_bad_lines_duplicates_languages_and_tokens(tmp_pa
                       "--plot", str(tmp_path / "lengths.png"), "--progress", "false"])[0]
     assert (stats["lines"], stats["documents"], stats["blank_lines"], stats["invalid_lines"],
             stats["exact_duplicates"]) == (7, 4, 1, 2, 1)
-    assert stats["invalid_tokenizer_refused"] == 1 and stats["first_invalid"].startswith("line 6: not valid JSON")
+    assert stats["refused_by_encoder"] == 1 and stats["first_invalid"].startswith("line 6: not valid JSON")
     assert stats["characters"] == 4 + 5 + 5 + 5 and stats["chars_max"] == 5
     assert (stats["share_zh"], stats["share_en"], stats["share_other"]) == (round(4 / 16, 4), round(12 / 16, 4), 0.0)
     from minimind_pl.tokenizer import Tokenizer
@@ -50,7 +50,7 @@ def test_stats_counts_records_the_encoder_refuses_as_invalid(tmp_path, tokenizer
     for stats in (with_tokens, without):
         assert (stats["format"], stats["documents"], stats["invalid_lines"]) == ("rl", 2, 1)
         assert stats["first_invalid"].startswith("line 2: ")
-    assert with_tokens["invalid_tokenizer_refused"] == 1 and "invalid_tokenizer_refused" not in without
+    assert with_tokens["refused_by_encoder"] == 1 and "refused_by_encoder" not in without
     assert with_tokens["tokens"] > 0 and "tokens" not in without
 
 

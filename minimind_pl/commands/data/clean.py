@@ -208,8 +208,9 @@ def clean_command(input: str, *, output: str, format: str = "auto", unicode_form
         languages: keep only lines whose letters are mostly in these languages (zh, en, other); none: all.
         min_language_share: the share of letters that must be in ``languages`` (lines without letters are kept).
         dedup: remove exact duplicates (same model text after cleaning) and, with near_threshold, near duplicates.
-        near_threshold: Jaccard similarity (of word n-grams, a Chinese character being a word; MinHash LSH) from which a line is a
-            near duplicate of an earlier one; none: exact duplicates only. Needs datasketch (pip install -e ".[data]").
+        near_threshold: Jaccard similarity (of word n-grams, a Chinese character being a word) from which a line is a
+            near duplicate of an earlier one, estimated from MinHash signatures of the pairs LSH finds; none: exact
+            duplicates only. Needs datasketch (pip install -e ".[data]").
         num_perm: MinHash permutations (more: a sharper threshold, slower).
         ngram: words per n-gram for the similarity.
         num_proc: worker processes (default: every CPU).

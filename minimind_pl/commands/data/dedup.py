@@ -64,7 +64,7 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     similarity = (np.arange(2000) + 0.5) / 2000
     collide = 1.0 - (1.0 - similarity[None, :] ** pairs[:, 1:2]) ** pairs[:, 0:1]
     error = np.where(similarity < threshold, collide, 1.0 - collide).mean(axis=1)
-    best = min(zip(error.tolist(), pairs[:, 0].tolist(), pairs[:, 1].tolist()))  # ties: fewest bands, as before
+    best = min(zip(error.tolist(), pairs[:, 0].tolist(), pairs[:, 1].tolist()))  # ties: the fewest bands
     return best[1], best[2]
 
 
@@ -226,6 +226,8 @@ class SortedRuns:
 
     def push(self, values: np.ndarray) -> None:
         """Add ``values`` (uint64, none of them in the set yet)."""
+        if not values.size:
+            return
         run = np.sort(values)
         # values are never added twice, so a merge is a concatenation sorted in place (no unique pass, no copies)
         while self.runs and self.runs[-1].size <= 2 * run.size and self.runs[-1].size + run.size <= self.max_run:
@@ -291,7 +293,7 @@ class KeySet:
             self.recent.clear()
 
     def mark(self, keys: np.ndarray) -> np.ndarray:
-        """Which of ``keys`` were added before or come again later in ``keys`` (a bool array); adds the others."""
+        """Which of ``keys`` were added before or repeat an earlier one of ``keys`` (a bool array); adds the others."""
         seen = self.lookup(keys)
         new: dict[int, None] = {}
         for i, key in enumerate(keys.tolist()):

@@ -1,9 +1,10 @@
 """``python main.py data stats FILE... [--tokenizer DIR]``: what a dataset holds before training on it.
 
-Per file: lines, documents, blank and invalid lines (the training code's rule), exact duplicates (same model
-text), characters and their length percentiles, the share of Chinese / English / other letters, and with a
-tokenizer the tokens training would see (the stage's own encoder: chat template, bos/eos, both sides of a DPO
-pair) with the share of real tokens when each document is padded to ``seq_len`` (MiniMind) versus packed.
+Per file: lines, documents, blank and invalid lines (the training code's rule; with a tokenizer, the stage's
+encoder is that rule, and the lines it refuses are also counted apart), exact duplicates (same model text),
+characters and their length percentiles, the share of Chinese / English / other letters, and with a tokenizer the
+tokens training would see (the stage's own encoder: chat template, bos/eos, both sides of a DPO pair) with the
+share of real tokens when each document is padded to ``seq_len`` (MiniMind) versus packed.
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ class FileStats:
 
     def invalid_details(self) -> dict[str, Any]:
         """How many invalid lines the tokenizing encoder refused, and the first invalid line with its reason."""
-        out: dict[str, Any] = {"invalid_tokenizer_refused": self.rejected} if self.tokenized else {}
+        out: dict[str, Any] = {"refused_by_encoder": self.rejected} if self.tokenized else {}
         if self.first_invalid:
             out["first_invalid"] = f"line {self.first_invalid[0]}: {self.first_invalid[1]}"
         return out
