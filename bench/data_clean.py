@@ -1,7 +1,10 @@
 """``data clean`` speed (MB of jsonl per second per core) and peak memory, with near-duplicate removal.
 
-    python bench/data_clean.py corpus                 # each file of ../shared/corpus, one process
+    python bench/data_clean.py corpus --runs 3        # each file of ../shared/corpus, one process, best of 3
     python bench/data_clean.py big --gigabytes 1      # a generated file under /tmp, every core
+
+Speed is given per wall-clock second and per CPU second of the processes (this one and its workers): on a shared
+machine another load stretches the wall clock, while CPU seconds count only the work done here.
 
 ``big`` writes mostly distinct documents (random sentences of the corpus) with planted exact and near
 duplicates, so the duplicate index grows as it would on a real dataset; peak memory is the largest resident set
@@ -10,6 +13,8 @@ of this process and of any worker (ru_maxrss).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import random
@@ -22,13 +27,21 @@ from minimind_pl.commands.data.clean import clean_command
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its waited-for children (the workers), user + system."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def clean_timed(source: Path, output: Path, num_proc: int) -> dict:
-    start = time.perf_counter()
-    report = clean_command(str(source), output=str(output), num_proc=num_proc, progress=False)
-    seconds = time.perf_counter() - start
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    with contextlib.redirect_stdout(io.StringIO()):
+        report = clean_command(str(source), output=str(output), num_proc=num_proc, progress=False)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     size_mb = source.stat().st_size / 1e6
-    return {"file": source.name, "MB": round(size_mb, 1), "seconds": round(seconds, 2), "processes": num_proc,
-            "MB_per_s_per_core": round(size_mb / seconds / num_proc, 2), "kept": report["kept"],
+    return {"file": source.name, "MB": round(size_mb, 2), "seconds": round(seconds, 3), "processes": num_proc,
+            "MB_per_s_per_core": round(size_mb / seconds / num_proc, 2), "cpu_seconds": round(cpu, 3),
+            "MB_per_cpu_s": round(size_mb / cpu, 2), "kept": report["kept"],
             "removed": {k: v for k, v in report["removed"].items() if v}}
 
 
@@ -64,12 +77,14 @@ def main() -> None:
     parser.add_argument("--gigabytes", type=float, default=1.0)
     parser.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--workdir", default="/tmp/minimind_data_bench")
+    parser.add_argument("--runs", type=int, default=3, help="corpus: runs per file (each printed)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if args.mode == "corpus":
-        for name in ("pretrain_real.jsonl", "sft_real.jsonl", "dpo_real.jsonl"):
-            print(json.dumps(clean_timed(CORPUS / name, workdir / f"clean_{name}", 1)))
+        for run in range(args.runs):
+            for name in ("pretrain_real.jsonl", "sft_real.jsonl", "dpo_real.jsonl"):
+                print(json.dumps({"run": run + 1, **clean_timed(CORPUS / name, workdir / f"clean_{name}", 1)}))
         return
     source = workdir / f"generated_{args.gigabytes:g}GB.jsonl"
     if not source.exists():

@@ -53,6 +53,19 @@ def random_model(seed: int = 0, **overrides) -> MiniMindForCausalLM:
     return model.eval()
 
 
+def random_adapted_model(lora_config, seed: int = 0) -> MiniMindForCausalLM:
+    """``random_model(seed)`` with LoRA adapters whose B matrices are non-zero (so they change the output)."""
+    from minimind_pl.lora import apply_lora
+
+    model = random_model(seed)
+    apply_lora(model, lora_config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("lora_B"):
+                parameter.normal_(0, 0.05)
+    return model
+
+
 def minimind_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random fp16 state dict in the format of MiniMind's `out/*.pth` files, built from the
     documented key names (tied: `lm_head.weight` and `model.embed_tokens.weight` both present)."""

@@ -3,7 +3,8 @@
 Three kinds are read:
 
 - a checkpoint of the ``LoRA`` stage (Lightning ``.ckpt``; adapter tensors under ``state_dict`` with the
-  stage's ``model.`` prefix, the settings under ``lora_config``, the base under ``lora_base``),
+  stage's ``model.`` prefix, the settings under ``lora_config``, the base under ``lora_base``), also as the folder
+  a sharded strategy writes (``checkpoints.sharded``),
 - a file written by :func:`save_lora` (``lora_state_dict``, ``lora_config``, ``model_config``, ``lora_base``),
 - a MiniMind LoRA ``.pth`` (keys ``<module>.lora.A.weight`` / ``<module>.lora.B.weight``, scale 1).
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from minimind_pl.checkpoints.files import STAGE_PREFIX, read_torch_file, strip_prefix, strip_wrappers
+from minimind_pl.checkpoints.sharded import read_sharded_folder
 from minimind_pl.config import architecture_diff
 from minimind_pl.errors import UserError
 from minimind_pl.lora import (
@@ -100,8 +102,16 @@ def adapter_from_raw(raw: Any, path: str | Path) -> LoRAFile:
 
 
 def read_lora_file(path: str | Path) -> LoRAFile:
-    """Read a LoRA stage checkpoint, a ``save_lora`` file or a MiniMind LoRA ``.pth``."""
-    return adapter_from_raw(read_torch_file(path, "LoRA adapter file"), path)
+    """Read a LoRA stage checkpoint (a file, or a folder of a sharded strategy: FSDP ``state_dict_type="sharded"``,
+    DeepSpeed), a ``save_lora`` file or a MiniMind LoRA ``.pth``."""
+    path = Path(path)
+    if not path.is_dir():
+        return adapter_from_raw(read_torch_file(path, "LoRA adapter file"), path)
+    raw = read_sharded_folder(path)
+    if raw is None:
+        raise UserError(f"the LoRA adapter {path} is a folder but not a checkpoint folder of FSDP (sharded) or "
+                        "DeepSpeed; give an adapter file (.ckpt of the LoRA stage, save_lora file, MiniMind .pth)")
+    return adapter_from_raw(raw, path)
 
 
 def _lora_file(path: str | Path, tensors: dict[str, Tensor], raw: dict[str, Any]) -> LoRAFile:

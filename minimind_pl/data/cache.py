@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -314,16 +315,21 @@ class _ChunkResult:
     errors: list = field(default_factory=list)
 
 
-_WORKER_ENCODER: Optional[RecordEncoder] = None
+_WORKER_TASK: Optional[Callable[..., Any]] = None
 
 
-def _init_worker(encoder: RecordEncoder) -> None:
-    global _WORKER_ENCODER
+def _init_worker(task: Callable[..., Any]) -> None:
+    global _WORKER_TASK
     # Ctrl+C reaches every process of the terminal's group: the parent alone handles it (its `finally`
     # terminates the pool); a worker dying of it mid-task could leave the parent waiting on the lost task.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_ENCODER = encoder
+    _WORKER_TASK = task
+
+
+def _run_task(*args: Any) -> Any:
+    assert _WORKER_TASK is not None
+    return _WORKER_TASK(*args)
 
 
 def parse_block(first_line: int, data: bytes) -> tuple[list, list, int]:
@@ -371,24 +377,20 @@ def encode_block(encoder: RecordEncoder, first_line: int, data: bytes, dtype: np
     )
 
 
-def _worker_encode(args: tuple) -> _ChunkResult:
-    first_line, data, dtype = args
-    assert _WORKER_ENCODER is not None
-    return encode_block(_WORKER_ENCODER, first_line, data, dtype)
-
-
-def process_pool(num_proc: int, initializer: Callable, initargs: tuple) -> Any:
-    """A pool of ``num_proc`` worker processes (forked where the platform can), each set up by ``initializer``."""
+def process_pool(num_proc: int, task: Callable[..., Any]) -> Any:
+    """A pool of ``num_proc`` worker processes (forked where the platform can) that run ``task`` (picklable) on the
+    arguments :func:`pool_results` gives them. Workers ignore Ctrl+C (SIGINT): the parent handles it and must
+    terminate the pool (``pool.terminate()`` in a ``finally``)."""
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    return ctx.Pool(num_proc, initializer=initializer, initargs=initargs)
+    return ctx.Pool(num_proc, initializer=_init_worker, initargs=(task,))
 
 
-def pool_results(pool: Any, worker: Callable, tasks: Iterator[tuple[tuple, int]], max_pending: int) -> Iterator:
-    """``(worker(*args), nbytes)`` of each ``(args, nbytes)`` task run in ``pool``, in order, with at most
-    ``max_pending`` in flight (bounded: RAM does not grow with the file)."""
+def pool_results(pool: Any, tasks: Iterator[tuple[tuple, int]], max_pending: int) -> Iterator:
+    """``(task(*args), nbytes)`` of each ``(args, nbytes)`` run in ``pool`` (:func:`process_pool`'s task), in order,
+    with at most ``max_pending`` in flight (bounded: RAM does not grow with the file)."""
     queue: deque = deque()
     for args, nbytes in tasks:
-        queue.append((pool.apply_async(worker, args), nbytes))
+        queue.append((pool.apply_async(_run_task, args), nbytes))
         if len(queue) >= max_pending:
             res, nb = queue.popleft()
             yield res.get(), nb
@@ -517,9 +519,9 @@ def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, s
             f_off.write(np.zeros(1, np.int64).tobytes())
             blocks = iter_line_blocks(source, hasher, BLOCK_BYTES)
             if num_proc > 1:
-                pool = process_pool(num_proc, _init_worker, (encoder,))
-                tasks = ((((first, data, dtype),), nb) for first, data, nb in blocks)
-                results = pool_results(pool, _worker_encode, tasks, 2 * num_proc)
+                pool = process_pool(num_proc, functools.partial(encode_block, encoder))
+                tasks = (((first, data, dtype), nb) for first, data, nb in blocks)
+                results = pool_results(pool, tasks, 2 * num_proc)
             else:
                 results = ((encode_block(encoder, first, data, dtype), nb) for first, data, nb in blocks)
 

@@ -11,10 +11,10 @@ import torch
 import minimind_pl.checkpoints.loading as loading
 from minimind_pl import load_model
 from minimind_pl.checkpoints import open_checkpoint, save_hf_directory, save_lora, save_minimind
-from minimind_pl.lora import LoRAConfig, apply_lora, merge_lora
+from minimind_pl.lora import LoRAConfig, merge_lora
 from minimind_pl.tokenizer import Tokenizer
 
-from helpers import logits, random_model, write_stage_checkpoint
+from helpers import logits, random_adapted_model, random_model, write_stage_checkpoint
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 2]])
 
@@ -24,12 +24,7 @@ def lora_run(tmp_path, tokenizer_dir):
     """A base stage checkpoint and a LoRA adapter file (non-zero B, alpha != rank) that records it."""
     base = random_model()
     base_path = write_stage_checkpoint(base, tmp_path / "sft.ckpt", tokenizer_dir)
-    adapted = random_model()
-    apply_lora(adapted, LoRAConfig(rank=4, alpha=12.0, targets=("q_proj", "down_proj")))
-    with torch.no_grad():
-        for name, p in adapted.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.05)
+    adapted = random_adapted_model(LoRAConfig(rank=4, alpha=12.0, targets=("q_proj", "down_proj")))
     adapter_path = save_lora(adapted, tmp_path / "adapter.pt", base=str(base_path))
     return base_path, adapter_path, adapted
 

@@ -17,15 +17,19 @@ def write_texts(path, texts) -> None:
     path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
 
 
-def test_stats_counts_documents_bad_lines_duplicates_languages_and_tokens(tmp_path, tokenizer_dir):
+def test_stats_counts_documents_bad_lines_duplicates_languages_and_tokens(tmp_path, tokenizer_dir, monkeypatch):
     source = tmp_path / "p.jsonl"
     write_texts(source, ["你好世界", "hello", "hello", "ab 12"])
     with open(source, "ab") as handle:
         handle.write(b'\n{"text": \n{"text": ""}\n')
+    import minimind_pl.commands.data.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "check_record", None)  # with a tokenizer, the encoder alone validates
     stats = dispatch(["data", "stats", str(source), "--tokenizer", str(tokenizer_dir), "--seq_len", "4",
                       "--plot", str(tmp_path / "lengths.png"), "--progress", "false"])[0]
     assert (stats["lines"], stats["documents"], stats["blank_lines"], stats["invalid_lines"],
             stats["exact_duplicates"]) == (7, 4, 1, 2, 1)
+    assert stats["refused_by_encoder"] == 1 and stats["first_invalid"].startswith("line 6: not valid JSON")
     assert stats["characters"] == 4 + 5 + 5 + 5 and stats["chars_max"] == 5
     assert (stats["share_zh"], stats["share_en"], stats["share_other"]) == (round(4 / 16, 4), round(12 / 16, 4), 0.0)
     from minimind_pl.tokenizer import Tokenizer
@@ -34,6 +38,20 @@ def test_stats_counts_documents_bad_lines_duplicates_languages_and_tokens(tmp_pa
     assert stats["tokens"] == sum(lengths)
     assert stats["real_share_padded"] == padding_shares(np.array(lengths), 4)["real_share_padded"]
     assert (tmp_path / "lengths.png").stat().st_size > 0
+
+
+def test_stats_counts_records_the_encoder_refuses_as_invalid(tmp_path, tokenizer_dir):
+    source = tmp_path / "rl.jsonl"
+    prompts = [{"prompt": "tell me"}, {"prompt": "  "}, {"conversations": [{"role": "user", "content": "hi"},
+                                                                          {"role": "assistant", "content": ""}]}]
+    source.write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")
+    with_tokens = dispatch(["data", "stats", str(source), "--tokenizer", str(tokenizer_dir), "--progress", "false"])[0]
+    without = dispatch(["data", "stats", str(source), "--progress", "false"])[0]
+    for stats in (with_tokens, without):
+        assert (stats["format"], stats["documents"], stats["invalid_lines"]) == ("rl", 2, 1)
+        assert stats["first_invalid"].startswith("line 2: ")
+    assert with_tokens["refused_by_encoder"] == 1 and "refused_by_encoder" not in without
+    assert with_tokens["tokens"] > 0 and "tokens" not in without
 
 
 def test_padding_shares_of_known_lengths():

@@ -2,8 +2,6 @@
 and the checks and atomic writes of the files the data tools create."""
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, ContextManager, Iterator, Optional
 
@@ -11,20 +9,6 @@ from minimind_pl.checkpointing import atomic_file
 from minimind_pl.data.cache import (BLOCK_BYTES, default_num_proc, iter_line_blocks, pool_results, process_pool,
                                     progress_bar)
 from minimind_pl.errors import UserError, check_input_file
-
-_PROCESSOR: Optional[Callable[[int, bytes], Any]] = None
-
-
-def _init_worker(processor: Callable[[int, bytes], Any]) -> None:
-    global _PROCESSOR
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl+C and terminates the pool
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _PROCESSOR = processor
-
-
-def _run_block(first_line: int, data: bytes) -> Any:
-    assert _PROCESSOR is not None
-    return _PROCESSOR(first_line, data)
 
 
 def map_blocks(path: Path, processor: Callable[[int, bytes], Any], num_proc: Optional[int], desc: str,
@@ -47,9 +31,9 @@ def map_blocks(path: Path, processor: Callable[[int, bytes], Any], num_proc: Opt
     pool = None
     try:
         if num_proc > 1 and size > 2 * block_bytes:
-            pool = process_pool(num_proc, _init_worker, (processor,))
+            pool = process_pool(num_proc, processor)
             tasks = (((first, data), nbytes) for first, data, nbytes in blocks)
-            results = pool_results(pool, _run_block, tasks, 2 * num_proc)
+            results = pool_results(pool, tasks, 2 * num_proc)
         else:
             results = ((processor(first, data), nbytes) for first, data, nbytes in blocks)
         with progress_bar(size, desc, progress) as bar:

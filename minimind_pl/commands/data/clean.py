@@ -9,7 +9,8 @@ Each line goes through the rules in this order; the first that removes it is the
 4. ``too_short`` / ``too_long``: fewer than ``min_chars`` or more than ``max_chars`` characters of model text;
 5. ``language``: too few letters in the chosen languages;
 6. ``exact_duplicate``: the same model text as an earlier kept line;
-7. ``near_duplicate``: MinHash LSH says an earlier kept line is at least ``near_threshold`` similar.
+7. ``near_duplicate``: an earlier kept line is at least ``near_threshold`` similar (MinHash signatures compared
+   when LSH finds the pair: see :mod:`.dedup`).
 
 Kept lines are written with their texts normalised, as JSON (``ensure_ascii=False``, keys in their order), in input order:
 the output depends only on the input and the arguments (not on the number of processes).
@@ -27,7 +28,7 @@ from minimind_pl.data.cache import parse_block
 from minimind_pl.errors import UserError
 
 from .blocks import atomic_output, check_output, input_files, map_blocks
-from .dedup import KeySet, NearDuplicateKeys, text_key
+from .dedup import KeySet, MinHasher, NearDuplicateIndex, text_key
 from .formats import (FORMATS, LANGUAGES, check_record, detect_format, letter_counts, map_texts, model_text,
                       normalize_text)
 
@@ -35,23 +36,33 @@ RULES = ("invalid_json", "invalid_record", "empty_after_cleaning", "too_short", 
          "exact_duplicate", "near_duplicate")
 UNICODE_FORMS = ("NFC", "NFKC", "none")
 MAX_EXAMPLES = 5  # removed lines quoted per rule in the report
+JSON_LINE = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(obj, ensure_ascii=False), built once
 
 
 @dataclass
 class CleanedLine:
-    """What a worker decided about one line: the rule that removed it, or the line to write and its keys."""
+    """What a worker decided about one line: the rule that removed it, or the line to write."""
 
     line_no: int
     rule: Optional[str] = None
     reason: str = ""
     output: bytes = b""
-    exact_key: int = 0
-    near_keys: Optional[np.ndarray] = None
+
+
+@dataclass
+class CleanedBlock:
+    """A block's lines in file order and, for those the per-line rules kept (in order), their duplicate keys."""
+
+    lines: list[CleanedLine]
+    exact_keys: np.ndarray  # uint64 per kept line
+    signatures: Optional[np.ndarray] = None  # (kept, num_perm) uint32 MinHash signatures
+    band_keys: Optional[np.ndarray] = None  # (kept, bands) LSH band keys
 
 
 @dataclass
 class LineCleaner:
-    """The per-line rules that need no other line (run in the worker processes)."""
+    """The per-line rules that need no other line, and the duplicate keys of the lines they keep (run in the worker
+    processes)."""
 
     data_format: str
     unicode_form: Optional[str]
@@ -59,29 +70,41 @@ class LineCleaner:
     max_chars: Optional[int]
     languages: tuple[str, ...]
     min_language_share: float
-    near: Optional[NearDuplicateKeys]
+    hasher: Optional[MinHasher]
 
-    def __call__(self, first_line: int, data: bytes) -> list[CleanedLine]:
+    def __call__(self, first_line: int, data: bytes) -> CleanedBlock:
         records, errors, _ = parse_block(first_line, data)
-        out = [CleanedLine(line_no, "invalid_json", reason) for line_no, reason in errors]
-        out += [self.clean(line_no, obj) for line_no, obj in records]
-        return sorted(out, key=lambda line: line.line_no)
+        lines = [CleanedLine(line_no, "invalid_json", reason) for line_no, reason in errors]
+        texts: dict[int, str] = {}  # line number -> model text of the kept lines
+        for line_no, obj in records:
+            line, text = self.clean(line_no, obj)
+            lines.append(line)
+            if text is not None:
+                texts[line_no] = text
+        lines.sort(key=lambda line: line.line_no)
+        kept = [texts[line.line_no] for line in lines if line.rule is None]
+        block = CleanedBlock(lines, np.fromiter(map(text_key, kept), np.uint64, len(kept)))
+        if self.hasher is not None:
+            block.signatures = self.hasher.signatures(kept)
+            block.band_keys = self.hasher.band_keys(block.signatures)
+        return block
 
-    def clean(self, line_no: int, obj: Any) -> CleanedLine:
-        """Normalise one parsed record and apply the rules 2-5 (see the module doc)."""
+    def clean(self, line_no: int, obj: Any) -> tuple[CleanedLine, Optional[str]]:
+        """Normalise one parsed record and apply the rules 2-5 (see the module doc): the line, and the model text
+        when it is kept."""
         error = check_record(obj, self.data_format)
         if error:
-            return CleanedLine(line_no, "invalid_record", error)
-        obj = map_texts(obj, self.data_format, lambda text: normalize_text(text, self.unicode_form))
-        error = check_record(obj, self.data_format)
+            return CleanedLine(line_no, "invalid_record", error), None
+        changed = []
+        obj = map_texts(obj, self.data_format, lambda text: normalized(text, self.unicode_form, changed))
+        error = check_record(obj, self.data_format) if changed else None  # unchanged: still valid
         if error:
-            return CleanedLine(line_no, "empty_after_cleaning", error)
+            return CleanedLine(line_no, "empty_after_cleaning", error), None
         text = model_text(obj, self.data_format)
         rule = self.length_or_language(text)
         if rule:
-            return CleanedLine(line_no, rule, f"{len(text)} characters")
-        return CleanedLine(line_no, output=json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n",
-                           exact_key=text_key(text), near_keys=self.near.keys(text) if self.near else None)
+            return CleanedLine(line_no, rule, f"{len(text)} characters"), None
+        return CleanedLine(line_no, output=JSON_LINE(obj).encode("utf-8") + b"\n"), text
 
     def length_or_language(self, text: str) -> Optional[str]:
         """The length or language rule that removes ``text``, or None."""
@@ -127,6 +150,14 @@ class CleanReport:
         return "\n".join(rows)
 
 
+def normalized(text: str, unicode_form: Optional[str], changed: list) -> str:
+    """``normalize_text(text)``, appending to ``changed`` when that changes it."""
+    out = normalize_text(text, unicode_form)
+    if out != text:
+        changed.append(text)
+    return out
+
+
 def resolve_format(path: Path, data_format: str) -> str:
     """``data_format``, or with ``auto`` the format of the first line of ``path`` that is a JSON object."""
     if data_format != "auto":
@@ -152,9 +183,9 @@ def make_cleaner(data_format: str, unicode_form: str, min_chars: int, max_chars:
     unknown = sorted(set(languages or ()) - set(LANGUAGES))
     if unknown:
         raise UserError(f"--languages takes {', '.join(LANGUAGES)}; unknown: {', '.join(unknown)}")
-    near = NearDuplicateKeys(near_threshold, num_perm, ngram) if near_threshold else None
+    hasher = MinHasher(near_threshold, num_perm, ngram) if near_threshold else None
     return LineCleaner(data_format, None if unicode_form == "none" else unicode_form, min_chars, max_chars,
-                       tuple(languages or ()), min_language_share, near)
+                       tuple(languages or ()), min_language_share, hasher)
 
 
 def clean_command(input: str, *, output: str, format: str = "auto", unicode_form: str = "NFC", min_chars: int = 1,
@@ -177,8 +208,9 @@ def clean_command(input: str, *, output: str, format: str = "auto", unicode_form
         languages: keep only lines whose letters are mostly in these languages (zh, en, other); none: all.
         min_language_share: the share of letters that must be in ``languages`` (lines without letters are kept).
         dedup: remove exact duplicates (same model text after cleaning) and, with near_threshold, near duplicates.
-        near_threshold: Jaccard similarity (of word n-grams, a Chinese character being a word; MinHash LSH) from which a line is a
-            near duplicate of an earlier one; none: exact duplicates only. Needs datasketch (pip install -e ".[data]").
+        near_threshold: Jaccard similarity (of word n-grams, a Chinese character being a word) from which a line is a
+            near duplicate of an earlier one, estimated from MinHash signatures of the pairs LSH finds; none: exact
+            duplicates only. Needs datasketch (pip install -e ".[data]").
         num_perm: MinHash permutations (more: a sharper threshold, slower).
         ngram: words per n-gram for the similarity.
         num_proc: worker processes (default: every CPU).
@@ -190,29 +222,43 @@ def clean_command(input: str, *, output: str, format: str = "auto", unicode_form
     cleaner = make_cleaner(data_format, unicode_form, min_chars, max_chars, languages, min_language_share,
                            near_threshold if dedup else None, num_perm, ngram)
     report = CleanReport(data_format)
-    exact, near = KeySet(), KeySet()
-    with atomic_output(target) as handle:
-        for block in map_blocks(source, cleaner, num_proc, f"cleaning {source.name}", progress):
-            for line in block:
-                if line.rule is None and dedup:
-                    mark_duplicate(line, exact, near)
-                if line.rule is None:
-                    handle.write(line.output)
-                report.count(source, line)
+    exact = KeySet()
+    near = NearDuplicateIndex(cleaner.hasher, target.resolve().parent) if cleaner.hasher is not None else None
+    try:
+        with atomic_output(target) as handle:
+            for block in map_blocks(source, cleaner, num_proc, f"cleaning {source.name}", progress):
+                if dedup:
+                    mark_duplicates(block, exact, near)
+                for line in block.lines:
+                    if line.rule is None:
+                        handle.write(line.output)
+                    report.count(source, line)
+    finally:
+        if near is not None:
+            near.close()
     print(report.summary())
     print(f"wrote {target}")
     return {"format": data_format, "lines": report.lines, "kept": report.kept, "removed": report.removed,
             "examples": report.examples}
 
 
-def mark_duplicate(line: CleanedLine, exact: KeySet, near: KeySet) -> None:
-    """Set ``line.rule`` if an earlier kept line had its text or one of its band keys; else remember its keys."""
-    exact_key = np.array([line.exact_key], np.uint64)
-    if exact.contains_any(exact_key):
-        line.rule = "exact_duplicate"
-    elif line.near_keys is not None and near.contains_any(line.near_keys):
-        line.rule = "near_duplicate"
-    else:
-        exact.add(exact_key)
-        if line.near_keys is not None:
-            near.add(line.near_keys)
+def mark_duplicates(block: CleanedBlock, exact: KeySet, near: Optional[NearDuplicateIndex]) -> None:
+    """Set the rule of each line the per-line rules kept that is an exact or near duplicate of an earlier kept line
+    (of this block or an earlier one), in file order; remember the keys of the others."""
+    kept = [line for line in block.lines if line.rule is None]
+    exact_before = exact.lookup(block.exact_keys)
+    if near is not None:
+        near.begin_block(block.signatures, block.band_keys)
+    added: dict[int, None] = {}
+    for i, (line, key) in enumerate(zip(kept, block.exact_keys.tolist())):
+        if exact_before[i] or key in added:
+            line.rule = "exact_duplicate"
+        elif near is not None and near.is_near(i):
+            line.rule = "near_duplicate"
+        else:
+            added[key] = None
+            if near is not None:
+                near.keep(i)
+    exact.add(np.fromiter(added, np.uint64, len(added)))
+    if near is not None:
+        near.end_block()

@@ -10,7 +10,6 @@ starts at once instead of waiting while one process tokenizes.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from minimind_pl.cli import MiniMindCLI, namespace_dict, run_lightning
 from minimind_pl.errors import UserError, reported_cause

@@ -1,9 +1,10 @@
 """``python main.py data stats FILE... [--tokenizer DIR]``: what a dataset holds before training on it.
 
-Per file: lines, documents, blank and invalid lines (the training code's rule), exact duplicates (same model
-text), characters and their length percentiles, the share of Chinese / English / other letters, and with a
-tokenizer the tokens training would see (the stage's own encoder: chat template, bos/eos, both sides of a DPO
-pair) with the share of real tokens when each document is padded to ``seq_len`` (MiniMind) versus packed.
+Per file: lines, documents, blank and invalid lines (the training code's rule; with a tokenizer, the stage's
+encoder is that rule, and the lines it refuses are also counted apart), exact duplicates (same model text),
+characters and their length percentiles, the share of Chinese / English / other letters, and with a tokenizer the
+tokens training would see (the stage's own encoder: chat template, bos/eos, both sides of a DPO pair) with the
+share of real tokens when each document is padded to ``seq_len`` (MiniMind) versus packed.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from minimind_pl.errors import UserError
 from .blocks import input_files, map_blocks
 from .clean import resolve_format
 from .dedup import KeySet, require_extra, text_key
-from .formats import LANGUAGES, check_record, letter_counts, model_text
+from .formats import LANGUAGES, check_record, check_rl_prompt, letter_counts, model_text
 
 PERCENTILES = (50, 90, 99)
 
@@ -33,10 +34,12 @@ class BlockStats:
     lines: int = 0
     blank: int = 0
     invalid: int = 0
+    rejected: int = 0  # of the invalid: records the tokenizing encoder refused
+    first_invalid: Optional[tuple[int, str]] = None  # (line, reason) of the block's first invalid line
     chars: list = field(default_factory=list)
     tokens: list = field(default_factory=list)  # per training document (two per DPO pair)
     letters: list = field(default_factory=lambda: [0, 0, 0])
-    keys: list = field(default_factory=list)
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # exact-duplicate key per document
 
 
 @dataclass
@@ -48,22 +51,30 @@ class LineStats:
 
     def __call__(self, first_line: int, data: bytes) -> BlockStats:
         records, errors, n_lines = parse_block(first_line, data)
-        stats = BlockStats(lines=n_lines, invalid=len(errors))
+        stats = BlockStats(lines=n_lines, invalid=len(errors), first_invalid=errors[0] if errors else None)
         stats.blank = n_lines - len(records) - len(errors)
-        valid = []
-        for line_no, obj in records:
-            if check_record(obj, self.data_format):
+        keys = []
+        for (line_no, obj), verdict in zip(records, self.verdicts(records)):
+            if isinstance(verdict, str):  # each record is validated once: by the encoder when tokenizing
                 stats.invalid += 1
+                stats.rejected += self.encoder is not None
+                if stats.first_invalid is None or line_no < stats.first_invalid[0]:
+                    stats.first_invalid = (line_no, verdict)
                 continue
-            valid.append((line_no, obj))
+            stats.tokens += [len(ids) for ids, _ in verdict or ()]
             text = model_text(obj, self.data_format)
             stats.chars.append(len(text))
-            stats.keys.append(text_key(text))
+            keys.append(text_key(text))
             stats.letters = [a + b for a, b in zip(stats.letters, letter_counts(text))]
-        if self.encoder is not None and valid:
-            for documents in self.encoder.encode_records(valid):
-                stats.tokens += [len(ids) for ids, _ in documents] if not isinstance(documents, str) else []
+        stats.keys = np.array(keys, np.uint64)
         return stats
+
+    def verdicts(self, records: list) -> list:
+        """Per record, why it is invalid (a string), or its training documents (a list of ``(ids, mask)``; None
+        without a tokenizer)."""
+        if self.encoder is None:
+            return [check_record(obj, self.data_format) for _, obj in records]
+        return self.encoder.encode_records(records) if records else []
 
 
 def make_encoder(tokenizer: Optional[str], data_format: str, seq_len: int) -> Any:
@@ -90,9 +101,13 @@ class PromptEncoder:
         self.tokenizer = tokenizer
 
     def encode_records(self, records: list) -> list:
-        """One document (the prompt's tokens) per record."""
+        """One document (the prompt's tokens) per valid record; why it is invalid for the others."""
         out = []
         for _, obj in records:
+            error = check_rl_prompt(obj)
+            if error:
+                out.append(error)
+                continue
             messages = [{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else obj["conversations"]
             if messages[-1].get("role") == "assistant":
                 messages = messages[:-1]
@@ -105,7 +120,9 @@ class FileStats:
 
     def __init__(self, path: Path, data_format: str) -> None:
         self.path, self.data_format = path, data_format
-        self.lines = self.blank = self.invalid = self.duplicates = 0
+        self.lines = self.blank = self.invalid = self.rejected = self.duplicates = 0
+        self.first_invalid: Optional[tuple[int, str]] = None
+        self.tokenized = False
         self.chars, self.tokens = array("I"), array("I")
         self.letters = [0, 0, 0]
         self.seen = KeySet()
@@ -115,25 +132,32 @@ class FileStats:
         self.lines += block.lines
         self.blank += block.blank
         self.invalid += block.invalid
+        self.rejected += block.rejected
+        self.first_invalid = self.first_invalid or block.first_invalid
         self.chars.extend(block.chars)
         self.tokens.extend(block.tokens)
         self.letters = [a + b for a, b in zip(self.letters, block.letters)]
-        for key in block.keys:
-            key = np.array([key], np.uint64)
-            if self.seen.contains_any(key):
-                self.duplicates += 1
-            else:
-                self.seen.add(key)
+        self.duplicates += int(self.seen.mark(block.keys).sum())
+
+    def invalid_details(self) -> dict[str, Any]:
+        """How many invalid lines the tokenizing encoder refused, and the first invalid line with its reason."""
+        out: dict[str, Any] = {"refused_by_encoder": self.rejected} if self.tokenized else {}
+        if self.first_invalid:
+            out["first_invalid"] = f"line {self.first_invalid[0]}: {self.first_invalid[1]}"
+        return out
 
     def summary(self, seq_len: int) -> dict[str, Any]:
         """The statistics as a dict (the printed report and the command's return value)."""
         out: dict[str, Any] = {"file": str(self.path), "format": self.data_format, "lines": self.lines,
                                "documents": len(self.chars), "blank_lines": self.blank,
-                               "invalid_lines": self.invalid, "exact_duplicates": self.duplicates,
+                               "invalid_lines": self.invalid, **self.invalid_details(),
+                               "exact_duplicates": self.duplicates,
                                "characters": int(sum(self.chars))}
         out.update(percentiles("chars", self.chars))
         letters = sum(self.letters) or 1
         out.update({f"share_{lang}": round(n / letters, 4) for lang, n in zip(LANGUAGES, self.letters)})
+        if self.tokenized:
+            out["tokens"] = 0
         if self.tokens:
             out["tokens"] = int(sum(self.tokens))
             out.update(percentiles("tokens", self.tokens))
@@ -180,6 +204,7 @@ def stats_command(files: list[str], tokenizer: Optional[str] = None, seq_len: in
         data_format = resolve_format(path, format)
         stats = FileStats(path, data_format)
         measure = LineStats(data_format, make_encoder(tokenizer, data_format, seq_len))
+        stats.tokenized = measure.encoder is not None
         for block in map_blocks(path, measure, num_proc, f"reading {path.name}", progress):
             stats.add(block)
         summary = stats.summary(seq_len)
