@@ -10,7 +10,8 @@ Formats (MiniMind's files):
 
 The validity of a record is the training code's own rule (:func:`check_text_record`,
 :func:`check_conversation_record` with :func:`empty_answer_error`, :func:`check_pair`, and the message checks
-of :func:`prepare_messages`), so a line ``data clean`` keeps is a line training accepts.
+of :func:`prepare_messages`; RL prompts: :func:`check_prompt_record`), so a line ``data clean`` keeps is a line
+training accepts.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Callable, Optional
 from minimind_pl.chat_format import REASONING_FIELDS, prepare_messages
 from minimind_pl.data.dpo import SIDES, check_pair
 from minimind_pl.data.pretrain import check_text_record
+from minimind_pl.data.prompts import check_prompt_record
 from minimind_pl.data.sft import check_conversation_record, empty_answer_error
 
 FORMATS = ("pretrain", "sft", "dpo", "rl")
@@ -63,20 +65,6 @@ def _check_messages(messages: list) -> Optional[str]:
     return None
 
 
-def check_rl_prompt(obj: Any) -> Optional[str]:
-    """Why ``obj`` is not an RL prompt (``{"prompt": ...}``, or a conversation ending in an empty assistant turn
-    or a user turn), or None."""
-    if isinstance(obj, dict) and "prompt" in obj:
-        return check_text_record(obj, "prompt")
-    conversation = obj.get("conversations") if isinstance(obj, dict) else None
-    if not isinstance(conversation, list) or not conversation or not all(isinstance(m, dict) for m in conversation):
-        return "expected a JSON object with a 'prompt' string or a non-empty 'conversations' list of messages"
-    asked = conversation[:-1] if conversation[-1].get("role") == "assistant" else conversation
-    if not any(m.get("role") == "user" and str(m.get("content") or "").strip() for m in asked):
-        return "empty prompt (no user turn with text)"
-    return _check_messages(conversation)
-
-
 def check_record(obj: Any, data_format: str) -> Optional[str]:
     """Why ``obj`` is not a valid record of ``data_format`` for training, or None."""
     if data_format == "pretrain":
@@ -86,7 +74,7 @@ def check_record(obj: Any, data_format: str) -> Optional[str]:
         return error or _check_messages(obj["conversations"]) or empty_answer_error(obj["conversations"])
     if data_format == "dpo":
         return check_pair(obj) or _check_messages(obj["chosen"]) or _check_messages(obj["rejected"])
-    return check_rl_prompt(obj)
+    return check_prompt_record(obj)  # the RL prompts' rule: PromptDataModule's
 
 
 def _map_messages(messages: list, function: Callable[[str], str]) -> list:

@@ -17,12 +17,13 @@ from typing import Any, Optional
 import numpy as np
 
 from minimind_pl.data.cache import parse_block
+from minimind_pl.data.prompts import check_prompt_record, prompt_turns
 from minimind_pl.errors import UserError
 
 from .blocks import input_files, map_blocks
 from .clean import resolve_format
 from .dedup import KeySet, require_extra, text_key
-from .formats import LANGUAGES, check_record, check_rl_prompt, letter_counts, model_text
+from .formats import LANGUAGES, check_record, letter_counts, model_text
 
 PERCENTILES = (50, 90, 99)
 
@@ -104,13 +105,11 @@ class PromptEncoder:
         """One document (the prompt's tokens) per valid record; why it is invalid for the others."""
         out = []
         for _, obj in records:
-            error = check_rl_prompt(obj)
+            error = check_prompt_record(obj)
             if error:
                 out.append(error)
                 continue
-            messages = [{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else obj["conversations"]
-            if messages[-1].get("role") == "assistant":
-                messages = messages[:-1]
+            messages = [{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else prompt_turns(obj["conversations"])
             out.append([(self.tokenizer.encode_chat(messages, add_generation_prompt=True), None)])
         return out
 
