@@ -254,6 +254,14 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     return loss, stats
 
 
+def final_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards (N, R) with each answer's reward (N,) on its last masked position, 0 elsewhere (PPO)."""
+    last = mask.float().cumsum(dim=1).argmax(dim=1)  # (N,) the first position holding the row's full count
+    token_rewards = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
+    token_rewards[torch.arange(len(last), device=last.device), last] = rewards
+    return token_rewards * mask
+
+
 def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                            lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016) over answer tokens.

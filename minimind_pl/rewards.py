@@ -177,7 +177,7 @@ class ThinkingFormat(Reward):
         """The format score of one completion."""
         if THINK_END not in completion:
             return self.missing
-        reasoning = completion.split(THINK_END, 1)[0].replace("<think>", "")
+        reasoning = completion.split(THINK_END, 1)[0]  # as MiniMind counts it (an opening tag written here included)
         length = self.good_length if _in_range(reasoning, self.min_chars, self.max_chars) else self.bad_length
         return length + (self.single if completion.count(THINK_END) == 1 else self.repeated)
 
@@ -274,7 +274,7 @@ class RewardModel(Reward):
     @staticmethod
     def conversation(sample: Sample) -> list[dict[str, str]]:
         """The two turns the reward model scores: the question (with earlier turns folded in) and the answer."""
-        turns = [m for m in prompt_messages(sample.prompt) if m["role"] != "system"]
+        turns = prompt_messages(sample.prompt)
         question = turns[-1]["content"] if turns else ""
         history = "\n".join(f"{m['role']}: {m['content']}" for m in turns[:-1])
         if history:  # MiniMind's wording: "the above is the history; my new question is"

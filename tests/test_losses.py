@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minimind_pl.losses import IGNORE_INDEX, causal_lm_loss, token_log_probs
-from minimind_pl.losses import (clipped_surrogate, generalized_advantages, group_advantages, grpo_loss, k3_kl,
-                                masked_mean, ppo_losses, whiten)
+from minimind_pl.losses import (clipped_surrogate, final_token_rewards, generalized_advantages, group_advantages,
+                                grpo_loss, k3_kl, masked_mean, ppo_losses, whiten)
 
 
 def test_causal_lm_loss_is_mean_over_labelled_positions_only():
@@ -237,3 +237,9 @@ def test_clipped_surrogate_marks_the_clipped_tokens():
     objective, clipped = clipped_surrogate(logps, old, torch.ones(1, 3), epsilon=0.2)
     assert objective.tolist()[0] == pytest.approx([0.7, 1.0, 1.2])
     assert clipped.tolist() == [[True, False, True]]
+
+
+def test_final_token_rewards_put_each_reward_on_its_answers_last_token():
+    mask = torch.tensor([[False, True, True, False], [True, False, False, False], [False, False, True, True]])
+    rewards = final_token_rewards(torch.tensor([1.0, -2.0, 3.0]), mask)
+    assert rewards.tolist() == [[0, 0, 1, 0], [-2, 0, 0, 0], [0, 0, 0, 3]]

@@ -65,8 +65,9 @@ def test_prompt_messages_read_the_turns_of_a_rendered_prompt():
                                        {"role": "assistant", "content": "Hello"},
                                        {"role": "user", "content": "What is 3 + 4?"}]
     folded = RewardModel.conversation(Sample(prompt, "7"))
-    assert folded[0]["content"].startswith("user: Hi\nassistant: Hello\n") and folded[1] == {"role": "assistant",
-                                                                                            "content": "7"}
+    assert folded[0]["content"] == ("system: Be brief.\nuser: Hi\nassistant: Hello\n以上是对话历史。我的新问题是：\n"
+                                    "What is 3 + 4?")
+    assert folded[1] == {"role": "assistant", "content": "7"}
 
 
 def test_reward_model_scores_with_a_transformers_sequence_classifier(tmp_path):

@@ -4,9 +4,11 @@ A line is either a conversation whose last assistant turn is empty (MiniMind's R
 that turn) or ends with a user turn, or ``{"prompt": "..."}`` (asked as one user turn). It may carry a ground
 truth ``gt`` (a string or a number) that verifiable rewards check (``rewards.AnswerMatch``).
 
-Each line is rendered once with the chat template and a generation prompt; with probability ``thinking_ratio``
-(seeded per line, as MiniMind draws it per sample) the prompt leaves a ``<think>`` block open. A prompt longer
-than ``seq_len`` tokens keeps its last ``seq_len`` tokens (MiniMind cuts from the left too). The token cache
+Each line is rendered once with the chat template and a generation prompt, with MiniMind's augmentations drawn
+from a per-line seed: a random system prompt with probability ``system_prompt_ratio`` (MiniMind's
+``pre_processing_chat``: 0.2), and a ``<think>`` block left open with probability ``thinking_ratio``. The draws are
+the same in every epoch (MiniMind draws again each time it reads a prompt). A prompt longer than ``seq_len`` tokens
+keeps its last ``seq_len`` tokens (as MiniMind's GRPO; its PPO keeps the first). The token cache
 (:mod:`minimind_pl.data.cache`) holds two documents per line: the prompt's tokens, and ``bos`` followed by the
 tokens of ``gt`` (``bos`` alone without one), decoded back to text when a batch is made.
 
@@ -28,6 +30,7 @@ from ..errors import UserError
 from .base import JsonlDataModule
 from .cache import RecordEncoder
 from .packing import DocumentStream
+from .sft import with_system_prompt
 
 
 def check_prompt_record(obj: Any) -> Optional[str]:
@@ -76,29 +79,35 @@ class PromptEncoder(RecordEncoder):
         tokenizer: the tokenizer (its chat template renders the prompt).
         max_tokens: the most prompt tokens (longer prompts keep their end).
         thinking_ratio: probability that a prompt leaves a ``<think>`` block open (MiniMind: 0.9).
-        seed: seed of that per-line draw.
+        seed: seed of the per-line draws.
+        system_prompt_ratio: probability of a random system prompt first (``sft.with_system_prompt``; MiniMind: 0.2).
     """
 
     kind = "prompts"
     version = 1
     docs_per_record = 2
 
-    def __init__(self, tokenizer: Any, max_tokens: int, thinking_ratio: float = 0.0, seed: int = 42) -> None:
+    def __init__(self, tokenizer: Any, max_tokens: int, thinking_ratio: float = 0.0, seed: int = 42,
+                 system_prompt_ratio: float = 0.0) -> None:
         super().__init__(tokenizer)
-        if not 0.0 <= thinking_ratio <= 1.0:
-            raise UserError(f"--data.thinking_ratio must be in [0, 1], got {thinking_ratio}")
+        for name, value in (("thinking_ratio", thinking_ratio), ("system_prompt_ratio", system_prompt_ratio)):
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"--data.{name} must be in [0, 1], got {value}")
         self.max_tokens, self.thinking_ratio, self.seed = int(max_tokens), float(thinking_ratio), int(seed)
+        self.system_prompt_ratio = float(system_prompt_ratio)
 
     def settings(self) -> dict:
-        """Cache key: the base settings, the length limit and the thinking draw."""
-        random_draw = 0.0 < self.thinking_ratio < 1.0
+        """Cache key: the base settings, the length limit and the per-line draws."""
+        random_draw = any(0.0 < r < 1.0 for r in (self.thinking_ratio, self.system_prompt_ratio))
         return {**super().settings(), "max_tokens": self.max_tokens, "thinking_ratio": self.thinking_ratio,
-                "seed": self.seed if random_draw else None}
+                "system_prompt_ratio": self.system_prompt_ratio, "seed": self.seed if random_draw else None}
 
     def render(self, obj: dict, line_no: int) -> str:
-        """The prompt text of one valid record, thinking opened by the line's seeded draw."""
+        """The prompt text of one valid record, with the line's seeded system prompt and thinking draws."""
         messages = [{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else prompt_turns(obj["conversations"])
-        think = random.Random(f"minimind-prompts:{self.seed}:{line_no}").random() < self.thinking_ratio
+        rng = random.Random(f"minimind-prompts:{self.seed}:{line_no}")
+        think = rng.random() < self.thinking_ratio
+        messages = with_system_prompt(messages, rng, self.system_prompt_ratio)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, open_thinking=think)
 
     def encode_records(self, records: Sequence[tuple[int, Any]]) -> list:
@@ -185,20 +194,22 @@ class PromptDataModule(JsonlDataModule):
         batch_size: prompts per batch on each device (MiniMind: 2); each is answered ``num_generations`` times.
         thinking_ratio: share of prompts rendered with an open ``<think>`` block (MiniMind: 0.9), drawn per line
             from ``seed``.
+        system_prompt_ratio: share of prompts given a random system prompt first (MiniMind: 0.2), drawn per line
+            from ``seed``; lines with tools or their own system turn keep theirs.
         kwargs: the other keyword arguments of :class:`JsonlDataModule`.
     """
 
     def __init__(self, train_path: Union[str, list[str]], seq_len: int = 768, batch_size: int = 2,
-                 thinking_ratio: float = 0.0, **kwargs: Any) -> None:
+                 thinking_ratio: float = 0.0, system_prompt_ratio: float = 0.0, **kwargs: Any) -> None:
         fixed = [name for name in ("packing", "cross_document_attention") if name in kwargs]
         if fixed:
             raise UserError(f"PromptDataModule takes no {' or '.join(fixed)}: prompts are never packed; remove it")
         super().__init__(train_path, seq_len, batch_size, packing=False, cross_document_attention=False, **kwargs)
-        self.thinking_ratio = thinking_ratio
+        self.thinking_ratio, self.system_prompt_ratio = thinking_ratio, system_prompt_ratio
 
     def make_encoder(self) -> PromptEncoder:
         """Prompts rendered with the chat template, cut to ``seq_len`` tokens."""
-        return PromptEncoder(self.tokenizer, self.seq_len, self.thinking_ratio, self.seed)
+        return PromptEncoder(self.tokenizer, self.seq_len, self.thinking_ratio, self.seed, self.system_prompt_ratio)
 
     def make_dataset(self, stream: DocumentStream) -> PromptDataset:
         """The prompts of one split, by index."""

@@ -120,6 +120,17 @@ def empty_answer_error(conversation: list) -> Optional[str]:
     return None
 
 
+def with_system_prompt(messages: Sequence[dict], rng: random.Random, ratio: float,
+                       prompts: Sequence[str] = SYSTEM_PROMPTS) -> list[dict]:
+    """MiniMind's augmentation (``pre_processing_chat``): with probability ``ratio`` a conversation without tools and
+    without a system turn gets a random one of ``prompts`` first. Draws two numbers from ``rng`` whatever happens."""
+    draw, pick = rng.random(), rng.randrange(max(1, len(prompts)))
+    messages = list(messages)
+    if not any(m.get("tools") for m in messages) and messages[0].get("role") != "system" and draw < ratio:
+        messages = [{"role": "system", "content": prompts[pick]}] + messages
+    return messages
+
+
 class SFTEncoder(RecordEncoder):
     """Conversations -> chat-template tokens + assistant loss mask (MiniMind's SFTDataset rules).
 
@@ -175,11 +186,8 @@ class SFTEncoder(RecordEncoder):
     def render(self, conversation: list, line_no: int) -> str:
         """The training text of one conversation, with the line's seeded augmentations."""
         rng = random.Random(f"minimind-sft:{self.seed}:{line_no}")
-        r_system, pick, r_think = rng.random(), rng.randrange(max(1, len(self.system_prompts))), rng.random()
-        messages = list(conversation)
-        has_tools = any(m.get("tools") for m in messages)
-        if not has_tools and messages[0].get("role") != "system" and r_system < self.system_prompt_ratio:
-            messages = [{"role": "system", "content": self.system_prompts[pick]}] + messages
+        messages = with_system_prompt(conversation, rng, self.system_prompt_ratio, self.system_prompts)
+        r_think = rng.random()
         text = self.tokenizer.apply_chat_template(messages)
         if EMPTY_THINK in text and r_think < self.empty_think_drop_ratio:
             text = text.replace(EMPTY_THINK, "")

@@ -29,7 +29,8 @@ from minimind_pl.errors import TrainingStopped, UserError
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.stages.compiled import CompiledTraining, compile_decision, flex_decision
 from minimind_pl.stages.nonfinite import NonFiniteSteps
-from minimind_pl.stages.resume import collect_rng_states, optimizer_settings_changed, restore_rng_states
+from minimind_pl.stages.resume import (OPTIMIZER_HPARAMS, collect_rng_states, optimizer_settings_changed,
+                                       restore_rng_states)
 from minimind_pl.stages.strategies import clips_gradients_itself, decays_weight, gradient_norm_clipped, wrap_for_fsdp
 from minimind_pl.throughput import flops_per_token, matmul_peak_tflops
 from minimind_pl.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -43,6 +44,8 @@ class Stage(L.LightningModule):
     VAL_METRICS: tuple[str, ...] = ("loss",)
     #: Which of them the progress bar shows.
     PROGRESS_METRICS: tuple[str, ...] = ("loss",)
+    #: Arguments that define the optimizer's param groups and schedule: a resumed run applies changed ones.
+    OPTIMIZER_ARGUMENTS: tuple[str, ...] = OPTIMIZER_HPARAMS
     #: How ``sample_prompts`` are given to the model: ``"text"`` as written, ``"chat"`` as a user turn.
     SAMPLE_STYLE = "text"
 
@@ -123,6 +126,7 @@ class Stage(L.LightningModule):
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in self.VAL_METRICS})
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
+        self._last_log_interval = 0  # the logging interval (global_step // log_every_n_steps) last logged
         self.nonfinite = NonFiniteSteps()
         self._resumed: dict[str, Any] | None = None  # the checkpoint's hparams and RNG states, until training resumes
 
@@ -192,7 +196,9 @@ class Stage(L.LightningModule):
 
     def on_train_start(self) -> None:
         """After a resume: apply this run's optimizer settings where they differ from the checkpoint's."""
-        if self._resumed is not None and optimizer_settings_changed(self._resumed["hparams"], dict(self.hparams)):
+        self._last_log_interval = self.global_step // self.trainer.log_every_n_steps
+        if self._resumed is not None and optimizer_settings_changed(self._resumed["hparams"], dict(self.hparams),
+                                                                    self.OPTIMIZER_ARGUMENTS):
             self.apply_optimizer_settings(self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -335,13 +341,22 @@ class Stage(L.LightningModule):
         if clips_gradients_itself(strategy) or gradient_clip_algorithm not in (None, "norm"):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         max_norm = gradient_clip_val if gradient_clip_val else float("inf")
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = gradient_norm_clipped(self.trainer, params, max_norm)  # NaN/inf when any gradient is
-        found_inf = self.nonfinite.verdict(norm, self.global_step + 1)
+        norms = {}
+        for name, group_indices in self.clip_sets().items():  # each set clipped to max_norm on its own
+            params = [p for i in group_indices for p in optimizer.param_groups[i]["params"] if p.grad is not None]
+            norms[name] = gradient_norm_clipped(self.trainer, params, max_norm)  # NaN/inf when any gradient is
+        total = torch.stack(list(norms.values())).sum()  # non-finite when any set's norm is
+        found_inf = self.nonfinite.verdict(total, self.global_step + 1)
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = found_inf  # the fused kernel skips this step when it is 1, on the device
-        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        for name, norm in norms.items():
+            self.log(f"train/grad_norm{'_' + name if name else ''}", norm, on_step=True, on_epoch=False)
         self.log("train/skipped_steps", self.nonfinite.skipped.float(), on_step=True, on_epoch=False)
+
+    def clip_sets(self) -> dict[str, list[int]]:
+        """Which optimizer param groups are clipped together, by a name for the logged norm (``""``:
+        ``train/grad_norm``). One set of all groups; PPO clips its policy and its critic apart, as MiniMind does."""
+        return {"": list(range(len(self.optimizer_group_settings())))}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """After each optimizer step: stop a diverged run; once per logging interval, log the learning rate and
@@ -349,8 +364,10 @@ class Stage(L.LightningModule):
         if self.trainer.fit_loop._should_accumulate():
             return
         self.stop_if_diverged()
-        if self.global_step % self.trainer.log_every_n_steps != 0:
+        interval = self.global_step // self.trainer.log_every_n_steps  # a batch may make several steps (RL)
+        if interval == self._last_log_interval:
             return
+        self._last_log_interval = interval
         now = time.perf_counter()
         if self._last_log_time is not None:
             tokens_per_sec = self._tokens_since_log * self.trainer.world_size / max(now - self._last_log_time, 1e-9)

@@ -51,6 +51,11 @@ class GRPO(RolloutStage):
         if num_generations < 2 or num_iterations < 1:
             raise UserError(f"num_generations must be >= 2 (a group to compare with) and num_iterations >= 1, got "
                             f"{num_generations}, {num_iterations}")
+        if beta < 0 or epsilon <= 0 or epsilon_high <= 0:
+            raise UserError(f"GRPO needs beta >= 0, epsilon > 0 and epsilon_high > 0, got {beta}, {epsilon}, {epsilon_high}")
+        if self.sampling.greedy:
+            raise UserError("--model.temperature 0 samples the same answer num_generations times: every advantage "
+                            "would be 0 and nothing would be learned; sample (temperature > 0)")
 
     def optimizer_steps_per_batch(self) -> int:
         """``num_iterations`` updates per batch of answers."""

@@ -8,6 +8,11 @@ reference (0.02) + ``vf_coef`` (0.5) × the clipped value loss (0.2); the passes
 to the sampling policy exceeds ``early_stop_kl`` (0.25), agreed over all ranks. Actor lr 3e-7, critic lr 5e-7
 (here one optimizer with a parameter group per model).
 
+The policy's and the critic's gradients are clipped apart (``clip_sets``), as MiniMind clips each model. The
+critic applies the backbone's final norm once (MiniMind's ``CriticModel`` applies it a second time). A batch always
+makes ``optimizer_steps_per_batch`` steps: after an early stop the rest change nothing, so step-counted checkpoints
+stay regular.
+
 The critic is trained and saved with the policy (``critic.*`` in the checkpoint, so a resumed run has it); every
 tool reads only the policy (``model.*``).
 """
@@ -22,7 +27,7 @@ from torch import Tensor, nn
 
 from minimind_pl.config import ModelConfig
 from minimind_pl.errors import UserError
-from minimind_pl.losses import generalized_advantages, ppo_losses, whiten
+from minimind_pl.losses import final_token_rewards, generalized_advantages, ppo_losses, whiten
 from minimind_pl.model import MiniMindForCausalLM, MiniMindModel
 from minimind_pl.stages.base import split_by_decay
 from minimind_pl.stages.rollouts import Rollouts, RolloutStage
@@ -58,6 +63,8 @@ class ValueModel(nn.Module):
 class PPO(RolloutStage):
     """PPO with a critic and GAE against a frozen copy of the starting model (see the module doc)."""
 
+    OPTIMIZER_ARGUMENTS = (*RolloutStage.OPTIMIZER_ARGUMENTS, "critic_learning_rate")
+
     def __init__(
         self,
         ppo_epochs: int = 2,
@@ -91,6 +98,9 @@ class PPO(RolloutStage):
         super().__init__(**kwargs)
         if ppo_epochs < 1 or mini_batch_size < 1:
             raise UserError(f"ppo_epochs and mini_batch_size must be >= 1, got {ppo_epochs}, {mini_batch_size}")
+        if clip_epsilon <= 0 or value_clip <= 0 or vf_coef < 0 or kl_coef < 0 or not 0 <= gamma <= 1 or not 0 <= lam <= 1:
+            raise UserError(f"PPO needs clip_epsilon > 0, value_clip > 0, vf_coef >= 0, kl_coef >= 0 and gamma, lam in "
+                            f"[0, 1]; got {clip_epsilon}, {value_clip}, {vf_coef}, {kl_coef}, {gamma}, {lam}")
         self.critic = ValueModel.from_policy(self.model)
 
     # ------------------------------------------------------------------ optimizer
@@ -104,6 +114,11 @@ class PPO(RolloutStage):
         policy = super().optimizer_group_settings()
         return policy + [{**group, "lr": self.hparams.critic_learning_rate} for group in policy]
 
+    def clip_sets(self) -> dict[str, list[int]]:
+        """The policy's and the critic's gradients are clipped apart (MiniMind clips each model to 1.0); the critic's
+        norm is logged as ``train/grad_norm_critic``."""
+        return {"": [0, 1], "critic": [2, 3]}
+
     def optimizer_steps_per_batch(self) -> int:
         """``ppo_epochs`` passes of ``ceil(batch_size / mini_batch_size)`` steps (fewer when a pass stops early)."""
         datamodule = self.trainer.datamodule
@@ -116,9 +131,7 @@ class PPO(RolloutStage):
         """``(whitened advantages, returns, values)`` (N, L) of the answers: the reward on each answer's last token."""
         mask = rollouts.mask
         values = self.critic(rollouts.input_ids) * mask
-        last = mask.float().cumsum(dim=1).argmax(dim=1)  # (N,) the last answer position of each row
-        token_rewards = torch.zeros_like(values)
-        token_rewards[torch.arange(len(last), device=last.device), last] = rollouts.rewards
+        token_rewards = final_token_rewards(rollouts.rewards, mask)
         advantages, returns = generalized_advantages(token_rewards, values, mask, self.hparams.gamma, self.hparams.lam)
         return whiten(advantages, mask), returns, values
 
@@ -130,17 +143,21 @@ class PPO(RolloutStage):
             old_logps, _ = self.policy_log_probs(rollouts)
         targets = {"old_logps": old_logps, "ref_logps": self.reference_log_probs(rollouts), "advantages": advantages,
                    "old_values": old_values, "returns": returns, "mask": rollouts.mask}
+        steps = self.global_step + self.optimizer_steps_per_batch()
         for _ in range(self.hparams.ppo_epochs):
             loss, stats, stopped = self.ppo_pass(rollouts, targets)
             if stopped:
                 break
+        self.skip_updates(steps - self.global_step)  # every batch makes the same number of steps
         self.log_rollouts(rollouts, loss, stats)
 
     def ppo_pass(self, rollouts: Rollouts, targets: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], bool]:
         """One pass over the answers in mini-batches, an optimizer step each; ``(last loss, its stats, stopped)``.
 
         A mini-batch whose approximate KL to the sampling policy (averaged over ranks, so all agree) exceeds
-        ``early_stop_kl`` makes no step and ends the batch's passes.
+        ``early_stop_kl`` makes no update and ends the batch's passes; its remaining steps change nothing
+        (``skip_updates``). MiniMind instead steps AdamW on zero gradients for the rest of the pass (momentum still
+        moves the weights) and then stops.
         """
         hp = self.hparams
         for rows in torch.randperm(len(rollouts.samples), device=self.device).split(hp.mini_batch_size):

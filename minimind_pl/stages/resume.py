@@ -88,6 +88,7 @@ class ResumeReport:
                 (self.changes if key in TRAINING_ONLY_FIELDS else self.architecture).append(line)
 
 
-def optimizer_settings_changed(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Whether a resumed run must re-apply the optimizer and schedule settings over the restored ones."""
-    return any(plain(saved.get(key)) != plain(current.get(key)) for key in OPTIMIZER_HPARAMS if key in saved)
+def optimizer_settings_changed(saved: dict[str, Any], current: dict[str, Any],
+                               keys: tuple[str, ...] = OPTIMIZER_HPARAMS) -> bool:
+    """Whether a resumed run must re-apply the optimizer and schedule settings (``keys``) over the restored ones."""
+    return any(plain(saved.get(key)) != plain(current.get(key)) for key in keys if key in saved)

@@ -14,6 +14,7 @@ Trainer settings: manual optimisation does its own clipping (``max_grad_norm``),
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -59,6 +60,12 @@ class Rollouts:
         return self.labels != IGNORE_INDEX
 
 
+def with_stop(answers: list[list[int]], max_new_tokens: int, eos_id: int) -> list[list[int]]:
+    """The answers with the eos that ended them put back (``generate`` leaves it out), so stopping is learned too;
+    an answer cut at ``max_new_tokens`` has none."""
+    return [a + [eos_id] if len(a) < max_new_tokens else a for a in answers]
+
+
 def answer_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-padded ``(input_ids, labels)`` (N, L) of prompt + answer sequences; labels only on the answer."""
     sequences = [p + a for p, a in zip(prompts, answers)]
@@ -70,6 +77,15 @@ def answer_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int)
         input_ids[row, :n] = torch.tensor(sequence[:-1])
         labels[row, len(prompt) - 1:n] = torch.tensor(sequence[len(prompt):])
     return input_ids, labels
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over a model's parameter names and bytes (order of ``state_dict``)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class RolloutStage(Stage):
@@ -124,6 +140,8 @@ class RolloutStage(Stage):
         self.hparams["rewards"] = [r.describe() for r in self.rewards]
         self.sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k)
         self.reference = FrozenModel.copy_of(self.model, "reference")
+        #: sha256 of the reference's weights, recorded in checkpoints so a resume keeps the same KL anchor.
+        self.reference_fingerprint = weights_fingerprint(self.reference.model)
         self._tokenizer: Optional[Tokenizer] = None
 
     # ------------------------------------------------------------------ set-up
@@ -137,11 +155,18 @@ class RolloutStage(Stage):
         return self._tokenizer
 
     def on_fit_start(self) -> None:
-        """Refuse sharded strategies; put the reference and any reward model on the training device."""
+        """Refuse sharded strategies and checkpoint intervals a batch's steps would jump over; put the reference and
+        any reward model on the training device."""
         strategy = self.trainer.strategy
         if shards_parameters(strategy) or clips_gradients_itself(strategy):
             raise UserError(f"RL stages run on one device or under DDP, not {type(strategy).__name__}: sampling "
                             "answers needs whole weights on every rank (--trainer.strategy ddp)")
+        steps = self.optimizer_steps_per_batch()
+        for callback in self.trainer.checkpoint_callbacks:
+            every = getattr(callback, "_every_n_train_steps", 0)
+            if every and every % steps:
+                raise UserError(f"each batch makes {steps} optimizer steps, so a checkpoint every {every} steps would "
+                                f"be skipped: make every_n_train_steps a multiple of {steps}")
         super().on_fit_start()
         self.reference.follow(self.model)
         for reward in self.rewards:
@@ -156,7 +181,7 @@ class RolloutStage(Stage):
         answers = generate(self.model, prompts, max_new, sampling, tokenizer.eos_id)
         samples = [Sample(tokenizer.decode(p), tokenizer.decode(a, skip_special_tokens=True), gt)
                    for p, a, gt in zip(prompts, answers, gts)]
-        answers = [a + [tokenizer.eos_id] if len(a) < max_new else a for a in answers]  # the stop is learned too
+        answers = with_stop(answers, max_new, tokenizer.eos_id)
         totals, parts = total_rewards(self.rewards, samples)
         input_ids, labels = answer_rows(prompts, answers, tokenizer.pad_id)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device)  # noqa: E731
@@ -187,6 +212,30 @@ class RolloutStage(Stage):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
+
+    def skip_updates(self, count: int) -> None:
+        """Count ``count`` optimizer steps that change nothing (no gradients: AdamW leaves every weight and moment),
+        so a batch that stops early still makes its steps and step-counted checkpoints stay regular."""
+        optimizer = self.optimizers()
+        for _ in range(count):
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            self.lr_schedulers().step()
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also record which reference the run measures its KL against (a fingerprint of its weights)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["reference_fingerprint"] = self.reference_fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume against another reference than the run had (``init_weights`` retrained or changed)."""
+        super().on_load_checkpoint(checkpoint)
+        recorded = checkpoint.get("reference_fingerprint")
+        if recorded is not None and recorded != self.reference_fingerprint:
+            raise UserError(f"the checkpoint to resume was trained against another reference model than "
+                            f"--model.init_weights {self.hparams.init_weights} gives now (its weights changed since, or "
+                            "another file is named): resume with the run's own starting weights")
 
     # ------------------------------------------------------------------ logging
     def log_rollouts(self, rollouts: Rollouts, loss: Tensor, stats: dict[str, Tensor]) -> None:

@@ -83,3 +83,13 @@ def test_bad_prompts_name_file_and_line(tmp_path, tokenizer_dir, record, message
         _module(tmp_path, tokenizer_dir, [RECORDS[0], RECORDS[1], record])
     dm = _module(tmp_path, tokenizer_dir, [RECORDS[0], RECORDS[1], record], skip_invalid=True)
     assert len(dm.train_dataset) == 2 and dm.stats["skipped_lines"] == 1
+
+
+def test_a_share_of_prompts_gets_a_system_prompt_as_minimind_adds_them(tmp_path, tokenizer_dir):
+    records = [{"prompt": f"Question {i}?"} for i in range(40)] + [RECORDS[2]]  # the last has its own system turn
+    dm = _module(tmp_path, tokenizer_dir, records, system_prompt_ratio=0.5)
+    loader = torch.utils.data.DataLoader(dm.train_dataset, batch_size=41, collate_fn=dm.collate_fn)
+    texts = [dm.tokenizer.decode(p) for p in prompt_lists(next(iter(loader)))]
+    with_system = [t.startswith("<|im_start|>system\n") for t in texts[:40]]
+    assert 5 < sum(with_system) < 35
+    assert texts[40].count("<|im_start|>system") == 1 and "Be brief." in texts[40]

@@ -10,6 +10,7 @@ from minimind_pl.checkpoints import load_model
 from minimind_pl.cli import run_lightning
 from minimind_pl.errors import UserError
 from minimind_pl.model import MiniMindForCausalLM
+from minimind_pl.stages.rollouts import answer_rows, with_stop
 
 CJK_REWARD = '[{"class_path": "helpers.CJKShare"}]'
 
@@ -24,12 +25,13 @@ def prompts_file(shared_dir, tmp_path_factory):
     return path
 
 
+TINY_SHAPE = {k.split(".")[-1]: int(v) for k, v in zip(TINY_MODEL[0::2], TINY_MODEL[1::2])}
+
+
 @pytest.fixture(scope="module")
 def start_checkpoint(shared_dir, tmp_path_factory):
     """A random tiny model (TINY_MODEL's shape) saved as a stage checkpoint: the policy's and reference's start."""
-    shape = dict(zip(TINY_MODEL[0::2], TINY_MODEL[1::2]))
-    config = {k.split(".")[-1]: int(v) for k, v in shape.items()}
-    return write_stage_checkpoint(random_model(seed=3, **config), tmp_path_factory.mktemp("start") / "start.ckpt",
+    return write_stage_checkpoint(random_model(seed=3, **TINY_SHAPE), tmp_path_factory.mktemp("start") / "start.ckpt",
                                   shared_dir / "minimind")
 
 
@@ -84,26 +86,49 @@ def test_grpo_with_several_iterations_makes_that_many_optimizer_steps(tmp_path, 
 
 def test_ppo_trains_policy_and_critic_and_tools_read_the_policy(tmp_path, shared_dir, prompts_file, start_checkpoint):
     cli = run_lightning(rl_args("ppo", tmp_path, shared_dir, prompts_file, start_checkpoint, 4,
-                                ["--model.learning_rate", "1e-3", "--model.critic_learning_rate", "1e-3",
+                                ["--model.learning_rate", "1e-3", "--model.critic_learning_rate", "2e-3",
                                  "--model.early_stop_kl", "100"]))
     assert cli.trainer.global_step == 4  # one batch of 4 answers: 2 passes x 2 mini-batches of 2
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert any(k.startswith("critic.value_head") for k in saved["state_dict"]) and saved["stage"] == "PPO"
+    assert saved["stage"] == "PPO" and "reference_fingerprint" in saved
     groups = cli.model.optimizers().optimizer.param_groups
-    assert [g["initial_lr"] for g in groups] == [1e-3, 1e-3, 1e-3, 1e-3] and len(groups) == 4
+    assert [g["initial_lr"] for g in groups] == [1e-3, 1e-3, 2e-3, 2e-3]  # policy (decayed, not), critic (same)
+    start = ValueModelStart.value_head(cli.model)
+    assert not torch.equal(saved["state_dict"]["critic.value_head.weight"], start)  # the critic trained
     policy = load_model(str(tmp_path / "ckpt" / "last.ckpt"), device="cpu")
     assert isinstance(policy, MiniMindForCausalLM)
     assert torch.equal(policy.lm_head.weight, cli.model.model.lm_head.weight)
-    assert all(torch.isfinite(torch.tensor(logged(cli, tag))).all() for tag in ("train/value_loss", "train/approx_kl"))
+    for tag in ("train/value_loss", "train/approx_kl", "train/grad_norm", "train/grad_norm_critic"):
+        assert torch.isfinite(torch.tensor(logged(cli, tag))).all(), tag
+
+
+class ValueModelStart:
+    """The value head a PPO stage starts with: built again from the same seed as the stage built it."""
+
+    @staticmethod
+    def value_head(stage) -> torch.Tensor:
+        from minimind_pl.stages.ppo import PPO
+
+        torch.manual_seed(42)  # the config's seed_everything, before the stage is built
+        return PPO(config=stage.config, tokenizer=stage.hparams.tokenizer).critic.value_head.weight.detach()
 
 
 def test_ppo_stops_the_passes_when_the_policy_moves_too_far(tmp_path, shared_dir, prompts_file, start_checkpoint):
-    cli = run_lightning(rl_args("ppo", tmp_path, shared_dir, prompts_file, start_checkpoint, 2,
+    cli = run_lightning(rl_args("ppo", tmp_path, shared_dir, prompts_file, start_checkpoint, 8,
                                 ["--model.learning_rate", "0.5", "--model.early_stop_kl", "1e-9",
-                                 "--trainer.max_steps", "-1", "--trainer.limit_train_batches", "2",
-                                 "--trainer.max_epochs", "1"]))
-    # each batch: the first mini-batch steps (ratio 1), the second sees a moved policy and stops the passes
-    assert cli.trainer.global_step == 2
+                                 "--trainer.limit_train_batches", "2"]))
+    # each batch: the first mini-batch updates (ratio 1); the second sees a moved policy and stops the passes; the
+    # batch's other steps change nothing, so it still counts 4 steps and AdamW made 2 updates in all
+    assert cli.trainer.global_step == 8
+    optimizer = cli.model.optimizers().optimizer
+    assert int(optimizer.state[cli.model.model.lm_head.weight]["step"]) == 2
+
+
+def test_a_checkpoint_interval_that_a_batch_would_jump_over_is_refused(tmp_path, shared_dir, prompts_file,
+                                                                       start_checkpoint):
+    with pytest.raises(UserError, match="makes 2 optimizer steps.*multiple of 2"):
+        run_lightning(rl_args("grpo", tmp_path, shared_dir, prompts_file, start_checkpoint, 3,
+                              ["--model.num_iterations", "2"]))
 
 
 def test_rl_stages_refuse_trainer_clipping_and_empty_rewards(tmp_path, shared_dir, prompts_file, start_checkpoint):
@@ -114,6 +139,8 @@ def test_rl_stages_refuse_trainer_clipping_and_empty_rewards(tmp_path, shared_di
         run_lightning(args + ["--trainer.accumulate_grad_batches", "2"])
     with pytest.raises(UserError, match="rewards is empty"):
         run_lightning(args + ["--model.rewards", "[]"])
+    with pytest.raises(UserError, match="temperature 0 samples the same answer"):
+        run_lightning(args + ["--model.temperature", "0"])
 
 
 def test_a_resumed_grpo_run_ends_with_the_straight_runs_weights(tmp_path, shared_dir, prompts_file, start_checkpoint):
@@ -141,3 +168,29 @@ def test_rewards_given_as_objects_are_recorded_as_plain_config(shared_dir):
                  tokenizer=str(shared_dir / "minimind"))
     assert stage.hparams["rewards"] == [{"class_path": "minimind_pl.rewards.AnswerMatch", "init_args": {
         "mode": "exact", "correct": 1.0, "wrong": 0.0, "tolerance": 1e-6, "weight": 1.0}}]
+
+
+def test_resuming_against_another_reference_is_refused(tmp_path, shared_dir, prompts_file, start_checkpoint):
+    run_lightning(rl_args("grpo", tmp_path / "a", shared_dir, prompts_file, start_checkpoint, 2))
+    other = write_stage_checkpoint(random_model(seed=4, **TINY_SHAPE), tmp_path / "other.ckpt", shared_dir / "minimind")
+    args = rl_args("grpo", tmp_path / "b", shared_dir, prompts_file, other, 4,
+                   ["--ckpt_path", str(tmp_path / "a" / "ckpt" / "last.ckpt")])
+    with pytest.raises(UserError, match="another reference model"):
+        run_lightning(args)
+
+
+def test_answer_rows_label_the_answer_through_its_eos():
+    answers = with_stop([[9], [10, 11, 12]], max_new_tokens=3, eos_id=2)  # row 0 stopped early; row 1 was cut off
+    assert answers == [[9, 2], [10, 11, 12]]
+    input_ids, labels = answer_rows([[5, 6, 7], [8]], answers, pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7, 9], [8, 10, 11, 0]]  # the last token is only a target
+    assert labels.tolist() == [[-100, -100, 9, 2], [10, 11, 12, -100]]
+
+
+def test_a_resumed_ppo_run_takes_a_changed_critic_learning_rate(tmp_path, shared_dir, prompts_file, start_checkpoint):
+    run_lightning(rl_args("ppo", tmp_path / "a", shared_dir, prompts_file, start_checkpoint, 4,
+                          ["--model.critic_learning_rate", "1e-3"]))
+    cli = run_lightning(rl_args("ppo", tmp_path / "b", shared_dir, prompts_file, start_checkpoint, 8,
+                                ["--model.critic_learning_rate", "5e-3",
+                                 "--ckpt_path", str(tmp_path / "a" / "ckpt" / "last.ckpt")]))
+    assert [g["initial_lr"] for g in cli.model.optimizers().optimizer.param_groups][2:] == [5e-3, 5e-3]
