@@ -175,12 +175,13 @@ class RolloutStage(Stage):
     # ------------------------------------------------------------------ rollouts
     def make_rollouts(self, batch: dict[str, Any], answers_per_prompt: int, sampling: SamplingSettings) -> Rollouts:
         """Sample ``answers_per_prompt`` answers to every prompt of ``batch`` (consecutive) and score them."""
-        tokenizer, max_new = self.tokenizer, self.hparams.max_new_tokens
-        prompts = [p for p in prompt_lists(batch) for _ in range(answers_per_prompt)]
-        gts = [g for g in batch["gt"] for _ in range(answers_per_prompt)]
+        tokenizer, max_new, n = self.tokenizer, self.hparams.max_new_tokens, answers_per_prompt
+        asked = prompt_lists(batch)
+        prompts = [p for p in asked for _ in range(n)]
         answers = generate(self.model, prompts, max_new, sampling, tokenizer.eos_id)
-        samples = [Sample(tokenizer.decode(p), tokenizer.decode(a, skip_special_tokens=True), gt)
-                   for p, a, gt in zip(prompts, answers, gts)]
+        texts = [(text, gt) for text, gt in zip(tokenizer.decode_batch(asked), batch["gt"]) for _ in range(n)]
+        samples = [Sample(text, answer, gt) for (text, gt), answer in
+                   zip(texts, tokenizer.decode_batch(answers, skip_special_tokens=True))]
         answers = with_stop(answers, max_new, tokenizer.eos_id)
         totals, parts = total_rewards(self.rewards, samples)
         input_ids, labels = answer_rows(prompts, answers, tokenizer.pad_id)

@@ -17,7 +17,6 @@ from typing import Any, Optional
 import numpy as np
 
 from minimind_pl.data.cache import parse_block
-from minimind_pl.data.prompts import check_prompt_record, prompt_turns
 from minimind_pl.errors import UserError
 
 from .blocks import input_files, map_blocks
@@ -62,7 +61,8 @@ class LineStats:
                 if stats.first_invalid is None or line_no < stats.first_invalid[0]:
                     stats.first_invalid = (line_no, verdict)
                 continue
-            stats.tokens += [len(ids) for ids, _ in verdict or ()]
+            documents = (verdict or ())[:1 if self.data_format == "rl" else None]  # RL: the prompt, not the gt
+            stats.tokens += [len(ids) for ids, _ in documents]
             text = model_text(obj, self.data_format)
             stats.chars.append(len(text))
             keys.append(text_key(text))
@@ -84,34 +84,16 @@ def make_encoder(tokenizer: Optional[str], data_format: str, seq_len: int) -> An
         return None
     from minimind_pl.data.dpo import DPOEncoder
     from minimind_pl.data.pretrain import PretrainEncoder
+    from minimind_pl.data.prompts import PromptEncoder
     from minimind_pl.data.sft import SFTEncoder
     from minimind_pl.tokenizer import Tokenizer
 
     loaded = Tokenizer.from_file(tokenizer)
     if data_format == "rl":
-        return PromptEncoder(loaded)
+        return PromptEncoder(loaded, max_tokens=1 << 30)
     if data_format == "dpo":
         return DPOEncoder(loaded, max_tokens=1 << 30)
     return PretrainEncoder(loaded) if data_format == "pretrain" else SFTEncoder(loaded)
-
-
-class PromptEncoder:
-    """An RL prompt as the policy reads it: its messages rendered with the generation prompt."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    def encode_records(self, records: list) -> list:
-        """One document (the prompt's tokens) per valid record; why it is invalid for the others."""
-        out = []
-        for _, obj in records:
-            error = check_prompt_record(obj)
-            if error:
-                out.append(error)
-                continue
-            messages = [{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else prompt_turns(obj["conversations"])
-            out.append([(self.tokenizer.encode_chat(messages, add_generation_prompt=True), None)])
-        return out
 
 
 class FileStats:
