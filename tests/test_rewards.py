@@ -41,7 +41,7 @@ def test_minimind_length_and_thinking_terms():
     assert LengthShaping().score(samples(short, good, "b" * 801)) == [-0.5, 0.5, -0.5]
     thinking = ThinkingFormat()
     reasoning = "r" * 25
-    assert thinking.score(samples(good, f"{reasoning}</think>answer", f"r</think>answer",
+    assert thinking.score(samples(good, f"{reasoning}</think>answer", "r</think>answer",
                                   f"{reasoning}</think>a</think>b")) == [0.0, 1.25, -0.25, 0.75]
 
 

@@ -73,7 +73,7 @@ def read_deepspeed(path: Path) -> dict[str, Any]:
     if not states:
         raise UserError(f"{path} looks like a DeepSpeed checkpoint folder but holds no *model_states.pt file")
     # rank 0's file: mp_rank_00_model_states.pt (ZeRO-1/2), zero_pp_rank_0_mp_rank_00_model_states.pt (ZeRO-3)
-    extra = torch.load(states[0], map_location="cpu", weights_only=False)
+    extra = torch.load(states[0], map_location="cpu", weights_only=False, mmap=True)  # the weights are not read
     weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=states[0].parent.name)
     # the engine's own module and optimizer states are not needed: the weights come consolidated
     return {**{k: v for k, v in extra.items() if k not in ("module", "optimizer")}, "state_dict": weights}

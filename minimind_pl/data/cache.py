@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from minimind_pl.checkpointing import TEMP_MARK, stale_temporaries, temporary_path
+from minimind_pl.checkpointing import TEMP_MARK, atomic_file, stale_temporaries, temporary_path
 from minimind_pl.errors import UserError, check_input_file
 
 from .jsonl import parse_line
@@ -261,9 +261,8 @@ def _read_meta(path: Path) -> Optional[dict]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        handle.write(json.dumps(data, indent=1, ensure_ascii=False).encode())
 
 
 def _files_complete(path: Path, meta: dict) -> bool:

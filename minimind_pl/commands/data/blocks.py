@@ -3,9 +3,8 @@ and the checks and atomic writes of the files the data tools create."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ContextManager, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from minimind_pl.checkpointing import atomic_file
 from minimind_pl.data.cache import (BLOCK_BYTES, default_num_proc, iter_line_blocks, pool_results, process_pool,
                                     progress_bar)
 from minimind_pl.errors import UserError, check_input_file
@@ -57,12 +56,6 @@ def check_output(output: Path, inputs: list[Path], argument: str = "--output") -
     if output.is_dir():
         raise UserError(f"{argument} {output} is a directory; name a .jsonl file to write")
     return output
-
-
-def atomic_output(output: Path) -> ContextManager[BinaryIO]:
-    """A binary file handle whose content becomes ``output`` only when the block ends without an error (fsynced,
-    renamed over it; temporaries of killed runs removed: ``checkpointing.atomic_file``)."""
-    return atomic_file(Path(output))
 
 
 def input_files(paths: list[str], argument: str) -> list[Path]:

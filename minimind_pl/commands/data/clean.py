@@ -27,10 +27,12 @@ import numpy as np
 from minimind_pl.data.cache import parse_block
 from minimind_pl.errors import UserError
 
-from .blocks import atomic_output, check_output, input_files, map_blocks
+from minimind_pl.checkpointing import atomic_file
+
+from .blocks import check_output, input_files, map_blocks
 from .dedup import KeySet, MinHasher, NearDuplicateIndex, text_key
-from .formats import (FORMATS, LANGUAGES, check_record, detect_format, letter_counts, map_texts, model_text,
-                      normalize_text)
+from .formats import (LANGUAGES, check_record, letter_counts, map_texts, model_text, normalize_text,
+                      resolve_format)
 
 RULES = ("invalid_json", "invalid_record", "empty_after_cleaning", "too_short", "too_long", "language",
          "exact_duplicate", "near_duplicate")
@@ -158,22 +160,6 @@ def normalized(text: str, unicode_form: Optional[str], changed: list) -> str:
     return out
 
 
-def resolve_format(path: Path, data_format: str) -> str:
-    """``data_format``, or with ``auto`` the format of the first line of ``path`` that is a JSON object."""
-    if data_format != "auto":
-        if data_format not in FORMATS:
-            raise UserError(f"--format must be auto or one of {', '.join(FORMATS)}, got {data_format!r}")
-        return data_format
-    with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            records, _, _ = parse_block(line_no, raw.rstrip(b"\r\n"))
-            found = detect_format(records[0][1]) if records else None
-            if found:
-                return found
-    raise UserError(f"{path}: no line is a record of a known format ({', '.join(FORMATS)}); "
-                    "check the file, or name its format with --format")
-
-
 def make_cleaner(data_format: str, unicode_form: str, min_chars: int, max_chars: Optional[int],
                  languages: Optional[list[str]], min_language_share: float,
                  near_threshold: Optional[float], num_perm: int, ngram: int) -> LineCleaner:
@@ -225,7 +211,7 @@ def clean_command(input: str, *, output: str, format: str = "auto", unicode_form
     exact = KeySet()
     near = NearDuplicateIndex(cleaner.hasher, target.resolve().parent) if cleaner.hasher is not None else None
     try:
-        with atomic_output(target) as handle:
+        with atomic_file(target) as handle:
             for block in map_blocks(source, cleaner, num_proc, f"cleaning {source.name}", progress):
                 if dedup:
                     mark_duplicates(block, exact, near)

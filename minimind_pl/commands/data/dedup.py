@@ -28,11 +28,13 @@ import numpy as np
 
 from minimind_pl.errors import UserError
 
+from .formats import CJK_RANGES
+
 MIX = np.uint64(0x9E3779B97F4A7C15)  # an odd 64-bit constant: folds values into one key (wrapping multiply)
 DATA_EXTRA_HINT = 'pip install -e ".[data]"'
 MIX_INVERSE = np.uint64(pow(int(MIX), -1, 1 << 64))
 # The words of the similarity: each CJK character alone (Chinese has no spaces), and runs of other letters and digits.
-CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+CJK = CJK_RANGES
 WORD = re.compile(f"[{CJK}]|[^\\W_{CJK}]+")
 LOW32 = np.uint64(0xFFFFFFFF)
 SHINGLES_PER_STEP = 16384  # shingles permuted at once: (num_perm, 16384) uint32, 8 MB

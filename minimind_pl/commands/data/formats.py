@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from minimind_pl.chat_format import REASONING_FIELDS, prepare_messages
 from minimind_pl.data.dpo import SIDES, check_pair
+from minimind_pl.data.jsonl import parse_line
 from minimind_pl.data.pretrain import check_text_record
 from minimind_pl.data.prompts import check_prompt_record
 from minimind_pl.data.sft import check_conversation_record, empty_answer_error
+from minimind_pl.errors import UserError
 
 FORMATS = ("pretrain", "sft", "dpo", "rl")
 MESSAGE_TEXT_FIELDS = ("content", *REASONING_FIELDS)  # the strings of a message that the model reads
@@ -32,7 +35,8 @@ MESSAGE_TEXT_FIELDS = ("content", *REASONING_FIELDS)  # the strings of a message
 CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff\u200b]")
 TRAILING_SPACE = re.compile(r"[ \t]+(?=\n)")
 BLANK_LINES = re.compile(r"\n{3,}")
-CHINESE_CHARS = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")  # CJK unified ideographs (+ ext. A, compat.)
+CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK unified ideographs (+ ext. A, compatibility)
+CHINESE_CHARS = re.compile(f"[{CJK_RANGES}]")
 ENGLISH_LETTERS = re.compile("[A-Za-z]")
 LETTERS = re.compile(r"[^\W\d_]")  # a letter of any script
 LANGUAGES = ("zh", "en", "other")
@@ -132,3 +136,19 @@ def letter_counts(text: str) -> tuple[int, int, int]:
     """``(Chinese, English, other)`` letters of ``text`` (digits, punctuation and spaces are not letters)."""
     chinese, english = len(CHINESE_CHARS.findall(text)), len(ENGLISH_LETTERS.findall(text))
     return chinese, english, max(0, len(LETTERS.findall(text)) - chinese - english)
+
+
+def resolve_format(path: Path, data_format: str) -> str:
+    """``data_format``, or with ``auto`` the format of the first line of ``path`` that is a JSON object."""
+    if data_format != "auto":
+        if data_format not in FORMATS:
+            raise UserError(f"--format must be auto or one of {', '.join(FORMATS)}, got {data_format!r}")
+        return data_format
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            parsed, _ = parse_line(raw.rstrip(b"\r\n"), line_no)
+            found = detect_format(parsed) if isinstance(parsed, dict) else None
+            if found:
+                return found
+    raise UserError(f"{path}: no line is a record of a known format ({', '.join(FORMATS)}); "
+                    "check the file, or name its format with --format")

@@ -14,7 +14,9 @@ import numpy as np
 
 from minimind_pl.errors import UserError
 
-from .blocks import atomic_output, check_output, input_files
+from minimind_pl.checkpointing import atomic_file
+
+from .blocks import check_output, input_files
 
 
 def documents(path: Path) -> Iterator[bytes]:
@@ -57,7 +59,7 @@ def split_command(input: str, val_docs: Optional[int] = None, val_fraction: floa
                         "(--val_docs / --val_fraction must leave documents on both sides)")
     chosen = np.zeros(total, bool)  # a byte a document, not a Python set of line numbers
     chosen[np.random.default_rng(seed).choice(total, wanted, replace=False)] = True
-    with atomic_output(train_path) as train, atomic_output(val_path) as val:
+    with atomic_file(train_path) as train, atomic_file(val_path) as val:
         for index, line in enumerate(documents(source)):
             (val if chosen[index] else train).write(line)
     print(f"{source}: {total - wanted:,} documents -> {train_path}, {wanted:,} -> {val_path}")
@@ -85,7 +87,7 @@ def mix_command(inputs: list[str], output: str, weights: Optional[list[float]] =
     remaining = np.array([count for count, _ in streams], np.float64)
     if remaining.sum() == 0:
         raise UserError("the weights choose no document; give at least one input a weight > 0")
-    with atomic_output(target) as handle:
+    with atomic_file(target) as handle:
         while remaining.sum() > 0:  # the next document comes from a file chosen in proportion to what it has left
             pick = int(rng.choice(len(streams), p=remaining / remaining.sum()))
             handle.write(next(streams[pick][1]))

@@ -20,9 +20,8 @@ from minimind_pl.data.cache import parse_block
 from minimind_pl.errors import UserError
 
 from .blocks import input_files, map_blocks
-from .clean import resolve_format
 from .dedup import KeySet, require_extra, text_key
-from .formats import LANGUAGES, check_record, letter_counts, model_text
+from .formats import LANGUAGES, check_record, letter_counts, model_text, resolve_format
 
 PERCENTILES = (50, 90, 99)
 
