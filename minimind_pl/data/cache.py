@@ -442,6 +442,43 @@ def default_num_proc() -> int:
     return max(1, min(cpus, 32))
 
 
+def map_blocks(path: Path, processor: Callable[[int, bytes], Any], num_proc: Optional[int], desc: str,
+               progress: bool = True, block_bytes: int = BLOCK_BYTES, hasher: Any = None) -> Iterator[Any]:
+    """``processor(first line number, block of complete lines)`` of each block of ``path``, in file order.
+
+    Memory stays flat in the file size: at most two blocks per process are in flight. The pool is terminated when
+    the generator ends or is closed (wrap it in ``contextlib.closing`` when the loop may stop early).
+
+    Args:
+        path: the jsonl file.
+        processor: a picklable callable run in the worker processes.
+        num_proc: worker processes (None: every CPU; 1, or a file of at most two blocks: this process).
+        desc: the progress bar's label.
+        progress: show the progress bar.
+        block_bytes: bytes per block.
+        hasher: a ``hashlib`` object updated with every byte of the file (the token cache's fingerprint).
+    """
+    size = path.stat().st_size
+    num_proc = default_num_proc() if num_proc is None else max(1, int(num_proc))
+    blocks = iter_line_blocks(path, hasher, block_bytes)
+    pool = None
+    try:
+        if num_proc > 1 and size > 2 * block_bytes:
+            pool = process_pool(num_proc, processor)
+            tasks = (((first, data), nbytes) for first, data, nbytes in blocks)
+            results = pool_results(pool, tasks, 2 * num_proc)
+        else:
+            results = ((processor(first, data), nbytes) for first, data, nbytes in blocks)
+        with progress_bar(size, desc, progress) as bar:
+            for result, nbytes in results:
+                yield result
+                bar.update(nbytes)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
 def _format_error(source: Path, line_no: int, msg: str) -> str:
     return f"{source}, line {line_no}: {msg}"
 
@@ -502,47 +539,36 @@ def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, s
     tmp.mkdir()
     dtype = token_dtype(encoder.tokenizer.vocab_size)
     st = os.stat(source)
-    num_proc = default_num_proc() if num_proc is None else max(1, int(num_proc))
-    if st.st_size <= 2 * BLOCK_BYTES:
-        num_proc = 1  # a pool costs more than it saves
     hasher = hashlib.sha256()
     n_docs = n_tokens = n_lines = n_records = n_skipped = 0
     errors: list = []
     started = time.time()
-    pool = None
     try:
         with contextlib.ExitStack() as files:
             f_tok = files.enter_context(open(tmp / "tokens.bin", "wb"))
             f_off = files.enter_context(open(tmp / "offsets.bin", "wb"))
             f_mask = files.enter_context(open(tmp / "mask.bin", "wb")) if encoder.has_mask else None
             f_off.write(np.zeros(1, np.int64).tobytes())
-            blocks = iter_line_blocks(source, hasher, BLOCK_BYTES)
-            if num_proc > 1:
-                pool = process_pool(num_proc, functools.partial(encode_block, encoder))
-                tasks = (((first, data, dtype), nb) for first, data, nb in blocks)
-                results = pool_results(pool, tasks, 2 * num_proc)
-            else:
-                results = ((encode_block(encoder, first, data, dtype), nb) for first, data, nb in blocks)
-
-            with progress_bar(st.st_size, f"tokenizing {source.name}", progress) as bar:
-                for chunk, nbytes in results:
-                    if chunk.errors:
-                        if not skip_invalid:
-                            line_no, msg = chunk.errors[0]
-                            raise DataFormatError(f"{_format_error(source, line_no, msg)} "
-                                                  f"(fix the line, or {SKIP_INVALID_HINT})")
-                        n_skipped += len(chunk.errors)
-                        errors.extend(chunk.errors[: max(0, MAX_REPORTED_ERRORS - len(errors))])
-                    chunk.tokens.tofile(f_tok)
-                    if f_mask is not None:
-                        chunk.mask.tofile(f_mask)
-                    if chunk.lengths.size:
-                        (n_tokens + np.cumsum(chunk.lengths)).astype(np.int64).tofile(f_off)
-                    n_tokens += int(chunk.lengths.sum())
-                    n_docs += int(chunk.lengths.size)
-                    n_lines += chunk.n_lines
-                    n_records += chunk.n_records
-                    bar.update(nbytes)
+            chunks = files.enter_context(contextlib.closing(map_blocks(
+                source, functools.partial(encode_block, encoder, dtype=dtype), num_proc, f"tokenizing {source.name}",
+                progress, hasher=hasher)))
+            for chunk in chunks:
+                if chunk.errors:
+                    if not skip_invalid:
+                        line_no, msg = chunk.errors[0]
+                        raise DataFormatError(f"{_format_error(source, line_no, msg)} "
+                                              f"(fix the line, or {SKIP_INVALID_HINT})")
+                    n_skipped += len(chunk.errors)
+                    errors.extend(chunk.errors[: max(0, MAX_REPORTED_ERRORS - len(errors))])
+                chunk.tokens.tofile(f_tok)
+                if f_mask is not None:
+                    chunk.mask.tofile(f_mask)
+                if chunk.lengths.size:
+                    (n_tokens + np.cumsum(chunk.lengths)).astype(np.int64).tofile(f_off)
+                n_tokens += int(chunk.lengths.sum())
+                n_docs += int(chunk.lengths.size)
+                n_lines += chunk.n_lines
+                n_records += chunk.n_records
             for fh in (f_tok, f_off, f_mask):
                 if fh is not None:
                     fh.flush()
@@ -582,9 +608,6 @@ def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, s
             os.rename(tmp, final)
         return meta
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 

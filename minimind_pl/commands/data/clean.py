@@ -24,12 +24,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from minimind_pl.data.cache import parse_block
+from minimind_pl.data.cache import map_blocks, parse_block
 from minimind_pl.errors import UserError
 
 from minimind_pl.checkpointing import atomic_file
 
-from .blocks import check_output, input_files, map_blocks
+from .blocks import check_output, input_files
 from .dedup import KeySet, MinHasher, NearDuplicateIndex, text_key
 from .formats import (LANGUAGES, check_record, letter_counts, map_texts, model_text, normalize_text,
                       resolve_format)

@@ -16,10 +16,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from minimind_pl.data.cache import parse_block
+from minimind_pl.data.cache import map_blocks, parse_block
 from minimind_pl.errors import UserError
 
-from .blocks import input_files, map_blocks
+from .blocks import input_files
 from .dedup import KeySet, require_extra, text_key
 from .formats import LANGUAGES, check_record, letter_counts, model_text, resolve_format
 
