@@ -45,10 +45,10 @@ def serve(args: argparse.Namespace) -> None:
     server.serve_forever()
 
 
-def stream_answer(port: int, max_tokens: int, question: str) -> int:
-    """Stream one greedy chat answer; returns its completion tokens (from the usage chunk)."""
+def stream_answer(port: int, max_tokens: int, question: str, temperature: float = 0.0) -> int:
+    """Stream one chat answer (greedy at temperature 0); returns its completion tokens (from the usage chunk)."""
     body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+                       "temperature": temperature, "stream": True, "stream_options": {"include_usage": True}})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
@@ -62,12 +62,12 @@ def stream_answer(port: int, max_tokens: int, question: str) -> int:
     return tokens
 
 
-def run_clients(port: int, clients: int, max_tokens: int) -> dict[str, float]:
+def run_clients(port: int, clients: int, max_tokens: int, temperature: float = 0.0) -> dict[str, float]:
     """``clients`` concurrent streaming requests: total tokens, seconds, aggregate tokens/s."""
     counts = [0] * clients
 
     def client(i: int) -> None:
-        counts[i] = stream_answer(port, max_tokens, f"请介绍一下你自己，第{i}次。")
+        counts[i] = stream_answer(port, max_tokens, f"请介绍一下你自己，第{i}次。", temperature)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
@@ -88,6 +88,8 @@ def main() -> None:
                         help="measured rounds (one client, then all); the median counts")
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature of every request (0: greedy; the server's default is 0.85)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (the machine is shared)")
     parser.add_argument("--tokenizer", default=str(SHARED / "minimind"))
     parser.add_argument("--out", help="write the figures as JSON here")
@@ -103,8 +105,9 @@ def main() -> None:
     try:
         port = int(server.stdout.readline())
         for clients in (1, args.clients):  # warm-up: the CPU kernels first meet each shape slowly
-            run_clients(port, clients, args.max_tokens)
-        rounds = [(run_clients(port, 1, args.max_tokens), run_clients(port, args.clients, args.max_tokens))
+            run_clients(port, clients, args.max_tokens, args.temperature)
+        rounds = [(run_clients(port, 1, args.max_tokens, args.temperature),
+                   run_clients(port, args.clients, args.max_tokens, args.temperature))
                   for _ in range(args.repeats)]
     finally:
         server.terminate()

@@ -120,6 +120,8 @@ def sample_rows(logits: Tensor, seen: Optional[Tensor], settings: list[SamplingS
     (as `sample_next` would for that row alone); returns (B,) long."""
     if all(s.greedy and s.repetition_penalty == 1.0 for s in settings):
         return logits.argmax(dim=-1)  # the common case, in one call
+    if len(set(settings)) == 1 and all(g is None for g in generators):
+        return sample_next(logits, seen, settings[0])  # every row alike, no per-request seed: one batched draw
     return torch.cat([sample_next(logits[i:i + 1], None if seen is None else seen[i:i + 1], sampling, generator)
                       for i, (sampling, generator) in enumerate(zip(settings, generators))])
 
@@ -232,11 +234,12 @@ class DecodeBatch:
 
     def feed(self, tokens: Tensor) -> None:
         """Append one token per row (B,) and compute the logits that follow it."""
+        tokens = tokens.to(self.device)  # one copy, if the caller's tokens are on the host
         if self.seen is not None:
-            self.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
+            self.seen[torch.arange(tokens.shape[0], device=self.device), tokens] = True
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        out = self.model(tokens[:, None].to(self.device), position_ids=self.next_pos[:, None],
+        out = self.model(tokens[:, None], position_ids=self.next_pos[:, None],
                          attention_mask=self.mask, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.next_pos = self.next_pos + 1
         self.cache, self.logits = out.past_key_values, out.logits[:, -1]

@@ -398,7 +398,7 @@ class Stage(L.LightningModule):
         prompts = self.hparams.sample_prompts or []
         if self.SAMPLE_STYLE == "chat":
             return [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
-        return [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+        return [tokenizer.encode_text(p) for p in prompts]
 
 
 def split_by_decay(named_parameters: Iterable[tuple[str, nn.Parameter]]) -> list[list[nn.Parameter]]:

@@ -166,6 +166,8 @@ class CompletionBody(BaseModel):
     max_tokens: Optional[int] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
     stop: Optional[list[str] | str] = None
     seed: Optional[int] = None
 
@@ -192,11 +194,13 @@ def create_app(engine: ChatEngine, api_key: Optional[str] = None, cors_origins: 
     if not api_key:
         app.add_middleware(OriginGuard, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
 
+    page = WEB_PAGE.read_text(encoding="utf-8")
+
     @app.get("/", include_in_schema=False)
     @app.get("/index.html", include_in_schema=False)
     @app.get("/chat", include_in_schema=False)
     def web_page() -> HTMLResponse:
-        return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(page)
 
     @app.get("/health", summary="Liveness")
     def health() -> dict[str, str]:
