@@ -1,13 +1,26 @@
-"""Callbacks the CLI adds to every training run: a sync-free progress bar and the sample logger."""
+"""Callbacks the CLI adds to every training run: a sync-free progress bar, the sample logger, and the stop on
+SIGTERM / SIGINT with a checkpoint.
+
+``StopOnSignal`` turns the signal a scheduler sends before it kills a job (SIGTERM) and Ctrl+C (SIGINT) into a
+checkpoint of the current optimizer step, a message saying how to resume, and a non-zero exit. ``python main.py
+fit`` / ``validate`` install it (``cli.MiniMindCLI``) unless the config names its own.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
+from minimind_pl.data.loader import STOP_SIGNALS
+from minimind_pl.errors import TrainingStopped
 from minimind_pl.generation import GREEDY, generate
 from minimind_pl.stages.strategies import shards_parameters
 from minimind_pl.tokenizer import Tokenizer
@@ -68,3 +81,146 @@ class SampleLogger(Callback):
             return
         lines = [f"**{p}** → {tokenizer.decode(o)}" for p, o in zip(hparams.sample_prompts, outputs)]
         experiment.add_text("samples", "\n\n".join(lines), global_step=trainer.global_step)
+
+
+def signal_checkpoint_path(trainer: "L.Trainer") -> Path:
+    """Where a stop saves: the ``ModelCheckpoint``'s last checkpoint (``last.ckpt`` in its folder), or
+    ``<default_root_dir>/checkpoints/last.ckpt`` when the run has no ``ModelCheckpoint``.
+
+    A name the callback already uses for its last checkpoint is kept; otherwise an existing file from an
+    earlier run is not overwritten but versioned (``last-v1.ckpt``), as the callback itself does.
+    """
+    callback = trainer.checkpoint_callback
+    if not isinstance(callback, ModelCheckpoint) or not callback.dirpath:
+        return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    if callback.last_model_path and Path(callback.last_model_path).parent == Path(callback.dirpath):
+        return Path(callback.last_model_path)
+    path, version = callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST), callback.STARTING_VERSION
+    while callback.file_exists(path, trainer):
+        path, version = callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST, ver=version), version + 1
+    return Path(path)
+
+
+class StopOnSignal(Callback):
+    """Stop training on SIGTERM or SIGINT (Ctrl+C) with a checkpoint of the current step, resumable exactly.
+
+    The first signal lets the current optimizer step finish (the rest of a gradient accumulation window, and a
+    validation that is running), then saves ``last.ckpt`` (``signal_checkpoint_path``) at the point of the loop
+    where ``ModelCheckpoint`` saves after a batch, so ``--ckpt_path`` resumes with the next batch, and stops with
+    ``TrainingStopped`` (exit code 128 + the signal: 143 for SIGTERM, 130 for SIGINT) saying how to resume. A
+    second signal stops at once without saving. Under DDP the ranks agree at every optimizer step (one
+    all-reduce of a number), so all of them stop after the same step, whichever rank got the signal.
+
+    Why not Lightning's own SIGTERM handling: it stops with ``SIGTERMException`` (a ``SystemExit`` with code
+    None, so exit status 0) right after whichever micro-batch the signal arrived in, mid accumulation window, and
+    saves nothing (only its SLURM auto-requeue saves). This callback takes the handlers over from the start of
+    the sanity check or of training, whichever comes first, until training ends; a signal during the sanity
+    check stops at once (nothing is trained yet). Before that (tokenizing, setup, restoring a checkpoint)
+    SIGTERM ends the process and Ctrl+C ends it through Lightning, with exit status 1: there is nothing to save.
+    DataLoader workers must leave the signals to this process (``ignore_stop_signals``): a scheduler and Ctrl+C
+    signal them too, and a worker that dies of it takes the run down before the step is saved.
+    """
+
+    def __init__(self) -> None:
+        self._requested: Optional[signal.Signals] = None  # the first signal received, until it is acted on
+        self._training = False  # in the training loop: a first signal waits for the optimizer step
+        self._previous: dict[signal.Signals, Any] = {}  # the handlers this callback replaced
+        self._trainer: Optional["L.Trainer"] = None
+        self._pid = 0  # the process that installed the handlers (forked workers inherit them)
+
+    # ------------------------------------------------------------------------------ handlers
+    def _install(self, trainer: "L.Trainer") -> None:
+        """Take the signals over (from Lightning's SIGTERM handler too, which ``Trainer.fit`` installs before)."""
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return  # installed already, or fit runs in a thread, where Python cannot handle signals
+        self._trainer, self._requested, self._pid = trainer, None, os.getpid()
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _uninstall(self) -> None:
+        """Give the signals back to the handlers that were there before."""
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items():
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(signum, handler)
+        self._training, self._trainer = False, None
+
+    def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
+        if os.getpid() != self._pid:
+            return  # a worker forked from the training process: stopping is the training process's decision
+        name = signal.Signals(signum).name
+        if self._training and self._requested is None:
+            self._requested = signal.Signals(signum)
+            # os.write, not print: the main thread may be inside a print to the same stream right now
+            os.write(2, f"\n{name} received: stopping after the current optimizer step with a checkpoint "
+                        f"(send {name} again to stop at once, without it)\n".encode())
+            return
+        message = self._stopped_at_once_message(name)
+        self._uninstall()  # a third signal acts as it would without this callback
+        raise TrainingStopped(message, 128 + signum)
+
+    def _stopped_at_once_message(self, name: str) -> str:
+        trainer = self._trainer
+        if not self._training:
+            return f"{name} received before training started: stopped; nothing was trained, so nothing was saved"
+        callback = trainer.checkpoint_callback if trainer is not None else None
+        newest = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        where = f"the newest checkpoint is {newest}" if newest and Path(newest).exists() else "no checkpoint was saved"
+        return f"{name} received a second time: stopped at once without saving the current step; {where}"
+
+    # ------------------------------------------------------------------------------ hooks
+    def on_sanity_check_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        """Take the signals over; during the sanity check a signal stops at once."""
+        self._install(trainer)
+
+    def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        """Take the signals over (if the sanity check did not) and let a first signal wait for the step."""
+        self._install(trainer)
+        if trainer.received_sigterm:  # arrived through Lightning's handler, just before this one took over
+            self._uninstall()
+            raise TrainingStopped(self._stopped_at_once_message("SIGTERM"), 128 + signal.SIGTERM)
+        self._training = True
+
+    def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """After an optimizer step: if any rank got a signal, save the step and stop."""
+        if trainer.fit_loop._should_accumulate():
+            return  # inside an accumulation window: its gradients are not applied yet
+        signum = self._agreed_signal(trainer)
+        if signum:
+            self._save_and_stop(trainer, signal.Signals(signum))
+
+    def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        """Training is over: a signal from now on acts as it would without this callback."""
+        self._uninstall()
+
+    def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
+        """Give the signals back before Lightning tears the run down."""
+        self._uninstall()
+
+    def teardown(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        """Give the signals back (if training never started or ended)."""
+        self._uninstall()
+
+    # ------------------------------------------------------------------------------ stopping
+    def _agreed_signal(self, trainer: "L.Trainer") -> int:
+        """The signal that stops every rank now (0: none): the largest number any rank received."""
+        local = int(self._requested or 0)
+        if trainer.world_size == 1:
+            return local
+        received = torch.tensor(local, device=trainer.strategy.root_device)
+        return int(trainer.strategy.reduce(received, reduce_op="max"))
+
+    def _save_and_stop(self, trainer: "L.Trainer", signum: signal.Signals) -> None:
+        """Save the current step as the last checkpoint (every rank calls this; rank 0 writes), then stop."""
+        path = signal_checkpoint_path(trainer)
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and Path(callback.dirpath or "") == path.parent:
+            # as ModelCheckpoint does before its own last save: the state saved in the file names the file, so a
+            # resumed run keeps writing this name rather than a versioned one
+            callback.last_model_path = str(path)
+        trainer.save_checkpoint(path, weights_only=False)
+        raise TrainingStopped(
+            f"{signum.name} received: stopped after optimizer step {trainer.global_step} (epoch "
+            f"{trainer.current_epoch}) and saved it to {path}; to resume, run the same command with "
+            f"--ckpt_path {path}", 128 + signum)

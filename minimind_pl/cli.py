@@ -23,8 +23,8 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from minimind_pl.callbacks import SampleLogger, SyncFreeProgressBar
-from minimind_pl.checkpointing import StopOnSignal, with_atomic_checkpoints
+from minimind_pl.callbacks import SampleLogger, StopOnSignal, SyncFreeProgressBar
+from minimind_pl.checkpoint_io import with_atomic_checkpoints
 from minimind_pl.checkpoints.files import read_torch_file
 from minimind_pl.errors import DEBUG_ENV, REPORTED_ERRORS, UserError, reported_cause
 from minimind_pl.stages.resume import ResumeReport

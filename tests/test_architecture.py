@@ -13,8 +13,8 @@ PACKAGE = Path(minimind_pl.__file__).parent
 
 # Floors, lowest first: a module may import its own floor and the ones below, never one above.
 CORE = ("errors", "config", "model", "losses", "lora", "tokenizer", "chat_format", "generation", "checkpoints",
-        "throughput", "rewards")
-TRAINING = ("data", "stages", "callbacks", "checkpointing")
+        "throughput", "rewards", "files")
+TRAINING = ("data", "stages", "callbacks", "checkpoint_io")
 COMMANDS = ("commands", "demo", "cli")
 
 

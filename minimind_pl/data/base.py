@@ -35,11 +35,10 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpointing import ignore_stop_signals
 from ..errors import UserError
 from ..tokenizer import Tokenizer
 from .cache import RecordEncoder, TokenCache, ensure_cache
-from .loader import ResumableDataLoader, make_train_loader
+from .loader import ResumableDataLoader, ignore_stop_signals, make_train_loader
 from .packing import DocumentStream, PackedDataset, PaddedDataset, collate
 
 

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from minimind_pl.checkpointing import TEMP_MARK, atomic_file, stale_temporaries, temporary_path
+from minimind_pl.files import TEMP_MARK, atomic_file, stale_temporaries, temporary_path
 from minimind_pl.errors import UserError, check_input_file
 
 from .jsonl import parse_line
@@ -485,7 +485,7 @@ def _format_error(source: Path, line_no: int, msg: str) -> str:
 
 def _clean_stale_tmp(final: Path) -> None:
     """Remove temporary build folders of this cache left by killed runs on this host (named as checkpoints'
-    temporary files are: ``checkpointing.temporary_path``)."""
+    temporary files are: ``files.temporary_path``)."""
     for tmp in stale_temporaries(final.parent, folders=True):
         if tmp.name.startswith(f"{final.name}{TEMP_MARK}"):
             shutil.rmtree(tmp, ignore_errors=True)

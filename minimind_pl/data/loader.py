@@ -13,6 +13,7 @@ DDP instead of wrapping it; it shards by itself (``num_replicas`` / ``rank`` giv
 from __future__ import annotations
 
 import math
+import signal
 import warnings
 from typing import Any, Iterator, Optional
 
@@ -20,9 +21,23 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from ..checkpointing import ignore_stop_signals
 
 STATE_VERSION = 1
+
+#: The signals that stop training with a checkpoint: a scheduler's warning before it kills a job, and Ctrl+C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of DataLoaders: the worker ignores ``STOP_SIGNALS``.
+
+    Ctrl+C signals every process of the terminal's process group and a scheduler often signals every process
+    of the job; a worker that died of it would end the run with "DataLoader worker exited unexpectedly" before
+    ``StopOnSignal`` saves the step. The training process shuts its workers down; a worker whose training
+    process is gone exits by itself (PyTorch's worker watchdog).
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class ResumableSampler(DistributedSampler):

@@ -27,7 +27,7 @@ import numpy as np
 from minimind_pl.data.cache import map_blocks, parse_block
 from minimind_pl.errors import UserError
 
-from minimind_pl.checkpointing import atomic_file
+from minimind_pl.files import atomic_file
 
 from .blocks import check_output, input_files
 from .dedup import KeySet, MinHasher, NearDuplicateIndex, text_key

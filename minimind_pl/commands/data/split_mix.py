@@ -14,7 +14,7 @@ import numpy as np
 
 from minimind_pl.errors import UserError
 
-from minimind_pl.checkpointing import atomic_file
+from minimind_pl.files import atomic_file
 
 from .blocks import check_output, input_files
 

@@ -1,5 +1,5 @@
 """Runs survive being stopped: ``python main.py fit`` killed with SIGKILL during a save, or stopped with SIGTERM /
-SIGINT, leaves a checkpoint that loads and resumes exactly (``minimind_pl.checkpointing``)."""
+SIGINT, leaves a checkpoint that loads and resumes exactly (``minimind_pl.files``, ``checkpoint_io``, ``callbacks.StopOnSignal``)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import Dataset
 
 from helpers import REPO, require, tiny_run
-from minimind_pl.checkpointing import TEMP_MARK, AtomicCheckpointIO, StopOnSignal, with_atomic_checkpoints
+from minimind_pl.callbacks import StopOnSignal
+from minimind_pl.checkpoint_io import AtomicCheckpointIO, with_atomic_checkpoints
+from minimind_pl.files import TEMP_MARK
 from minimind_pl.cli import run_lightning
 from minimind_pl.data.loader import make_train_loader
 from minimind_pl.errors import TrainingStopped
