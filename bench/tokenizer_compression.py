@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from minimind_pl.data.formats import jsonl_texts
 from minimind_pl.tokenizer import Tokenizer, chars_per_token, train_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -46,7 +47,7 @@ def main() -> None:
     groups = split_by_language(corpus / "pretrain_real_val.jsonl", args.cjk_threshold)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        ours = train_tokenizer([str(corpus / "pretrain_real.jsonl")], args.vocab_size, out, show_progress=False)
+        ours = train_tokenizer(jsonl_texts([corpus / "pretrain_real.jsonl"]), args.vocab_size, out, show_progress=False)
         seconds = time.perf_counter() - start
     tokenizers = {"ours (pretrain_real)": ours, "MiniMind": Tokenizer.from_file(SHARED / "minimind")}
     print(f"trained ours ({ours.vocab_size} tokens) in {seconds:.1f}s; val lines: "

@@ -327,41 +327,6 @@ class StreamDecoder:
 
 
 # ====================================================================== training
-def iter_jsonl_texts(files: Sequence[str | Path]) -> Iterator[str]:
-    """Stream the training texts of jsonl files, line by line.
-
-    Yields the ``text`` of pretrain lines and the ``content`` / ``reasoning_content`` of every
-    message of ``conversations`` (SFT) and ``chosen`` / ``rejected`` (DPO) lines. Blank lines are
-    skipped; a line that is not a JSON object raises ValueError naming file and line.
-    """
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"training file not found: {path}")
-        with path.open("r", encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if line.strip():
-                    yield from _line_texts(line, f"{path}:{lineno}")
-
-
-def _line_texts(line: str, where: str) -> Iterator[str]:
-    """Texts of one jsonl line."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{where}: invalid JSON: {exc}") from exc
-    if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if isinstance(record.get("text"), str):
-        yield record["text"]
-    for key in ("conversations", "chosen", "rejected"):
-        for message in record.get(key) or []:
-            if isinstance(message, dict):
-                for field in ("content", "reasoning_content"):
-                    if isinstance(message.get(field), str) and message[field]:
-                        yield message[field]
-
-
 def _added_tokens_config() -> dict[str, dict]:
     """``added_tokens_decoder`` entries for MiniMind's 36 added tokens."""
     flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
@@ -405,22 +370,24 @@ def _mark_control_tokens(tokenizer_json: str) -> str:
     return json.dumps(data, ensure_ascii=False, indent=2)
 
 
-def train_tokenizer(files: Sequence[str | Path], vocab_size: int, out_dir: str | Path,
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
                     show_progress: bool = True) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on jsonl files the way MiniMind does and save it.
+    """Train a byte-level BPE tokenizer on texts the way MiniMind does and save it.
 
     Args:
-        files: jsonl files (pretrain ``text`` lines and/or ``conversations`` lines), streamed.
+        texts: the training texts, streamed (the texts of jsonl files of any data format:
+            ``minimind_pl.data.formats.jsonl_texts(files)``).
         vocab_size: final vocabulary size, MiniMind's 36 added tokens included (ids 0..35).
         out_dir: directory that receives ``tokenizer.json`` + ``tokenizer_config.json``.
         show_progress: show the `tokenizers` library's progress bar.
 
     Returns the trained :class:`Tokenizer`, loaded back from ``out_dir``.
     """
-    if not files:
-        raise UserError("train_tokenizer needs at least one jsonl file")
+    if isinstance(texts, (str, Path)):
+        raise TypeError("train_tokenizer takes an iterable of texts, not a path; read jsonl files with "
+                        "minimind_pl.data.formats.jsonl_texts(files)")
     tok, trainer = _build_bpe(vocab_size, show_progress)
-    tok.train_from_iterator(iter_jsonl_texts(files), trainer=trainer)
+    tok.train_from_iterator(_only_texts(texts), trainer=trainer)
     tok.decoder = decoders.ByteLevel()
     for i, token in enumerate(ADDED_TOKENS):
         if tok.token_to_id(token) != i:
@@ -429,6 +396,15 @@ def train_tokenizer(files: Sequence[str | Path], vocab_size: int, out_dir: str |
     tokenizer = Tokenizer(_mark_control_tokens(tok.to_str()), config)
     tokenizer.save(out_dir)
     return Tokenizer.from_file(out_dir)
+
+
+def _only_texts(texts: Iterable[str]) -> Iterator[str]:
+    """``texts``, refusing anything that is not a string (a list of file paths is a mistake, not a corpus)."""
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"train_tokenizer takes texts, got a {type(text).__name__}; read jsonl files with "
+                            "minimind_pl.data.formats.jsonl_texts(files)")
+        yield text
 
 
 def chars_per_token(tokenizer: Tokenizer, texts: Sequence[str]) -> float:

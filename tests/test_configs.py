@@ -186,6 +186,7 @@ def small_data(tmp_path_factory, shared_dir) -> Path:
     checkpoints to start from."""
     from helpers import random_model, write_stage_checkpoint
 
+    from minimind_pl.data.formats import jsonl_texts
     from minimind_pl.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("small")
@@ -195,7 +196,7 @@ def small_data(tmp_path_factory, shared_dir) -> Path:
     conversations = [json.loads(line)["conversations"] for line in (root / "sft_real.jsonl").open(encoding="utf-8")]
     prompts = [{"prompt": next(m["content"] for m in c if m["role"] == "user"), "gt": "1"} for c in conversations]
     (root / "prompts.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts), "utf-8")
-    train_tokenizer([root / "pretrain_real.jsonl"], 320, root / "tokenizer", show_progress=False)
+    train_tokenizer(jsonl_texts([root / "pretrain_real.jsonl"]), 320, root / "tokenizer", show_progress=False)
     for preset, vocab, tokenizer in (("demo", 1024, root / "tokenizer"), ("minimind3", 6400, shared_dir / "minimind")):
         write_stage_checkpoint(random_model(vocab_size=vocab, **TINY), root / f"{preset}.ckpt", tokenizer)
     return root

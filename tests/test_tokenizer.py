@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from helpers import require_module
+from minimind_pl.data.formats import jsonl_texts
 from minimind_pl.tokenizer import (
-    ADDED_TOKENS, CONTROL_TOKENS, Tokenizer, iter_jsonl_texts, train_tokenizer,
+    ADDED_TOKENS, CONTROL_TOKENS, Tokenizer, train_tokenizer,
 )
 from minimind_pl.commands.tokenizer import tokenizer_command
 from minimind_pl.errors import UserError
@@ -115,7 +116,7 @@ def trained_dir(shared_dir, tmp_path_factory):
     """A 6400-token tokenizer trained on pretrain_real.jsonl (also checks it trains in seconds)."""
     out = tmp_path_factory.mktemp("trained_tok")
     start = time.perf_counter()
-    train_tokenizer([str(shared_dir / "corpus" / "pretrain_real.jsonl")], 6400, out, show_progress=False)
+    train_tokenizer(jsonl_texts([shared_dir / "corpus" / "pretrain_real.jsonl"]), 6400, out, show_progress=False)
     assert time.perf_counter() - start < 30
     return out
 
@@ -288,20 +289,36 @@ def test_iter_texts_and_bad_line(tmp_path):
         {"conversations": [{"role": "user", "content": "u"},
                            {"role": "assistant", "content": "a", "reasoning_content": "r"}]},
     ])
-    assert list(iter_jsonl_texts([good])) == ["pretrain", "u", "a", "r"]
+    assert list(jsonl_texts([good])) == ["pretrain", "u", "a", "r"]
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"text": "ok"}\n\n{oops\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"b.jsonl:3"):
-        list(iter_jsonl_texts([bad]))
-    with pytest.raises(FileNotFoundError):
-        list(iter_jsonl_texts([tmp_path / "missing.jsonl"]))
+    with pytest.raises(UserError, match=r"b.jsonl:3: not valid JSON"):
+        list(jsonl_texts([bad]))
+    with pytest.raises(UserError, match=r"not found: .*missing.jsonl \(from --data\)"):
+        list(jsonl_texts([tmp_path / "missing.jsonl"]))
+    unknown = _write_jsonl(tmp_path / "c.jsonl", [{"text": "ok"}, {"body": "no known field"}])
+    with pytest.raises(UserError, match=r"c.jsonl:2: not a record of a known format"):
+        list(jsonl_texts([unknown]))
+    with pytest.raises(TypeError, match="jsonl_texts"):  # the old call, with file paths, fails loudly
+        train_tokenizer([good], 400, tmp_path / "x", show_progress=False)
+
+
+def test_tokenizer_trains_on_every_format_once_per_text(tmp_path):
+    """RL prompts count, a DPO pair's shared prompt counts once, a line of two formats is read as its format."""
+    data = _write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "p1", "gt": "4"},
+        {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]},
+        {"text": "t", "conversations": [{"role": "user", "content": "not read"}]},
+    ])
+    assert list(jsonl_texts([data])) == ["p1", "q", "good", "bad", "t"]
 
 
 def test_tokenizer_command_small(tmp_path, capsys):
     data = _write_jsonl(tmp_path / "d.jsonl", [{"text": f"sample {i} 文本 text"} for i in range(50)]
                         + [{"conversations": [{"role": "user", "content": "你好"}]}])
     with pytest.raises(ValueError, match="vocab_size"):
-        train_tokenizer([str(data)], 100, tmp_path / "x", show_progress=False)
+        train_tokenizer(jsonl_texts([data]), 100, tmp_path / "x", show_progress=False)
     tokenizer_command([str(data)], vocab_size=400, out=str(tmp_path / "tok"))
     report = capsys.readouterr().out
     assert "chars/token" in report and "saved to" in report

@@ -1,13 +1,16 @@
 """``python main.py eval``: loss, perplexity and bits per byte on a jsonl, or multiple-choice accuracy.
 
-The jsonl's format is read from its first line:
+The jsonl's format is read from its first line, by the data formats' one rule
+(:func:`minimind_pl.data.formats.detect_format`), then as multiple choice:
 
 - ``{"text": ...}`` (pretraining): every token after ``<|im_start|>`` is scored, as in pretraining;
 - ``{"conversations": [...]}`` (SFT): the assistant turns are scored, with the SFT loss mask
   (rendered without the training-time augmentations, so the numbers are deterministic);
-- ``{"question", "A", "B", ..., "answer"}`` (C-Eval / CMMLU style): each choice is scored by its
-  log-likelihood given the question, the best one is the model's answer, and accuracy is reported
+- ``{"question", "A", "B", ..., "answer"}`` (C-Eval / CMMLU style, a line of no data format): each choice is
+  scored by its log-likelihood given the question, the best one is the model's answer, and accuracy is reported
   (plus ``acc_norm``, the log-likelihood per UTF-8 byte of the choice, which favours long choices less).
+
+A line with both ``text`` and ``conversations`` is pretraining text, as it is to the data tools.
 
 Bits per byte = total nats / ln 2 / UTF-8 bytes of the scored text (special tokens count no bytes), so
 models with different tokenizers compare. Documents longer than ``seq_len`` are scored in consecutive
@@ -24,14 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from minimind_pl.checkpoints import open_checkpoint
+from minimind_pl.data.formats import detect_format, format_named
 from minimind_pl.data.jsonl import read_jsonl
-from minimind_pl.data.pretrain import PretrainEncoder
-from minimind_pl.data.sft import SFTEncoder
 from minimind_pl.errors import UserError
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 
 Scored = tuple[list[int], list[int]]  # token ids, 1 where the token is scored (predicted from the ones before)
+SCORED_FORMATS = ("pretrain", "sft")  # the data formats whose documents carry a loss mask to score
 
 
 def eval_command(
@@ -70,7 +73,7 @@ def eval_command(
         inference_rope_scaling: YaRN RoPE scaling (MiniMind's settings) for texts beyond the trained length.
     """
     records = list(read_jsonl(data, "--data", limit))  # bad data stops the command before the model loads
-    kind = detect_format(records, data)
+    kind = eval_format(records, data)
     checkpoint = open_checkpoint(ckpt, lora)
     model = checkpoint.build_model(preset, merge=True, device=device,  # adapters folded in: faster
                                    inference_rope_scaling=inference_rope_scaling)
@@ -90,20 +93,20 @@ def eval_command(
 # ============================================================================ reading
 
 
-def detect_format(records: Sequence[tuple[int, Any]], path: str) -> str:
-    """``pretrain``, ``sft`` or ``choice`` from the first record's keys."""
+def eval_format(records: Sequence[tuple[int, Any]], path: str) -> str:
+    """The name of the first record's data format (``pretrain`` or ``sft``), or ``choice`` for a multiple-choice
+    question."""
     if not records:
         raise UserError(f"{path} (from --data) holds no records (the file is empty or blank); name a jsonl file")
     line_no, first = records[0]
-    if isinstance(first, dict):
-        if "conversations" in first:
-            return "sft"
-        if "question" in first and "answer" in first:
-            return "choice"
-        if "text" in first:
-            return "pretrain"
-    raise UserError(f"{path}:{line_no}: cannot tell the format: expected a 'text', 'conversations' or "
-                     f"'question' + 'answer' record")
+    data_format = detect_format(first)
+    if data_format is not None and data_format.name in SCORED_FORMATS:
+        return data_format.name
+    if data_format is None and isinstance(first, dict) and "question" in first and "answer" in first:
+        return "choice"
+    found = f"a {data_format.name} record, which eval does not score; " if data_format else ""
+    raise UserError(f"{path}:{line_no}: cannot tell the format: {found}expected a 'text', 'conversations' or "
+                    f"'question' + 'answer' record")
 
 
 # ============================================================================ scoring
@@ -157,12 +160,11 @@ def scored_bytes(tokenizer: Tokenizer, ids: Sequence[int], scored: Sequence[int]
 # ============================================================================ language modelling
 
 
-def encode_documents(tokenizer: Tokenizer, records: Sequence[tuple[int, Any]], kind: str, path: str) -> list[Scored]:
-    """Token ids and scored-token masks of every record, as the training data modules build them."""
-    if kind == "pretrain":
-        encoder = PretrainEncoder(tokenizer)
-    else:
-        encoder = SFTEncoder(tokenizer, system_prompt_ratio=0.0, empty_think_drop_ratio=0.0)
+def encode_documents(tokenizer: Tokenizer, records: Sequence[tuple[int, Any]], kind: str,
+                     path: str) -> list[Scored]:
+    """Token ids and scored-token masks of every record, as the training data modules build them (without their
+    random augmentations)."""
+    encoder = format_named(kind, "kind").encoder(tokenizer, augment=False)
     docs = []
     for (line_no, _), result in zip(records, encoder.encode_records(records)):
         if isinstance(result, str):

@@ -6,19 +6,42 @@
 - :class:`PromptDataModule`: prompts for the RL stages (MiniMind's ``rlaif.jsonl`` or ``{"prompt": ...}``).
 - :class:`JsonlDataModule`: their shared base (cache, packing, validation split, loaders) and the hooks
   a new format overrides (:mod:`minimind_pl.data.base` says how: an encoder and ``make_encoder``).
-"""
-from .base import JsonlDataModule
-from .cache import DataFormatError, RecordEncoder, TokenCache, ensure_cache
-from .dpo import DPODataModule, DPOEncoder, pair_loader
-from .loader import ResumableDataLoader, ResumableSampler
-from .packing import DocumentStream, PackedDataset, PaddedDataset, collate
-from .pretrain import PretrainDataModule, PretrainEncoder
-from .prompts import PromptDataModule, PromptEncoder
-from .sft import SYSTEM_PROMPTS, SFTDataModule, SFTEncoder, assistant_mask
 
-__all__ = [
-    "DataFormatError", "DocumentStream", "JsonlDataModule", "PackedDataset", "PaddedDataset",
-    "PretrainDataModule", "PretrainEncoder", "RecordEncoder", "ResumableDataLoader", "ResumableSampler",
-    "SFTDataModule", "SFTEncoder", "SYSTEM_PROMPTS", "TokenCache", "assistant_mask", "collate",
-    "ensure_cache", "DPODataModule", "DPOEncoder", "pair_loader", "PromptDataModule", "PromptEncoder",
-]
+What a format is (its fields, record check, texts and encoder) lives in :mod:`minimind_pl.data.formats`, which
+does not import Lightning; nor do the token cache, the block map, the jsonl parser, packing and the loader. The
+names below are imported on first use (PEP 562), so ``import minimind_pl.data.formats`` or ``minimind_pl.data.cache``
+(the data tools, ``eval``, tokenizer training) does not load Lightning (about 5 s); ``minimind_pl.data.SFTDataModule``
+(configs' ``class_path``) still works.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "JsonlDataModule": "base",
+    "DataFormatError": "cache", "RecordEncoder": "cache", "TokenCache": "cache", "ensure_cache": "cache",
+    "DPODataModule": "dpo", "pair_loader": "dpo", "DPOEncoder": "formats.dpo",
+    "ResumableDataLoader": "loader", "ResumableSampler": "loader",
+    "DocumentStream": "packing", "PackedDataset": "packing", "PaddedDataset": "packing", "collate": "packing",
+    "PretrainDataModule": "pretrain", "PretrainEncoder": "formats.pretrain",
+    "PromptDataModule": "prompts", "PromptEncoder": "formats.prompts",
+    "SFTDataModule": "sft", "SFTEncoder": "formats.sft", "SYSTEM_PROMPTS": "formats.sft",
+    "assistant_mask": "formats.sft",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule of a public name on first use (module ``__getattr__``, PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

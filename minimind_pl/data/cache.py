@@ -17,7 +17,8 @@ written into a temporary directory and renamed into place, so a killed run never
 half-written cache behind.
 
 Tokenization streams the file in blocks (RAM does not grow with the file), runs in a process
-pool (JSON parsing, chat templates and BPE all in parallel), and shows a progress bar. What a
+pool (JSON parsing, chat templates and BPE all in parallel; :mod:`minimind_pl.data.block_map`), and shows a
+progress bar. What a
 line becomes is decided by a :class:`RecordEncoder` (pretrain text, SFT conversations, ...).
 """
 from __future__ import annotations
@@ -27,27 +28,24 @@ import errno
 import functools
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
-import signal
 import tempfile
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
 from minimind_pl.files import TEMP_MARK, atomic_file, stale_temporaries, temporary_path
 from minimind_pl.errors import UserError, check_input_file
 
-from .jsonl import parse_line
+from .block_map import BLOCK_BYTES, map_blocks
+from .jsonl import parse_block
 
 FORMAT_VERSION = 1
-BLOCK_BYTES = 4 << 20  # bytes of jsonl per work item
 MAX_REPORTED_ERRORS = 20
 _SAMPLE_BLOCK = 1 << 16
 SKIP_INVALID_HINT = "skip and count bad lines with --data.skip_invalid true (skip_invalid=True in Python)"
@@ -314,39 +312,6 @@ class _ChunkResult:
     errors: list = field(default_factory=list)
 
 
-_WORKER_TASK: Optional[Callable[..., Any]] = None
-
-
-def _init_worker(task: Callable[..., Any]) -> None:
-    global _WORKER_TASK
-    # Ctrl+C reaches every process of the terminal's group: the parent alone handles it (its `finally`
-    # terminates the pool); a worker dying of it mid-task could leave the parent waiting on the lost task.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_TASK = task
-
-
-def _run_task(*args: Any) -> Any:
-    assert _WORKER_TASK is not None
-    return _WORKER_TASK(*args)
-
-
-def parse_block(first_line: int, data: bytes) -> tuple[list, list, int]:
-    """Split a block of complete lines, decode and JSON-parse them: (records, errors, n_lines)."""
-    records, errors = [], []
-    lines = data.split(b"\n")
-    for i, raw in enumerate(lines):
-        line_no = first_line + i
-        if not raw.strip():
-            continue  # blank lines are not documents
-        record, error = parse_line(raw, line_no)
-        if error:
-            errors.append((line_no, error))
-        else:
-            records.append((line_no, record))
-    return records, errors, len(lines)
-
-
 def encode_block(encoder: RecordEncoder, first_line: int, data: bytes, dtype: np.dtype) -> _ChunkResult:
     """Parse and tokenize one block of complete jsonl lines starting at line ``first_line``."""
     records, errors, n_lines = parse_block(first_line, data)
@@ -374,109 +339,6 @@ def encode_block(encoder: RecordEncoder, first_line: int, data: bytes, dtype: np
         n_records=len(records),
         errors=errors,
     )
-
-
-def process_pool(num_proc: int, task: Callable[..., Any]) -> Any:
-    """A pool of ``num_proc`` worker processes (forked where the platform can) that run ``task`` (picklable) on the
-    arguments :func:`pool_results` gives them. Workers ignore Ctrl+C (SIGINT): the parent handles it and must
-    terminate the pool (``pool.terminate()`` in a ``finally``)."""
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    return ctx.Pool(num_proc, initializer=_init_worker, initargs=(task,))
-
-
-def pool_results(pool: Any, tasks: Iterator[tuple[tuple, int]], max_pending: int) -> Iterator:
-    """``(task(*args), nbytes)`` of each ``(args, nbytes)`` run in ``pool`` (:func:`process_pool`'s task), in order,
-    with at most ``max_pending`` in flight (bounded: RAM does not grow with the file)."""
-    queue: deque = deque()
-    for args, nbytes in tasks:
-        queue.append((pool.apply_async(_run_task, args), nbytes))
-        if len(queue) >= max_pending:
-            res, nb = queue.popleft()
-            yield res.get(), nb
-    while queue:
-        res, nb = queue.popleft()
-        yield res.get(), nb
-
-
-def iter_line_blocks(path: Path, hasher: Any = None,
-                     block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes, int]]:
-    """Yield ``(first_line_number, block_of_complete_lines, bytes_consumed)``, hashing all bytes (if ``hasher``)."""
-    line_no = 1
-    pending = b""
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(block_bytes)
-            if not block:
-                if pending:
-                    yield line_no, pending, len(pending)
-                return
-            if hasher is not None:
-                hasher.update(block)
-            data = pending + block
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                pending = data
-                continue
-            chunk, pending = data[:cut], data[cut + 1:]
-            yield line_no, chunk, cut + 1
-            line_no += chunk.count(b"\n") + 1
-
-
-def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
-    """A tqdm bar over ``total`` bytes (a no-op one when disabled)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm ships with lightning
-        enabled = False
-    if not enabled:
-        return contextlib.nullcontext(type("_NoBar", (), {"update": lambda self, n: None})())
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
-
-
-def default_num_proc() -> int:
-    """The CPUs this process may use, at most 32."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 32))
-
-
-def map_blocks(path: Path, processor: Callable[[int, bytes], Any], num_proc: Optional[int], desc: str,
-               progress: bool = True, block_bytes: int = BLOCK_BYTES, hasher: Any = None) -> Iterator[Any]:
-    """``processor(first line number, block of complete lines)`` of each block of ``path``, in file order.
-
-    Memory stays flat in the file size: at most two blocks per process are in flight. The pool is terminated when
-    the generator ends or is closed (wrap it in ``contextlib.closing`` when the loop may stop early).
-
-    Args:
-        path: the jsonl file.
-        processor: a picklable callable run in the worker processes.
-        num_proc: worker processes (None: every CPU; 1, or a file of at most two blocks: this process).
-        desc: the progress bar's label.
-        progress: show the progress bar.
-        block_bytes: bytes per block.
-        hasher: a ``hashlib`` object updated with every byte of the file (the token cache's fingerprint).
-    """
-    size = path.stat().st_size
-    num_proc = default_num_proc() if num_proc is None else max(1, int(num_proc))
-    blocks = iter_line_blocks(path, hasher, block_bytes)
-    pool = None
-    try:
-        if num_proc > 1 and size > 2 * block_bytes:
-            pool = process_pool(num_proc, processor)
-            tasks = (((first, data), nbytes) for first, data, nbytes in blocks)
-            results = pool_results(pool, tasks, 2 * num_proc)
-        else:
-            results = ((processor(first, data), nbytes) for first, data, nbytes in blocks)
-        with progress_bar(size, desc, progress) as bar:
-            for result, nbytes in results:
-                yield result
-                bar.update(nbytes)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
 
 
 def _format_error(source: Path, line_no: int, msg: str) -> str:
@@ -519,6 +381,103 @@ def _no_documents(source: Path, argument: Optional[str], size: int, n_skipped: i
     return f"{named} holds no documents ({why}); fill it with one JSON object per line, or name another file"
 
 
+@dataclass
+class _BuildCounts:
+    """What a build has written so far, and the bad lines it skipped (at most ``MAX_REPORTED_ERRORS`` kept)."""
+
+    n_docs: int = 0
+    n_tokens: int = 0
+    n_lines: int = 0
+    n_records: int = 0
+    n_skipped: int = 0
+    errors: list = field(default_factory=list)
+
+    def add(self, chunk: _ChunkResult, source: Path, skip_invalid: bool) -> None:
+        """Count one block in; its first bad line raises :class:`DataFormatError` unless ``skip_invalid``."""
+        if chunk.errors:
+            if not skip_invalid:
+                line_no, msg = chunk.errors[0]
+                raise DataFormatError(f"{_format_error(source, line_no, msg)} (fix the line, or {SKIP_INVALID_HINT})")
+            self.n_skipped += len(chunk.errors)
+            self.errors.extend(chunk.errors[: max(0, MAX_REPORTED_ERRORS - len(self.errors))])
+        self.n_tokens += int(chunk.lengths.sum())
+        self.n_docs += int(chunk.lengths.size)
+        self.n_lines += chunk.n_lines
+        self.n_records += chunk.n_records
+
+
+def _write_arrays(source: Path, encoder: RecordEncoder, folder: Path, dtype: np.dtype, skip_invalid: bool,
+                  num_proc: Optional[int], progress: bool, hasher: Any) -> _BuildCounts:
+    """Tokenize ``source`` into ``folder``'s ``tokens.bin``, ``offsets.bin`` (and ``mask.bin``), synced to disk."""
+    counts = _BuildCounts()
+    with contextlib.ExitStack() as files:
+        f_tok = files.enter_context(open(folder / "tokens.bin", "wb"))
+        f_off = files.enter_context(open(folder / "offsets.bin", "wb"))
+        f_mask = files.enter_context(open(folder / "mask.bin", "wb")) if encoder.has_mask else None
+        f_off.write(np.zeros(1, np.int64).tobytes())
+        chunks = files.enter_context(contextlib.closing(map_blocks(
+            source, functools.partial(encode_block, encoder, dtype=dtype), num_proc, f"tokenizing {source.name}",
+            progress, block_bytes=BLOCK_BYTES, hasher=hasher)))
+        for chunk in chunks:
+            first_offset = counts.n_tokens
+            counts.add(chunk, source, skip_invalid)
+            chunk.tokens.tofile(f_tok)
+            if f_mask is not None:
+                chunk.mask.tofile(f_mask)
+            if chunk.lengths.size:
+                (first_offset + np.cumsum(chunk.lengths)).astype(np.int64).tofile(f_off)
+        for fh in (f_tok, f_off, f_mask):
+            if fh is not None:
+                fh.flush()
+                os.fsync(fh.fileno())
+    return counts
+
+
+def _check_built(source: Path, before: os.stat_result, counts: _BuildCounts, argument: Optional[str]) -> None:
+    """Refuse a build without a single document, or of a file that changed while it was read."""
+    if counts.n_docs == 0:
+        raise DataFormatError(_no_documents(source, argument, before.st_size, counts.n_skipped, counts.errors))
+    after = os.stat(source)
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise RuntimeError(f"{source} changed while it was being tokenized; run again")
+
+
+def _cache_meta(source: Path, st: os.stat_result, encoder: RecordEncoder, dtype: np.dtype, sha256: str,
+                counts: _BuildCounts, seconds: float) -> dict:
+    """The ``meta.json`` of a built cache (its keys and their order are the cache format: keep them)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "settings": encoder.settings(),
+        "source": str(source.resolve()),
+        "source_size": st.st_size,
+        "source_mtime_ns": st.st_mtime_ns,
+        "source_sha256": sha256,
+        "source_sample_hash": sample_hash(source, st.st_size),
+        "dtype": dtype.name,
+        "has_mask": encoder.has_mask,
+        "docs_per_record": encoder.docs_per_record,
+        "n_docs": counts.n_docs,
+        "n_tokens": counts.n_tokens,
+        "n_lines": counts.n_lines,
+        "n_records": counts.n_records,
+        "n_skipped": counts.n_skipped,
+        "skipped_examples": [{"line": ln, "error": msg} for ln, msg in counts.errors],
+        "build_seconds": round(seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _move_into_place(built: Path, final: Path) -> None:
+    """Rename the built folder to ``final``, replacing an old cache there (renamed away first, then removed)."""
+    if final.exists():
+        old = final.parent / f"{final.name}.old-{uuid.uuid4().hex[:6]}"
+        os.rename(final, old)
+        os.rename(built, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(built, final)
+
+
 def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, skip_invalid: bool = False,
                 num_proc: Optional[int] = None, progress: bool = True, argument: Optional[str] = None) -> dict:
     """Tokenize ``source`` into the cache directory ``final`` (atomically); return its meta.
@@ -540,72 +499,13 @@ def build_cache(source: str | Path, encoder: RecordEncoder, final: str | Path, s
     dtype = token_dtype(encoder.tokenizer.vocab_size)
     st = os.stat(source)
     hasher = hashlib.sha256()
-    n_docs = n_tokens = n_lines = n_records = n_skipped = 0
-    errors: list = []
     started = time.time()
     try:
-        with contextlib.ExitStack() as files:
-            f_tok = files.enter_context(open(tmp / "tokens.bin", "wb"))
-            f_off = files.enter_context(open(tmp / "offsets.bin", "wb"))
-            f_mask = files.enter_context(open(tmp / "mask.bin", "wb")) if encoder.has_mask else None
-            f_off.write(np.zeros(1, np.int64).tobytes())
-            chunks = files.enter_context(contextlib.closing(map_blocks(
-                source, functools.partial(encode_block, encoder, dtype=dtype), num_proc, f"tokenizing {source.name}",
-                progress, hasher=hasher)))
-            for chunk in chunks:
-                if chunk.errors:
-                    if not skip_invalid:
-                        line_no, msg = chunk.errors[0]
-                        raise DataFormatError(f"{_format_error(source, line_no, msg)} "
-                                              f"(fix the line, or {SKIP_INVALID_HINT})")
-                    n_skipped += len(chunk.errors)
-                    errors.extend(chunk.errors[: max(0, MAX_REPORTED_ERRORS - len(errors))])
-                chunk.tokens.tofile(f_tok)
-                if f_mask is not None:
-                    chunk.mask.tofile(f_mask)
-                if chunk.lengths.size:
-                    (n_tokens + np.cumsum(chunk.lengths)).astype(np.int64).tofile(f_off)
-                n_tokens += int(chunk.lengths.sum())
-                n_docs += int(chunk.lengths.size)
-                n_lines += chunk.n_lines
-                n_records += chunk.n_records
-            for fh in (f_tok, f_off, f_mask):
-                if fh is not None:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-        if n_docs == 0:
-            raise DataFormatError(_no_documents(source, argument, st.st_size, n_skipped, errors))
-        st_after = os.stat(source)
-        if (st_after.st_size, st_after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-            raise RuntimeError(f"{source} changed while it was being tokenized; run again")
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "settings": encoder.settings(),
-            "source": str(source.resolve()),
-            "source_size": st.st_size,
-            "source_mtime_ns": st.st_mtime_ns,
-            "source_sha256": hasher.hexdigest(),
-            "source_sample_hash": sample_hash(source, st.st_size),
-            "dtype": dtype.name,
-            "has_mask": encoder.has_mask,
-            "docs_per_record": encoder.docs_per_record,
-            "n_docs": n_docs,
-            "n_tokens": n_tokens,
-            "n_lines": n_lines,
-            "n_records": n_records,
-            "n_skipped": n_skipped,
-            "skipped_examples": [{"line": ln, "error": msg} for ln, msg in errors],
-            "build_seconds": round(time.time() - started, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+        counts = _write_arrays(source, encoder, tmp, dtype, skip_invalid, num_proc, progress, hasher)
+        _check_built(source, st, counts, argument)
+        meta = _cache_meta(source, st, encoder, dtype, hasher.hexdigest(), counts, time.time() - started)
         _write_json_atomic(tmp / "meta.json", meta)
-        if final.exists():
-            old = final.parent / f"{final.name}.old-{uuid.uuid4().hex[:6]}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        _move_into_place(tmp, final)
         return meta
     finally:
         if tmp.exists():

@@ -27,6 +27,22 @@ def parse_line(raw: bytes, line_no: int) -> tuple[Any, Optional[str]]:
         return None, f"not valid JSON ({exc.msg}, column {exc.colno})"
 
 
+def parse_block(first_line: int, data: bytes) -> tuple[list, list, int]:
+    """Split a block of complete lines, decode and JSON-parse them: (records, errors, n_lines)."""
+    records, errors = [], []
+    lines = data.split(b"\n")
+    for i, raw in enumerate(lines):
+        line_no = first_line + i
+        if not raw.strip():
+            continue  # blank lines are not documents
+        record, error = parse_line(raw, line_no)
+        if error:
+            errors.append((line_no, error))
+        else:
+            records.append((line_no, record))
+    return records, errors, len(lines)
+
+
 def read_jsonl(path: Union[str, Path], argument: Optional[str] = None,
                limit: Optional[int] = None) -> Iterator[tuple[int, Any]]:
     """``(line number, parsed JSON)`` of each non-blank line of a jsonl file the user named.

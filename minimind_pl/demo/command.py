@@ -21,6 +21,7 @@ from minimind_pl.demo.corpus import score_answer, write_demo_corpus
 from minimind_pl.generation import GREEDY, generate
 from minimind_pl.rewards import AnswerMatch
 from minimind_pl.stages.dpo import preference_accuracy
+from minimind_pl.data.formats import jsonl_texts
 from minimind_pl.tokenizer import Tokenizer, train_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
@@ -221,7 +222,7 @@ def demo_command(out_dir: str = "data/demo", ckpt_dir: str = "checkpoints/demo",
     corpus = write_demo_corpus(data_dir, seed=seed)
     tokenizer_dir = data_dir / "tokenizer"
     print(f"corpus written to {data_dir}; training a {vocab_size}-token tokenizer", flush=True)
-    tokenizer = train_tokenizer([corpus["pretrain"], corpus["sft"]], vocab_size, tokenizer_dir, show_progress=False)
+    tokenizer = train_tokenizer(jsonl_texts([corpus["pretrain"], corpus["sft"]]), vocab_size, tokenizer_dir, show_progress=False)
     run = DemoRun(data_dir, Path(ckpt_dir), corpus, tokenizer_dir, max_epochs=max_epochs)
     pretrain = fit_stage(run, "pretrain", "pretrain", "pretrain_val")
     fit_stage(run, "sft", "sft", "sft_val", init_weights=pretrain)

@@ -11,6 +11,7 @@ import torch
 
 from helpers import RecordBatches, fit, tiny_run
 from minimind_pl.cli import main
+from minimind_pl.data.formats import jsonl_texts
 from minimind_pl.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -34,7 +35,7 @@ def trained(tmp_path_factory, shared_dir):
     """A 2-step pretrain run on a tokenizer of its own; returns (run folder, its last.ckpt, its tokenizer folder)."""
     root = tmp_path_factory.mktemp("fingerprint")
     tokenizer = root / "tokenizer"
-    train_tokenizer([shared_dir / "corpus" / "pretrain_real.jsonl"], 400, tokenizer, show_progress=False)
+    train_tokenizer(jsonl_texts([shared_dir / "corpus" / "pretrain_real.jsonl"]), 400, tokenizer, show_progress=False)
     fit(tiny_run(root, shared_dir, "pretrain", "pretrain_real.jsonl", 2,
                  ["--data.tokenizer", str(tokenizer), "--model.config.vocab_size", "400",
                   "--trainer.enable_progress_bar", "false"]), RecordBatches())
@@ -48,7 +49,7 @@ def retrained(tmp_path, shared_dir, trained):
     """Retrain the run's tokenizer in place for one test, then put the original back."""
     root, last, tokenizer = trained
     shutil.copytree(tokenizer, tmp_path / "original")
-    train_tokenizer([shared_dir / "corpus" / "sft_real.jsonl"], 400, tokenizer, show_progress=False)
+    train_tokenizer(jsonl_texts([shared_dir / "corpus" / "sft_real.jsonl"]), 400, tokenizer, show_progress=False)
     yield last, tokenizer
     shutil.rmtree(tokenizer)
     shutil.copytree(tmp_path / "original", tokenizer)

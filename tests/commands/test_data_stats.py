@@ -10,6 +10,7 @@ import pytest
 from minimind_pl.cli import dispatch
 from minimind_pl.commands.data import gather_lists
 from minimind_pl.commands.data.stats import padding_shares
+from minimind_pl.data.formats import resolve_format
 from minimind_pl.errors import UserError
 
 
@@ -22,9 +23,14 @@ def test_stats_counts_documents_bad_lines_duplicates_languages_and_tokens(tmp_pa
     write_texts(source, ["你好世界", "hello", "hello", "ab 12"])
     with open(source, "ab") as handle:
         handle.write(b'\n{"text": \n{"text": ""}\n')
+    import dataclasses
+
     import minimind_pl.commands.data.stats as stats_module
 
-    monkeypatch.setattr(stats_module, "check_record", None)  # with a tokenizer, the encoder alone validates
+    def without_check(path, name):  # with a tokenizer, the encoder alone validates
+        return dataclasses.replace(resolve_format(path, name), check=None)
+
+    monkeypatch.setattr(stats_module, "resolve_format", without_check)
     stats = dispatch(["data", "stats", str(source), "--tokenizer", str(tokenizer_dir), "--seq_len", "4",
                       "--plot", str(tmp_path / "lengths.png"), "--progress", "false"])[0]
     assert (stats["lines"], stats["documents"], stats["blank_lines"], stats["invalid_lines"],

@@ -9,7 +9,8 @@ import pytest
 
 from minimind_pl.data import DataFormatError, SFTDataModule
 from minimind_pl.data.packing import IGNORE_INDEX
-from minimind_pl.data.sft import EMPTY_THINK, SYSTEM_PROMPTS, assistant_mask
+from minimind_pl.chat_format import EMPTY_THINK
+from minimind_pl.data.formats.sft import SYSTEM_PROMPTS, assistant_mask
 
 END = "<|im_end|>\n"
 

@@ -24,15 +24,16 @@ from typing import Any, Optional
 
 import numpy as np
 
-from minimind_pl.data.cache import map_blocks, parse_block
+from minimind_pl.data.block_map import map_blocks
+from minimind_pl.data.formats import DataFormat, resolve_format
+from minimind_pl.data.jsonl import parse_block
 from minimind_pl.errors import UserError
 
 from minimind_pl.files import atomic_file
 
-from .blocks import check_output, input_files
+from .paths import check_output, input_files
 from .dedup import KeySet, MinHasher, NearDuplicateIndex, text_key
-from .formats import (LANGUAGES, check_record, letter_counts, map_texts, model_text, normalize_text,
-                      resolve_format)
+from .text_rules import LANGUAGES, letter_counts, normalize_text
 
 RULES = ("invalid_json", "invalid_record", "empty_after_cleaning", "too_short", "too_long", "language",
          "exact_duplicate", "near_duplicate")
@@ -66,7 +67,7 @@ class LineCleaner:
     """The per-line rules that need no other line, and the duplicate keys of the lines they keep (run in the worker
     processes)."""
 
-    data_format: str
+    data_format: DataFormat
     unicode_form: Optional[str]
     min_chars: int
     max_chars: Optional[int]
@@ -94,15 +95,15 @@ class LineCleaner:
     def clean(self, line_no: int, obj: Any) -> tuple[CleanedLine, Optional[str]]:
         """Normalise one parsed record and apply the rules 2-5 (see the module doc): the line, and the model text
         when it is kept."""
-        error = check_record(obj, self.data_format)
+        error = self.data_format.check(obj)
         if error:
             return CleanedLine(line_no, "invalid_record", error), None
         changed = []
-        obj = map_texts(obj, self.data_format, lambda text: normalized(text, self.unicode_form, changed))
-        error = check_record(obj, self.data_format) if changed else None  # unchanged: still valid
+        obj = self.data_format.map_texts(obj, lambda text: normalized(text, self.unicode_form, changed))
+        error = self.data_format.check(obj) if changed else None  # unchanged: still valid
         if error:
             return CleanedLine(line_no, "empty_after_cleaning", error), None
-        text = model_text(obj, self.data_format)
+        text = self.data_format.model_text(obj)
         rule = self.length_or_language(text)
         if rule:
             return CleanedLine(line_no, rule, f"{len(text)} characters"), None
@@ -160,7 +161,7 @@ def normalized(text: str, unicode_form: Optional[str], changed: list) -> str:
     return out
 
 
-def make_cleaner(data_format: str, unicode_form: str, min_chars: int, max_chars: Optional[int],
+def make_cleaner(data_format: DataFormat, unicode_form: str, min_chars: int, max_chars: Optional[int],
                  languages: Optional[list[str]], min_language_share: float,
                  near_threshold: Optional[float], num_perm: int, ngram: int) -> LineCleaner:
     """The per-line rules from the command's arguments, each checked."""
@@ -207,7 +208,7 @@ def clean_command(input: str, *, output: str, format: str = "auto", unicode_form
     data_format = resolve_format(source, format)
     cleaner = make_cleaner(data_format, unicode_form, min_chars, max_chars, languages, min_language_share,
                            near_threshold if dedup else None, num_perm, ngram)
-    report = CleanReport(data_format)
+    report = CleanReport(data_format.name)
     exact = KeySet()
     near = NearDuplicateIndex(cleaner.hasher, target.resolve().parent) if cleaner.hasher is not None else None
     try:
@@ -224,7 +225,7 @@ def clean_command(input: str, *, output: str, format: str = "auto", unicode_form
             near.close()
     print(report.summary())
     print(f"wrote {target}")
-    return {"format": data_format, "lines": report.lines, "kept": report.kept, "removed": report.removed,
+    return {"format": data_format.name, "lines": report.lines, "kept": report.kept, "removed": report.removed,
             "examples": report.examples}
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from minimind_pl.errors import UserError
 
-from .formats import CJK_RANGES
+from .text_rules import CJK_RANGES
 
 MIX = np.uint64(0x9E3779B97F4A7C15)  # an odd 64-bit constant: folds values into one key (wrapping multiply)
 DATA_EXTRA_HINT = 'pip install -e ".[data]"'

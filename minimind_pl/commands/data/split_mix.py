@@ -16,7 +16,7 @@ from minimind_pl.errors import UserError
 
 from minimind_pl.files import atomic_file
 
-from .blocks import check_output, input_files
+from .paths import check_output, input_files
 
 
 def documents(path: Path) -> Iterator[bytes]:

@@ -16,12 +16,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from minimind_pl.data.cache import map_blocks, parse_block
+from minimind_pl.data.block_map import map_blocks
+from minimind_pl.data.formats import DataFormat, resolve_format
+from minimind_pl.data.jsonl import parse_block
 from minimind_pl.errors import UserError
 
-from .blocks import input_files
+from .paths import input_files
 from .dedup import KeySet, require_extra, text_key
-from .formats import LANGUAGES, check_record, letter_counts, model_text, resolve_format
+from .text_rules import LANGUAGES, letter_counts
 
 PERCENTILES = (50, 90, 99)
 
@@ -45,7 +47,7 @@ class BlockStats:
 class LineStats:
     """Measures the lines of a block (run in the worker processes)."""
 
-    data_format: str
+    data_format: DataFormat
     encoder: Any = None  # the stage's RecordEncoder, or None without a tokenizer
 
     def __call__(self, first_line: int, data: bytes) -> BlockStats:
@@ -53,6 +55,7 @@ class LineStats:
         stats = BlockStats(lines=n_lines, invalid=len(errors), first_invalid=errors[0] if errors else None)
         stats.blank = n_lines - len(records) - len(errors)
         keys = []
+        data_format = self.data_format
         for (line_no, obj), verdict in zip(records, self.verdicts(records)):
             if isinstance(verdict, str):  # each record is validated once: by the encoder when tokenizing
                 stats.invalid += 1
@@ -60,9 +63,9 @@ class LineStats:
                 if stats.first_invalid is None or line_no < stats.first_invalid[0]:
                     stats.first_invalid = (line_no, verdict)
                 continue
-            documents = (verdict or ())[:1 if self.data_format == "rl" else None]  # RL: the prompt, not the gt
+            documents = (verdict or ())[:data_format.counted_documents]  # RL: the prompt, not the gt
             stats.tokens += [len(ids) for ids, _ in documents]
-            text = model_text(obj, self.data_format)
+            text = data_format.model_text(obj)
             stats.chars.append(len(text))
             keys.append(text_key(text))
             stats.letters = [a + b for a, b in zip(stats.letters, letter_counts(text))]
@@ -73,26 +76,18 @@ class LineStats:
         """Per record, why it is invalid (a string), or its training documents (a list of ``(ids, mask)``; None
         without a tokenizer)."""
         if self.encoder is None:
-            return [check_record(obj, self.data_format) for _, obj in records]
+            return [self.data_format.check(obj) for _, obj in records]
         return self.encoder.encode_records(records) if records else []
 
 
-def make_encoder(tokenizer: Optional[str], data_format: str, seq_len: int) -> Any:
-    """The encoder training uses for ``data_format`` (RL prompts: the prompt rendered for generation)."""
+def make_encoder(tokenizer: Optional[str], data_format: DataFormat) -> Any:
+    """The encoder training uses for ``data_format`` (its DataModule's, without a length limit), or None without
+    a tokenizer."""
     if tokenizer is None:
         return None
-    from minimind_pl.data.dpo import DPOEncoder
-    from minimind_pl.data.pretrain import PretrainEncoder
-    from minimind_pl.data.prompts import PromptEncoder
-    from minimind_pl.data.sft import SFTEncoder
     from minimind_pl.tokenizer import Tokenizer
 
-    loaded = Tokenizer.from_file(tokenizer)
-    if data_format == "rl":
-        return PromptEncoder(loaded, max_tokens=1 << 30)
-    if data_format == "dpo":
-        return DPOEncoder(loaded, max_tokens=1 << 30)
-    return PretrainEncoder(loaded) if data_format == "pretrain" else SFTEncoder(loaded)
+    return data_format.encoder(Tokenizer.from_file(tokenizer))
 
 
 class FileStats:
@@ -182,8 +177,8 @@ def stats_command(files: list[str], tokenizer: Optional[str] = None, seq_len: in
     results, measured = [], []
     for path in input_files(files, "FILE"):
         data_format = resolve_format(path, format)
-        stats = FileStats(path, data_format)
-        measure = LineStats(data_format, make_encoder(tokenizer, data_format, seq_len))
+        stats = FileStats(path, data_format.name)
+        measure = LineStats(data_format, make_encoder(tokenizer, data_format))
         stats.tokenized = measure.encoder is not None
         for block in map_blocks(path, measure, num_proc, f"reading {path.name}", progress):
             stats.add(block)

@@ -1,4 +1,4 @@
-"""The checks of the files the data tools read and write (they stream files with ``data.cache.map_blocks``)."""
+"""The paths the data tools read and write: each input checked, an output that is never one of the inputs."""
 from __future__ import annotations
 
 from pathlib import Path
