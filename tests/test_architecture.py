@@ -111,6 +111,46 @@ def test_the_core_does_not_import_lightning():
     assert [module_name(f) for f in core if "lightning" in top_level_imports(f)] == []
 
 
+# Modules that must load without Lightning (``import lightning`` takes seconds): the token cache and what it reads
+# with, the data formats, and the commands that read data (``data`` except ``prepare``, ``eval``, ``tokenizer``).
+LIGHTNING_FREE_PREFIXES = ("minimind_pl.data.formats", "minimind_pl.commands.data")
+LIGHTNING_FREE = ("minimind_pl.data.cache", "minimind_pl.data.jsonl", "minimind_pl.data.block_map",
+                  "minimind_pl.data.packing", "minimind_pl.data.loader", "minimind_pl.commands.evaluate",
+                  "minimind_pl.commands.tokenizer")
+NEEDS_LIGHTNING = ("minimind_pl.commands.data.prepare",)  # runs LightningCLI
+
+
+def loaded_with(module: str, graph: dict[str, set[str]]) -> set[str]:
+    """Every package module that importing ``module`` loads: its imports, theirs, and the packages above each."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parents = [name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)]
+        todo += [m for m in [*graph.get(name, ()), *parents] if m in graph]
+    return seen
+
+
+def test_loaded_with_follows_imports_and_parent_packages():
+    graph = {"p": set(), "p.a": {"p.b"}, "p.b": {"p.c.d"}, "p.c": set(), "p.c.d": set(), "p.e": set()}
+    assert loaded_with("p.a", graph) == {"p", "p.a", "p.b", "p.c", "p.c.d"}
+
+
+def test_the_data_tools_and_the_token_cache_load_without_lightning():
+    """Transitively: nothing the data tools, eval, tokenizer training or the token cache load imports Lightning
+    (at module level or inside a function)."""
+    graph = import_graph()
+    roots = [m for m in graph if m in LIGHTNING_FREE or m.startswith(LIGHTNING_FREE_PREFIXES)]
+    roots = [m for m in roots if m not in NEEDS_LIGHTNING]
+    assert len(roots) >= len(LIGHTNING_FREE) + 8, roots  # the prefixes matched the formats and the data tools
+    files = {module_name(f): f for f in PACKAGE.rglob("*.py")}
+    offenders = {f"{root} loads {m}" for root in roots for m in loaded_with(root, graph)
+                 if "lightning" in top_level_imports(files[m])}
+    assert not offenders, "Lightning is loaded by: " + ", ".join(sorted(offenders))
+
+
 def test_public_api_imports_alone_without_lightning():
     """``from minimind_pl import ...`` in a fresh interpreter loads neither Lightning nor any command."""
     code = ("import sys; from minimind_pl import ModelConfig, MiniMindForCausalLM, Tokenizer, load_model; "
