@@ -7,12 +7,11 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from minimind_pl.chat_format import REASONING_TAGS
 from minimind_pl.errors import UserError
 from minimind_pl.losses import IGNORE_INDEX, causal_lm_loss, token_weights, weighted_causal_lm_loss
 from minimind_pl.stages.base import Stage
 from minimind_pl.tokenizer import Tokenizer
-
-REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 class Pretrain(Stage):
