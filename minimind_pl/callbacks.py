@@ -23,7 +23,6 @@ from minimind_pl.data.loader import STOP_SIGNALS
 from minimind_pl.errors import TrainingStopped
 from minimind_pl.generation import GREEDY, generate
 from minimind_pl.stages.strategies import shards_parameters
-from minimind_pl.tokenizer import Tokenizer
 
 
 class SyncFreeProgressBar(TQDMProgressBar):
@@ -54,14 +53,11 @@ class SyncFreeProgressBar(TQDMProgressBar):
 class SampleLogger(Callback):
     """After each validation, complete the stage's ``sample_prompts`` greedily and log them as TensorBoard text.
 
-    Reads from the stage: ``hparams.sample_prompts``, ``hparams.sample_max_new_tokens``, ``hparams.tokenizer``
-    and ``sample_prompt_ids(tokenizer)`` (plain text or chat, by the stage's ``SAMPLE_STYLE``). Runs on
-    rank 0 only (on every rank where the weights are sharded, logged by rank 0), and not during the sanity check.
-    Does nothing for stages or loggers without them.
+    Reads from the stage: ``hparams.sample_prompts``, ``hparams.sample_max_new_tokens``, its ``tokenizer`` (the
+    run's one copy, named by ``hparams.tokenizer``) and ``sample_prompt_ids(tokenizer)`` (plain text or chat, by the
+    stage's ``SAMPLE_STYLE``). Runs on rank 0 only (on every rank where the weights are sharded, logged by rank 0),
+    and not during the sanity check. Does nothing for stages or loggers without them.
     """
-
-    def __init__(self) -> None:
-        self._tokenizer: Tokenizer | None = None
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
@@ -72,9 +68,7 @@ class SampleLogger(Callback):
         if (trainer.sanity_checking or (trainer.global_rank != 0 and not every_rank)
                 or not hparams.get("sample_prompts") or not hparams.get("tokenizer") or not hasattr(experiment, "add_text")):
             return
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_file(hparams.tokenizer)
-        tokenizer = self._tokenizer
+        tokenizer = pl_module.tokenizer
         outputs = generate(pl_module.model, pl_module.sample_prompt_ids(tokenizer), hparams.sample_max_new_tokens,
                            GREEDY, tokenizer.eos_id)
         if trainer.global_rank != 0:

@@ -7,13 +7,15 @@ and ``tool_calls`` (assistant; list or JSON string). It is rendered by the token
 exactly as ``transformers`` renders it (same sandbox, filters and globals), without importing
 ``transformers``. The model answers in the same format: an optional ``<think>...</think>`` block, then
 text, with tool calls as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks;
-:class:`OutputParser` splits streamed output back into those parts.
+:class:`OutputParser` splits streamed output back into those parts, :func:`split_reasoning` a whole reply, and
+:func:`rendered_turns` reads the turns of a rendered prompt back (the RL rewards use both).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import uuid
 from datetime import datetime
 from typing import Any, Mapping, Optional, Sequence
@@ -23,7 +25,11 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 ROLES = ("system", "user", "assistant", "tool")
+TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"  # ChatML's turn markers (the tokenizer's bos and eos)
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"  # R1-style data may wrap the answer after the reasoning in these
+#: The tags of reasoning data, which MiniMind's reasoning recipe up-weights in the loss (train_distill_reason.py).
+REASONING_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # what the template writes for an assistant turn without reasoning
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names a message's reasoning may have
@@ -386,6 +392,10 @@ def empty_answer(message: Mapping) -> bool:
 def split_reasoning(text: str, opened: bool = False) -> tuple[str, Optional[str]]:
     """``(answer, reasoning or None)`` of a generated reply; the reasoning is the text before ``</think>``.
 
+    The split is at the FIRST ``</think>``: MiniMind's rule (its RL rewards take the answer after the first tag), kept
+    so the rewards (``rewards.Sample.answer``) score what MiniMind's do. A rendered assistant turn is split at the last
+    tag instead (:func:`assistant_answer`, as the chat template does).
+
     Args:
         text: The decoded reply.
         opened: The prompt left a ``<think>`` block open (``open_thinking``), so the reply starts inside
@@ -398,3 +408,16 @@ def split_reasoning(text: str, opened: bool = False) -> tuple[str, Optional[str]
     if head.startswith(THINK_OPEN):
         head = head[len(THINK_OPEN):].strip()
     return tail.strip(), (head or None)
+
+
+_RENDERED_TURN = re.compile(rf"{re.escape(TURN_START)}({'|'.join(ROLES)})\s+(.*?){re.escape(TURN_END)}", re.DOTALL)
+
+
+def rendered_turns(text: str) -> list[dict[str, str]]:
+    """The closed turns of a rendered ChatML text (a prompt as the model saw it), ``[{"role", "content"}, ...]``.
+
+    The inverse of rendering as far as the rewards need it: each ``<|im_start|>role\n...<|im_end|>`` turn, its content
+    stripped and kept as rendered (an assistant turn keeps its ``<think>`` block; tool results are the user turns the
+    template writes). A turn left open (the generation prompt's assistant header) is not a turn.
+    """
+    return [{"role": role, "content": content.strip()} for role, content in _RENDERED_TURN.findall(text)]

@@ -23,9 +23,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-THINK_END = "</think>"
+from minimind_pl.chat_format import THINK_CLOSE, rendered_turns, split_reasoning
+
+# a rendered prompt's turns: chat_format.rendered_turns, under the name the rewards have exported
+prompt_messages = rendered_turns
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
-_TURN = re.compile(r"<\|im_start\|>(system|user|assistant|tool)\s+(.*?)<\|im_end\|>", re.DOTALL)
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -46,8 +48,9 @@ class Sample:
 
     @property
     def answer(self) -> str:
-        """The final answer: the text after the reasoning's ``</think>`` (the whole completion without one)."""
-        return self.completion.split(THINK_END, 1)[1].strip() if THINK_END in self.completion else self.completion.strip()
+        """The final answer: the text after the reasoning's first ``</think>`` (the whole completion without one),
+        stripped; ``chat_format.split_reasoning`` says why the first."""
+        return split_reasoning(self.completion)[0]
 
 
 class Reward:
@@ -175,11 +178,12 @@ class ThinkingFormat(Reward):
 
     def score_one(self, completion: str) -> float:
         """The format score of one completion."""
-        if THINK_END not in completion:
+        reasoning, closed, _ = completion.partition(THINK_CLOSE)  # the first tag, as split_reasoning splits
+        if not closed:
             return self.missing
-        reasoning = completion.split(THINK_END, 1)[0]  # as MiniMind counts it (an opening tag written here included)
+        # MiniMind counts the reasoning unstripped of an opening tag written here (split_reasoning drops it)
         length = self.good_length if _in_range(reasoning, self.min_chars, self.max_chars) else self.bad_length
-        return length + (self.single if completion.count(THINK_END) == 1 else self.repeated)
+        return length + (self.single if completion.count(THINK_CLOSE) == 1 else self.repeated)
 
     def score(self, samples: Sequence[Sample]) -> list[float]:
         """The format score per sample."""
@@ -212,11 +216,6 @@ class RepetitionPenalty(Reward):
     def score(self, samples: Sequence[Sample]) -> list[float]:
         """A score <= 0 per sample."""
         return [-min(self.cap, 2 * self.cap * repeated_ngram_share(s.answer, self.n)) for s in samples]
-
-
-def prompt_messages(prompt: str) -> list[dict[str, str]]:
-    """The turns of a rendered ChatML prompt, ``[{"role", "content"}, ...]`` (the open assistant turn left out)."""
-    return [{"role": role, "content": content.strip()} for role, content in _TURN.findall(prompt)]
 
 
 class RewardModel(Reward):
@@ -274,7 +273,7 @@ class RewardModel(Reward):
     @staticmethod
     def conversation(sample: Sample) -> list[dict[str, str]]:
         """The two turns the reward model scores: the question (with earlier turns folded in) and the answer."""
-        turns = prompt_messages(sample.prompt)
+        turns = rendered_turns(sample.prompt)
         question = turns[-1]["content"] if turns else ""
         history = "\n".join(f"{m['role']}: {m['content']}" for m in turns[:-1])
         if history:  # MiniMind's wording: "the above is the history; my new question is"

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minimind_pl.chat_format import CHAT_TEMPLATE, render_chat, select_template
+from minimind_pl.chat_format import CHAT_TEMPLATE, TURN_END, TURN_START, render_chat, select_template
 from minimind_pl.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -35,7 +35,7 @@ CONTROL_TOKENS = [
     "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
 ] + [f"<|buffer{i}|>" for i in range(1, 10)]
 ADDED_TOKENS = SPECIAL_TOKENS + CONTROL_TOKENS
-PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", TURN_START, TURN_END
 
 
 # ====================================================================== helpers

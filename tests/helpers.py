@@ -20,6 +20,7 @@ from minimind_pl.config import ModelConfig
 from minimind_pl.generation import generate
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.rewards import Reward
+from minimind_pl.tokenizer import Tokenizer
 
 
 def require(available: bool, what: str) -> None:
@@ -249,3 +250,22 @@ class SaveRankWeights(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torch.save(pl_module.model.state_dict(), self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+def record_tokenizer_reads(monkeypatch) -> list[str]:
+    """From now on, note the module that calls ``Tokenizer.from_file`` for each tokenizer folder read; the list."""
+    readers: list[str] = []
+    read = Tokenizer.from_file.__func__
+
+    def from_file(cls, path):
+        readers.append(sys._getframe(1).f_globals["__name__"])
+        return read(cls, path)
+
+    monkeypatch.setattr(Tokenizer, "from_file", classmethod(from_file))
+    return readers
+
+
+def training_side(readers: list[str]) -> list[str]:
+    """The reads of ``record_tokenizer_reads`` outside the data modules (a DataModule reads its own: no stage is built
+    when it is)."""
+    return [name for name in readers if not name.startswith("minimind_pl.data")]

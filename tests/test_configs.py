@@ -7,6 +7,8 @@ effective configuration of each stage is, and that a stage config trains with th
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 from pathlib import Path
 
@@ -119,6 +121,114 @@ def test_stage_configs_state_only_what_differs_from_their_base(config):
     assert "class_path" not in own.get("logger", {}), "the logger class is set once, in base.yaml"
     for entry in own.get("callbacks", []):
         assert "class_path" not in entry, "the checkpoint callback class is set once, in base.yaml"
+
+
+def signature_defaults(cls: type) -> dict:
+    """The default of every ``__init__`` argument of ``cls``, as jsonargparse resolves them: a subclass's own
+    default wins over its bases' (the stages and DataModules pass ``**kwargs`` up)."""
+    found: dict = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            found.update({name: p.default for name, p in inspect.signature(init).parameters.items()
+                          if p.default is not inspect.Parameter.empty})
+    return found
+
+
+def class_of(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def same_value(written, default) -> bool:
+    """Whether a YAML value is the default itself (a list as the default tuple; 1 is not True, 3.0e-7 is 3e-7)."""
+    if isinstance(written, bool) or isinstance(default, bool):
+        return written is default
+    if isinstance(written, (int, float)) and isinstance(default, (int, float)):
+        return float(written) == float(default)
+    if isinstance(written, (list, tuple)) and isinstance(default, (list, tuple)):
+        return len(written) == len(default) and all(same_value(w, d) for w, d in zip(written, default))
+    return type(written) is type(default) and written == default
+
+
+def restated(written: dict, defaults: dict, where: str, classes: dict | None = None) -> list[str]:
+    """``where.key: value`` for each value of ``written`` equal to its default, looking into the ``init_args`` of
+    every class the values name (rewards, loggers, callbacks) and into a nested ``config`` (ModelConfig).
+    ``classes`` names the class of entries written without ``class_path`` (they complete base.yaml's)."""
+    from minimind_pl.config import ModelConfig
+
+    found = []
+    for key, value in written.items():
+        at = f"{where}.{key}"
+        if key == "config" and isinstance(value, dict):
+            found += restated(value, signature_defaults(ModelConfig), at)
+        elif isinstance(value, dict) and ("class_path" in value or at in (classes or {})):
+            cls = class_of(value.get("class_path") or classes[at])
+            found += restated(value.get("init_args") or {}, signature_defaults(cls), f"{at}.init_args")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for n, entry in enumerate(value):
+                found += restated({f"{key}[{n}]": entry}, {}, where, classes)
+        elif key in defaults and same_value(value, defaults[key]):
+            found.append(f"{at}: {value!r}")
+    return found
+
+
+def values_given_anyway(path: Path) -> list[str]:
+    """What ``path`` sets to the value it would get without it: a stage's or DataModule's signature default, a
+    ModelConfig default, Lightning's Trainer/logger/callback default or, in a stage file, its base.yaml's value."""
+    from lightning.pytorch import Trainer
+
+    from minimind_pl.config import ModelConfig
+
+    own = read(path)
+    if path in MODEL_CONFIGS:
+        return restated(own, signature_defaults(ModelConfig), path.name)
+    base = {} if path in BASE_CONFIGS else read(path.parent / BASE_CONFIG)
+    trainer_base = base.get("trainer", {})
+    found = restated({k: v for k, v in own.get("trainer", {}).items() if k not in ("logger", "callbacks")},
+                     {**signature_defaults(Trainer), **trainer_base}, "trainer")
+    logger, callbacks = own.get("trainer", {}).get("logger"), own.get("trainer", {}).get("callbacks", [])
+    for at, entry, inherited in [("trainer.logger", logger, trainer_base.get("logger")),
+                                 *[(f"trainer.callbacks[{n}]", c, (trainer_base.get("callbacks") or [{}] * (n + 1))[n])
+                                   for n, c in enumerate(callbacks)]]:
+        if entry:
+            inherited = inherited or {}
+            cls = class_of(entry.get("class_path") or inherited["class_path"])
+            found += restated(entry.get("init_args") or {},
+                              {**signature_defaults(cls), **(inherited.get("init_args") or {})}, f"{at}.init_args")
+    for section in ("model", "data"):
+        if section in own:
+            cls = class_of(own[section]["class_path"])
+            found += restated(own[section].get("init_args") or {}, signature_defaults(cls), f"{section}.init_args")
+    return found
+
+
+@pytest.mark.parametrize("config", ALL_YAML, ids=ids)
+def test_configs_hold_only_values_that_differ_from_what_they_would_get_anyway(config):
+    """A value equal to its default is a second source for it: the default's change would not reach this preset.
+    A recipe value lives in the stage's signature (documented there with MiniMind's value) or, where the preset
+    differs, in the YAML with a comment that says whose value it is."""
+    assert values_given_anyway(config) == [], f"{ids(config)} restates defaults"
+
+
+def test_the_default_check_flags_a_restated_value(tmp_path):
+    config = tmp_path / "minimind3" / "grpo.yaml"
+    config.parent.mkdir()
+    (config.parent / BASE_CONFIG).write_text((CONFIG_ROOT / "minimind3" / BASE_CONFIG).read_text(encoding="utf-8"))
+    config.write_text(yaml.safe_dump({
+        "trainer": {"log_every_n_steps": 100, "max_epochs": 1, "callbacks": [{"init_args": {"save_last": True}}]},
+        "model": {"class_path": "minimind_pl.stages.GRPO",
+                  "init_args": {"learning_rate": 3.0e-7, "betas": [0.9, 0.95], "num_generations": 8,
+                                "config": {"hidden_size": 768, "num_hidden_layers": 4},
+                                "rewards": [{"class_path": "minimind_pl.rewards.RewardModel",
+                                             "init_args": {"path": "rm", "clip": 3.0}}]}},
+        "data": {"class_path": "minimind_pl.data.PromptDataModule",
+                 "init_args": {"train_path": "x.jsonl", "seq_len": 64, "batch_size": 3, "num_workers": 1}}}))
+    assert sorted(values_given_anyway(config)) == sorted([
+        "trainer.log_every_n_steps: 100", "trainer.callbacks[0].init_args.save_last: True",
+        "model.init_args.learning_rate: 3e-07", "model.init_args.betas: [0.9, 0.95]",
+        "model.init_args.config.hidden_size: 768", "model.init_args.rewards[0].init_args.clip: 3.0",
+        "data.init_args.num_workers: 1"])
 
 
 @pytest.mark.parametrize("config", BASE_CONFIGS, ids=ids)

@@ -90,13 +90,24 @@ class Checkpoint:
     def tokenizer(self, override: Optional[str] = None, allow_mismatch: bool = False) -> Tokenizer:
         """``override`` if given, else the recorded tokenizer; a clear error if neither, or if it is not the
         tokenizer the model was trained with (a warning with ``allow_mismatch``)."""
-        directory = override or self.tokenizer_dir
-        if directory is None:
-            raise UserError(f"no tokenizer is recorded with {self.path}; pass --tokenizer DIR")
+        directory = override or self.tokenizer_dir or self.tokenizer_beside()
         tokenizer = Tokenizer.from_file(directory)
         check_same_tokenizer(self.tokenizer_fingerprint, tokenizer.vocabulary_fingerprint, self.path, directory,
                              allow_mismatch, "--allow_tokenizer_mismatch true")
         return tokenizer
+
+    def tokenizer_beside(self) -> str:
+        """The tokenizer folder found next to a checkpoint that records none (MiniMind's own ``.pth`` files): the
+        checkpoint's folder, then ``model/`` beside it — MiniMind's repository keeps ``out/*.pth`` and the
+        tokenizer in ``model/`` side by side. An error naming the places looked at if there is none."""
+        folder = Path(self.path).parent
+        candidates = [folder, folder.parent / "model"]
+        for candidate in candidates:
+            if (candidate / "tokenizer.json").is_file():
+                return str(candidate)
+        looked = ", ".join(str(c) for c in candidates)
+        raise UserError(f"no tokenizer is recorded with {self.path} and none was found beside it (looked for "
+                        f"tokenizer.json in {looked}); pass --tokenizer DIR")
 
 
 def open_checkpoint(path: str | Path, lora: Optional[str | Path] = None) -> Checkpoint:

@@ -112,10 +112,10 @@ class Stage(L.LightningModule):
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = config.to_dict()
         self.config = config
-        run_tokenizer = read_run_tokenizer(tokenizer)
-        check_fits(config, run_tokenizer, tokenizer, seq_len)
+        self._tokenizer = read_run_tokenizer(tokenizer)  # the one copy of this run (see the ``tokenizer`` property)
+        check_fits(config, self._tokenizer, tokenizer, seq_len)
         #: ``Tokenizer.vocabulary_fingerprint`` of ``--data.tokenizer``, recorded in every checkpoint.
-        self.tokenizer_fingerprint = run_tokenizer.vocabulary_fingerprint if run_tokenizer else None
+        self.tokenizer_fingerprint = self._tokenizer.vocabulary_fingerprint if self._tokenizer else None
         self.model = MiniMindForCausalLM(config)
         if init_weights:
             self.load_initial_weights(init_weights)
@@ -129,6 +129,18 @@ class Stage(L.LightningModule):
         self._last_log_interval = 0  # the logging interval (global_step // log_every_n_steps) last logged
         self.nonfinite = NonFiniteSteps()
         self._resumed: dict[str, Any] | None = None  # the checkpoint's hparams and RNG states, until training resumes
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer (``--data.tokenizer``), read once per run: in ``__init__`` when its folder exists, else
+        here on first use (a missing folder then fails with ``Tokenizer.from_file``'s error). What the stage
+        and its callbacks encode or decode (sample prompts, tag ids, sampled answers) goes through it."""
+        if self._tokenizer is None:
+            if not self.hparams.tokenizer:
+                raise UserError(f"{type(self).__name__} needs the tokenizer: pass --data.tokenizer <folder> "
+                                f"(or tokenizer=<folder> when building the stage in Python)")
+            self._tokenizer = Tokenizer.from_file(self.hparams.tokenizer)
+        return self._tokenizer
 
     # ----------------------------------------------------------------- weights
     def load_initial_weights(self, path: str) -> None:

@@ -7,12 +7,9 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from minimind_pl.errors import UserError
+from minimind_pl.chat_format import REASONING_TAGS
 from minimind_pl.losses import IGNORE_INDEX, causal_lm_loss, token_weights, weighted_causal_lm_loss
 from minimind_pl.stages.base import Stage
-from minimind_pl.tokenizer import Tokenizer
-
-REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 class Pretrain(Stage):
@@ -78,10 +75,7 @@ class SFT(Pretrain):
     def special_token_ids(self, device: torch.device) -> torch.Tensor:
         """Ids of ``special_tokens`` that are single tokens of the tokenizer, on ``device`` (cached)."""
         if self._special_ids is None:
-            if not self.hparams.tokenizer:
-                raise UserError("special_token_weight needs the tokenizer (--data.tokenizer) to find the tag ids")
-            tokenizer = Tokenizer.from_file(self.hparams.tokenizer)
-            found = {tag: tokenizer.token_to_id(tag) for tag in self.hparams.special_tokens}
+            found = {tag: self.tokenizer.token_to_id(tag) for tag in self.hparams.special_tokens}
             missing = [tag for tag, i in found.items() if i is None]
             if missing:
                 rank_zero_warn(f"not single tokens of the tokenizer, so not up-weighted: {missing}")

@@ -29,7 +29,6 @@ from minimind_pl.rewards import Reward, Sample, minimind_rewards, total_rewards
 from minimind_pl.stages.base import Stage
 from minimind_pl.stages.side_models import FrozenModel
 from minimind_pl.stages.strategies import clips_gradients_itself, shards_parameters
-from minimind_pl.tokenizer import Tokenizer
 
 
 @dataclass
@@ -142,18 +141,8 @@ class RolloutStage(Stage):
         self.reference = FrozenModel.copy_of(self.model, "reference")
         #: sha256 of the reference's weights, recorded in checkpoints so a resume keeps the same KL anchor.
         self.reference_fingerprint = weights_fingerprint(self.reference.model)
-        self._tokenizer: Optional[Tokenizer] = None
 
     # ------------------------------------------------------------------ set-up
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The run's tokenizer (``--data.tokenizer``), which decodes answers for the rewards."""
-        if self._tokenizer is None:
-            if not self.hparams.tokenizer:
-                raise UserError("an RL stage needs the tokenizer (--data.tokenizer) to read its answers")
-            self._tokenizer = Tokenizer.from_file(self.hparams.tokenizer)
-        return self._tokenizer
-
     def on_fit_start(self) -> None:
         """Refuse sharded strategies and checkpoint intervals a batch's steps would jump over; put the reference and
         any reward model on the training device."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -84,11 +85,25 @@ def test_lora_given_twice_and_missing_tokenizer_are_clear_errors(lora_run, tmp_p
     _, adapter_path, _ = lora_run
     with pytest.raises(ValueError, match="itself a LoRA checkpoint"):
         open_checkpoint(adapter_path, lora=adapter_path)
-    pth = save_minimind(random_model().state_dict(), tmp_path / "x.pth")
-    with pytest.raises(ValueError, match="no tokenizer is recorded"):
+    pth = save_minimind(random_model().state_dict(), tmp_path / "out" / "x.pth")
+    with pytest.raises(ValueError, match="no tokenizer is recorded") as error:
         open_checkpoint(pth).tokenizer()
+    assert str(tmp_path / "out") in str(error.value) and str(tmp_path / "model") in str(error.value)  # where it looked
     with pytest.raises(FileNotFoundError, match="not found"):
         open_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_a_minimind_pth_finds_the_tokenizer_in_model_beside_out(tmp_path, tokenizer_dir):
+    """MiniMind's repository keeps ``out/full_sft_512.pth`` and its tokenizer in ``model/``: ``chat --ckpt
+    out/full_sft_512.pth`` works there as the README shows it, without --tokenizer; a tokenizer in the
+    checkpoint's own folder comes first."""
+    pth = save_minimind(random_model().state_dict(), tmp_path / "out" / "full_sft_512.pth")
+    shutil.copytree(tokenizer_dir, tmp_path / "model")
+    found = open_checkpoint(pth).tokenizer()
+    assert found.vocabulary_fingerprint == Tokenizer.from_file(tokenizer_dir).vocabulary_fingerprint
+    assert open_checkpoint(pth).tokenizer_beside() == str(tmp_path / "model")
+    shutil.copytree(tokenizer_dir, tmp_path / "out", dirs_exist_ok=True)
+    assert open_checkpoint(pth).tokenizer_beside() == str(tmp_path / "out")
 
 
 def test_merge_lora_of_the_built_model_matches_build_with_merge(lora_run):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import TINY_MODEL, random_model, write_stage_checkpoint
+from helpers import TINY_MODEL, random_model, record_tokenizer_reads, training_side, write_stage_checkpoint
 from minimind_pl.checkpoints import load_model
 from minimind_pl.cli import run_lightning
 from minimind_pl.errors import UserError
@@ -82,6 +82,16 @@ def test_grpo_with_several_iterations_makes_that_many_optimizer_steps(tmp_path, 
     assert cli.trainer.global_step == 4 and cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2
     # the second update measures its ratio against the sampling policy, which the first moved
     assert max(logged(cli, "train/clip_fraction")) > 0
+
+
+def test_an_rl_run_reads_the_tokenizer_once_for_its_answers_validation_and_samples(tmp_path, shared_dir, prompts_file,
+                                                                                   start_checkpoint, monkeypatch):
+    readers = record_tokenizer_reads(monkeypatch)
+    cli = run_lightning(rl_args("grpo", tmp_path, shared_dir, prompts_file, start_checkpoint, 2,
+                                ["--data.val_fraction", "0.125", "--trainer.val_check_interval", "2",
+                                 "--trainer.limit_val_batches", "1"]))
+    assert cli.trainer.global_step == 2 and "val/reward" in cli.trainer.callback_metrics
+    assert training_side(readers) == ["minimind_pl.stages.base"]
 
 
 def test_ppo_trains_policy_and_critic_and_tools_read_the_policy(tmp_path, shared_dir, prompts_file, start_checkpoint):
