@@ -3,11 +3,14 @@ cover it; a mutant no test notices ("survived") is a bug the suite would let thr
 
     python bench/mutation.py              # list the modules and their tests
     python bench/mutation.py losses       # run losses.py's mutants against its tests; print the kill rate
+    python bench/mutation.py losses 'minimind_pl.losses.x_whiten*'   # re-run only these (after new tests)
 
 (``bash bench/mutation.sh`` is the same.) mutmut reads one static config (setup.cfg ``[mutmut]``: what to copy,
 pytest options); which files to mutate and which tests to run come from ``MODULES`` below, set in process before
 mutmut starts, so a module's mutants run only against its own tests (minutes on 2 cores, not the whole suite).
-Each run starts from a fresh ``mutants/`` (git-ignored): a kept one would keep old verdicts after tests change.
+Each run starts from a fresh ``mutants/`` (git-ignored): a kept one would keep old verdicts after tests change;
+naming mutants (globs) re-runs just those in the kept one, and the kill rate counts the earlier verdicts of the rest
+(new tests only kill more, so after new tests re-running the survivors is enough).
 Mutants judged equivalent (no behaviour a user could notice changes) are listed, with reasons, in
 ``bench/mutation_equivalent.md``.
 """
@@ -79,14 +82,15 @@ def configure(target: Target) -> None:
     configuration.reset_config()
 
 
-def run(target: Target) -> int:
-    """Run mutmut on ``target`` in a fresh ``mutants/``; mutmut exits the process when it is done."""
+def run(target: Target, names: list[str]) -> int:
+    """Run mutmut on ``target`` in a fresh ``mutants/``, or only the mutants ``names`` in the kept one."""
     import mutmut.__main__ as mutmut_cli
 
-    shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+    if not names:
+        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     configure(target)
     try:
-        mutmut_cli.cli(["run", "--max-children", str(os.cpu_count() or 2), *(target.functions or ())],
+        mutmut_cli.cli(["run", "--max-children", str(os.cpu_count() or 2), *(names or target.functions or ())],
                        standalone_mode=False)
     except SystemExit as done:
         return int(done.code or 0)
@@ -122,7 +126,7 @@ def report(module: str, verdicts: dict[str, str]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in MODULES:
+    if not argv or argv[0] not in MODULES:  # argv: MODULE [MUTANT_NAME_GLOB ...]
         if argv:
             print(f"unknown module {argv[0]!r}; the modules are:\n")
         list_modules()
@@ -133,7 +137,7 @@ def main(argv: list[str]) -> int:
     # the tests find the shared data beside the checkout; from mutants/ they are one folder deeper
     os.environ.setdefault("MINIMIND_SHARED", str(ROOT.parent / "shared"))
     target = MODULES[argv[0]]
-    code = run(target)
+    code = run(target, argv[1:])
     report(argv[0], results(target))
     return code
 

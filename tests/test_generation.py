@@ -281,10 +281,17 @@ def test_sample_rows_gives_each_row_its_own_settings_and_generator() -> None:
     seeded = sample_rows(logits[:3], None, [hot] * 3, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
     assert seeded.tolist() == [int(sample_next(logits[:1], sampling=hot, generator=torch.Generator().manual_seed(s)))
                                for s in (1, 2, 3)]
+    one = torch.bincount(torch.cat([sample_rows(logits[:1], None, [top2], [None]) for _ in range(400)]), minlength=4)
+    assert one[2:].tolist() == [0, 0] and 0 < one[1] < one[0]  # a single row alone: top-k 2 as well
     # greedy rows with a repetition penalty use each row's seen tokens: token 0 (logit log .5 -> x2) loses
     seen = torch.tensor([[True, False, False, False], [False, False, False, False]])
     penalised = SamplingSettings(do_sample=False, repetition_penalty=2.0)
     assert sample_rows(logits[:2], seen, [penalised] * 2, [None, None]).tolist() == [1, 0]
+    seen3 = torch.tensor([[True, False, False, False]] * 2 + [[False] * 4])
+    assert sample_rows(logits[:3], seen3, [penalised, GREEDY, penalised], [None] * 3).tolist() == [1, 0, 0]  # row by row
+    # every row greedy: each row's own argmax
+    mixed = torch.stack([logits[0], logits[0].flip(0), logits[0]])
+    assert sample_rows(mixed, None, [GREEDY] * 3, [None] * 3).tolist() == [0, 3, 0]
 
 
 def test_generate_applies_the_repetition_penalty_to_prompt_and_output() -> None:
