@@ -620,7 +620,7 @@ def test_time_limit_stops_generation(tokenizer):
         status, text = raw(url, "POST", "/v1/chat/completions", json.dumps({**body, "stream": True}).encode())
         assert status == 200 and '"code": "timeout"' in text and text.rstrip().endswith("data: [DONE]")
         assert "慢" in text  # what came before the limit was delivered
-        assert server.engine.scheduler.load() == (0, 0)
+        wait_until(lambda: server.engine.scheduler.load() == (0, 0))  # the decode thread drops the row just after
     finally:
         server.shutdown()
         server.server_close()
@@ -819,7 +819,11 @@ def test_a_chat_request_keeps_every_checked_field():
         False, False, None, [], None, None)
     assert plain.sampling == ServerSettings().sampling  # the server's defaults: MiniMind's
     assert chat(stop=["a", "b", "c", "d"]).stop == ["a", "b", "c", "d"]
-    assert chat(max_tokens=8192).max_tokens == 8192  # the limit itself is allowed
+    assert chat(max_tokens=8192).max_tokens == 8192  # the limits themselves are allowed
+    assert chat(temperature=2.0, top_p=1.0, top_k=0, repetition_penalty=10.0).sampling == SamplingSettings(
+        temperature=2.0, top_p=1.0, top_k=0, repetition_penalty=10.0)
+    assert chat(repetition_penalty=0.5).sampling.repetition_penalty == 0.5  # below 1 rewards repeats: allowed
+    assert refused(parse_chat_request, {"messages": HI, "max_tokens": 8193}).code == "max_tokens_too_large"
 
 
 @pytest.mark.parametrize("fields, param, message", [
@@ -838,6 +842,8 @@ def test_a_chat_request_keeps_every_checked_field():
     ({"messages": HI, "top_k": 2.0}, "top_k", "top_k must be a number"),
     ({"messages": HI, "top_k": -1}, "top_k", "top_k must be between 0 and 1000000000.0, got -1"),
     ({"messages": HI, "repetition_penalty": False}, "repetition_penalty", "repetition_penalty must be a number"),
+    ({"messages": HI, "repetition_penalty": 10.5}, "repetition_penalty",
+     "repetition_penalty must be between 0.001 and 10.0, got 10.5"),
     ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop",
      "stop must be a string or a list of at most 4 non-empty strings"),
     ({"messages": HI, "stop": [""]}, "stop", "stop must be a string or a list of at most 4 non-empty strings"),
@@ -858,7 +864,8 @@ def test_bad_chat_fields_are_named_with_their_values(fields, param, message):
 
 
 def test_bodies_that_are_not_json_objects():
-    assert refused(parse_chat_request, [1]).message == "request body must be a JSON object"
+    error = refused(parse_chat_request, [1])
+    assert (error.message, error.code) == ("request body must be a JSON object", "invalid_json")
     with pytest.raises(APIError, match="request body is not valid JSON") as caught:
         parse_chat_request(b"\xff", ServerSettings())
     assert caught.value.code == "invalid_json"
@@ -901,6 +908,9 @@ def test_origin_guard_rules():
     assert guard_problem({"host": "localhost:8998", "origin": "http://App.example/"},
                          cors_origins=["http://app.example/"]) is None
     assert guard_problem({"host": "localhost:8998", "origin": "http://any.example"}, cors_origins=["*"]) is None
+    # origins compare without case: a configured or sent origin in capitals matches its lower-case form
+    assert guard_problem({"host": "localhost:8998", "origin": "http://app.mx"}, cors_origins=["http://APP.MX"]) is None
+    assert guard_problem({"host": "localhost:8998", "origin": "http://APP.MX"}, cors_origins=["http://app.mx"]) is None
 
 
 def http_request(headers: dict, chunks: list[bytes] = ()):
