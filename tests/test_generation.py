@@ -7,7 +7,8 @@ import torch
 
 from minimind_pl.config import ModelConfig
 from minimind_pl.generation import (
-    apply_repetition_penalty, filter_top_k, filter_top_p, generate, sample_next, stream_generate,
+    GREEDY, DecodeBatch, SamplingSettings, apply_repetition_penalty, filter_top_k, filter_top_p, generate,
+    inference_step, sample_next, sample_rows, stream_generate,
 )
 from minimind_pl.model import MiniMindForCausalLM
 
@@ -26,13 +27,31 @@ def debug_model(seed: int = 0, **overrides) -> MiniMindForCausalLM:
     return model.eval()
 
 
-def greedy_by_recomputation(model: MiniMindForCausalLM, prompt: list[int], n: int) -> list[int]:
-    """Reference greedy decoding: run the whole sequence again for every new token, no cache."""
+def greedy_by_recomputation(model: MiniMindForCausalLM, prompt: list[int], n: int, penalty: float = 1.0) -> list[int]:
+    """Reference greedy decoding: run the whole sequence again for every new token, no cache; ``penalty`` is
+    MiniMind's repetition penalty written out (seen tokens: positive logits divided, negative multiplied)."""
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            seen = logits[ids]
+            logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+            ids.append(int(logits.argmax()))
     return ids[len(prompt):]
+
+
+def alone(model: MiniMindForCausalLM, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens of ``prompt`` decoded by itself."""
+    return generate(model, [prompt], max_new_tokens=n, do_sample=False, eos_token_id=None)[0]
+
+
+def greedy_steps(batch, outputs: list[list[int]], n: int) -> None:
+    """``n`` greedy steps of a `DecodeBatch`, appending each row's token to ``outputs``."""
+    for _ in range(n):
+        tokens = batch.logits.argmax(-1)
+        for out, token in zip(outputs, tokens.tolist()):
+            out.append(token)
+        batch.feed(tokens)
 
 
 @pytest.mark.parametrize("use_moe", [False, True])
@@ -153,36 +172,228 @@ def test_left_padded_rows_get_their_own_positions() -> None:
 def test_decode_batch_rows_join_and_leave_between_steps() -> None:
     """A row's tokens do not depend on its neighbours: rows joining later (other lengths) or leaving early
     decode exactly as each prompt alone."""
-    from minimind_pl.generation import DecodeBatch, inference_step
-
     model = debug_model()
     batch = DecodeBatch(model)
     rows: list[list[int]] = []
     outputs: list[list[int]] = []
 
-    def step() -> None:
-        tokens = batch.logits.argmax(-1)
-        for out, token in zip(outputs, tokens.tolist()):
-            out.append(token)
-        batch.feed(tokens)
-
     with inference_step(model):
         batch.add([PROMPTS[0], PROMPTS[1]])
         rows += [0, 1]
         outputs += [[], []]
-        for _ in range(3):
-            step()
+        greedy_steps(batch, outputs, 3)
         batch.add([PROMPTS[2]])  # longer than the cache so far: the batch's cache is left-padded
         rows.append(2)
         outputs.append([])
-        for _ in range(2):
-            step()
+        greedy_steps(batch, outputs, 2)
         batch.keep([1, 2])  # the first row leaves; the padding it needed goes with it
         done = {rows.pop(0): outputs.pop(0)}
         assert batch.mask is None or bool(batch.mask[:, 0].any())  # no cache column that no row uses
-        for _ in range(4):
-            step()
+        greedy_steps(batch, outputs, 4)
     done.update(zip(rows, outputs))
     for i, out in done.items():
-        assert out == generate(model, [PROMPTS[i]], max_new_tokens=len(out), do_sample=False, eos_token_id=None)[0]
+        assert out == alone(model, PROMPTS[i], len(out))
     assert [len(done[i]) for i in range(3)] == [5, 9, 6]
+
+
+# ----------------------------------------------------------------------------- sampling distributions (issue 24)
+# Frequencies of a fixed seeded run against distributions worked out by hand: with 40 000 draws a frequency's
+# standard error is at most 0.0025, so a tolerance of 0.015 (6 standard errors) never flakes, while an ignored
+# temperature, top-k or top-p moves some frequency by 0.05 or more.
+
+PROBS = [0.5, 0.3, 0.15, 0.05]
+DRAWS = 40_000
+
+
+def frequencies(seen: torch.Tensor | None = None, **sampling) -> list[float]:
+    """How often each of the 4 tokens of ``log(PROBS)`` is drawn, over ``DRAWS`` rows sampled in one call."""
+    logits = torch.log(torch.tensor(PROBS)).expand(DRAWS, 4)
+    if seen is not None:
+        seen = seen.expand(DRAWS, 4)
+    tokens = sample_next(logits, seen, generator=torch.Generator().manual_seed(0), **sampling)
+    return (torch.bincount(tokens, minlength=4).float() / DRAWS).tolist()
+
+
+@pytest.mark.parametrize("sampling, expected", [
+    # temperature 2: p^(1/2) = .7071 .5477 .3873 .2236, sum 1.8657
+    (dict(temperature=2.0, top_k=0, top_p=1.0), [0.3790, 0.2936, 0.2076, 0.1198]),
+    # temperature 0.5: p^2 = .25 .09 .0225 .0025, sum .365
+    (dict(temperature=0.5, top_k=0, top_p=1.0), [0.6849, 0.2466, 0.0616, 0.0068]),
+    # top-k 3: .5 .3 .15 renormalised by .95
+    (dict(temperature=1.0, top_k=3, top_p=1.0), [0.5263, 0.3158, 0.1579, 0.0]),
+    # top-p 0.7: the mass before token 1 (.5) is below .7, before token 2 (.8) above: keep 0 and 1, / .8
+    (dict(temperature=1.0, top_k=0, top_p=0.7), [0.625, 0.375, 0.0, 0.0]),
+    # temperature before top-p: tempered (T=2) mass before token 2 is .379 + .2936 = .6726 < .7, so token 2 stays:
+    # .3790 .2936 .2076 / .8802 (top-p on the untempered probabilities would keep only tokens 0 and 1)
+    (dict(temperature=2.0, top_k=0, top_p=0.7), [0.4306, 0.3336, 0.2358, 0.0]),
+    # top-k 2 at temperature 2: .7071 .5477 / 1.2548
+    (dict(temperature=2.0, top_k=2, top_p=1.0), [0.5635, 0.4365, 0.0, 0.0]),
+    # MiniMind's defaults (T .85, top-p .85, top-k 50): p^(1/.85) = .4427 .2428 .1077 .0296, sum .8228;
+    # tempered .5380 .2951 .1309 .0360: mass before token 2 is .8331 < .85, before token 3 .9640: keep 0..2, / .9640
+    (dict(), [0.5581, 0.3061, 0.1358, 0.0]),
+])
+def test_sampled_frequencies_follow_temperature_top_k_and_top_p(sampling, expected) -> None:
+    assert frequencies(**sampling) == pytest.approx(expected, abs=0.015)
+
+
+def test_repetition_penalty_changes_sampled_frequencies() -> None:
+    # tokens 0 and 3 seen, penalty 2: logits log .5 = -.693 -> -1.386 (x2, negative), log .05 -> x2 = log .0025;
+    # probabilities .25 .3 .15 .0025, sum .7025
+    seen = torch.tensor([[True, False, False, True]])
+    assert frequencies(seen, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=2.0) == pytest.approx(
+        [0.3559, 0.4270, 0.2135, 0.0036], abs=0.015)
+
+
+def test_generate_samples_the_real_models_tempered_top_k_distribution() -> None:
+    """End to end through `generate`: the first answer token of many copies of one prompt, drawn in one batch,
+    follows softmax(top-3 logits / 0.05) of the real model's next-token logits (worked out here with plain
+    torch ops, not the sampler's filters)."""
+    model = debug_model()
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPTS[0]])).logits[0, -1].double()
+    top = torch.topk(logits, 3)
+    expected = torch.softmax(top.values / 0.05, -1)
+    draws = 6000
+    out = generate(model, [PROMPTS[0]] * draws, max_new_tokens=1, temperature=0.05, top_k=3, top_p=1.0,
+                   eos_token_id=None, generator=torch.Generator().manual_seed(0))
+    tokens = torch.tensor([o[0] for o in out])
+    assert set(tokens.tolist()) <= set(top.indices.tolist())
+    freq = [(tokens == t).float().mean().item() for t in top.indices.tolist()]
+    assert freq == pytest.approx(expected.tolist(), abs=0.025)  # standard error <= .0065
+    # this random model's top logits are close together: at temperature 1 the three would be near 1/3 each
+    assert (torch.softmax(top.values, -1) - expected).abs().max() > 0.05
+
+
+def test_sample_rows_gives_each_row_its_own_settings_and_generator() -> None:
+    logits = torch.log(torch.tensor(PROBS)).expand(2 * DRAWS // 4, 4)
+    top2 = SamplingSettings(temperature=1.0, top_k=2, top_p=1.0)
+    rows = len(logits)
+    # half greedy, half top-k 2 (.5 .3 / .8 = .625 .375): the greedy rows always take token 0
+    tokens = sample_rows(logits, None, [GREEDY, top2] * (rows // 2), [None] * rows)
+    assert tokens[0::2].tolist() == [0] * (rows // 2)
+    sampled = torch.bincount(tokens[1::2], minlength=4).float() / (rows // 2)
+    assert sampled.tolist() == pytest.approx([0.625, 0.375, 0.0, 0.0], abs=0.02)  # 5000 draws: se <= .007
+    # one setting for every row, no seed: one batched draw with the same distribution
+    alike = torch.bincount(sample_rows(logits, None, [top2] * rows, [None] * rows), minlength=4).float() / rows
+    assert alike.tolist() == pytest.approx([0.625, 0.375, 0.0, 0.0], abs=0.02)
+    # a seeded row draws exactly what sample_next draws alone with the same seed
+    hot = SamplingSettings(temperature=2.0, top_k=0, top_p=1.0)
+    seeded = sample_rows(logits[:3], None, [hot] * 3, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    assert seeded.tolist() == [int(sample_next(logits[:1], sampling=hot, generator=torch.Generator().manual_seed(s)))
+                               for s in (1, 2, 3)]
+    one = torch.bincount(torch.cat([sample_rows(logits[:1], None, [top2], [None]) for _ in range(400)]), minlength=4)
+    assert one[2:].tolist() == [0, 0] and 0 < one[1] < one[0]  # a single row alone: top-k 2 as well
+    # greedy rows with a repetition penalty use each row's seen tokens: token 0 (logit log .5 -> x2) loses
+    seen = torch.tensor([[True, False, False, False], [False, False, False, False]])
+    penalised = SamplingSettings(do_sample=False, repetition_penalty=2.0)
+    assert sample_rows(logits[:2], seen, [penalised] * 2, [None, None]).tolist() == [1, 0]
+    seen3 = torch.tensor([[True, False, False, False]] * 2 + [[False] * 4])
+    assert sample_rows(logits[:3], seen3, [penalised, GREEDY, penalised], [None] * 3).tolist() == [1, 0, 0]  # row by row
+    # every row greedy: each row's own argmax
+    mixed = torch.stack([logits[0], logits[0].flip(0), logits[0]])
+    assert sample_rows(mixed, None, [GREEDY] * 3, [None] * 3).tolist() == [0, 3, 0]
+
+
+def test_generate_applies_the_repetition_penalty_to_prompt_and_output() -> None:
+    model = debug_model()
+    reference = greedy_by_recomputation(model, PROMPTS[0], 12, penalty=2.0)
+    assert reference != greedy_by_recomputation(model, PROMPTS[0], 12)  # the penalty changes this answer
+    assert generate(model, [PROMPTS[0]], max_new_tokens=12, do_sample=False, repetition_penalty=2.0,
+                    eos_token_id=None) == [reference]
+
+
+class ConstantModel(torch.nn.Module):
+    """Always predicts ``token`` (a model-shaped stand-in: logits and a one-layer cache)."""
+
+    def __init__(self, token: int, vocab_size: int = 16) -> None:
+        super().__init__()
+        self.token, self.vocab_size = token, vocab_size
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, past_key_values=None, **_):
+        from minimind_pl.model import CausalLMOutput
+
+        b, t = input_ids.shape
+        logits = torch.zeros(b, 1, self.vocab_size)
+        logits[:, :, self.token] = 100.0  # every sampler picks it
+        cache = torch.zeros(b, 1, t + (past_key_values[0][0].shape[2] if past_key_values else 0), 1)
+        return CausalLMOutput(logits, torch.zeros(()), [(cache, cache)])
+
+
+def test_generate_defaults_stop_at_minimind_s_eos_or_after_256_tokens() -> None:
+    assert generate(ConstantModel(2), [[5]]) == [[]]  # eos (id 2) first: an empty answer
+    assert list(stream_generate(ConstantModel(2), [5])) == []
+    assert generate(ConstantModel(7), [[5]]) == [[7] * 256]
+    assert list(stream_generate(ConstantModel(7), [5])) == [7] * 256
+
+
+def test_sampling_settings_refuse_bad_values_with_the_numbers() -> None:
+    with pytest.raises(ValueError, match=r"^temperature and top_k must be >= 0, got -0.5, 50$"):
+        SamplingSettings(temperature=-0.5)
+    with pytest.raises(ValueError, match=r"got 0.85, -1$"):
+        SamplingSettings(top_k=-1)
+    with pytest.raises(ValueError, match=r"^top_p must be in \(0, 1\] and repetition_penalty > 0, got 1.5, 1.0$"):
+        SamplingSettings(top_p=1.5)
+    with pytest.raises(ValueError, match=r"got 0.85, 0.0$"):
+        SamplingSettings(repetition_penalty=0.0)
+    with pytest.raises(ValueError, match=r"^every prompt needs at least one token$"):
+        generate(ConstantModel(7), [[]])
+    with pytest.raises(ValueError, match=r"^max_new_tokens must be >= 0, got -1$"):
+        generate(ConstantModel(7), [[1]], max_new_tokens=-1)
+
+
+def test_decode_batch_rows_join_a_single_row_and_leave_its_padding_behind() -> None:
+    """A row joins a batch of one (no mask yet), two rows of different lengths join together, and once the long
+    rows leave, the cache shrinks to what the remaining row uses and the mask goes."""
+    model = debug_model()
+    batch = DecodeBatch(model)
+    outputs: list[list[int]] = [[]]
+    with inference_step(model):
+        batch.add([PROMPTS[1]])
+        greedy_steps(batch, outputs, 2)
+        batch.add([PROMPTS[0]])  # 1 + 2 cached keys vs 4: the batch's cache is left-padded
+        outputs.append([])
+        greedy_steps(batch, outputs, 2)
+        batch.add([PROMPTS[2], [11, 12]])  # lengths 7 and 2 in one prefill, padded among themselves
+        outputs += [[], []]
+        greedy_steps(batch, outputs, 2)
+        batch.keep([0, 3])  # the rows with 1 + 6 and 2 + 2 tokens stay: 7 columns, 2 of them padding for the second
+        outputs = [outputs[0], outputs[3]]
+        assert batch.cache[0][0].shape[2] == 7 and batch.mask.tolist() == [[1] * 7, [0] * 3 + [1] * 4]
+        greedy_steps(batch, outputs, 1)
+        batch.keep([0])  # alone, nothing is padded: no mask
+        assert batch.mask is None and batch.cache[0][0].shape[2] == 8
+        greedy_steps(batch, outputs[:1], 1)
+    assert outputs[0] == alone(model, PROMPTS[1], 8) and outputs[1] == alone(model, [11, 12], 3)
+
+
+def test_decode_batch_tracks_seen_tokens_and_survives_emptying() -> None:
+    model = debug_model()
+    batch = DecodeBatch(model, track_seen=True)
+    with inference_step(model):
+        batch.add([[5, 6, 6]])
+        batch.add([[7], [8, 9]])
+        batch.feed(torch.tensor([10, 11, 12]))
+        assert [row.nonzero().flatten().tolist() for row in batch.seen] == [[5, 6, 10], [7, 11], [8, 9, 12]]
+        batch.keep([2, 0])
+        assert [row.nonzero().flatten().tolist() for row in batch.seen] == [[8, 9, 12], [5, 6, 10]]
+        batch.keep([])
+        assert batch.size == 0
+        batch.add([[5, 6]])  # an emptied batch takes new rows
+        outputs: list[list[int]] = [[]]
+        greedy_steps(batch, outputs, 2)
+    assert outputs[0] == alone(model, [5, 6], 2)
+
+
+def test_rows_of_equal_length_leave_without_a_mask() -> None:
+    model = debug_model()
+    batch = DecodeBatch(model)
+    outputs: list[list[int]] = [[], []]
+    with inference_step(model):
+        batch.add([[5, 6], [7, 8]])
+        assert batch.mask is None
+        greedy_steps(batch, outputs, 1)
+        batch.keep([1])
+        outputs = outputs[1:]
+        greedy_steps(batch, outputs, 2)
+    assert outputs[0] == alone(model, [7, 8], 3)

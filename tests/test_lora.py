@@ -294,3 +294,101 @@ def test_resume_rejects_checkpoints_of_other_stages(tmp_path, base_path):
 
 def test_default_targets_cover_attention_and_mlp():
     assert set(DEFAULT_TARGETS) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+# ----------------------------------------------------------------------------- exact settings and messages (issue 24)
+
+from minimind_pl.lora import adapter_size, describe, lora_config_of  # noqa: E402
+
+
+def test_lora_linear_freezes_its_base_and_starts_with_minimind_s_init():
+    torch.manual_seed(0)
+    base = nn.Linear(256, 256)
+    layer = LoRALinear(base, rank=64)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad and not layer.lora_B.any()
+    # lora_A ~ normal(0, 0.02): 16384 values, so the mean is within 0.0005 of 0 and the std within 3% of 0.02
+    lora_a = layer.lora_A.detach()
+    assert abs(float(lora_a.mean())) < 0.0005 and float(lora_a.std()) == pytest.approx(0.02, rel=0.03)
+    assert LoRALinear(nn.Linear(4, 3)).lora_A.shape == (8, 4)  # rank 8 by default
+
+
+def test_lora_keeps_the_base_dtype_forward_and_merged():
+    base = nn.Linear(4, 3).double()
+    layer = LoRALinear(base, rank=2, alpha=4.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.5)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64 and layer(x).dtype == torch.float64
+    merged = layer.merged()
+    assert merged.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert torch.allclose(merged(x), hand_lora(layer, x, 2.0), atol=1e-6)
+
+
+def test_dropout_reaches_the_adapters_and_their_config():
+    model = make_model()
+    config = LoRAConfig(rank=4, alpha=2.0, dropout=0.5, targets=MINIMIND_TARGETS)
+    apply_lora(model, config)
+    assert lora_config_of(model) == config
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.5)
+    h = torch.randn(4, model.config.hidden_size)
+    layer.train()
+    with torch.no_grad():
+        assert not torch.equal(layer(h), layer(h))  # half the adapter's inputs dropped, differently each call
+        layer.eval()
+        assert torch.equal(layer(h), layer(h))
+    assert lora_config_of(apply_lora_to(make_model(), LoRAConfig(rank=2))).dropout == 0.0
+    with pytest.raises(ValueError, match=r"^the model has no LoRA adapters$"):
+        lora_config_of(make_model())
+
+
+def apply_lora_to(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """``apply_lora`` that returns the model."""
+    apply_lora(model, config)
+    return model
+
+
+class TopLevel(nn.Module):
+    """A linear layer at the top of the module tree (its name has no dot)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+
+def test_a_top_level_linear_layer_can_be_a_target():
+    model = TopLevel()
+    assert apply_lora(model, LoRAConfig(rank=2, targets="proj")) == ["proj"]  # a single name as a string
+    assert isinstance(model.proj, LoRALinear) and lora_config_of(model).targets == ("proj",)
+
+
+def test_lora_errors_name_the_problem_exactly():
+    with pytest.raises(ValueError, match=r"^LoRA targets \['qproj'\] match no linear layer; the model's linear layers "
+                                         r"are named \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', "
+                                         r"'q_proj', 'up_proj', 'v_proj'\]$"):
+        apply_lora(make_model(), LoRAConfig(targets=("qproj", "q_proj")))
+    model = apply_lora_to(make_model(), LoRAConfig())
+    with pytest.raises(ValueError, match=r"^the model already has LoRA adapters; merge_lora\(model\) first to stack "
+                                         r"another$"):
+        apply_lora(model)
+    for rank in ("8", True, 0, -1):
+        with pytest.raises(ValueError, match=rf"^LoRA rank must be a positive integer, got {rank!r}$"):
+            LoRAConfig(rank=rank)
+    assert LoRAConfig(rank=1).scaling == 1.0  # rank 1 is allowed
+    for dropout in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"^LoRA dropout must be in \[0, 1\), got {dropout}$"):
+            LoRAConfig(dropout=dropout)
+    with pytest.raises(ValueError, match=r"^LoRA targets must name at least one linear layer \(e\.g\. q_proj\)$"):
+        LoRAConfig(targets=())
+
+
+def test_reporting_the_adapter_size():
+    assert describe(958_464, 65_068_416) == "LoRA: 958,464 trainable parameters (1.47% of 65,068,416)"
+    assert describe(1, 1) == "LoRA: 1 trainable parameters (100.00% of 1)"
+    assert describe(0, 0) == "LoRA: 0 trainable parameters (0.00% of 0)"
+    model = apply_lora_to(TopLevel(), LoRAConfig(rank=2, targets="proj"))
+    assert adapter_size(model) == (16, 64)  # A (2, 4) + B (4, 2) = 16 values, 4 bytes each
+    assert adapter_size(model, bytes_per_value=2) == (16, 32)

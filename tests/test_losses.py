@@ -243,3 +243,122 @@ def test_final_token_rewards_put_each_reward_on_its_answers_last_token():
     mask = torch.tensor([[False, True, True, False], [True, False, False, False], [False, False, True, True]])
     rewards = final_token_rewards(torch.tensor([1.0, -2.0, 3.0]), mask)
     assert rewards.tolist() == [[0, 0, 1, 0], [-2, 0, 0, 0], [0, 0, 0, 3]]
+
+
+# ----------------------------------------------------------------------------- hand-computed values (issue 24)
+
+def test_a_single_labelled_token_is_its_own_mean():
+    # one labelled token: every loss divides by 1, so the loss is that token's own value
+    logits = torch.log(torch.tensor([[[0.25, 0.25, 0.5], [0.2, 0.3, 0.5]]]))
+    labels = torch.tensor([[2, IGNORE_INDEX]])
+    assert float(causal_lm_loss(logits, labels)) == pytest.approx(math.log(2))  # -log 0.5
+    weights = torch.tensor([[3.0, 1.0]])
+    assert float(weighted_causal_lm_loss(logits, labels, weights)) == pytest.approx(3 * math.log(2))
+    teacher = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.2, 0.3, 0.5]]]))
+    # KL(teacher || student) at T=1: .5 log(.5/.25) + .25 log(.25/.25) + .25 log(.25/.5) = .25 log 2
+    assert float(distillation_loss(logits, teacher, labels)) == pytest.approx(0.25 * math.log(2), rel=1e-5)
+
+
+def test_distillation_refuses_a_bad_temperature_and_another_vocabulary_with_the_numbers():
+    student, labels = torch.zeros(1, 2, 6), torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"temperature must be > 0, got 0"):
+        distillation_loss(student, student, labels, temperature=0)
+    with pytest.raises(ValueError, match=r"student logits \(1, 2, 6\) and teacher logits \(1, 2, 7\) differ"):
+        distillation_loss(student, torch.zeros(1, 2, 7), labels)
+
+
+def test_clipped_surrogate_is_pessimistic_on_both_sides():
+    # ratios .5 1 1.1 1.5 with advantages -1 -1 2 2, epsilon .2 (clip range [.8, 1.2]):
+    # min(-.5, .8 * -1) = -.8; min(-1, -1) = -1; min(2.2, 2.2) = 2.2; min(3, 1.2 * 2) = 2.4
+    logps = torch.log(torch.tensor([[0.5, 1.0, 1.1, 1.5]]))
+    objective, clipped = clipped_surrogate(logps, torch.zeros(1, 4), torch.tensor([[-1.0, -1.0, 2.0, 2.0]]), 0.2)
+    assert objective.tolist()[0] == pytest.approx([-0.8, -1.0, 2.2, 2.4])
+    assert clipped.tolist() == [[True, False, False, True]]
+
+
+def test_cispo_multiplies_weight_advantage_and_log_prob():
+    # ratio 1 (weight 1), advantage 2, log p -.5: 1 * 2 * -.5 = -1; ratio 10 -> weight 5: 5 * 2 * -.5 = -5
+    logps = torch.tensor([[-0.5, -0.5]])
+    old = logps - torch.tensor([[0.0, math.log(10.0)]])
+    loss, stats = grpo_loss(logps, old, logps, torch.tensor([2.0]), torch.tensor([[True, True]]), beta=0.0,
+                            loss_type="cispo", epsilon_high=5.0)
+    assert float(loss) == pytest.approx(3.0)  # -mean(-1, -5)
+    assert float(stats["clip_fraction"]) == 0.5
+
+
+def test_grpo_loss_defaults_are_minimind_s():
+    # defaults: CISPO, epsilon_high 5, beta .1. Ratio 10 -> weight 5; log p -1, advantage 1: objective -5;
+    # reference 1 below the policy: k3 = e^-1 + 1 - 1 = e^-1; loss -(-5 - .1 e^-1) = 5 + .1 e^-1
+    logps, one = torch.tensor([[-1.0]]), torch.tensor([1.0])
+    loss, _ = grpo_loss(logps, logps - math.log(10.0), logps - 1.0, one, torch.tensor([[True]]))
+    assert float(loss) == pytest.approx(5 + 0.1 * math.exp(-1))
+    # "grpo" with the default epsilon .2: ratio 1.5 clipped to 1.2, advantage 1, no KL -> -1.2
+    loss, _ = grpo_loss(logps, logps - math.log(1.5), logps, one, torch.tensor([[True]]), loss_type="grpo")
+    assert float(loss) == pytest.approx(-1.2)
+
+
+def test_gae_uses_the_value_of_the_last_answer_token_and_minimind_s_defaults():
+    rewards, values = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.25]])
+    mask = torch.tensor([[True, True]])
+    # gamma 1, lambda 1: delta_1 = 1 - .25 = .75; delta_0 = 0 + .25 - .5 = -.25; A_0 = -.25 + .75 = .5
+    advantages, returns = generalized_advantages(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert advantages.tolist()[0] == pytest.approx([0.5, 0.75])
+    assert returns.tolist()[0] == pytest.approx([1.0, 1.0])
+    # defaults gamma 1, lambda .95: A_0 = -.25 + .95 * .75 = .4625
+    assert generalized_advantages(rewards, values, mask)[0].tolist()[0] == pytest.approx([0.4625, 0.75])
+    # a one-token answer: A = r - V
+    assert generalized_advantages(torch.tensor([[1.0]]), torch.tensor([[0.25]]),
+                                  torch.tensor([[True]]))[0].tolist() == [[0.75]]
+
+
+def test_whiten_scales_to_unit_variance_and_leaves_constant_values_at_zero():
+    mask = torch.tensor([[True, True, False]])
+    # mean 3, population variance 4: (1 - 3) / 2 = -1, (5 - 3) / 2 = 1
+    assert whiten(torch.tensor([[1.0, 5.0, 7.0]]), mask).tolist()[0] == pytest.approx([-1.0, 1.0, 0.0], abs=1e-6)
+    assert whiten(torch.tensor([[2.0, 2.0, 7.0]]), mask).tolist() == [[0.0, 0.0, 0.0]]  # variance 0: not NaN
+
+
+def test_ppo_kl_penalty_pulls_the_policy_towards_the_reference():
+    # ratio 1 (old = new), advantage 0: the policy loss is kl_coef * k3 KL; the reference 1 below: k3 = e^-1
+    logps, zero, mask = torch.tensor([[-1.0]]), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)
+    policy_loss, _, stats = ppo_losses(logps, logps, logps - 1.0, zero, zero, zero, zero, mask, kl_coef=0.5)
+    assert float(policy_loss) == pytest.approx(0.5 * math.exp(-1))  # a penalty: it raises the loss
+    assert float(stats["kl"]) == pytest.approx(math.exp(-1))
+    # MiniMind's default kl_coef .02
+    assert float(ppo_losses(logps, logps, logps - 1.0, zero, zero, zero, zero, mask)[0]) == pytest.approx(
+        0.02 * math.exp(-1))
+
+
+def test_ppo_value_loss_and_stats_by_hand():
+    # two tokens, old values 1 and 0, value_clip .2:
+    #  token 0: V 0 (moved -1, clipped to .8), return 0: max(0, .8^2) = .64
+    #  token 1: V 3 (moved +3, clipped to .2), return 0: max(9, .04) = 9
+    # value loss ½ mean(.64, 9) = 2.41
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    values, old_values, returns = torch.tensor([[0.0, 3.0]]), torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2)
+    # log-ratios .5 and -.5, advantages 0: approx_kl = ½ mean(.25, .25) = .125;
+    # ratios e^.5 = 1.65 and e^-.5 = .61 both leave [.8, 1.2]
+    logps, old = torch.tensor([[0.5, -0.5]]), torch.zeros(1, 2)
+    _, value_loss, stats = ppo_losses(logps - 1, old - 1, logps - 1, torch.zeros(1, 2), values, old_values, returns,
+                                      mask, value_clip=0.2)
+    assert float(value_loss) == pytest.approx(2.41)
+    assert set(stats) == {"approx_kl", "kl", "clip_fraction"}
+    assert float(stats["approx_kl"]) == pytest.approx(0.125) and float(stats["clip_fraction"]) == 1.0
+    # defaults: clip_epsilon .2 and value_clip .2 (ratio e^.1 = 1.105 stays inside, advantage 1: objective 1.105)
+    _, default_value_loss, _ = ppo_losses(logps - 1, old - 1, logps - 1, torch.zeros(1, 2), values, old_values,
+                                          returns, mask)
+    assert float(default_value_loss) == pytest.approx(2.41)
+    ratio_one = torch.tensor([[0.1]])
+    policy_loss, _, stats = ppo_losses(ratio_one, torch.zeros(1, 1), ratio_one, torch.ones(1, 1), torch.zeros(1, 1),
+                                       torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
+    assert float(policy_loss) == pytest.approx(-math.exp(0.1)) and float(stats["clip_fraction"]) == 0.0
+    # ratio e^.5 = 1.65 with the default clip .2: objective 1.2
+    policy_loss, _, _ = ppo_losses(torch.tensor([[0.5]]), torch.zeros(1, 1), torch.tensor([[0.5]]), torch.ones(1, 1),
+                                   torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1),
+                                   torch.ones(1, 1, dtype=torch.bool))
+    assert float(policy_loss) == pytest.approx(-1.2)
+
+
+def test_final_token_rewards_keep_the_rewards_precision():
+    rewards = final_token_rewards(torch.tensor([0.1], dtype=torch.float64), torch.tensor([[True, True]]))
+    assert rewards.dtype == torch.float64 and rewards.tolist() == [[0.0, 0.1]]

@@ -620,7 +620,7 @@ def test_time_limit_stops_generation(tokenizer):
         status, text = raw(url, "POST", "/v1/chat/completions", json.dumps({**body, "stream": True}).encode())
         assert status == 200 and '"code": "timeout"' in text and text.rstrip().endswith("data: [DONE]")
         assert "慢" in text  # what came before the limit was delivered
-        assert server.engine.scheduler.load() == (0, 0)
+        wait_until(lambda: server.engine.scheduler.load() == (0, 0))  # the decode thread drops the row just after
     finally:
         server.shutdown()
         server.server_close()
@@ -764,3 +764,223 @@ def test_web_page_runs_tool_calls_over_turns_and_regenerates(tokenizer):
         driver.quit()
         server.shutdown()
         server.server_close()
+
+
+# ---------------------------------------------------------------------------- request checks, unit by unit (issue 24)
+
+from minimind_pl.commands.serve import ServerSettings  # noqa: E402
+from minimind_pl.commands.serve.app import OriginGuard, authorize, host_name, is_loopback, read_body  # noqa: E402
+from minimind_pl.commands.serve.requests import (  # noqa: E402
+    APIError, parse_chat_request, parse_completion_request,
+)
+from minimind_pl.generation import SamplingSettings  # noqa: E402
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields):
+    """``parse_chat_request`` of a body with ``HI`` and ``fields``, under the default ServerSettings."""
+    return parse_chat_request(json.dumps({"messages": HI, **fields}).encode(), ServerSettings())
+
+
+def refused(parse, fields: dict, status: int = 400) -> APIError:
+    """The APIError ``parse`` raises for a body of ``fields``."""
+    with pytest.raises(APIError) as caught:
+        parse(json.dumps(fields).encode(), ServerSettings())
+    assert caught.value.status == status
+    return caught.value
+
+
+@pytest.mark.parametrize("fields, thinking", [
+    ({}, False),
+    ({"chat_template_kwargs": {"enable_thinking": True}}, True),  # vLLM's and SGLang's name
+    ({"chat_template_kwargs": {"open_thinking": True}}, True),
+    ({"chat_template_kwargs": {"open_thinking": False, "enable_thinking": True}}, False),  # MiniMind's name first
+    ({"open_thinking": True}, True),
+    ({"open_thinking": False, "chat_template_kwargs": {"enable_thinking": True}}, False),  # the top level first
+])
+def test_thinking_is_asked_for_by_any_of_its_names(fields, thinking):
+    assert chat(**fields).open_thinking is thinking
+
+
+def test_a_chat_request_keeps_every_checked_field():
+    request = chat(stream=True, stream_options={"include_usage": True}, max_completion_tokens=7, temperature=0.3,
+                   top_p=0.5, top_k=4, repetition_penalty=1.2, stop="END", seed=11, tools=[{"type": "function"}],
+                   messages=[{"role": "system", "content": None},
+                             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"},
+                                                          {"type": "text", "text": "b"}]}])
+    assert (request.stream, request.include_usage, request.max_tokens, request.stop, request.seed) == (
+        True, True, 7, ["END"], 11)
+    assert request.sampling == SamplingSettings(temperature=0.3, top_p=0.5, top_k=4, repetition_penalty=1.2)
+    assert request.tools == [{"type": "function"}]
+    assert [m["content"] for m in request.messages] == ["", "ab"]
+    plain = chat()
+    assert (plain.stream, plain.include_usage, plain.max_tokens, plain.stop, plain.seed, plain.tools) == (
+        False, False, None, [], None, None)
+    assert plain.sampling == ServerSettings().sampling  # the server's defaults: MiniMind's
+    assert chat(stop=["a", "b", "c", "d"]).stop == ["a", "b", "c", "d"]
+    assert chat(max_tokens=8192).max_tokens == 8192  # the limits themselves are allowed
+    assert chat(temperature=2.0, top_p=1.0, top_k=0, repetition_penalty=10.0).sampling == SamplingSettings(
+        temperature=2.0, top_p=1.0, top_k=0, repetition_penalty=10.0)
+    assert chat(repetition_penalty=0.5).sampling.repetition_penalty == 0.5  # below 1 rewards repeats: allowed
+    assert refused(parse_chat_request, {"messages": HI, "max_tokens": 8193}).code == "max_tokens_too_large"
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    ({"messages": HI, "chat_template_kwargs": [1]}, "chat_template_kwargs", "chat_template_kwargs must be an object"),
+    ({"messages": HI, "stream": "yes"}, "stream", "stream must be of type bool"),
+    ({"messages": HI, "seed": True}, "seed", "seed must be of type int"),
+    ({"messages": HI, "tools": {"a": 1}}, "tools", "tools must be of type list"),
+    ({"messages": HI, "max_tokens": 8193}, "max_tokens",
+     "max_tokens=8193 is larger than this server allows (8192)"),
+    ({"messages": HI, "max_completion_tokens": 0}, "max_completion_tokens",
+     "max_completion_tokens must be a positive integer"),
+    ({"messages": HI, "max_tokens": True}, "max_tokens", "max_tokens must be a positive integer"),
+    ({"messages": HI, "max_tokens": 2.5}, "max_tokens", "max_tokens must be a positive integer"),
+    ({"messages": HI, "temperature": 2.5}, "temperature", "temperature must be between 0.0 and 2.0, got 2.5"),
+    ({"messages": HI, "top_p": 0}, "top_p", "top_p must be between 1e-06 and 1.0, got 0"),
+    ({"messages": HI, "top_k": 2.0}, "top_k", "top_k must be a number"),
+    ({"messages": HI, "top_k": -1}, "top_k", "top_k must be between 0 and 1000000000.0, got -1"),
+    ({"messages": HI, "repetition_penalty": False}, "repetition_penalty", "repetition_penalty must be a number"),
+    ({"messages": HI, "repetition_penalty": 10.5}, "repetition_penalty",
+     "repetition_penalty must be between 0.001 and 10.0, got 10.5"),
+    ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop",
+     "stop must be a string or a list of at most 4 non-empty strings"),
+    ({"messages": HI, "stop": [""]}, "stop", "stop must be a string or a list of at most 4 non-empty strings"),
+    ({"messages": HI, "stop": 5}, "stop", "stop must be a string or a list of at most 4 non-empty strings"),
+    ({"messages": HI, "n": 2}, "n", "only n=1 is supported"),
+    ({"messages": "hi"}, "messages", "messages must be a non-empty list"),
+    ({"messages": ["hi"]}, "messages[0]", "messages[0] must be an object"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "x"}]}, "messages[1].role",
+     "messages[1].role must be one of ['system', 'user', 'assistant', 'tool'], got 'robot'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x"}]}]}, "messages[0].content",
+     "messages[0].content must be a string or a list of text parts"),
+])
+def test_bad_chat_fields_are_named_with_their_values(fields, param, message):
+    error = refused(parse_chat_request, fields)
+    assert (error.param, error.message) == (param, message)
+    assert error.body() == {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                      "code": error.code}}
+
+
+def test_bodies_that_are_not_json_objects():
+    error = refused(parse_chat_request, [1])
+    assert (error.message, error.code) == ("request body must be a JSON object", "invalid_json")
+    with pytest.raises(APIError, match="request body is not valid JSON") as caught:
+        parse_chat_request(b"\xff", ServerSettings())
+    assert caught.value.code == "invalid_json"
+
+
+def test_completion_requests_take_one_prompt():
+    settings = ServerSettings(max_tokens_limit=100)
+    request = parse_completion_request(json.dumps({"prompt": ["Once"], "max_tokens": 100}).encode(), settings)
+    assert (request.prompt, request.max_tokens) == ("Once", 100)
+    for prompt in ("", ["a", "b"], 5, None):
+        error = refused(parse_completion_request, {"prompt": prompt})
+        assert (error.param, error.message) == ("prompt", "prompt must be a non-empty string (one prompt per request)")
+
+
+def test_loopback_and_host_names():
+    assert [is_loopback(h) for h in ("localhost", "LOCALHOST", "127.0.0.1", "127.8.9.1", "[::1]", "::1")] == [True] * 6
+    assert [is_loopback(h) for h in ("10.0.0.1", "evil.example", "", "[::2]")] == [False] * 4
+    assert [host_name(h) for h in ("[::1]:80", "LocalHost:8998", "example.com", "")] == [
+        "::1", "localhost", "example.com", ""]
+
+
+def guard_problem(headers: dict, **kwargs):
+    """Why `OriginGuard` refuses a request with ``headers`` (None: it passes)."""
+    from starlette.datastructures import Headers
+
+    return OriginGuard(None, **kwargs).problem(Headers(headers=headers))
+
+
+def test_origin_guard_rules():
+    assert guard_problem({"host": "127.0.0.1:8998"}) is None
+    assert guard_problem({"host": "192.168.1.5:8998"}) is None  # an IP literal cannot be rebound
+    assert guard_problem({"host": "MyHost.lan:80"}, allowed_hosts=["myhost.LAN"]) is None
+    assert guard_problem({}).startswith("Host '' is not served")
+    assert guard_problem({"host": "evil.example:8998"}) == (
+        "Host 'evil.example:8998' is not served without an API key (DNS rebinding protection); use localhost or "
+        "the IP address, start the server with --allowed_hosts, or set an API key")
+    assert guard_problem({"host": "localhost:8998", "origin": "http://LOCALHOST:8998/"}) is None  # same origin
+    assert guard_problem({"host": "localhost:8998", "origin": "http://app.example"}) == (
+        "cross-origin request from 'http://app.example' refused; allow it with --cors_origins, or set an API key")
+    assert guard_problem({"host": "localhost:8998", "origin": "http://App.example/"},
+                         cors_origins=["http://app.example/"]) is None
+    assert guard_problem({"host": "localhost:8998", "origin": "http://any.example"}, cors_origins=["*"]) is None
+    # origins compare without case: a configured or sent origin in capitals matches its lower-case form
+    assert guard_problem({"host": "localhost:8998", "origin": "http://app.mx"}, cors_origins=["http://APP.MX"]) is None
+    assert guard_problem({"host": "localhost:8998", "origin": "http://APP.MX"}, cors_origins=["http://app.mx"]) is None
+
+
+def http_request(headers: dict, chunks: list[bytes] = ()):
+    """A Starlette request with ``headers`` whose body arrives in ``chunks``."""
+    from starlette.requests import Request
+
+    pieces = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+    async def receive():
+        return pieces.pop(0) if pieces else {"type": "http.request", "body": b"", "more_body": False}
+
+    return Request({"type": "http", "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}, receive)
+
+
+def test_api_key_is_a_bearer_token():
+    authorize(http_request({}), None)  # no key: everyone passes
+    authorize(http_request({"authorization": "Bearer sk-1"}), "sk-1")
+    for sent in ({}, {"authorization": "sk-1"}, {"authorization": "Bearer sk-2"}):
+        with pytest.raises(APIError) as caught:
+            authorize(http_request(sent), "sk-1")
+        assert (caught.value.status, caught.value.code, caught.value.kind) == (
+            401, "invalid_api_key", "authentication_error")
+        assert caught.value.message == "invalid or missing API key (Authorization: Bearer ...)"
+
+
+def test_body_limit_counts_declared_and_streamed_bytes():
+    import asyncio
+
+    assert asyncio.run(read_body(http_request({"content-length": "10"}, [b"12345", b"67890"]), 10)) == b"1234567890"
+    for headers, chunks in (({"content-length": "11"}, [b"x"]),  # declared too large: refused before reading
+                            ({}, [b"123456", b"78901"]),  # no length given: refused once 11 bytes arrived
+                            ({"content-length": "5"}, [b"123456", b"78901"])):  # a length that lies
+        with pytest.raises(APIError) as caught:
+            asyncio.run(read_body(http_request(headers, chunks), 10))
+        assert (caught.value.status, caught.value.code) == (413, "request_too_large")
+        assert caught.value.message == "request body exceeds the limit of 10 bytes"
+
+
+def test_tool_call_text_stays_text_when_the_request_sent_no_tools(tokenizer):
+    model = ScriptedModel(tokenizer.encode(TOOL_SCRIPT))
+    server, url = start(ChatEngine(model, tokenizer))
+    try:
+        choice = client(url).chat.completions.create(model="m", messages=HI).choices[0]
+        assert choice.finish_reason == "stop" and choice.message.tool_calls is None
+        assert choice.message.content == TOOL_SCRIPT
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_default_answer_budget_is_what_the_context_leaves(tokenizer):
+    # default max_tokens 1024, but the debug model's context is 512: a prompt of P tokens leaves 512 - P
+    model = ScriptedModel(tokenizer.encode("慢" * 600))
+    server, url = start(ChatEngine(model, tokenizer, settings=ServerSettings(max_tokens=1024)))
+    try:
+        response = client(url).chat.completions.create(model="m", messages=HI)
+        prompt = len(model.prompts[-1])
+        assert response.usage.prompt_tokens == prompt
+        assert (response.usage.completion_tokens, response.choices[0].finish_reason) == (512 - prompt, "length")
+        # a smaller default applies as it is
+        server.engine.settings.max_tokens = 5
+        assert client(url).chat.completions.create(model="m", messages=HI).usage.completion_tokens == 5
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_refused_origin_gets_a_complete_openai_error(scripted):
+    _, url, _ = scripted
+    status, data = raw(url, "GET", "/v1/models", headers={"Origin": "http://evil.example"})
+    assert status == 403 and data == {"error": {
+        "message": "cross-origin request from 'http://evil.example' refused; allow it with --cors_origins, or set an "
+                   "API key", "type": "permission_error", "param": None, "code": "forbidden_origin"}}
