@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minimind_pl.config import ModelConfig
-from minimind_pl.model import MiniMindForCausalLM, rope_frequencies, yarn_ramp_bounds
+from minimind_pl.model import GROUPED_MM_DEVICES, MiniMindForCausalLM, rope_frequencies, yarn_ramp_bounds
 
 from helpers import minimind_state_dict, random_model as debug_model, require_module
 
@@ -364,9 +364,9 @@ def test_moe_top2_and_unused_experts() -> None:
     assert 0 < sum(used) <= 6 and not all(used)
 
 
-# torch._grouped_mm exists from torch 2.8; before it, the loop serves every expert (grouped_matmul_applies).
-NEEDS_GROUPED_MM = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"),
-                                      reason=f"torch {torch.__version__} has no _grouped_mm (the loop serves the experts)")
+# torch._grouped_mm runs on the CPU from torch 2.9; before it, the loop serves every expert (grouped_matmul_applies).
+NEEDS_GROUPED_MM = pytest.mark.skipif("cpu" not in GROUPED_MM_DEVICES, reason=f"torch {torch.__version__} has no "
+                                      "_grouped_mm for the CPU (the loop serves the experts)")
 
 
 @NEEDS_GROUPED_MM
@@ -391,6 +391,16 @@ def test_grouped_experts_match_the_loop(top_k: int, autocast: bool) -> None:
     torch.testing.assert_close(outputs[0], outputs[1], **tol)
     for grouped_grad, loop_grad in zip(*grads):
         torch.testing.assert_close(grouped_grad, loop_grad, **tol)
+
+
+def test_experts_loop_where_torch_has_no_grouped_matmul_for_the_device(monkeypatch) -> None:
+    """torch 2.8 has ``_grouped_mm`` for CUDA only: on the CPU the loop must serve the experts."""
+    from minimind_pl.model import grouped_matmul_applies
+    monkeypatch.setattr("minimind_pl.model.GROUPED_MM_DEVICES", ("cuda",))
+    model = debug_model(use_moe=True)
+    assert not grouped_matmul_applies(torch.zeros(1, 64), model.model.layers[0].mlp.experts)
+    with mock.patch("torch._grouped_mm", side_effect=NotImplementedError, create=True):
+        assert torch.isfinite(model(torch.randint(0, V, (2, 8))).logits).all()
 
 
 @NEEDS_GROUPED_MM
