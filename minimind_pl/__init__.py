@@ -13,9 +13,33 @@ The public API::
 Generation is :func:`minimind_pl.generation.generate` with :class:`~minimind_pl.generation.SamplingSettings`.
 """
 
-from minimind_pl.checkpoints import load_model
-from minimind_pl.config import ModelConfig
-from minimind_pl.model import MiniMindForCausalLM
-from minimind_pl.tokenizer import Tokenizer
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from minimind_pl.checkpoints import load_model
+    from minimind_pl.config import ModelConfig
+    from minimind_pl.model import MiniMindForCausalLM
+    from minimind_pl.tokenizer import Tokenizer
 
 __all__ = ["ModelConfig", "MiniMindForCausalLM", "Tokenizer", "load_model"]
+
+#: Where each public name is defined. They are imported on first use, so that importing a submodule (the
+#: command line: ``python main.py --help``) does not pay for torch.
+_PUBLIC = {"ModelConfig": "minimind_pl.config", "MiniMindForCausalLM": "minimind_pl.model",
+           "Tokenizer": "minimind_pl.tokenizer", "load_model": "minimind_pl.checkpoints"}
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, imported when first asked for."""
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazily imported public ones included."""
+    return sorted([*globals(), *__all__])

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from minimind_pl.data.loader import STOP_SIGNALS
 from minimind_pl.errors import TrainingStopped
 from minimind_pl.generation import GREEDY, generate
+from minimind_pl.lightning_compat import should_accumulate
 from minimind_pl.stages.strategies import shards_parameters
 
 
@@ -178,7 +179,7 @@ class StopOnSignal(Callback):
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """After an optimizer step: if any rank got a signal, save the step and stop."""
-        if trainer.fit_loop._should_accumulate():
+        if should_accumulate(trainer):
             return  # inside an accumulation window: its gradients are not applied yet
         signum = self._agreed_signal(trainer)
         if signum:

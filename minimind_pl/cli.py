@@ -1,13 +1,13 @@
 """Command line: ``python main.py <command> ...``.
 
-Training commands (``fit``, ``validate``) go to Lightning's ``LightningCLI`` with the stage
-and data classes chosen in YAML (``class_path`` / ``init_args``). The other commands are typed Python
+Training commands (``fit``, ``validate``) go to Lightning's ``LightningCLI`` (``training_cli.MiniMindCLI``) with
+the stage and data classes chosen in YAML (``class_path`` / ``init_args``). The other commands are typed Python
 functions exposed through jsonargparse, so every command parses and documents its arguments the same way.
 
-Shared settings: ``python main.py fit --config configs/<preset>/<stage>.yaml`` reads ``configs/<preset>/base.yaml``
-first, i.e. it runs as ``fit --config configs/<preset>/base.yaml --config configs/<preset>/<stage>.yaml``
-(``with_base_configs``). The base holds what every stage of the preset shares (seed, Trainer settings, logger,
-checkpointing); the stage file only what differs, merged on top as a later ``--config`` always is.
+Start-up: this module imports no Lightning. ``--help`` and the tools that do not train (``chat``, ``serve``,
+``eval``, ``export``, ``generate``, ``tokenizer``, ``data``) start without it; ``training_cli`` (Lightning) is
+imported only when a command trains. Its names (``MiniMindCLI``, ``run_lightning``, ``with_base_configs``, ...)
+can still be imported from here; that import loads it.
 """
 
 from __future__ import annotations
@@ -15,19 +15,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import warnings
-from pathlib import Path
 from typing import Any, Callable
 
-from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
-
-from minimind_pl.callbacks import SampleLogger, StopOnSignal, SyncFreeProgressBar
-from minimind_pl.checkpoint_io import with_atomic_checkpoints
-from minimind_pl.checkpoints.files import read_torch_file
-from minimind_pl.errors import DEBUG_ENV, REPORTED_ERRORS, UserError, reported_cause
-from minimind_pl.stages.resume import ResumeReport
+from minimind_pl.errors import DEBUG_ENV, REPORTED_ERRORS
 
 TRAINING_COMMANDS = {
     "fit": "train a stage: python main.py fit --config configs/<preset>/<stage>.yaml [--ckpt_path to resume]",
@@ -56,168 +46,16 @@ GROUP_COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class MiniMindCLI(LightningCLI):
-    """LightningCLI with the project's argument links and defaults.
-
-    ``run_lightning`` starts it; it reads a preset's ``base.yaml`` before the preset's stage config
-    (``with_base_configs``), so the stage files hold only what differs from the shared settings.
-    """
-
-    def add_arguments_to_parser(self, parser) -> None:
-        """Share the tokenizer and the row length between data and model.
-
-        The stage checks that the tokenizer fits the model's vocabulary and the rows fit its positions,
-        and uses the tokenizer to log generated samples.
-        """
-        parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
-        parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
-
-    def instantiate_classes(self) -> None:
-        """Build the stage, the DataModule and the Trainer; an error of ours raised while jsonargparse builds them
-        comes out as itself, not buried in jsonargparse's "Does not validate against any of the Union subtypes"."""
-        try:
-            super().instantiate_classes()
-        except Exception as error:
-            cause = reported_cause(error)
-            if cause is None or cause is error:
-                raise
-            raise cause from None
-
-    def before_fit(self) -> None:
-        """A stage that optimises by hand (the RL stages) clips and steps itself: refuse Trainer settings that
-        Lightning would reject with a traceback."""
-        model, trainer = self.model, self.trainer
-        if not getattr(model, "automatic_optimization", True):
-            clip, accumulate = trainer.gradient_clip_val, trainer.accumulate_grad_batches
-            if clip or accumulate != 1:
-                raise UserError(f"{type(model).__name__} clips and steps by itself: set --trainer.gradient_clip_val "
-                                f"null (got {clip}; clip with --model.max_grad_norm) and --trainer.accumulate_grad_batches "
-                                f"1 (got {accumulate})")
-
-    def _parse_ckpt_path(self) -> None:
-        """Resume (``--ckpt_path``) with this run's arguments, saying what changed.
-
-        LightningCLI would replace the model's arguments with the ones saved in the checkpoint, silently
-        dropping e.g. a lower ``--model.learning_rate`` given to recover from a loss spike. Here this run's
-        training settings stay and are listed; another stage or another architecture is refused.
-        """
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
-        saved = read_torch_file(ckpt_path)
-        run = self.config[subcommand]
-        check_same_stage(ckpt_path, saved.get("stage"), run.model.class_path)
-        report = ResumeReport().compare(saved.get("hyper_parameters") or {}, namespace_dict(run.model.init_args), "model")
-        report.compare(saved.get("datamodule_hyper_parameters") or {}, namespace_dict(run.data.init_args), "data")
-        if report.architecture:
-            raise UserError(f"{ckpt_path} was trained with another architecture than this run's: "
-                            f"{'; '.join(report.architecture)}. Resume with the checkpoint's values (pass them as "
-                            f"--model.config.<field>), or start a new run from its weights with --model.init_weights.")
-        if report.changes:
-            rank_zero_info(f"Resuming from {ckpt_path} with these arguments changed (this run's values are used): "
-                           + "; ".join(report.changes))
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
-        """Add the sample logger, the sync-free progress bar, the stop on SIGTERM/SIGINT and atomic checkpoint
-        writes (each unless the config names its own, or disables the bar)."""
-        named = list(config.get("callbacks") or []) + list(callbacks)
-        if not any(isinstance(c, SampleLogger) for c in named):
-            callbacks = [*callbacks, SampleLogger()]
-        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in named):
-            callbacks = [*callbacks, SyncFreeProgressBar()]
-        if not any(isinstance(c, StopOnSignal) for c in named):
-            callbacks = [*callbacks, StopOnSignal()]
-        return super()._instantiate_trainer(with_atomic_checkpoints(config), callbacks)
+#: Names defined in ``training_cli`` (it imports Lightning) that callers import from ``minimind_pl.cli``.
+TRAINING_CLI_NAMES = ("MiniMindCLI", "run_lightning", "namespace_dict", "with_base_configs", "BASE_CONFIG")
 
 
-def namespace_dict(namespace: Any) -> dict[str, Any]:
-    """A parsed jsonargparse ``Namespace`` (or None) as nested plain dicts."""
-    if namespace is None:
-        return {}
-    return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
-
-
-def check_same_stage(ckpt_path: str, saved_stage: str | None, class_path: str) -> None:
-    """``--ckpt_path`` continues a run of the same stage; starting another stage from it is ``--model.init_weights``."""
-    stage = class_path.rsplit(".", 1)[-1]
-    if saved_stage and saved_stage != stage:
-        raise UserError(f"{ckpt_path} is a {saved_stage} checkpoint but this config trains {stage}: --ckpt_path "
-                        f"resumes a run of the same stage. To start {stage} from its weights, use "
-                        f"--model.init_weights {ckpt_path} instead.")
-
-
-BASE_CONFIG = "base.yaml"
-
-
-def _is_file(path: Path) -> bool:
-    """Whether ``path`` is an existing file (False for a config string too long to be a file name)."""
-    try:
-        return path.is_file()
-    except OSError:
-        return False
-
-
-def with_base_configs(args: list[str]) -> list[str]:
-    """``args`` with ``--config <folder>/base.yaml`` put before the first ``--config <folder>/<file>`` of each folder
-    that has a ``base.yaml`` (the preset's shared settings; see the module docstring).
-
-    jsonargparse merges several ``--config`` files in order: a later file overrides single values, merges a
-    class's ``init_args`` (a ``logger`` or ``callbacks`` entry without ``class_path`` keeps the earlier class and
-    arguments) and merges a list of callbacks of the same length entry by entry. Config strings (``--config
-    '{...}'``) and a base named on the command line itself are left as they are.
-    """
-    out: list[str] = []
-    done: set[Path] = set()
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("-c", "--config") and i + 1 < len(args):
-            value, taken = args[i + 1], 2
-        elif arg.startswith("--config="):
-            value, taken = arg.split("=", 1)[1], 1
-        else:
-            out.append(arg)
-            i += 1
-            continue
-        path = Path(value)
-        if _is_file(path):
-            base = path.parent / BASE_CONFIG
-            if base.is_file() and base.resolve() not in done:
-                done.add(base.resolve())
-                if path.resolve() != base.resolve():
-                    out += ["--config", str(base)]
-        out += args[i:i + taken]
-        i += taken
-    return out
-
-
-def run_lightning(args: list[str], extra_callbacks: list | None = None,
-                  cli_class: type[MiniMindCLI] = MiniMindCLI, run: bool = True) -> MiniMindCLI:
-    """Run a LightningCLI subcommand (``fit``, ``validate``, ...) with the given arguments.
-
-    A ``--config configs/<preset>/<stage>.yaml`` is read on top of ``configs/<preset>/base.yaml``
-    (``with_base_configs``). ``extra_callbacks`` are added to every run beside the ones the config names
-    (programmatic use). With ``run=False`` ``args`` name no subcommand: the config is parsed and ``cli_class``
-    instantiates what it needs (``data prepare`` builds only the DataModule).
-    """
-    from lightning import LightningDataModule
-
-    from minimind_pl.stages import Stage
-
-    # The arguments are always passed explicitly (main() strips the program name; the demo builds its own).
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    return cli_class(
-        Stage,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=with_base_configs(args),
-        trainer_defaults={"callbacks": list(extra_callbacks or [])},
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        run=run,
-    )
+def __getattr__(name: str) -> Any:
+    """``from minimind_pl.cli import run_lightning`` (and the other ``TRAINING_CLI_NAMES``) loads ``training_cli``
+    then, not when this module is imported."""
+    if name in TRAINING_CLI_NAMES:
+        return getattr(importlib.import_module("minimind_pl.training_cli"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_tool(command: str, args: list[str]) -> Any:
@@ -269,6 +107,8 @@ def dispatch(argv: list[str]) -> Any:
         module_name, function_name, _ = GROUP_COMMANDS[command]
         return getattr(importlib.import_module(module_name), function_name)(rest)
     if command in TRAINING_COMMANDS:
+        from minimind_pl.training_cli import run_lightning
+
         return run_lightning(argv)
     print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     raise SystemExit(2)

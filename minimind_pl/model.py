@@ -362,9 +362,15 @@ def matmul_dtype(x: Tensor) -> Tensor:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+#: Device types `torch._grouped_mm` runs on in this torch: it appeared in torch 2.8 for CUDA only (on the CPU it
+#: raises NotImplementedError there); 2.9 added the CPU kernel. Elsewhere the experts loop.
+GROUPED_MM_DEVICES = (("cuda", "cpu") if torch.__version__ >= "2.9" else ("cuda",)) if hasattr(torch, "_grouped_mm") else ()
+
+
 def grouped_matmul_applies(x: Tensor, experts: nn.ModuleList) -> bool:
-    """Whether `torch._grouped_mm` serves these experts: it exists, and every row is a multiple of 16 bytes."""
-    if not hasattr(torch, "_grouped_mm"):
+    """Whether `torch._grouped_mm` serves these experts: it runs on x's device type in this torch
+    (`GROUPED_MM_DEVICES`), and every row is a multiple of 16 bytes."""
+    if x.device.type not in GROUPED_MM_DEVICES:
         return False
     expert = experts[0]
     row_bytes = torch.finfo(matmul_dtype(x)).bits // 8

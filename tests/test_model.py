@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minimind_pl.config import ModelConfig
-from minimind_pl.model import MiniMindForCausalLM, rope_frequencies, yarn_ramp_bounds
+from minimind_pl.model import GROUPED_MM_DEVICES, MiniMindForCausalLM, rope_frequencies, yarn_ramp_bounds
 
 from helpers import minimind_state_dict, random_model as debug_model, require_module
 
@@ -364,6 +364,12 @@ def test_moe_top2_and_unused_experts() -> None:
     assert 0 < sum(used) <= 6 and not all(used)
 
 
+# torch._grouped_mm runs on the CPU from torch 2.9; before it, the loop serves every expert (grouped_matmul_applies).
+NEEDS_GROUPED_MM = pytest.mark.skipif("cpu" not in GROUPED_MM_DEVICES, reason=f"torch {torch.__version__} has no "
+                                      "_grouped_mm for the CPU (the loop serves the experts)")
+
+
+@NEEDS_GROUPED_MM
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_grouped_experts_match_the_loop(top_k: int, autocast: bool) -> None:
@@ -387,6 +393,17 @@ def test_grouped_experts_match_the_loop(top_k: int, autocast: bool) -> None:
         torch.testing.assert_close(grouped_grad, loop_grad, **tol)
 
 
+def test_experts_loop_where_torch_has_no_grouped_matmul_for_the_device(monkeypatch) -> None:
+    """torch 2.8 has ``_grouped_mm`` for CUDA only: on the CPU the loop must serve the experts."""
+    from minimind_pl.model import grouped_matmul_applies
+    monkeypatch.setattr("minimind_pl.model.GROUPED_MM_DEVICES", ("cuda",))
+    model = debug_model(use_moe=True)
+    assert not grouped_matmul_applies(torch.zeros(1, 64), model.model.layers[0].mlp.experts)
+    with mock.patch("torch._grouped_mm", side_effect=NotImplementedError, create=True):
+        assert torch.isfinite(model(torch.randint(0, V, (2, 8))).logits).all()
+
+
+@NEEDS_GROUPED_MM
 def test_grouped_experts_need_aligned_rows() -> None:
     from minimind_pl.model import grouped_matmul_applies
     aligned = debug_model(use_moe=True).model.layers[0].mlp.experts

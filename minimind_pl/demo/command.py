@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimind_pl.checkpoints import load_model
-from minimind_pl.cli import run_lightning
+from minimind_pl.training_cli import run_lightning
 from minimind_pl.data.dpo import pair_loader
 from minimind_pl.data.jsonl import read_jsonl
 from minimind_pl.demo.corpus import score_answer, write_demo_corpus

@@ -26,11 +26,11 @@ from minimind_pl.checkpoints.loading import check_same_tokenizer
 from minimind_pl.checkpoints.files import nonfinite_tensors
 from minimind_pl.config import ModelConfig, architecture_diff
 from minimind_pl.errors import TrainingStopped, UserError
+from minimind_pl.lightning_compat import should_accumulate
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.stages.compiled import CompiledTraining, compile_decision, flex_decision
 from minimind_pl.stages.nonfinite import NonFiniteSteps
-from minimind_pl.stages.resume import (OPTIMIZER_HPARAMS, collect_rng_states, optimizer_settings_changed,
-                                       restore_rng_states)
+from minimind_pl.stages.resume import OPTIMIZER_HPARAMS, ResumedRun, collect_rng_states
 from minimind_pl.stages.strategies import clips_gradients_itself, decays_weight, gradient_norm_clipped, wrap_for_fsdp
 from minimind_pl.throughput import flops_per_token, matmul_peak_tflops
 from minimind_pl.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -128,7 +128,7 @@ class Stage(L.LightningModule):
         self._last_log_time: float | None = None
         self._last_log_interval = 0  # the logging interval (global_step // log_every_n_steps) last logged
         self.nonfinite = NonFiniteSteps()
-        self._resumed: dict[str, Any] | None = None  # the checkpoint's hparams and RNG states, until training resumes
+        self._resumed: ResumedRun | None = None  # the checkpoint's arguments and RNG states, until training resumes
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -184,8 +184,7 @@ class Stage(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep what resuming needs once training starts again: the RNG states and the saved arguments."""
         self.check_tokenizer(checkpoint.get("tokenizer_fingerprint"), "the checkpoint to resume (--ckpt_path)")
-        self._resumed = {"hparams": dict(checkpoint.get("hyper_parameters") or {}),
-                         "rng_states": checkpoint.get("rng_states")}
+        self._resumed = ResumedRun.from_checkpoint(checkpoint)
 
     def configure_model(self) -> None:
         """Under FSDP: one unit per transformer block (``strategies.wrap_for_fsdp``); nothing otherwise."""
@@ -209,15 +208,14 @@ class Stage(L.LightningModule):
     def on_train_start(self) -> None:
         """After a resume: apply this run's optimizer settings where they differ from the checkpoint's."""
         self._last_log_interval = self.global_step // self.trainer.log_every_n_steps
-        if self._resumed is not None and optimizer_settings_changed(self._resumed["hparams"], dict(self.hparams),
-                                                                    self.OPTIMIZER_ARGUMENTS):
+        if self._resumed is not None and self._resumed.optimizer_settings_changed(dict(self.hparams),
+                                                                                  self.OPTIMIZER_ARGUMENTS):
             self.apply_optimizer_settings(self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """After a resume, restore the RNG states right before the first step, where the straight run had them."""
         if self._resumed is not None:
-            if self._resumed["rng_states"] is not None:
-                restore_rng_states(self._resumed["rng_states"])
+            self._resumed.restore_rng_states()
             self._resumed = None
 
     # -------------------------------------------------------------------- steps
@@ -373,7 +371,7 @@ class Stage(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """After each optimizer step: stop a diverged run; once per logging interval, log the learning rate and
         real (non-padding) tokens per second."""
-        if self.trainer.fit_loop._should_accumulate():
+        if should_accumulate(self.trainer):
             return
         self.stop_if_diverged()
         interval = self.global_step // self.trainer.log_every_n_steps  # a batch may make several steps (RL)

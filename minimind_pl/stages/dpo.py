@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from minimind_pl.errors import UserError
+from minimind_pl.lightning_compat import has_trainer
 from minimind_pl.losses import IGNORE_INDEX, dpo_loss, sequence_log_probs, token_log_probs
 from minimind_pl.stages.base import Stage
 from minimind_pl.stages.side_models import FrozenModel
@@ -130,7 +131,7 @@ class DPO(Stage):
             sizes: per split, the number of pairs.
         """
         reference = self.reference_model()
-        with self.trainer.precision_plugin.forward_context() if self._trainer else contextlib.nullcontext():
+        with self.trainer.precision_plugin.forward_context() if has_trainer(self) else contextlib.nullcontext():
             for split, loader in loaders.items():
                 table = torch.full((sizes[split], 2), float("nan"), device=self.device)
                 for batch in loader:
@@ -179,7 +180,7 @@ class DPO(Stage):
 
     def _split(self) -> str:
         """Which precomputed table serves the current batch: "train" in the training loop, else "val"."""
-        training = self.trainer.training if self._trainer is not None else self.training
+        training = self.trainer.training if has_trainer(self) else self.training
         return "train" if training else "val"
 
     def validation_values(self, batch: dict[str, torch.Tensor], loss: torch.Tensor,

@@ -24,6 +24,7 @@ from torch import Tensor
 from minimind_pl.data.prompts import prompt_lists
 from minimind_pl.errors import UserError
 from minimind_pl.generation import GREEDY, SamplingSettings, generate
+from minimind_pl.lightning_compat import every_n_train_steps
 from minimind_pl.losses import IGNORE_INDEX, token_log_probs
 from minimind_pl.rewards import Reward, Sample, minimind_rewards, total_rewards
 from minimind_pl.stages.base import Stage
@@ -152,7 +153,7 @@ class RolloutStage(Stage):
                             "answers needs whole weights on every rank (--trainer.strategy ddp)")
         steps = self.optimizer_steps_per_batch()
         for callback in self.trainer.checkpoint_callbacks:
-            every = getattr(callback, "_every_n_train_steps", 0)
+            every = every_n_train_steps(callback)
             if every and every % steps:
                 raise UserError(f"each batch makes {steps} optimizer steps, so a checkpoint every {every} steps would "
                                 f"be skipped: make every_n_train_steps a multiple of {steps}")

@@ -74,16 +74,20 @@ class OptimizerAtStart(RecordBatches):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
-def test_changed_learning_rate_and_dropout_take_effect_and_are_listed(tmp_path, shared_dir, caplog):
+def test_changed_learning_rate_and_dropout_take_effect_and_are_listed(tmp_path, shared_dir, caplog, monkeypatch):
     last = interrupted_run(tmp_path, shared_dir)
     saved = torch.load(last, weights_only=True)
     assert saved["hyper_parameters"]["learning_rate"] == 3e-3
     recorder = OptimizerAtStart()
+    loads = []  # every torch.load of the resumed run: the check and Lightning's restore share one
+    torch_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args[0]) or torch_load(*args, **kwargs))
     with caplog.at_level(logging.INFO):
         resumed = fit(tiny_run(tmp_path, shared_dir, "pretrain", CORPUS, 8, [
             "--ckpt_path", str(last), "--model.learning_rate", "0.01", "--model.betas", "[0.8, 0.9]",
             "--model.config.dropout", "0.1", "--trainer.enable_progress_bar", "false"]), recorder)
     assert resumed.trainer.global_step == 8
+    assert [str(path) for path in loads] == [str(last)]
     message = next(r.getMessage() for r in caplog.records if "Resuming from" in r.getMessage())
     for change in ("model.learning_rate: 0.003 -> 0.01", "model.config.dropout: 0.0 -> 0.1",
                    "model.betas: [0.9, 0.95] -> [0.8, 0.9]"):

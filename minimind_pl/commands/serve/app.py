@@ -2,7 +2,7 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming over server-sent events, ending
 with ``data: [DONE]``, or one JSON answer), ``GET /v1/models``, ``GET /health``, ``GET /`` (the web page,
-``commands/web/chat.html``) and ``/docs`` (the OpenAPI schema, interactive). Every error is an OpenAI-style
+``commands/serve/chat.html``) and ``/docs`` (the OpenAPI schema, interactive). Every error is an OpenAI-style
 body (``{"error": {"message", "type", "param", "code"}}``).
 
 Protection, outermost first: `OriginGuard` (without an API key, only loopback or IP-literal ``Host`` names,
@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from minimind_pl.commands.serve.engine import ChatEngine
 from minimind_pl.commands.serve.requests import APIError, parse_chat_request, parse_completion_request
 
-WEB_PAGE = Path(__file__).parent.parent / "web" / "chat.html"
+WEB_PAGE = Path(__file__).parent / "chat.html"
 LOOPBACK_NAMES = ("localhost",)
 
 
