@@ -32,16 +32,14 @@ except SystemExit as stop:
     assert not stop.code, stop.code
 print("\\nlightning imported:", "lightning" in sys.modules)
 """
-NEEDS_DATA_REGISTRY = pytest.mark.xfail(strict=False, reason="needs the data-format registry (minimind_pl.data "
-                                                              "importable without Lightning)")
 
 
 @pytest.mark.parametrize("args", [
     ["--help"], ["chat", "--help"], ["serve", "--help"], ["export", "--help"],
-    pytest.param(["generate", "--help"], marks=NEEDS_DATA_REGISTRY),
-    pytest.param(["eval", "--help"], marks=NEEDS_DATA_REGISTRY),
-    pytest.param(["tokenizer", "--help"], marks=NEEDS_DATA_REGISTRY),
-    pytest.param(["data", "stats", "--help"], marks=NEEDS_DATA_REGISTRY),
+    ["generate", "--help"],
+    ["eval", "--help"],
+    ["tokenizer", "--help"],
+    ["data", "stats", "--help"],
 ], ids=lambda args: " ".join(args))
 def test_commands_that_do_not_train_start_without_lightning(args):
     """Importing Lightning takes seconds: only the training commands may (the help of each command imports it)."""
