@@ -1,0 +1,142 @@
+"""Mutation testing, one module at a time: mutmut plants one-line bugs in a module and runs the tests that
+cover it; a mutant no test notices ("survived") is a bug the suite would let through.
+
+    python bench/mutation.py              # list the modules and their tests
+    python bench/mutation.py losses       # run losses.py's mutants against its tests; print the kill rate
+
+(``bash bench/mutation.sh`` is the same.) mutmut reads one static config (setup.cfg ``[mutmut]``: what to copy,
+pytest options); which files to mutate and which tests to run come from ``MODULES`` below, set in process before
+mutmut starts, so a module's mutants run only against its own tests (minutes on 2 cores, not the whole suite).
+Each run starts from a fresh ``mutants/`` (git-ignored): a kept one would keep old verdicts after tests change.
+Mutants judged equivalent (no behaviour a user could notice changes) are listed, with reasons, in
+``bench/mutation_equivalent.md``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one module's mutation run covers.
+
+    Args:
+        files: Source files to mutate (paths from the repository root; globs allowed).
+        tests: Test files (or folders) run against the mutants.
+        functions: Mutant-name globs when only part of a file is the target (None: every function of ``files``).
+    """
+
+    files: tuple[str, ...]
+    tests: tuple[str, ...]
+    functions: tuple[str, ...] | None = None
+
+
+SERVE_APP = "minimind_pl.commands.serve.app."
+MODULES: dict[str, Target] = {
+    "losses": Target(("minimind_pl/losses.py",), ("tests/test_losses.py",)),
+    "rewards": Target(("minimind_pl/rewards.py",), ("tests/test_rewards.py",)),
+    "generation": Target(("minimind_pl/generation.py",), ("tests/test_generation.py",)),
+    "chat_format": Target(("minimind_pl/chat_format.py",),
+                          ("tests/test_tokenizer.py", "tests/data/test_prompts.py", "tests/commands/test_generate.py")),
+    "stages": Target(("minimind_pl/stages/*.py",), ("tests/stages",)),
+    "data/packing": Target(("minimind_pl/data/packing.py",),
+                           ("tests/data/test_data_packing.py", "tests/data/test_data_sft.py")),
+    "data/sft": Target(("minimind_pl/data/sft.py",), ("tests/data/test_data_sft.py",)),
+    "data/prompts": Target(("minimind_pl/data/prompts.py",), ("tests/data/test_prompts.py",)),
+    "lora": Target(("minimind_pl/lora.py",), ("tests/test_lora.py",)),
+    "checkpoints": Target(("minimind_pl/checkpoints/*.py",), ("tests/checkpoints",)),
+    # the server's request checks and its protection (host/origin guard, API key, body size limit)
+    "serve": Target(("minimind_pl/commands/serve/requests.py", "minimind_pl/commands/serve/app.py"),
+                    ("tests/commands/test_serve.py",),
+                    functions=("minimind_pl.commands.serve.requests.*",
+                               *(SERVE_APP + name + "__mutmut_*" for name in (
+                                   "x_is_loopback", "x_host_name", "xǁOriginGuardǁ*", "x_authorize", "x_read_body")))),
+}
+
+
+def list_modules() -> None:
+    """Print each module, the files it mutates and the tests run against them."""
+    for name, target in MODULES.items():
+        print(f"{name:13s} {' '.join(target.files)}")
+        print(f"{'':13s}   tests: {' '.join(target.tests)}")
+
+
+def configure(target: Target) -> None:
+    """Point mutmut at ``target``: its files to mutate and its tests, over setup.cfg's ``[mutmut]``."""
+    import mutmut.configuration as configuration
+
+    static = configuration._config_reader()
+    chosen = {"only_mutate": list(target.files), "pytest_add_cli_args_test_selection": list(target.tests)}
+    configuration._config_reader = lambda: (lambda key, default: chosen.get(key, static(key, default)))
+    configuration.reset_config()
+
+
+def run(target: Target) -> int:
+    """Run mutmut on ``target`` in a fresh ``mutants/``; mutmut exits the process when it is done."""
+    import mutmut.__main__ as mutmut_cli
+
+    shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+    configure(target)
+    try:
+        mutmut_cli.cli(["run", "--max-children", str(os.cpu_count() or 2), *(target.functions or ())],
+                       standalone_mode=False)
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
+
+
+def results(target: Target) -> dict[str, str]:
+    """Each of ``target``'s mutants and its verdict (killed, survived, timeout, no tests, ...)."""
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.stats import status_by_exit_code
+
+    verdicts = {}
+    for pattern in target.files:
+        for path in sorted(ROOT.glob(pattern)):
+            data = SourceFileMutationData(path=path.relative_to(ROOT))
+            data.load()
+            for name, code in data.exit_code_by_key.items():
+                if target.functions is None or any(fnmatch.fnmatch(name, f) for f in target.functions):
+                    verdicts[name] = status_by_exit_code[code]
+    return verdicts
+
+
+def report(module: str, verdicts: dict[str, str]) -> None:
+    """Print the kill rate (timeouts count as killed: the mutant hung a test) and every survivor's name."""
+    survivors = sorted(n for n, v in verdicts.items() if v not in ("killed", "timeout"))
+    killed = len(verdicts) - len(survivors)
+    print(f"\n{module}: killed {killed} / {len(verdicts)} mutants"
+          f" ({100 * killed / max(len(verdicts), 1):.1f}%)")
+    for name in survivors:
+        print(f"  {verdicts[name]:10s} {name}")
+    if survivors:
+        print("Read one with: mutmut show <name>   (from the repository root)")
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in MODULES:
+        if argv:
+            print(f"unknown module {argv[0]!r}; the modules are:\n")
+        list_modules()
+        return 0 if not argv else 2
+    os.chdir(ROOT)
+    # one torch thread per worker: mutmut runs one worker per core
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # the tests find the shared data beside the checkout; from mutants/ they are one folder deeper
+    os.environ.setdefault("MINIMIND_SHARED", str(ROOT.parent / "shared"))
+    target = MODULES[argv[0]]
+    code = run(target)
+    report(argv[0], results(target))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
