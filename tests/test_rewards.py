@@ -1,7 +1,5 @@
 """Rewards: MiniMind's shaping terms, verifiable answers, a reward model through transformers, weighted sums."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -9,7 +7,6 @@ from helpers import require, require_module
 from minimind_pl.rewards import (AnswerMatch, LengthShaping, RepetitionPenalty, RewardModel, Sample, ThinkingFormat,
                                  prompt_messages, repeated_ngram_share, total_rewards)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PROMPT = "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -70,10 +67,10 @@ def test_prompt_messages_read_the_turns_of_a_rendered_prompt():
     assert folded[1] == {"role": "assistant", "content": "7"}
 
 
-def test_reward_model_scores_with_a_transformers_sequence_classifier(tmp_path):
+def test_reward_model_scores_with_a_transformers_sequence_classifier(tmp_path, tokenizer_dir):
     transformers = require_module("transformers")
-    require((SHARED / "minimind" / "tokenizer.json").exists(), f"{SHARED}/minimind is missing")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED / "minimind")
+    require((tokenizer_dir / "tokenizer.json").exists(), f"{tokenizer_dir} is missing")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     config = transformers.LlamaConfig(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
     torch.manual_seed(0)
