@@ -15,8 +15,8 @@ import pytest
 
 from helpers import require_module
 from minimind_pl.chat_format import (CHAT_TEMPLATE, TURN_END, TURN_START, OutputParser, StopMatcher, assistant_answer,
-                                     empty_answer, parse_tool_call, prepare_messages, render_chat, rendered_turns,
-                                     select_template, split_reasoning)
+                                     compile_chat_template, empty_answer, parse_tool_call, prepare_messages,
+                                     render_chat, rendered_turns, select_template, split_reasoning)
 from minimind_pl.tokenizer import Tokenizer
 
 # written by hand as MiniMind's template renders them
@@ -99,13 +99,15 @@ FEATURES = ("{% for m in messages %}{% generation %}[{{ m.content }}]{% endgener
 
 
 def test_template_features_render_as_transformers_renders_them(hf):
+    compile_chat_template.cache_clear()  # compiled here, under this test (a mutation run forks after a warm cache)
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "reasoning": "r"},
                 {"role": "user", "content": "after the break"}]
     tools = [{"b": "é<&>", "a": 1}]
     expected = hf.apply_chat_template(messages, chat_template=FEATURES, tools=tools, tokenize=False)
     assert render_chat(FEATURES, messages, tools=tools) == expected
     # written out: the generation block renders its body, "reasoning" is aliased to thinking and reasoning_content
-    assert expected.startswith('[hi]|;[a]r|r;TrueFalse[{"b": "é<&>", "a": 1}][{"a": 1, "b": "é<&>"}][{"b":"é<&>","a":1}]')
+    assert expected.startswith('[hi]|;[a]r|r;TrueFalse'
+                               '[{"b": "é<&>", "a": 1}][{"a": 1, "b": "é<&>"}][{"b":"é<&>","a":1}]')
 
 
 def test_strftime_now_is_the_local_time():
@@ -158,11 +160,13 @@ def test_a_template_error_names_its_kind():
     (["hi"], None, "message 0 must be a dict, got str"),
     ([{"role": "robot", "content": "x"}], None,
      "message 0 (role 'robot'): unknown role, expected one of system, user, assistant, tool"),
-    ([{"role": "user", "content": "q"}, {"role": "assistant"}], None, "message 1 (role 'assistant'): missing `content`"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant"}], None,
+     "message 1 (role 'assistant'): missing `content`"),
     ([{"role": "user", "content": 3}], None, "message 0 (role 'user'): `content` must be a string, got int"),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": "[{oops"}], None,
      "message 1 (role 'assistant'): `tool_calls` is not valid JSON: "),
-    ([{"role": "system", "content": "s", "tools": "[{oops"}], None, "message 0 (role 'system'): `tools` is not valid JSON: "),
+    ([{"role": "system", "content": "s", "tools": "[{oops"}], None,
+     "message 0 (role 'system'): `tools` is not valid JSON: "),
     ([{"role": "user", "content": "q"}], "[{oops", "tools argument: `tools` is not valid JSON: "),
     ([{"role": "user", "content": "q"}], '{"name": "calc"}', "tools must be a list of JSON schemas, got dict"),
 ])
@@ -235,7 +239,8 @@ def test_output_parser_splits_a_reply_into_reasoning_content_and_tool_calls():
     assert [k for k, _ in events] == ["reasoning", "content", "tool_call", "tool_call", "content"]
     assert [{**c, "id": None} for c in calls] == [
         {"index": 0, "id": None, "type": "function", "function": {"name": "calc", "arguments": '{"expr": "6*7"}'}},
-        {"index": 1, "id": None, "type": "function", "function": {"name": "weather", "arguments": '{"city": "北京"}'}}]
+        {"index": 1, "id": None, "type": "function",
+         "function": {"name": "weather", "arguments": '{"city": "北京"}'}}]
     assert all(CALL_ID.match(c["id"]) for c in calls) and calls[0]["id"] != calls[1]["id"]
     assert parser.tool_calls == calls
 
@@ -261,6 +266,13 @@ def test_output_parser_holds_back_only_what_may_start_a_tag():
     assert parser.feed("b>") == [("content", "<b>")]
     assert parser.feed("\n\n") == [] and parser.feed("8\n") == [("content", "\n\n8")]  # inner newlines are kept
     assert parser.finish() == []  # the final newline is layout
+
+
+def test_output_parser_drops_only_the_layout_newlines_around_a_part():
+    # newlines opening the reply and ending it go; spaces, inner newlines and letters at either end stay
+    parser = OutputParser()
+    assert merged(parser.feed("\n\n  Xerox MAX\n\nX") + parser.feed("\n") + parser.finish()) == [
+        ("content", "  Xerox MAX\n\nX")]
 
 
 def test_output_parser_without_tools_keeps_tool_markup_as_text():
@@ -305,3 +317,4 @@ def test_stop_matcher_cuts_at_the_earliest_stop_and_holds_back_partial_ones():
     tail = StopMatcher(["END"])
     assert tail.feed("see EN") == "see " and tail.flush() == "EN" and tail.flush() == ""
     assert StopMatcher([]).feed("END") == "END"
+    assert StopMatcher(["END"]).feed("a END b END") == "a "  # cut at the first of two

@@ -48,7 +48,8 @@ def test_numeric_mode_tolerance_is_absolute():
 
 
 def test_answer_match_needs_ground_truth():
-    with pytest.raises(ValueError, match=r"^AnswerMatch needs a 'gt' field \(the ground truth\) in every prompt record$"):
+    message = r"^AnswerMatch needs a 'gt' field \(the ground truth\) in every prompt record$"
+    with pytest.raises(ValueError, match=message):
         AnswerMatch().score(samples("7", gt=None))
 
 
@@ -140,7 +141,8 @@ def test_prompt_messages_read_the_turns_of_a_rendered_prompt():
                                                      "以上是对话历史。我的新问题是：\nWhat is 3 + 4?")}
     assert folded[1] == {"role": "assistant", "content": "7"}
     # one turn: no history to fold; a prompt without chat markup: an empty question
-    assert RewardModel.conversation(Sample(PROMPT, "think</think> 7 "))[0] == {"role": "user", "content": "What is 3 + 4?"}
+    one_turn = RewardModel.conversation(Sample(PROMPT, "think</think> 7 "))
+    assert one_turn == [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "7"}]
     assert RewardModel.conversation(Sample("The capital of France is", " Paris")) == [
         {"role": "user", "content": ""}, {"role": "assistant", "content": "Paris"}]
 
@@ -156,7 +158,8 @@ def classifier_dir(tmp_path_factory, tokenizer_dir):
     folder = tmp_path_factory.mktemp("rm")
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     backend = Backend.from_file(str(folder / "tokenizer.json"))
-    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                           special_tokens=[("<|im_start|>", 1)])
     backend.save(str(folder / "tokenizer.json"))
     config = transformers.LlamaConfig(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
@@ -271,7 +274,8 @@ def test_reward_model_with_its_own_get_score_runs_its_remote_code(tmp_path, toke
     save_file({"per_token": torch.tensor(0.125)}, str(folder / "model.safetensors"))
     shutil.copy(tokenizer_dir / "tokenizer.json", folder)
     config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    config.update(tokenizer_class="ScorerTokenizer", auto_map={"AutoTokenizer": [None, "tokenization_scorer.ScorerTokenizer"]})
+    config.update(tokenizer_class="ScorerTokenizer",
+                  auto_map={"AutoTokenizer": [None, "tokenization_scorer.ScorerTokenizer"]})
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
     batch = samples("3 + 4 = 7.", "It is eight, I am quite sure of it.")
