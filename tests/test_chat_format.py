@@ -273,6 +273,9 @@ def test_output_parser_drops_only_the_layout_newlines_around_a_part():
     parser = OutputParser()
     assert merged(parser.feed("\n\n  Xerox MAX\n\nX") + parser.feed("\n") + parser.finish()) == [
         ("content", "  Xerox MAX\n\nX")]
+    after_reasoning = OutputParser()
+    assert merged(after_reasoning.feed("<think>\nr\n</think>\n\nXL") + after_reasoning.finish()) == [
+        ("reasoning", "r"), ("content", "XL")]
 
 
 def test_output_parser_without_tools_keeps_tool_markup_as_text():
