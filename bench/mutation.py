@@ -47,8 +47,10 @@ MODULES: dict[str, Target] = {
     "losses": Target(("minimind_pl/losses.py",), ("tests/test_losses.py",)),
     "rewards": Target(("minimind_pl/rewards.py",), ("tests/test_rewards.py",)),
     "generation": Target(("minimind_pl/generation.py",), ("tests/test_generation.py",)),
+    # the serve tests (~50 s) are left out: tests/test_chat_format.py checks the output parser directly
     "chat_format": Target(("minimind_pl/chat_format.py",),
-                          ("tests/test_tokenizer.py", "tests/data/test_prompts.py", "tests/commands/test_generate.py")),
+                          ("tests/test_chat_format.py", "tests/test_tokenizer.py", "tests/test_rewards.py",
+                           "tests/data/test_prompts.py", "tests/commands/test_generate.py")),
     "stages": Target(("minimind_pl/stages/*.py",), ("tests/stages",)),
     "data/packing": Target(("minimind_pl/data/packing.py",),
                            ("tests/data/test_data_packing.py", "tests/data/test_data_sft.py")),

@@ -1,12 +1,14 @@
 """Packing: full rows, correct doc_ids / position_ids / labels, long documents continued, padded mode."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from minimind_pl.data import PretrainDataModule
-from minimind_pl.data.packing import IGNORE_INDEX, collate
+from minimind_pl.data.packing import IGNORE_INDEX, DocumentStream, PackedDataset, collate
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +143,53 @@ def test_padded_mode_matches_minimind(tmp_path, tok_dir, write_jsonl):
     assert list(long["input_ids"]) == full[:16]
     assert list(long["labels"]) == full[1:16] + [tok.eos_id]
     assert long["real_tokens"] == 16
+
+
+def _cache(docs, masked):
+    """A stand-in for a TokenCache (what DocumentStream reads: tokens, mask, offsets, counts) of ``docs``."""
+    tokens = np.array([t for d in docs for t in d], np.uint16)
+    mask = np.array([1 if t in masked else 0 for t in tokens.tolist()], np.uint8)
+    offsets = np.cumsum([0] + [len(d) for d in docs]).astype(np.int64)
+    return SimpleNamespace(tokens=tokens, mask=mask, offsets=offsets, n_tokens=tokens.size, n_docs=len(docs))
+
+
+def test_a_selection_of_documents_reads_as_one_stream_in_the_selected_order():
+    masked = {5, 9, 12, 2}
+    a = _cache([[1, 2, 3], [4], [], [5, 6, 7, 8]], masked)
+    b = _cache([[9, 10], [11, 12, 13]], masked)
+    stream = DocumentStream([a, b], [np.array([3, 0, 2]), None])  # a's documents 3, 0 and the empty 2; all of b
+    docs = [[5, 6, 7, 8], [1, 2, 3], [], [9, 10], [11, 12, 13]]
+    flat = [t for d in docs for t in d]
+    assert (stream.n_tokens, stream.n_docs) == (12, 5)
+    for i, expected in enumerate(docs):
+        tokens, mask = stream.doc(i)
+        assert tokens.tolist() == expected and mask.tolist() == [int(t in masked) for t in expected]
+    assert stream.first_token_masks().tolist() == [1, 0, 0, 1, 0]  # 5, 1, (empty), 9, 11
+    spans = [(sum(map(len, docs[:i])), sum(map(len, docs[:i + 1]))) for i in range(len(docs))]
+    for start in range(12):
+        for end in range(start + 1, 13):
+            tokens, mask, segments = stream.window(start, end)
+            assert tokens.tolist() == flat[start:end] and mask.tolist() == [int(t in masked) for t in flat[start:end]]
+            pieces = [min(e, end) - max(s, start) for s, e in spans if min(e, end) > max(s, start)]
+            assert segments.tolist() == pieces, (start, end)
+    with pytest.raises(ValueError, match="one selection per cache"):
+        DocumentStream([a, b], [None])
+
+
+def test_packed_rows_of_a_selection_by_hand():
+    masked = {5, 9, 12, 2}
+    stream = DocumentStream([_cache([[1, 2, 3], [4], [], [5, 6, 7, 8]], masked),
+                             _cache([[9, 10], [11, 12, 13]], masked)], [np.array([3, 0, 2]), None])
+    rows = PackedDataset(stream, seq_len=4, pad_id=0)
+    assert len(rows) == 3  # 12 tokens, 11 predictions, 4 a row
+    # row 1 reads stream tokens 4..8: 1 2 3 | 9 10; a label needs the same document and the target's mask bit
+    row = rows[1]
+    assert row["input_ids"].tolist() == [1, 2, 3, 9] and row["real_tokens"] == 4
+    assert row["doc_ids"].tolist() == [0, 0, 0, 1] and row["position_ids"].tolist() == [0, 1, 2, 0]
+    assert row["labels"].tolist() == [2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]  # 3 unmasked; 9 another doc
+    last = rows[2]  # tokens 8..11: 10 | 11 12 13, then padding
+    assert last["input_ids"].tolist() == [10, 11, 12, 13] and last["real_tokens"] == 4
+    assert last["labels"].tolist() == [IGNORE_INDEX, 12, IGNORE_INDEX, IGNORE_INDEX]
+    assert last["doc_ids"].tolist() == [0, 1, 1, 1] and last["position_ids"].tolist() == [0, 0, 1, 2]
+    with pytest.raises(IndexError):
+        rows[3]
