@@ -25,8 +25,6 @@ from typing import Any, Optional, Sequence
 
 from minimind_pl.chat_format import THINK_CLOSE, rendered_turns, split_reasoning
 
-# a rendered prompt's turns: chat_format.rendered_turns, under the name the rewards have exported
-prompt_messages = rendered_turns
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _WORD = re.compile(r"\w+|[^\w\s]")
 

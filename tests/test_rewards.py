@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from helpers import require, require_module
+from minimind_pl.chat_format import rendered_turns
 from minimind_pl.rewards import (AnswerMatch, LengthShaping, RepetitionPenalty, Reward, RewardModel, Sample,
-                                 ThinkingFormat, minimind_rewards, prompt_messages, repeated_ngram_share, total_rewards)
+                                 ThinkingFormat, minimind_rewards, repeated_ngram_share, total_rewards)
 
 PROMPT = "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -130,10 +131,10 @@ def test_total_rewards_weight_each_part_and_keep_names_apart():
     assert totals == pytest.approx([2.0 + 0.5 * -0.5 + 0.5, 0.0 + 0.5 * -0.5 + 0.5])
 
 
-def test_prompt_messages_read_the_turns_of_a_rendered_prompt():
+def test_rewards_read_the_turns_of_a_rendered_prompt_through_chat_format():
     prompt = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
               "Hello<|im_end|>\n<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n")
-    assert prompt_messages(prompt) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+    assert rendered_turns(prompt) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                        {"role": "assistant", "content": "Hello"},
                                        {"role": "user", "content": "What is 3 + 4?"}]
     folded = RewardModel.conversation(Sample(prompt, "7"))
