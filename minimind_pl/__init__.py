@@ -16,8 +16,9 @@ Generation is :func:`minimind_pl.generation.generate` with :class:`~minimind_pl.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from minimind_pl.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from minimind_pl.checkpoints import load_model
@@ -33,13 +34,4 @@ _PUBLIC = {"ModelConfig": "minimind_pl.config", "MiniMindForCausalLM": "minimind
            "Tokenizer": "minimind_pl.tokenizer", "load_model": "minimind_pl.checkpoints"}
 
 
-def __getattr__(name: str) -> Any:
-    """The public names, imported when first asked for."""
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    """The module's names, the lazily imported public ones included."""
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)

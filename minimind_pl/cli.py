@@ -18,6 +18,7 @@ import sys
 from typing import Any, Callable
 
 from minimind_pl.errors import DEBUG_ENV, REPORTED_ERRORS
+from minimind_pl.lazy import lazy_exports
 
 TRAINING_COMMANDS = {
     "fit": "train a stage: python main.py fit --config configs/<preset>/<stage>.yaml [--ckpt_path to resume]",
@@ -50,12 +51,7 @@ GROUP_COMMANDS: dict[str, tuple[str, str, str]] = {
 TRAINING_CLI_NAMES = ("MiniMindCLI", "run_lightning", "namespace_dict", "with_base_configs", "BASE_CONFIG")
 
 
-def __getattr__(name: str) -> Any:
-    """``from minimind_pl.cli import run_lightning`` (and the other ``TRAINING_CLI_NAMES``) loads ``training_cli``
-    then, not when this module is imported."""
-    if name in TRAINING_CLI_NAMES:
-        return getattr(importlib.import_module("minimind_pl.training_cli"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, _ = lazy_exports(__name__, dict.fromkeys(TRAINING_CLI_NAMES, "minimind_pl.training_cli"))
 
 
 def run_tool(command: str, args: list[str]) -> Any:
