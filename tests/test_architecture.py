@@ -13,7 +13,7 @@ PACKAGE = Path(minimind_pl.__file__).parent
 
 # Floors, lowest first: a module may import its own floor and the ones below, never one above.
 CORE = ("errors", "config", "model", "losses", "lora", "tokenizer", "chat_format", "generation", "checkpoints",
-        "throughput", "rewards", "files", "lazy")
+        "throughput", "rewards", "files", "lazy", "vision")
 TRAINING = ("data", "stages", "callbacks", "checkpoint_io", "lightning_compat")
 COMMANDS = ("commands", "demo", "cli", "training_cli")
 
@@ -158,3 +158,14 @@ def test_public_api_imports_alone_without_lightning():
             "'minimind_pl.stages', 'minimind_pl.demo'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_vision_package_loads_neither_transformers_nor_lightning():
+    """MiniMind-V's image side is our own code over torch and Pillow: transformers is a test-only reference."""
+    graph = import_graph()
+    files = {module_name(f): f for f in PACKAGE.rglob("*.py")}
+    vision = [m for m in graph if m.startswith("minimind_pl.vision.")]
+    assert "minimind_pl.vision.preprocess" in vision
+    offenders = {f"{root} loads {m}" for root in vision for m in loaded_with(root, graph)
+                 if top_level_imports(files[m]) & {"transformers", "lightning"}}
+    assert not offenders, ", ".join(sorted(offenders))
