@@ -54,6 +54,22 @@ def random_model(seed: int = 0, **overrides) -> MiniMindForCausalLM:
     return model.eval()
 
 
+def random_vlm(tower_folder: Path, projector: str = "mlp", seed: int = 0):
+    """``random_model(seed)`` as a MiniMindVLM reading the tiny tower in ``tower_folder`` (``tiny_tower_folder``:
+    16 features of width 32 per image, placeholder id 12) through a random projector, in eval mode."""
+    from minimind_pl.vision.config import VisionConfig
+    from minimind_pl.vision.tower import load_vision_tower
+    from minimind_pl.vision.vlm import MiniMindVLM
+
+    lm = random_model(seed)
+    model = MiniMindVLM(lm.config, VisionConfig(image_token_len=16, image_hidden_size=32, projector=projector),
+                        load_vision_tower(tower_folder))
+    projector_weights = {f"vision_proj.{k}": 0.1 * torch.randn_like(v) + (k.endswith("0.weight") and projector == "mlp")
+                         for k, v in model.vision_proj.state_dict().items()}  # LayerNorm weights around one
+    model.load_state_dict({**lm.state_dict(), **projector_weights})
+    return model.eval()
+
+
 def random_adapted_model(lora_config, seed: int = 0) -> MiniMindForCausalLM:
     """``random_model(seed)`` with LoRA adapters whose B matrices are non-zero (so they change the output)."""
     from minimind_pl.lora import apply_lora
