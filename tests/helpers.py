@@ -115,9 +115,14 @@ def minimind_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.T
 
 def write_stage_checkpoint(model: MiniMindForCausalLM, path: Path, tokenizer_dir: Path, stage: str = "Pretrain") -> Path:
     """A file in the layout a Stage checkpoint has (weights under ``model.``, config, linked tokenizer, stage)."""
+    vision = {}
+    if getattr(model, "vision_config", None) is not None:  # a MiniMindVLM: its vision config and tower record
+        from minimind_pl.vision.tower import tower_record
+
+        vision = {"vision_config": model.vision_config.to_dict(), **(tower_record(model.tower) if model.tower else {})}
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
                 "model_config": model.config.to_dict(), "stage": stage,
-                "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}, path)
+                "hyper_parameters": {"tokenizer": str(tokenizer_dir)}, **vision}, path)
     return path
 
 
