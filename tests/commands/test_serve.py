@@ -1025,13 +1025,15 @@ def vlm_server(tokenizer, tmp_path_factory):
     server.server_close()
 
 
-def greedy_image_answer(model, tokenizer, text: str, images: list[bytes], n: int) -> str:
-    """Reference: the prompt with each image written out as 16 × <|image_pad|> by hand, greedy generation."""
+def greedy_image_answer(model, tokenizer, text: str, images: list[bytes], n: int, images_first: bool = False) -> str:
+    """Reference: the prompt with each image written out as 16 × <|image_pad|> by hand (after the text, or before
+    it), greedy generation."""
     import io
 
     from PIL import Image
 
-    content = text + "<|image_pad|>" * 16 * len(images)
+    placeholders = "<|image_pad|>" * 16 * len(images)
+    content = placeholders + text if images_first else text + placeholders
     ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                          add_generation_prompt=True))
     pixels = torch.stack([model.tower.image_spec(Image.open(io.BytesIO(b))) for b in images]) if images else None
@@ -1104,3 +1106,33 @@ def test_image_urls_are_fetched_only_when_allowed(vlm_server, tokenizer, tmp_pat
         server.shutdown()
         server.server_close()
         files.shutdown()
+
+
+def test_web_page_attaches_an_image_to_a_question(vlm_server, tokenizer, tmp_path):
+    """The page sends the attached file as a data: URL part before the text; the answer is the model's greedy
+    answer to that image and question; the picture shows in the user's bubble and the attachment is cleared."""
+    url, model = vlm_server
+    image = png_bytes(colour=(30, 160, 200))
+    (tmp_path / "photo.png").write_bytes(image)
+    driver = browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        driver.get(url + "/")
+        driver.find_element(By.ID, "temperature").send_keys("0")
+        driver.find_element(By.ID, "max-tokens").send_keys("6")
+        driver.find_element(By.ID, "image").send_keys(str(tmp_path / "photo.png"))
+        assert driver.find_element(By.ID, "attached").text == "1 image"
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("这是什么")
+        box.send_keys(Keys.ENTER)
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']"))
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error")
+        answer = driver.find_element(By.CSS_SELECTOR, ".assistant .answer").get_attribute("textContent")
+        assert answer == greedy_image_answer(model, tokenizer, "这是什么", [image], 6, images_first=True)
+        assert driver.find_element(By.CSS_SELECTOR, ".user img").get_attribute("src").startswith("data:image/png;base64,")
+        assert driver.find_element(By.ID, "attached").text == ""
+    finally:
+        driver.quit()
