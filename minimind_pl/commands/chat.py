@@ -50,7 +50,7 @@ class ChatSession:
         self.system, self.history_turns, self.open_thinking = system, history_turns, open_thinking
         self.max_new_tokens, self.sampling, self.text_mode = max_new_tokens, sampling, text_mode
         self.history: list[dict[str, str]] = []
-        self.history_images: list[list[torch.Tensor]] = []  # per message of ``history``: its images (N, 3, H, W)
+        self.history_images: list[list[torch.Tensor]] = []  # per message of ``history``: its images, (3, H, W)
         self.last_speed: tuple[int, float] = (0, 0.0)  # tokens and seconds of the last answer
 
     def read_image(self, path: str) -> torch.Tensor:
@@ -179,6 +179,13 @@ def chat_command(
     if prompt is not None:
         print_answer(session, prompt, sys.stdout, images=images)
         return
+    interactive(session, images)
+
+
+def interactive(session: ChatSession, images: list[torch.Tensor]) -> None:
+    """The terminal session: questions until an empty line or Ctrl-D; ``/image PATH`` lines attach images to the
+    next question (``images``: those already attached). A refused image or question is reported, and the
+    session goes on."""
     print("chat with the model; /image PATH attaches an image to the next question; an empty line or Ctrl-D ends "
           "the session")
     while True:
@@ -188,16 +195,16 @@ def chat_command(
             break
         if not user_text:
             break
-        if user_text.startswith(IMAGE_COMMAND):
-            try:
+        try:
+            if user_text.startswith(IMAGE_COMMAND):
                 images.append(session.read_image(user_text[len(IMAGE_COMMAND):].strip()))
                 print(f"({len(images)} image(s) attached to the next question)")
-            except UserError as error:
-                print(f"error: {error}")
-            continue
-        print("model> ", end="")
-        print_answer(session, user_text, sys.stdout, images=images)
-        images = []
+                continue
+            print("model> ", end="")
+            print_answer(session, user_text, sys.stdout, images=images)
+            images = []
+        except UserError as error:
+            print(f"error: {error}")
 
 
 def continues_text(checkpoint: Checkpoint, mode: str) -> bool:

@@ -148,3 +148,17 @@ def test_chat_refuses_images_a_model_cannot_read(tmp_path, shared_dir, capsys):
     session = ChatSession(model, Tokenizer.from_file(shared_dir / "minimind"))
     with pytest.raises(Exception, match="2 <image> tag"):
         session.prompt("<image><image>", [session.read_image(str(red))])
+
+
+def test_session_image_command_attaches_to_the_next_question(tmp_path, shared_dir, capsys, monkeypatch,
+                                                             vlm_checkpoint):
+    model, ckpt = vlm_checkpoint
+    tokenizer = Tokenizer.from_file(shared_dir / "minimind")
+    red = draw(tmp_path / "red.png", (220, 20, 20))
+    lines = iter([f"/image {red}", f"/image {tmp_path / 'missing.png'}", "描述", ""])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    main(["chat", "--ckpt", str(ckpt), "--max_new_tokens", "6", "--temperature", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "(1 image(s) attached to the next question)" in out and "missing.png" in out  # a bad one: reported
+    answer = greedy_with_images(model, tokenizer, [{"role": "user", "content": "<image>\n描述"}], [red], 6)
+    assert "model> " + answer + "\n" in out
