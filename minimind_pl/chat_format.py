@@ -33,6 +33,9 @@ REASONING_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # what the template writes for an assistant turn without reasoning
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names a message's reasoning may have
+#: Where an image goes in a conversation (MiniMind-V): each tag in a non-system turn becomes the model's image
+#: placeholder token × features per image (``expand_image_tags``) before the template renders it.
+IMAGE_TAG = "<image>"
 
 # Our ChatML template with <think> blocks and <tool_call>/<tool_response>, written to render
 # the same text as MiniMind's template (tests/test_tokenizer.py checks this).
@@ -199,6 +202,22 @@ def prepare_messages(messages: Sequence[Mapping], tools: Any = None) -> tuple[li
     if tools is not None and not isinstance(tools, list):
         raise ValueError(f"tools must be a list of JSON schemas, got {type(tools).__name__}")
     return out, tools
+
+
+# ====================================================================== images (MiniMind-V)
+def count_image_tags(conversation: Sequence[Any]) -> int:
+    """``<image>`` tags in the string contents of the non-system turns (the tags that stand for images)."""
+    return sum(m["content"].count(IMAGE_TAG) for m in conversation
+               if isinstance(m, Mapping) and m.get("role") != "system" and isinstance(m.get("content"), str))
+
+
+def expand_image_tags(conversation: Sequence[Mapping], image_text: str) -> list[dict]:
+    """A copy of ``conversation`` with each ``<image>`` of a non-system turn's content replaced by ``image_text``
+    (the placeholder token × features per image: ``VisionConfig.image_token * image_token_len``). MiniMind-V's
+    rule, used by its training data and by every command that shows a model images; a system turn's tag stays
+    text."""
+    return [{**m, "content": m["content"].replace(IMAGE_TAG, image_text)}
+            if m.get("role") != "system" and isinstance(m.get("content"), str) else dict(m) for m in conversation]
 
 
 # ====================================================================== rendering

@@ -39,6 +39,10 @@ TOOL_COMMANDS: dict[str, tuple[str, str, str]] = {
              "loss / perplexity / bits per byte on a jsonl, or multiple-choice accuracy"),
 }
 
+# command -> its list arguments that may be repeated (``--image a.jpg --image b.jpg``), which jsonargparse writes
+# ``--image+ a.jpg --image+ b.jpg``.
+REPEATABLE_ARGUMENTS: dict[str, tuple[str, ...]] = {"chat": ("image",)}
+
 # command -> (module, function, one-line help) of commands that take their arguments as they are (a group of
 # subcommands, or LightningCLI's arguments).
 GROUP_COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -60,7 +64,21 @@ def run_tool(command: str, args: list[str]) -> Any:
 
     module_name, function_name, _ = TOOL_COMMANDS[command]
     function: Callable = getattr(importlib.import_module(module_name), function_name)
-    return CLI(function, args=args, prog=f"main.py {command}", as_positional=False)
+    return CLI(function, args=repeated_as_appended(args, REPEATABLE_ARGUMENTS.get(command, ())),
+               prog=f"main.py {command}", as_positional=False)
+
+
+def repeated_as_appended(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """``args`` with each ``--NAME VALUE`` / ``--NAME=VALUE`` of a repeatable list argument written as jsonargparse's
+    append form ``--NAME+ VALUE``, so that every occurrence adds one item."""
+    out = []
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and flag[2:] in names:
+            out += [f"{flag}+"] + ([value] if eq else [])
+        else:
+            out.append(arg)
+    return out
 
 
 def usage() -> str:

@@ -5,7 +5,9 @@ repetition penalty, batched prompts of different lengths (left padding), and str
 defaults from it. `generate` and `stream_generate` work with any model whose forward matches
 `MiniMindForCausalLM.forward`. Both run on `DecodeBatch`, the KV-cache state of rows that decode together,
 which rows may also join and leave between steps (the server's continuous batching uses it directly, with
-`sample_rows` giving each row its own settings). The model runs in eval mode under `torch.inference_mode`
+`sample_rows` giving each row its own settings). A row of a vision-language model (`vision.vlm.MiniMindVLM`)
+may carry its images, (N, 3, H, W) already preprocessed: they enter at that row's prefill only, text rows and
+image rows going the same way. The model runs in eval mode under `torch.inference_mode`
 only while a step is computed; its train/eval mode is restored after every step, so a paused
 `stream_generate` iterator never leaks inference mode or eval mode into the caller's code.
 """
@@ -166,8 +168,12 @@ class DecodeBatch:
         """Rows in the batch."""
         return int(self.next_pos.shape[0])
 
-    def add(self, prompts: list[list[int]]) -> None:
-        """Prefill ``prompts`` (each at least one token) and append them as the last rows."""
+    def add(self, prompts: list[list[int]], images: Optional[list[Optional[Tensor]]] = None) -> None:
+        """Prefill ``prompts`` (each at least one token) and append them as the last rows.
+
+        ``images``: per prompt, None or its images (N, 3, H, W) in the order of its placeholder runs (a
+        vision-language model only); they enter here, at the row's prefill, and never again.
+        """
         lengths = [len(p) for p in prompts]
         width = max(lengths)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -177,8 +183,10 @@ class DecodeBatch:
             pad_mask[i, width - len(prompt):] = 1
         position_ids = (pad_mask.cumsum(-1) - 1).clamp(min=0).to(self.device)  # (B, T) 0.. per real token
         mask = pad_mask.to(self.device) if min(lengths) < width else None
+        pixel_values = stack_images(images, len(prompts), self.device)
+        extra = {} if pixel_values is None else {"pixel_values": pixel_values}
         out = self.model(ids.to(self.device), position_ids=position_ids, attention_mask=mask,
-                         use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **extra)
         seen = None
         if self.track_seen:
             seen = torch.zeros(out.logits[:, -1].shape, dtype=torch.bool, device=self.device)
@@ -245,6 +253,25 @@ class DecodeBatch:
         self.cache, self.logits = out.past_key_values, out.logits[:, -1]
 
 
+def stack_images(images: Optional[list[Optional[Tensor]]], rows: int, device: torch.device) -> Optional[Tensor]:
+    """Per-row images ((N_i, 3, H, W) or None) -> pixel_values (rows, max N_i, 3, H, W), zero-padded (the model
+    leaves a row's padding images unused); None when no row has an image."""
+    if images is None or all(i is None or len(i) == 0 for i in images):
+        return None
+    if len(images) != rows:
+        raise ValueError(f"images must give one entry (a tensor or None) per prompt: {len(images)} for {rows}")
+    shape = next(i for i in images if i is not None and len(i)).shape[1:]
+    if any(i is not None and len(i) and (i.dim() != 4 or i.shape[1:] != shape) for i in images):
+        raise ValueError(f"every row's images must be (N, 3, H, W) of the same H, W: "
+                         f"{[None if i is None else tuple(i.shape) for i in images]}")
+    most = max(0 if i is None else len(i) for i in images)
+    pixel_values = torch.zeros(rows, most, *shape, dtype=torch.float32)
+    for row, row_images in enumerate(images):
+        if row_images is not None and len(row_images):
+            pixel_values[row, :len(row_images)] = row_images
+    return pixel_values.to(device)
+
+
 def _left_pad(x: Tensor, width: int) -> Tensor:
     """(B, K, S, D) -> (B, K, width, D), zeros in front."""
     return F.pad(x, (0, 0, width - x.shape[2], 0))
@@ -259,7 +286,7 @@ def _padded_mask(mask: Optional[Tensor], rows: int, length: int, width: int, dev
 
 def _decode_steps(
     model: nn.Module, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingSettings,
-    eos_token_id: Optional[int], generator: Optional[torch.Generator],
+    eos_token_id: Optional[int], generator: Optional[torch.Generator], images: Optional[list[Optional[Tensor]]],
 ) -> Iterator[list[Optional[int]]]:
     """Yield, per step, each row's new token (None for rows that already finished)."""
     if any(len(p) == 0 for p in prompts):
@@ -270,7 +297,7 @@ def _decode_steps(
         return
     decoder = DecodeBatch(model, track_seen=sampling.repetition_penalty != 1.0)
     with inference_step(model):
-        decoder.add(prompts)
+        decoder.add(prompts, images)
     finished = [False] * len(prompts)
     for step in range(max_new_tokens):
         with inference_step(model):
@@ -296,6 +323,7 @@ def generate(
     sampling: SamplingSettings = SamplingSettings(),
     eos_token_id: Optional[int] = 2,
     generator: Optional[torch.Generator] = None,
+    images: Optional[list[Optional[Tensor]]] = None,
     **overrides: Any,
 ) -> list[list[int]]:
     """Continue every prompt; returns the new token ids per prompt (eos excluded).
@@ -307,11 +335,13 @@ def generate(
         sampling: how tokens are chosen (`GREEDY` for greedy decoding).
         eos_token_id: a row stops after producing it (None = never stop early).
         generator: random generator for sampling; must live on the model's device.
+        images: per prompt, None or its preprocessed images (N, 3, H, W), one per placeholder run of the
+            prompt, in order (a vision-language model: ``vision.vlm.MiniMindVLM``).
         overrides: single fields of `sampling` (e.g. ``do_sample=False``, ``temperature=0.7``).
     """
     sampling = sampling.with_overrides(**overrides)
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in _decode_steps(model, prompts, max_new_tokens, sampling, eos_token_id, generator):
+    for step in _decode_steps(model, prompts, max_new_tokens, sampling, eos_token_id, generator, images):
         for out, token in zip(outputs, step):
             if token is not None:
                 out.append(token)
@@ -325,10 +355,12 @@ def stream_generate(
     sampling: SamplingSettings = SamplingSettings(),
     eos_token_id: Optional[int] = 2,
     generator: Optional[torch.Generator] = None,
+    images: Optional[Tensor] = None,
     **overrides: Any,
 ) -> Iterator[int]:
-    """Yield the new token ids of one prompt one by one, as they are produced (see `generate`)."""
+    """Yield the new token ids of one prompt one by one, as they are produced (see `generate`; ``images``: the
+    prompt's (N, 3, H, W) or None)."""
     sampling = sampling.with_overrides(**overrides)
-    for step in _decode_steps(model, [prompt], max_new_tokens, sampling, eos_token_id, generator):
+    for step in _decode_steps(model, [prompt], max_new_tokens, sampling, eos_token_id, generator, [images]):
         if step[0] is not None:
             yield step[0]

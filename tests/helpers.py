@@ -54,6 +54,22 @@ def random_model(seed: int = 0, **overrides) -> MiniMindForCausalLM:
     return model.eval()
 
 
+def random_vlm(tower_folder: Path, projector: str = "mlp", seed: int = 0):
+    """``random_model(seed)`` as a MiniMindVLM reading the tiny tower in ``tower_folder`` (``tiny_tower_folder``:
+    16 features of width 32 per image, placeholder id 12) through a random projector, in eval mode."""
+    from minimind_pl.vision.config import VisionConfig
+    from minimind_pl.vision.tower import load_vision_tower
+    from minimind_pl.vision.vlm import MiniMindVLM
+
+    lm = random_model(seed)
+    model = MiniMindVLM(lm.config, VisionConfig(image_token_len=16, image_hidden_size=32, projector=projector),
+                        load_vision_tower(tower_folder))
+    projector_weights = {f"vision_proj.{k}": 0.1 * torch.randn_like(v) + (k.endswith("0.weight") and projector == "mlp")
+                         for k, v in model.vision_proj.state_dict().items()}  # LayerNorm weights around one
+    model.load_state_dict({**lm.state_dict(), **projector_weights})
+    return model.eval()
+
+
 def random_adapted_model(lora_config, seed: int = 0) -> MiniMindForCausalLM:
     """``random_model(seed)`` with LoRA adapters whose B matrices are non-zero (so they change the output)."""
     from minimind_pl.lora import apply_lora
@@ -99,9 +115,14 @@ def minimind_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.T
 
 def write_stage_checkpoint(model: MiniMindForCausalLM, path: Path, tokenizer_dir: Path, stage: str = "Pretrain") -> Path:
     """A file in the layout a Stage checkpoint has (weights under ``model.``, config, linked tokenizer, stage)."""
+    vision = {}
+    if getattr(model, "vision_config", None) is not None:  # a MiniMindVLM: its vision config and tower record
+        from minimind_pl.vision.tower import tower_record
+
+        vision = {"vision_config": model.vision_config.to_dict(), **(tower_record(model.tower) if model.tower else {})}
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
                 "model_config": model.config.to_dict(), "stage": stage,
-                "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}, path)
+                "hyper_parameters": {"tokenizer": str(tokenizer_dir)}, **vision}, path)
     return path
 
 

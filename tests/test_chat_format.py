@@ -321,3 +321,15 @@ def test_stop_matcher_cuts_at_the_earliest_stop_and_holds_back_partial_ones():
     assert tail.feed("see EN") == "see " and tail.flush() == "EN" and tail.flush() == ""
     assert StopMatcher([]).feed("END") == "END"
     assert StopMatcher(["END"]).feed("a END b END") == "a "  # cut at the first of two
+
+
+def test_image_tags_expand_outside_system_turns_only():
+    from minimind_pl.chat_format import count_image_tags, expand_image_tags
+
+    conversation = [{"role": "system", "content": "tags like <image> here are text"},
+                    {"role": "user", "content": "<image>\n<image>比较"}, {"role": "assistant", "content": "<image>?"},
+                    {"role": "tool", "content": None}]
+    assert count_image_tags(conversation) == 3
+    expanded = expand_image_tags(conversation, "@@")
+    assert [m["content"] for m in expanded] == ["tags like <image> here are text", "@@\n@@比较", "@@?", None]
+    assert conversation[1]["content"] == "<image>\n<image>比较"  # the input is left as it was

@@ -190,3 +190,11 @@ def test_inference_rope_scaling_switch_reaches_the_model(tmp_path, shared_dir, m
     scaled, plain = (m.model.rotary(x)[0] for m in built)
     assert built[0].config.inference_rope_scaling and not built[1].config.inference_rope_scaling
     assert torch.equal(scaled, with_yarn(model).model.rotary(x)[0]) and not torch.allclose(scaled, plain)
+
+
+def test_repeatable_list_arguments_become_jsonargparse_appends():
+    from minimind_pl.cli import repeated_as_appended
+
+    assert repeated_as_appended(["--image", "a.png", "--image=b c.jpg", "--images", "x", "--prompt", "--image"],
+                                ("image",)) == ["--image+", "a.png", "--image+", "b c.jpg", "--images", "x",
+                                                "--prompt", "--image+"]

@@ -397,3 +397,81 @@ def test_rows_of_equal_length_leave_without_a_mask() -> None:
         outputs = outputs[1:]
         greedy_steps(batch, outputs, 2)
     assert outputs[0] == alone(model, [7, 8], 3)
+
+
+# ----------------------------------------------------------------------------- rows with images (MiniMind-V)
+
+IMAGE_RUN = [12] * 16  # the tiny VLM's placeholder: 16 × id 12, one run per image
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    from helpers import random_vlm, tiny_tower_folder
+
+    return random_vlm(tiny_tower_folder(tmp_path_factory.mktemp("tower") / "siglip"))
+
+
+def pictures(n: int, seed: int) -> torch.Tensor:
+    """(n, 3, 32, 32) preprocessed-looking pixels."""
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def greedy_full_forward(model, prompt: list[int], images: torch.Tensor, n: int) -> list[int]:
+    """Reference: the whole sequence and its images through the model again for every token (no cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]), pixel_values=images[None]).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_continuation_with_images_equals_full_forward(vlm) -> None:
+    prompt = [1, 5, *IMAGE_RUN, 7, 8, *IMAGE_RUN, 9]
+    images = pictures(2, seed=1)
+    out = generate(vlm, [prompt], max_new_tokens=8, do_sample=False, eos_token_id=None, images=[images])[0]
+    assert out == greedy_full_forward(vlm, prompt, images, 8)
+    streamed = list(stream_generate(vlm, prompt, 8, GREEDY, eos_token_id=None, images=images))
+    assert streamed == out
+    other = generate(vlm, [prompt], max_new_tokens=8, do_sample=False, eos_token_id=None,
+                     images=[pictures(2, seed=2)])[0]
+    assert other != out  # the images are read: other pictures, another answer
+
+
+def test_image_rows_and_text_rows_batched_decode_as_each_alone(vlm) -> None:
+    image_prompt, text_prompt = [1, *IMAGE_RUN, 30, 31], [4, 5, 6]
+    image_two = [1, *IMAGE_RUN, 2, *IMAGE_RUN]
+    rows = [(image_prompt, pictures(1, 3)), (text_prompt, None), (image_two, pictures(2, 4))]
+    batched = generate(vlm, [p for p, _ in rows], max_new_tokens=6, do_sample=False, eos_token_id=None,
+                       images=[i for _, i in rows])
+    for (prompt, images), out in zip(rows, batched):
+        assert out == generate(vlm, [prompt], max_new_tokens=6, do_sample=False, eos_token_id=None,
+                               images=[images])[0]
+    assert batched[1] == generate(vlm, [text_prompt], max_new_tokens=6, do_sample=False, eos_token_id=None)[0]
+
+
+def test_an_image_row_joins_a_running_batch_at_its_own_prefill(vlm) -> None:
+    """The server's case: a text row decodes, an image row joins later, the first leaves; each as alone."""
+    image_prompt, images = [3, *IMAGE_RUN, 40], pictures(1, 5)
+    batch, outputs = DecodeBatch(vlm), [[]]
+    with inference_step(vlm):
+        batch.add([[4, 5, 6]])
+        greedy_steps(batch, outputs, 2)
+        batch.add([image_prompt], [images])
+        outputs.append([])
+        greedy_steps(batch, outputs, 3)
+        batch.keep([1])
+        greedy_steps(batch, outputs[1:], 2)
+    assert outputs[0] == greedy_by_recomputation(vlm, [4, 5, 6], 5)
+    assert outputs[1] == greedy_full_forward(vlm, image_prompt, images, 5)
+
+
+def test_images_must_fit_the_prompts() -> None:
+    from minimind_pl.generation import stack_images
+
+    assert stack_images([None, torch.zeros(0, 3, 4, 4)], 2, torch.device("cpu")) is None
+    padded = stack_images([None, torch.ones(2, 3, 4, 4)], 2, torch.device("cpu"))
+    assert padded.shape == (2, 2, 3, 4, 4) and padded[0].eq(0).all() and padded[1].eq(1).all()
+    with pytest.raises(ValueError, match="one entry"):
+        stack_images([torch.ones(1, 3, 4, 4)], 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match="same H, W"):
+        stack_images([torch.ones(1, 3, 4, 4), torch.ones(1, 3, 8, 8)], 2, torch.device("cpu"))

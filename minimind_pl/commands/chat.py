@@ -3,6 +3,10 @@
 A pretrained (not yet chat-tuned) checkpoint continues raw text instead: each prompt is a document start
 (``<bos>`` + text), as MiniMind's ``eval_llm.py`` feeds its pretrain weights. After each answer the speed
 (tokens/s) goes to stderr, so the answer alone can be piped.
+
+A MiniMind-V model is shown images: ``--image PATH`` (repeatable) goes with the first question, ``/image PATH``
+in the session with the next one. An image stays in the conversation with its turn: every answer re-renders the
+kept turns, their ``<image>`` tags becoming placeholders again, and their images enter at the prefill.
 """
 
 from __future__ import annotations
@@ -10,16 +14,20 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Literal, TextIO
+from typing import Iterator, Literal, Sequence, TextIO
 
 import torch
 
 from minimind_pl.checkpoints import Checkpoint, open_checkpoint
+from minimind_pl.commands.images import expanded_conversation, image_problem, read_image, stacked, with_image_tags
+from minimind_pl.errors import UserError
 from minimind_pl.generation import SamplingSettings, stream_generate
+from minimind_pl.vision.preprocess import ImageError
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 
 DEFAULT = SamplingSettings()
+IMAGE_COMMAND = "/image "  # a session line that attaches an image to the next question
 
 
 class ChatSession:
@@ -42,25 +50,48 @@ class ChatSession:
         self.system, self.history_turns, self.open_thinking = system, history_turns, open_thinking
         self.max_new_tokens, self.sampling, self.text_mode = max_new_tokens, sampling, text_mode
         self.history: list[dict[str, str]] = []
+        self.history_images: list[list[torch.Tensor]] = []  # per message of ``history``: its images, (3, H, W)
         self.last_speed: tuple[int, float] = (0, 0.0)  # tokens and seconds of the last answer
 
-    def prompt_ids(self, user_text: str) -> list[int]:
-        """Token ids of the system prompt, the kept history and the new user turn, ready to answer (in text
-        mode: the text as a document start)."""
-        if self.text_mode:
-            return self.tokenizer.encode_text(user_text)
-        kept = self.history[-2 * self.history_turns:] if self.history_turns > 0 else []
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + kept
-        messages.append({"role": "user", "content": user_text})
-        return self.tokenizer.encode_chat(messages, open_thinking=self.open_thinking)
+    def read_image(self, path: str) -> torch.Tensor:
+        """An image file as the (3, H, W) tensor the model's tower reads; a UserError naming the file."""
+        problem = image_problem(self.model)
+        if problem is not None:
+            raise UserError(f"cannot show {path} to the model: {problem}")
+        try:
+            return read_image(self.model, path)
+        except (ImageError, OSError) as error:
+            raise UserError(f"{path}: {error}") from None
 
-    def stream_answer(self, user_text: str) -> Iterator[str]:
-        """Yield the answer piece by piece (never a broken character); record the turn in the history."""
+    def prompt(self, user_text: str, images: Sequence[torch.Tensor] = ()) -> tuple[list[int], list[torch.Tensor]]:
+        """Token ids of the system prompt, the kept history and the new user turn, ready to answer, and the
+        images of those turns in order (in text mode: the text as a document start, no images)."""
+        if self.text_mode:
+            if images:
+                raise UserError("images need the chat template: --mode chat")
+            return self.tokenizer.encode_text(user_text), []
+        keep = 2 * self.history_turns if self.history_turns > 0 else 0
+        kept = self.history[-keep:] if keep else []
+        kept_images = [image for row in (self.history_images[-keep:] if keep else []) for image in row]
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + kept
+        messages.append({"role": "user", "content": with_image_tags(user_text, len(images))})
+        all_images = kept_images + list(images)
+        messages = expanded_conversation(self.model, messages, len(all_images), "the conversation")
+        return self.tokenizer.encode_chat(messages, open_thinking=self.open_thinking), all_images
+
+    def prompt_ids(self, user_text: str, images: Sequence[torch.Tensor] = ()) -> list[int]:
+        """The token ids of :meth:`prompt`."""
+        return self.prompt(user_text, images)[0]
+
+    def stream_answer(self, user_text: str, images: Sequence[torch.Tensor] = ()) -> Iterator[str]:
+        """Yield the answer piece by piece (never a broken character); record the turn, with its ``images``
+        ((3, H, W) each, see :meth:`read_image`), in the history."""
         decoder = self.tokenizer.stream_decoder()
         pieces: list[str] = []
-        ids = self.prompt_ids(user_text)
+        ids, prompt_images = self.prompt(user_text, images)
         start, count = time.perf_counter(), 0
-        for token in stream_generate(self.model, ids, self.max_new_tokens, self.sampling, self.tokenizer.eos_id):
+        for token in stream_generate(self.model, ids, self.max_new_tokens, self.sampling, self.tokenizer.eos_id,
+                                     images=stacked(prompt_images)):
             count += 1
             self.last_speed = (count, time.perf_counter() - start)
             piece = decoder.push(token)
@@ -72,14 +103,17 @@ class ChatSession:
             pieces.append(tail)
             yield tail
         if not self.text_mode:
-                self.history += [{"role": "user", "content": user_text},
+            self.history += [{"role": "user", "content": with_image_tags(user_text, len(images))},
                              {"role": "assistant", "content": "".join(pieces)}]
+            self.history_images += [list(images), []]
 
 
 def chat_command(
     ckpt: str,
     lora: str | None = None,
     prompt: str | None = None,
+    image: list[str] | None = None,
+    vision_encoder: str | None = None,
     tokenizer: str | None = None,
     allow_tokenizer_mismatch: bool = False,
     preset: str | None = None,
@@ -102,6 +136,11 @@ def chat_command(
         ckpt: A Lightning .ckpt of any stage, a MiniMind .pth or a Hugging Face directory.
         lora: A LoRA adapter file (LoRA stage .ckpt or MiniMind LoRA .pth) run on top of ``ckpt``, unmerged.
         prompt: Answer this one prompt and exit, instead of an interactive session.
+        image: An image file shown with the first question (repeatable: ``--image a.jpg --image b.png``), for a
+            MiniMind-V model; the question may place them with ``<image>`` tags, else they come first. In the
+            session, ``/image PATH`` attaches one to the next question.
+        vision_encoder: The vision tower folder of a MiniMind-V checkpoint (SigLIP / CLIP, Hugging Face format);
+            default: the folder its stage checkpoint recorded.
         tokenizer: Tokenizer directory (default: the one recorded with the checkpoint).
         allow_tokenizer_mismatch: Use ``--tokenizer`` (or the recorded folder) even when it is not the tokenizer
             the checkpoint was trained with (checkpoints record its fingerprint): a warning instead of an error.
@@ -128,17 +167,27 @@ def chat_command(
                                 repetition_penalty=repetition_penalty)
     text_mode = continues_text(checkpoint, mode)
     session = ChatSession(
-        checkpoint.build_model(preset, device=device, inference_rope_scaling=inference_rope_scaling),
+        checkpoint.build_model(preset, device=device, inference_rope_scaling=inference_rope_scaling,
+                               vision_encoder=vision_encoder),
         checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch), system=system, history_turns=history_turns,
         open_thinking=open_thinking, max_new_tokens=max_new_tokens, sampling=sampling, text_mode=text_mode,
     )
     if text_mode and mode == "auto":
         print(f"{ckpt} is a pretrained checkpoint: continuing raw text (--mode chat to use the chat template)",
               file=sys.stderr, flush=True)
+    images = [session.read_image(path) for path in image or []]
     if prompt is not None:
-        print_answer(session, prompt, sys.stdout)
+        print_answer(session, prompt, sys.stdout, images=images)
         return
-    print("chat with the model; an empty line or Ctrl-D ends the session")
+    interactive(session, images)
+
+
+def interactive(session: ChatSession, images: list[torch.Tensor]) -> None:
+    """The terminal session: questions until an empty line or Ctrl-D; ``/image PATH`` lines attach images to the
+    next question (``images``: those already attached). A refused image or question is reported, and the
+    session goes on."""
+    print("chat with the model; /image PATH attaches an image to the next question; an empty line or Ctrl-D ends "
+          "the session")
     while True:
         try:
             user_text = input("\nyou> ").strip()
@@ -146,8 +195,16 @@ def chat_command(
             break
         if not user_text:
             break
-        print("model> ", end="")
-        print_answer(session, user_text, sys.stdout)
+        try:
+            if user_text.startswith(IMAGE_COMMAND):
+                images.append(session.read_image(user_text[len(IMAGE_COMMAND):].strip()))
+                print(f"({len(images)} image(s) attached to the next question)")
+                continue
+            print("model> ", end="")
+            print_answer(session, user_text, sys.stdout, images=images)
+            images = []
+        except UserError as error:
+            print(f"error: {error}")
 
 
 def continues_text(checkpoint: Checkpoint, mode: str) -> bool:
@@ -159,11 +216,12 @@ def continues_text(checkpoint: Checkpoint, mode: str) -> bool:
     return Path(checkpoint.path).name.lower().startswith("pretrain")  # MiniMind's out/pretrain_768.pth
 
 
-def print_answer(session: ChatSession, user_text: str, out: TextIO, speed: TextIO | None = None) -> str:
+def print_answer(session: ChatSession, user_text: str, out: TextIO, speed: TextIO | None = None,
+                 images: Sequence[torch.Tensor] = ()) -> str:
     """Stream one answer to ``out``, then its speed to ``speed`` (default: stderr); return the answer whole."""
     speed = speed or sys.stderr
     parts = []
-    for piece in session.stream_answer(user_text):
+    for piece in session.stream_answer(user_text, images):
         out.write(piece)
         out.flush()
         parts.append(piece)

@@ -44,6 +44,7 @@ def eval_command(
     allow_tokenizer_mismatch: bool = False,
     preset: str | None = None,
     lora: str | None = None,
+    vision_encoder: str | None = None,
     seq_len: int = 1024,
     batch_size: int = 8,
     limit: int | None = None,
@@ -63,6 +64,8 @@ def eval_command(
             the checkpoint was trained with (checkpoints record its fingerprint): a warning instead of an error.
         preset: Model preset of a MiniMind .pth (default: read from the tensor shapes).
         lora: A LoRA adapter file to apply on top of the weights.
+        vision_encoder: The vision tower folder of a MiniMind-V checkpoint (default: the one its stage checkpoint
+            recorded); its language side is scored on text data.
         seq_len: Longest window scored at once (longer documents are split into windows).
         batch_size: Sequences per forward pass.
         limit: Evaluate only the first this many lines.
@@ -76,7 +79,7 @@ def eval_command(
     kind = eval_format(records, data)
     checkpoint = open_checkpoint(ckpt, lora)
     model = checkpoint.build_model(preset, merge=True, device=device,  # adapters folded in: faster
-                                   inference_rope_scaling=inference_rope_scaling)
+                                   inference_rope_scaling=inference_rope_scaling, vision_encoder=vision_encoder)
     tok = checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch)
     if kind == "choice":
         metrics = multiple_choice(model, tok, records, data, mc_format, chat, batch_size, seq_len)
@@ -99,6 +102,9 @@ def eval_format(records: Sequence[tuple[int, Any]], path: str) -> str:
     if not records:
         raise UserError(f"{path} (from --data) holds no records (the file is empty or blank); name a jsonl file")
     line_no, first = records[0]
+    if isinstance(first, dict) and first.get("images"):
+        raise UserError(f"{path}:{line_no}: image conversations: eval does not score them yet (the loss of a "
+                        "vision-language validation file is not implemented in eval yet)")
     data_format = detect_format(first)
     if data_format is not None and data_format.name in SCORED_FORMATS:
         return data_format.name

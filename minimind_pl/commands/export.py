@@ -20,6 +20,7 @@ def export_command(
     allow_tokenizer_mismatch: bool = False,
     preset: str | None = None,
     lora: str | None = None,
+    vision_encoder: str | None = None,
     dtype: Literal["float16", "bfloat16", "float32"] = "float16",
 ) -> Path:
     """Export a checkpoint as a MiniMind .pth state dict or a Hugging Face (Qwen3) directory.
@@ -34,6 +35,8 @@ def export_command(
             the checkpoint was trained with (checkpoints record its fingerprint): a warning instead of an error.
         preset: Model preset of a MiniMind .pth, which stores no config (default: read from the tensor shapes).
         lora: A LoRA adapter file to merge into the weights before exporting.
+        vision_encoder: The vision tower folder of a MiniMind-V checkpoint, checked against the one its stage
+            checkpoint recorded (the tower is never exported: MiniMind-V's .pth holds no tower weights).
         dtype: Weight dtype on disk: ``float16`` (MiniMind's), ``bfloat16`` or ``float32``.
     """
     if format not in ("minimind", "hf"):
@@ -41,7 +44,7 @@ def export_command(
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     checkpoint = open_checkpoint(ckpt, lora)
-    model = checkpoint.build_model(preset, merge=True)  # adapters folded into W
+    model = checkpoint.build_model(preset, merge=True, vision_encoder=vision_encoder)  # adapters folded into W
     if format == "hf" and isinstance(model, MiniMindVLM):
         raise UserError(f"{ckpt} is a vision-language model (MiniMind-V): no transformers architecture holds "
                         f"its tower, projector and placeholder merge exactly, so there is no HF export of it. "

@@ -6,24 +6,33 @@ trains on the file as it is (empty answers, which it counts and reports, excepte
 are appended and flushed one by one, so an interrupted run loses at most the batch in flight: started again
 with the same ``--out``, it skips the prompts already answered. A last line that the stopped run did not
 finish (not valid JSON) is removed, saying so; a complete last line that lacks only its newline is kept.
+
+Image rows (a MiniMind-V teacher): lines ``{"conversations": [...], "images": ["a.jpg", ...]}`` with ``<image>``
+where each image goes (paths relative to the jsonl), MiniMind-V's data format; the images enter at the row's
+prefill, batched with text rows, and the output line keeps them (paths relative to ``--out``), so it trains
+as it is.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from tqdm import tqdm
 
-from minimind_pl.chat_format import empty_answer, split_reasoning
+from minimind_pl.chat_format import count_image_tags, empty_answer, split_reasoning
 from minimind_pl.checkpoints import open_checkpoint, pick_device
+from minimind_pl.commands.images import expanded_conversation, image_problem, read_image, stacked
 from minimind_pl.data.jsonl import parse_line, read_jsonl
 from minimind_pl.errors import UserError, check_input_file
 from minimind_pl.generation import SamplingSettings, generate
 from minimind_pl.tokenizer import Tokenizer
+from minimind_pl.vision.preprocess import ImageError
 
 DEFAULT = SamplingSettings()
 
@@ -48,14 +57,49 @@ def prompt_messages(record: Any, where: str) -> list[dict]:
     return messages
 
 
-def read_prompts(path: str | Path) -> list[list[dict]]:
-    """Every prompt of a jsonl file as a list of messages; a bad line raises UserError naming it."""
-    return [prompt_messages(record, f"{path}:{line_no}") for line_no, record in read_jsonl(path, "--data")]
+def prompt_images(record: Any, messages: list[dict], folder: Path, where: str) -> tuple[str, ...]:
+    """The absolute paths of a line's ``images`` (relative ones are read from ``folder``, the jsonl's), one per
+    ``<image>`` tag of its messages; none for a line without the field."""
+    images = record.get("images") if isinstance(record, dict) else None
+    if images is None:
+        return ()
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise UserError(f"{where}: images must be a list of image paths")
+    tags = count_image_tags(messages)
+    if tags != len(images):
+        raise UserError(f"{where}: {tags} <image> tag(s) but {len(images)} image(s): each image needs one tag "
+                        f"where it goes, each tag one image")
+    return tuple(os.path.abspath(folder / image) for image in images)
 
 
-def prompt_key(messages: list[dict]) -> str:
-    """A canonical string of a prompt's messages, to recognise prompts already answered."""
-    return json.dumps(messages, ensure_ascii=False, sort_keys=True)
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt to answer: its messages, its images (absolute paths) and where it was read (``file:line``)."""
+
+    messages: list[dict]
+    images: tuple[str, ...] = ()
+    where: str = ""
+
+    @property
+    def key(self) -> str:
+        return prompt_key(self.messages, self.images)
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Every prompt of a jsonl file; a bad line raises UserError naming it."""
+    prompts = []
+    for line_no, record in read_jsonl(path, "--data"):
+        where = f"{path}:{line_no}"
+        messages = prompt_messages(record, where)
+        prompts.append(Prompt(messages, prompt_images(record, messages, Path(path).parent, where), where))
+    return prompts
+
+
+def prompt_key(messages: list[dict], images: tuple[str, ...] = ()) -> str:
+    """A canonical string of a prompt's messages (and absolute image paths), to recognise prompts already
+    answered."""
+    return json.dumps({"conversations": messages, "images": list(images)} if images else messages,
+                      ensure_ascii=False, sort_keys=True)
 
 
 def complete_last_line(out: Path) -> bytes:
@@ -89,33 +133,37 @@ def answered_keys(out: Path) -> Counter:
         if raw.strip():
             record, error = parse_line(raw, line_no)
             try:
-                done[prompt_key(record["conversations"][:-1])] += 1
+                images = tuple(os.path.abspath(out.parent / image) for image in record.get("images") or [])
+                done[prompt_key(record["conversations"][:-1], images)] += 1
             except (KeyError, TypeError) as err:
                 raise UserError(f"{out}:{line_no}: not an answer line of this tool ({error or repr(err)}); "
                                 "--out must be a file this command wrote, or a new path") from err
     return done
 
 
-def pending_prompts(prompts: list[list[dict]], done: Counter) -> list[list[dict]]:
+def pending_prompts(prompts: list[Prompt], done: Counter) -> list[Prompt]:
     """The prompts not yet answered (duplicates count: two equal prompts need two answers)."""
     done = Counter(done)
     pending = []
-    for messages in prompts:
-        key = prompt_key(messages)
-        if done[key] > 0:
-            done[key] -= 1
+    for prompt in prompts:
+        if done[prompt.key] > 0:
+            done[prompt.key] -= 1
         else:
-            pending.append(messages)
+            pending.append(prompt)
     return pending
 
 
-def sft_record(messages: list[dict], reply: str, opened: bool = False) -> dict:
-    """An SFT line: the prompt's messages plus the assistant's answer (and its reasoning, if any)."""
+def sft_record(messages: list[dict], reply: str, opened: bool = False, images: list[str] = ()) -> dict:
+    """An SFT line: the prompt's messages plus the assistant's answer (and its reasoning, if any); with
+    ``images`` (paths), a MiniMind-V line."""
     answer, reasoning = split_reasoning(reply, opened)
     assistant = {"role": "assistant", "content": answer}
     if reasoning:
         assistant["reasoning_content"] = reasoning
-    return {"conversations": [*messages, assistant]}
+    record: dict[str, Any] = {"conversations": [*messages, assistant]}
+    if images:
+        record["images"] = list(images)
+    return record
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -138,6 +186,7 @@ def generate_command(
     allow_tokenizer_mismatch: bool = False,
     preset: Optional[str] = None,
     lora: Optional[str] = None,
+    vision_encoder: Optional[str] = None,
     device: str = "auto",
     inference_rope_scaling: bool = False,
 ) -> str:
@@ -146,7 +195,8 @@ def generate_command(
     Args:
         ckpt: The teacher: a Lightning .ckpt, a MiniMind .pth (see ``preset``) or a Hugging Face directory.
         data: Prompts, jsonl: SFT lines whose last message is the user's (a final assistant message is
-            dropped and answered anew) or ``{"prompt": text}`` lines.
+            dropped and answered anew) or ``{"prompt": text}`` lines; for a MiniMind-V teacher also
+            ``{"conversations": [...], "images": [paths]}`` lines (``<image>`` where each image goes).
         out: Output jsonl. If it exists, prompts already answered there are skipped and new lines appended.
         max_new_tokens: Longest answer in tokens.
         temperature: Sampling temperature (0 = greedy).
@@ -160,6 +210,8 @@ def generate_command(
             the checkpoint was trained with (checkpoints record its fingerprint): a warning instead of an error.
         preset: Model preset of a .pth checkpoint (default: read off the tensor shapes).
         lora: A LoRA adapter file run on top of the teacher's weights (unmerged).
+        vision_encoder: The vision tower folder of a MiniMind-V teacher (default: the one its stage checkpoint
+            recorded).
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda:0``, ...
         inference_rope_scaling: YaRN RoPE scaling (MiniMind's settings) for prompts beyond the trained length.
     """
@@ -173,7 +225,11 @@ def generate_command(
     if not pending:
         return str(out_path)
     checkpoint = open_checkpoint(ckpt, lora)
-    model = checkpoint.build_model(preset, device=device, inference_rope_scaling=inference_rope_scaling)
+    model = checkpoint.build_model(preset, device=device, inference_rope_scaling=inference_rope_scaling,
+                                   vision_encoder=vision_encoder)
+    with_images = next((p for p in pending if p.images), None)
+    if with_images is not None and image_problem(model):
+        raise UserError(f"{with_images.where} has images: {image_problem(model)}")
     tok = checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}; "
@@ -193,7 +249,7 @@ def generate_command(
     return str(out_path)
 
 
-def append_answers(model: torch.nn.Module, tok: Tokenizer, pending: list[list[dict]], out: Path, batch_size: int,
+def append_answers(model: torch.nn.Module, tok: Tokenizer, pending: list[Prompt], out: Path, batch_size: int,
                    open_thinking: bool, sampling: dict, progress: Callable[[int], Any]) -> tuple[int, int]:
     """Answer ``pending`` batch by batch, appending one flushed SFT line per prompt.
 
@@ -203,12 +259,23 @@ def append_answers(model: torch.nn.Module, tok: Tokenizer, pending: list[list[di
     truncated = empty = 0
     with open(out, "a", encoding="utf-8") as f:
         for batch in batches(pending, batch_size):
-            replies = generate(model, [tok.encode_chat(m, open_thinking=open_thinking) for m in batch], **sampling)
-            for messages, ids in zip(batch, replies):
-                record = sft_record(messages, tok.decode(ids), opened=open_thinking)
+            ids = [tok.encode_chat(expanded_conversation(model, p.messages, len(p.images), p.where),
+                                   open_thinking=open_thinking) for p in batch]
+            replies = generate(model, ids, images=[prompt_pixels(model, p) for p in batch], **sampling)
+            for prompt, ids in zip(batch, replies):
+                images = [os.path.relpath(image, out.parent.absolute()) for image in prompt.images]
+                record = sft_record(prompt.messages, tok.decode(ids), opened=open_thinking, images=images)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 f.flush()
                 truncated += len(ids) >= sampling["max_new_tokens"]
                 empty += empty_answer(record["conversations"][-1])
             progress(len(batch))
     return truncated, empty
+
+
+def prompt_pixels(model: torch.nn.Module, prompt: Prompt) -> Optional[torch.Tensor]:
+    """A prompt's images read for ``model`` (N, 3, H, W), or None; a UserError naming the file and line."""
+    try:
+        return stacked([read_image(model, image) for image in prompt.images])
+    except (ImageError, OSError) as error:
+        raise UserError(f"{prompt.where}: {error}") from None

@@ -4,13 +4,14 @@ checkpoints continue raw text; the speed is printed; YaRN can be switched on."""
 import re
 
 import pytest
+import torch
 
 from minimind_pl.commands.chat import ChatSession
 from minimind_pl.cli import main
 from minimind_pl.generation import GREEDY, generate
 from minimind_pl.tokenizer import Tokenizer
 
-from helpers import greedy_chat_answer, random_model, write_stage_checkpoint
+from helpers import greedy_chat_answer, random_model, random_vlm, tiny_tower_folder, write_stage_checkpoint
 
 
 def tiny_checkpoint(tmp_path, tokenizer_dir, stage: str = "SFT", **overrides):
@@ -68,3 +69,96 @@ def test_text_mode_keeps_no_history(tmp_path, shared_dir):
     "".join(session.stream_answer("第一"))
     assert session.prompt_ids("第二") == [tokenizer.bos_id] + tokenizer.encode("第二") and not session.history
     assert session.last_speed[0] > 0
+
+
+# ----------------------------------------------------------------------------- images (MiniMind-V)
+
+PAD = "<|image_pad|>" * 16  # the tiny VLM's placeholder text for one image
+
+
+def draw(path, colour):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (40, 30), colour)
+    ImageDraw.Draw(image).ellipse((5, 5, 25, 20), fill=(255 - colour[0], 90, 200))
+    image.save(path)
+    return path
+
+
+@pytest.fixture()
+def vlm_checkpoint(tmp_path, shared_dir):
+    model = random_vlm(tiny_tower_folder(tmp_path / "tower"))
+    return model, write_stage_checkpoint(model, tmp_path / "vlm.ckpt", shared_dir / "minimind", stage="SFT")
+
+
+def greedy_with_images(model, tokenizer, messages, paths, max_new_tokens):
+    """Reference: the conversation rendered with each <image> written out as 16 × <|image_pad|> by hand, the
+    pictures preprocessed by the tower folder's spec, greedy generation."""
+    from PIL import Image
+
+    text = tokenizer.apply_chat_template([{**m, "content": m["content"].replace("<image>", PAD)} for m in messages],
+                                         add_generation_prompt=True)
+    pixels = torch.stack([model.tower.image_spec(Image.open(p)) for p in paths])
+    ids = generate(model, [tokenizer.encode(text)], max_new_tokens=max_new_tokens, do_sample=False,
+                   eos_token_id=tokenizer.eos_id, images=[pixels])[0]
+    return tokenizer.decode(ids)
+
+
+def test_chat_shows_repeated_images_with_the_question(tmp_path, shared_dir, capsys, vlm_checkpoint):
+    model, ckpt = vlm_checkpoint
+    tokenizer = Tokenizer.from_file(shared_dir / "minimind")
+    red, blue = draw(tmp_path / "red.png", (220, 20, 20)), draw(tmp_path / "blue.jpg", (10, 30, 240))
+    main(["chat", "--ckpt", str(ckpt), "--image", str(red), "--image", str(blue), "--prompt", "描述",
+          "--max_new_tokens", "8", "--temperature", "0", "--device", "cpu"])
+    expected = greedy_with_images(model, tokenizer, [{"role": "user", "content": "<image>\n<image>\n描述"}],
+                                  [red, blue], 8)
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_images_stay_in_the_conversation(tmp_path, shared_dir, vlm_checkpoint):
+    model, _ = vlm_checkpoint
+    tokenizer = Tokenizer.from_file(shared_dir / "minimind")
+    session = ChatSession(model, tokenizer, history_turns=1, max_new_tokens=5, sampling=GREEDY)
+    red = draw(tmp_path / "red.png", (220, 20, 20))
+    first = "".join(session.stream_answer("这是什么<image>?", [session.read_image(str(red))]))
+    ids, images = session.prompt("颜色呢")  # the first turn again: its placeholders in place, its image
+    assert ids.count(12) == 16 and len(images) == 1 and torch.equal(images[0], session.read_image(str(red)))
+    second = "".join(session.stream_answer("颜色呢"))
+    assert second == greedy_with_images(model, tokenizer, [
+        {"role": "user", "content": "这是什么<image>?"}, {"role": "assistant", "content": first},
+        {"role": "user", "content": "颜色呢"}], [red], 5)
+    "".join(session.stream_answer("再见"))
+    ids, images = session.prompt("三")  # the image's turn left the kept history, and its image with it
+    assert 12 not in ids and images == []
+
+
+def test_chat_refuses_images_a_model_cannot_read(tmp_path, shared_dir, capsys):
+    red = draw(tmp_path / "red.png", (220, 20, 20))
+    _, ckpt = tiny_checkpoint(tmp_path, shared_dir / "minimind")
+    with pytest.raises(SystemExit):
+        main(["chat", "--ckpt", str(ckpt), "--image", str(red), "--prompt", "x", "--device", "cpu"])
+    assert "text model" in capsys.readouterr().err
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    model = random_vlm(tiny_tower_folder(tmp_path / "tower"))
+    ckpt = write_stage_checkpoint(model, tmp_path / "vlm.ckpt", shared_dir / "minimind", stage="SFT")
+    with pytest.raises(SystemExit):
+        main(["chat", "--ckpt", str(ckpt), "--image", str(broken), "--prompt", "x", "--device", "cpu"])
+    assert "broken.png" in capsys.readouterr().err
+    session = ChatSession(model, Tokenizer.from_file(shared_dir / "minimind"))
+    with pytest.raises(Exception, match="2 <image> tag"):
+        session.prompt("<image><image>", [session.read_image(str(red))])
+
+
+def test_session_image_command_attaches_to_the_next_question(tmp_path, shared_dir, capsys, monkeypatch,
+                                                             vlm_checkpoint):
+    model, ckpt = vlm_checkpoint
+    tokenizer = Tokenizer.from_file(shared_dir / "minimind")
+    red = draw(tmp_path / "red.png", (220, 20, 20))
+    lines = iter([f"/image {red}", f"/image {tmp_path / 'missing.png'}", "描述", ""])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    main(["chat", "--ckpt", str(ckpt), "--max_new_tokens", "6", "--temperature", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "(1 image(s) attached to the next question)" in out and "missing.png" in out  # a bad one: reported
+    answer = greedy_with_images(model, tokenizer, [{"role": "user", "content": "<image>\n描述"}], [red], 6)
+    assert "model> " + answer + "\n" in out

@@ -12,8 +12,13 @@ from minimind_pl.cli import main
 from minimind_pl.config import ModelConfig
 from minimind_pl.data import SFTDataModule
 from minimind_pl.chat_format import split_reasoning
-from minimind_pl.commands.generate import answered_keys, pending_prompts, prompt_key, prompt_messages, sft_record
+from minimind_pl.commands.generate import (Prompt, answered_keys, pending_prompts, prompt_key, prompt_messages,
+                                          sft_record)
 from minimind_pl.model import MiniMindForCausalLM
+from minimind_pl.tokenizer import Tokenizer
+from minimind_pl.generation import generate
+
+from helpers import random_vlm, tiny_tower_folder, write_stage_checkpoint
 
 
 def test_split_reasoning_with_and_without_a_think_block():
@@ -39,7 +44,8 @@ def test_prompt_formats_and_errors():
 
 def test_pending_counts_duplicates_and_cuts_a_torn_line(tmp_path):
     a, b = [{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]
-    assert pending_prompts([a, a, b], Counter({prompt_key(a): 1})) == [a, b]
+    pa, pb = Prompt(a), Prompt(b)
+    assert pending_prompts([pa, pa, pb], Counter({prompt_key(a): 1})) == [pa, pb]
     out = tmp_path / "out.jsonl"
     out.write_text(json.dumps(sft_record(a, "x")) + "\n" + '{"conversations": [{"ro', encoding="utf-8")
     assert answered_keys(out) == Counter({prompt_key(a): 1})
@@ -137,3 +143,43 @@ def test_bad_files_end_in_one_error_line(tmp_path, teacher, capsys, monkeypatch)
             main(["generate", "--ckpt", teacher, "--data", str(data), "--out", str(out)])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and err.startswith(f"error: {message}") and "Traceback" not in err
+
+
+def test_generate_answers_image_rows_and_keeps_their_images(shared_dir, tmp_path, capsys):
+    """A MiniMind-V teacher: an image row and a text row batched; each answer is the row's greedy answer alone,
+    the image row's line keeps its image (relative to --out), and a second run finds both answered."""
+    from PIL import Image
+
+    tokenizer = Tokenizer.from_file(shared_dir / "minimind")
+    model = random_vlm(tiny_tower_folder(tmp_path / "tower"))
+    ckpt = write_stage_checkpoint(model, tmp_path / "vlm.ckpt", shared_dir / "minimind", stage="SFT")
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    Image.new("RGB", (24, 40), (200, 40, 90)).save(tmp_path / "data" / "img" / "a.png")
+    image_row = {"conversations": [{"role": "user", "content": "看<image>说"}], "images": ["img/a.png"]}
+    data = tmp_path / "data" / "prompts.jsonl"
+    data.write_text(json.dumps(image_row, ensure_ascii=False) + "\n" + json.dumps({"prompt": "你好"}) + "\n",
+                    encoding="utf-8")
+    out = tmp_path / "out" / "answers.jsonl"
+    args = ["generate", "--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--max_new_tokens", "6",
+            "--temperature", "0", "--batch_size", "2", "--device", "cpu"]
+    main(args)
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert lines[0]["images"] == ["../data/img/a.png"] and "images" not in lines[1]
+    pixels = model.tower.image_spec(Image.open(tmp_path / "data" / "img" / "a.png"))[None]
+    for line, content, images in [(lines[0], "看" + "<|image_pad|>" * 16 + "说", pixels), (lines[1], "你好", None)]:
+        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                             add_generation_prompt=True))
+        alone = generate(model, [ids], max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_id,
+                         images=[images])[0]
+        assert split_reasoning(tokenizer.decode(alone))[0] == line["conversations"][-1]["content"]
+    main(args)
+    assert "2 already answered" in capsys.readouterr().out
+
+
+def test_image_rows_need_matching_tags(tmp_path):
+    from minimind_pl.commands.generate import read_prompts
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"conversations": [{"role": "user", "content": "x"}], "images": ["a.png"]}) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:1: 0 <image> tag\(s\) but 1 image"):
+        read_prompts(data)

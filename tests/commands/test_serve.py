@@ -854,7 +854,7 @@ def test_a_chat_request_keeps_every_checked_field():
     ({"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "x"}]}, "messages[1].role",
      "messages[1].role must be one of ['system', 'user', 'assistant', 'tool'], got 'robot'"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x"}]}]}, "messages[0].content",
-     "messages[0].content must be a string or a list of text parts"),
+     "messages[0].content must be a string or a list of text and image_url parts"),
 ])
 def test_bad_chat_fields_are_named_with_their_values(fields, param, message):
     error = refused(parse_chat_request, fields)
@@ -984,3 +984,155 @@ def test_a_refused_origin_gets_a_complete_openai_error(scripted):
     assert status == 403 and data == {"error": {
         "message": "cross-origin request from 'http://evil.example' refused; allow it with --cors_origins, or set an "
                    "API key", "type": "permission_error", "param": None, "code": "forbidden_origin"}}
+
+
+# ---------------------------------------------------------------------------- images (MiniMind-V)
+
+
+def png_bytes(size=(40, 30), colour=(220, 30, 60)) -> bytes:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, colour)
+    ImageDraw.Draw(image).rectangle((4, 4, 20, 16), fill=(20, 200, 90))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def image_message(url: str, text: str = "看看") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+@pytest.fixture(scope="module")
+def vlm_server(tokenizer, tmp_path_factory):
+    """A server with a random tiny MiniMind-V model (16 placeholders per image) and small image limits."""
+    from helpers import random_vlm, tiny_tower_folder
+    from minimind_pl.commands.serve.requests import ServerSettings
+
+    model = random_vlm(tiny_tower_folder(tmp_path_factory.mktemp("tower") / "siglip"))
+    settings = ServerSettings(max_image_pixels=5000, max_batch_size=4)
+    server, url = start(ChatEngine(model, tokenizer, settings=settings), max_body_bytes=1 << 20)
+    yield url, model
+    server.shutdown()
+    server.server_close()
+
+
+def greedy_image_answer(model, tokenizer, text: str, images: list[bytes], n: int, images_first: bool = False) -> str:
+    """Reference: the prompt with each image written out as 16 × <|image_pad|> by hand (after the text, or before
+    it), greedy generation."""
+    import io
+
+    from PIL import Image
+
+    placeholders = "<|image_pad|>" * 16 * len(images)
+    content = placeholders + text if images_first else text + placeholders
+    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                         add_generation_prompt=True))
+    pixels = torch.stack([model.tower.image_spec(Image.open(io.BytesIO(b))) for b in images]) if images else None
+    out = generate(model, [ids], max_new_tokens=n, do_sample=False, eos_token_id=tokenizer.eos_id, images=[pixels])
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def test_image_content_parts_answer_as_generation_alone_batched_with_text(vlm_server, tokenizer):
+    url, model = vlm_server
+    api = client(url)
+    image = png_bytes()
+    requests = [image_message(data_url(image)), [{"role": "user", "content": "你好"}],
+                image_message(data_url(png_bytes(colour=(10, 40, 230))), "这")]
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda m: api.chat.completions.create(
+            model="m", messages=m, temperature=0, max_tokens=6).choices[0].message.content, requests))
+    assert answers[0] == greedy_image_answer(model, tokenizer, "看看", [image], 6)
+    assert answers[1] == greedy_image_answer(model, tokenizer, "你好", [], 6)
+    assert answers[2] == greedy_image_answer(model, tokenizer, "这", [png_bytes(colour=(10, 40, 230))], 6)
+
+
+@pytest.mark.parametrize("url, param, words", [
+    ("https://example.com/cat.png", "messages[0].content[1]", "remote image URLs are not fetched"),
+    ("ftp://example.com/cat.png", "messages[0].content[1]", "unsupported image URL"),
+    ("data:image/png;base64,not base64!", "messages[0].content[1]", "invalid base64"),
+    ("data:text/plain;base64,aGk=", "messages[0].content[1]", "data:image/<type>;base64"),
+    (data_url(b"\x89PNG\r\n\x1a\n broken"), "messages[0].content[1]", "undecodable image"),
+    (data_url(png_bytes(size=(100, 100))), "messages[0].content[1]", "too many pixels: 100x100 = 10000"),
+])
+def test_refused_images_get_a_400_naming_the_part(vlm_server, url, param, words):
+    openai = require_module("openai")
+    with pytest.raises(openai.BadRequestError) as error:
+        client(vlm_server[0]).chat.completions.create(model="m", messages=image_message(url), max_tokens=2)
+    assert error.value.status_code == 400 and words in str(error.value) and error.value.body["param"] == param
+
+
+def test_a_text_model_refuses_images(random_server):
+    openai = require_module("openai")
+    with pytest.raises(openai.BadRequestError, match="text model"):
+        client(random_server[0]).chat.completions.create(model="m", messages=image_message(data_url(png_bytes())))
+
+
+def test_image_urls_are_fetched_only_when_allowed(vlm_server, tokenizer, tmp_path):
+    """--allow_image_urls: an http URL is fetched (here from a loopback file server) within the byte limit."""
+    import functools
+    import http.server
+
+    from minimind_pl.commands.serve.requests import ServerSettings
+
+    _, model = vlm_server
+    image = png_bytes()
+    (tmp_path / "a.png").write_bytes(image)
+    (tmp_path / "big.png").write_bytes(image + b"\0" * 4096)
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    settings = ServerSettings(allow_image_urls=True, max_image_bytes=len(image) + 100)
+    server, url = start(ChatEngine(model, tokenizer, settings=settings))
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    try:
+        answer = client(url).chat.completions.create(model="m", messages=image_message(base + "/a.png"),
+                                                     temperature=0, max_tokens=5).choices[0].message.content
+        assert answer == greedy_image_answer(model, tokenizer, "看看", [image], 5)
+        for name, words in [("big.png", "image too large"), ("missing.png", "cannot fetch the image")]:
+            status, body = raw(url, "POST", "/v1/chat/completions", json.dumps(
+                {"messages": image_message(f"{base}/{name}"), "max_tokens": 2}).encode(),
+                {"Content-Type": "application/json"})
+            assert status == 400 and words in body["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        files.shutdown()
+
+
+def test_web_page_attaches_an_image_to_a_question(vlm_server, tokenizer, tmp_path):
+    """The page sends the attached file as a data: URL part before the text; the answer is the model's greedy
+    answer to that image and question; the picture shows in the user's bubble and the attachment is cleared."""
+    url, model = vlm_server
+    image = png_bytes(colour=(30, 160, 200))
+    (tmp_path / "photo.png").write_bytes(image)
+    driver = browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        driver.get(url + "/")
+        driver.find_element(By.ID, "temperature").send_keys("0")
+        driver.find_element(By.ID, "max-tokens").send_keys("6")
+        driver.find_element(By.ID, "image").send_keys(str(tmp_path / "photo.png"))
+        assert driver.find_element(By.ID, "attached").text == "1 image"
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("这是什么")
+        box.send_keys(Keys.ENTER)
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']"))
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error")
+        answer = driver.find_element(By.CSS_SELECTOR, ".assistant .answer").get_attribute("textContent")
+        assert answer == greedy_image_answer(model, tokenizer, "这是什么", [image], 6, images_first=True)
+        assert driver.find_element(By.CSS_SELECTOR, ".user img").get_attribute("src").startswith("data:image/png;base64,")
+        assert driver.find_element(By.ID, "attached").text == ""
+    finally:
+        driver.quit()

@@ -8,10 +8,9 @@ import os
 import pytest
 import torch
 
-from helpers import random_model, require_module, tiny_tower_folder
+from helpers import random_vlm, require_module, tiny_tower_folder
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.vision.config import VISION_PRESETS, VisionConfig
-from minimind_pl.vision.tower import load_vision_tower
 from minimind_pl.vision.vlm import MiniMindVLM, merge_image_features
 
 P = 12  # the placeholder id
@@ -73,13 +72,7 @@ def test_merged_features_carry_gradients_to_the_projector_side():
 
 def tiny_vlm(tmp_path, family: str, projector: str, seed: int = 0) -> MiniMindVLM:
     """A debug-size LM with random weights, a tiny random tower (16 features of width 32) and a random projector."""
-    tower = load_vision_tower(tiny_tower_folder(tmp_path / family, family))
-    vision = VisionConfig(image_token_len=16, image_hidden_size=32, projector=projector)
-    lm = random_model(seed)
-    model = MiniMindVLM(lm.config, vision, tower)
-    model.load_state_dict({**lm.state_dict(), **{f"vision_proj.{k}": 0.1 * torch.randn_like(v) + (k.endswith("0.weight") and projector == "mlp")
-                                                 for k, v in model.vision_proj.state_dict().items()}})
-    return model.eval()
+    return random_vlm(tiny_tower_folder(tmp_path / family, family), projector, seed)
 
 
 def reference_logits(model: MiniMindVLM, folder, family: str, ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:

@@ -227,6 +227,7 @@ def generation_route(engine: ChatEngine, parse: Callable[[bytes, Any], Any], api
     async def handle(request: Request) -> Response:
         authorize(request, api_key)
         body = parse(await read_body(request, max_body_bytes), engine.settings)
+        await engine.read_images(body)
         return await answer(engine, request, body)
 
     return handle

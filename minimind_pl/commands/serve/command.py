@@ -45,6 +45,7 @@ def serve_command(
     tokenizer: str | None = None,
     allow_tokenizer_mismatch: bool = False,
     preset: str | None = None,
+    vision_encoder: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8998,
     api_key: str | None = None,
@@ -54,7 +55,7 @@ def serve_command(
     top_k: int = DEFAULT.top_k,
     max_tokens: int = 1024,
     max_tokens_limit: int = 8192,
-    max_body_bytes: int = 1 << 20,
+    max_body_bytes: int = 16 << 20,
     device: str = "auto",
     max_batch_size: int = 8,
     max_queue: int = 64,
@@ -63,6 +64,10 @@ def serve_command(
     allowed_hosts: list[str] | str | None = None,
     access_log: bool = True,
     inference_rope_scaling: bool = False,
+    allow_image_urls: bool = False,
+    max_image_bytes: int = 10 << 20,
+    max_image_pixels: int = 50_000_000,
+    image_fetch_timeout: float = 10.0,
 ) -> None:
     """Serve a model: OpenAI-compatible API under /v1, web chat at /, docs at /docs (pip install -e ".[serve]").
 
@@ -73,6 +78,8 @@ def serve_command(
         allow_tokenizer_mismatch: Use ``--tokenizer`` (or the recorded folder) even when it is not the tokenizer
             the checkpoint was trained with (checkpoints record its fingerprint): a warning instead of an error.
         preset: Model preset of a MiniMind .pth (default: read from the tensor shapes).
+        vision_encoder: The vision tower folder of a MiniMind-V checkpoint (SigLIP / CLIP, Hugging Face format;
+            default: the one its stage checkpoint recorded); then chat requests may hold ``image_url`` parts.
         host: Address to bind; the default serves this machine only. Use 0.0.0.0 to serve the network (then set
             an API key).
         port: TCP port.
@@ -84,7 +91,7 @@ def serve_command(
         top_k: Default top-k (requests may send ``top_k``).
         max_tokens: Default answer length in tokens.
         max_tokens_limit: Largest ``max_tokens`` a request may ask for.
-        max_body_bytes: Largest accepted request body.
+        max_body_bytes: Largest accepted request body (images come inside it, base64-encoded).
         device: ``auto``, ``cpu`` or ``cuda``.
         max_batch_size: Most requests decoded together (continuous batching: requests join and leave between
             steps).
@@ -97,6 +104,12 @@ def serve_command(
             against DNS rebinding), comma-separated or a list, e.g. ``myserver.lan``.
         access_log: Log one line per request.
         inference_rope_scaling: YaRN RoPE scaling (MiniMind's settings) for prompts beyond the trained length.
+        allow_image_urls: Fetch ``http(s)`` image URLs that requests send (default: refused with a 400, only
+            ``data:`` URLs are read; the server fetches nothing on a client's behalf).
+        max_image_bytes: Largest image in bytes, encoded.
+        max_image_pixels: Most pixels an image may declare (read from its header: a decompression bomb is
+            refused before it is decoded).
+        image_fetch_timeout: Seconds a fetched image (``--allow_image_urls``) may take.
     """
     require_serve_extra()
     from minimind_pl.commands.serve.app import make_server
@@ -107,10 +120,12 @@ def serve_command(
     api_key = api_key or os.environ.get(API_KEY_VARIABLE) or None
     checkpoint = open_checkpoint(ckpt, lora)
     model = checkpoint.build_model(preset, merge=True, device=device,  # adapters folded in: faster
-                                   inference_rope_scaling=inference_rope_scaling)
+                                   inference_rope_scaling=inference_rope_scaling, vision_encoder=vision_encoder)
     settings = ServerSettings(SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k),
                               max_tokens=max_tokens, max_tokens_limit=max_tokens_limit, max_batch_size=max_batch_size,
-                              max_queue=max_queue, request_timeout=request_timeout)
+                              max_queue=max_queue, request_timeout=request_timeout, allow_image_urls=allow_image_urls,
+                              max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+                              image_fetch_timeout=image_fetch_timeout)
     engine = ChatEngine(model, checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch), model_name=model_name,
                         settings=settings)
     server = make_server(engine, host, port, api_key=api_key, max_body_bytes=max_body_bytes,

@@ -17,8 +17,11 @@ from typing import Any, AsyncIterator, Optional
 import torch
 
 from minimind_pl.chat_format import OutputParser, StopMatcher
+from minimind_pl.commands.images import expanded_conversation, image_problem
+from minimind_pl.commands.serve.images import read_images
 from minimind_pl.commands.serve.requests import APIError, ChatRequest, GenerationRequest, ServerSettings
 from minimind_pl.commands.serve.scheduler import END, BatchScheduler, Job, QueueFull, RequestTimeout
+from minimind_pl.errors import UserError
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 
@@ -101,11 +104,24 @@ class ChatEngine:
         self.scheduler.close()
 
     # ------------------------------------------------------------------ prompts and tokens
+    async def read_images(self, request: GenerationRequest) -> None:
+        """Read a chat request's images into ``request.pixel_values`` (decoding off the event loop); 400 when the
+        model reads no images or an image is refused (see ``serve.images``)."""
+        if not isinstance(request, ChatRequest) or not request.images:
+            return
+        problem = image_problem(self.model)
+        if problem is not None:
+            raise APIError(400, f"{request.images[0].param}: {problem}", param=request.images[0].param,
+                           code="images_not_supported")
+        request.pixel_values = await asyncio.to_thread(read_images, self.model, request.images, self.settings)
+
     def chat_prompt(self, request: ChatRequest) -> list[int]:
-        """Render and tokenize the conversation; 400 if the template rejects it or it does not fit."""
+        """Render and tokenize the conversation (its ``<image>`` tags as the model's placeholders); 400 if the
+        template rejects it, tags and images disagree, or it does not fit."""
         try:
-            ids = self.tokenizer.encode_chat(request.messages, open_thinking=request.open_thinking, tools=request.tools)
-        except ValueError as err:
+            messages = expanded_conversation(self.model, request.messages, len(request.images), "messages")
+            ids = self.tokenizer.encode_chat(messages, open_thinking=request.open_thinking, tools=request.tools)
+        except (ValueError, UserError) as err:
             raise APIError(400, f"cannot render the conversation: {err}", param="messages") from err
         return self._fitting(ids, request, "messages")
 
@@ -131,7 +147,8 @@ class ChatEngine:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(ids, self.budget(request, ids), request.sampling, emit=lambda item: loop.call_soon_threadsafe(
             queue.put_nowait, item), generator=self._generator(request),
-                  deadline=time.monotonic() + self.settings.request_timeout)
+                  deadline=time.monotonic() + self.settings.request_timeout,
+                  images=getattr(request, "pixel_values", None))
         try:
             self.scheduler.submit(job)
         except QueueFull as err:

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from minimind_pl.chat_format import ROLES
+from minimind_pl.chat_format import IMAGE_TAG, ROLES
 from minimind_pl.generation import SamplingSettings
 
 DEFAULT = SamplingSettings()
@@ -48,6 +48,11 @@ class ServerSettings:
         max_batch_size: Most requests decoded together (one step of the model serves them all).
         max_queue: Most requests waiting for a place in the batch; more get 429.
         request_timeout: Seconds a request may take, waiting included; then its generation stops (504).
+        allow_image_urls: Fetch ``http(s)`` image URLs (else only ``data:`` URLs are taken: the server fetches
+            nothing on a client's behalf).
+        max_image_bytes: Largest image, encoded (a data URL's decoded bytes or a fetched body).
+        max_image_pixels: Most pixels an image may declare (checked from its header, before decoding).
+        image_fetch_timeout: Seconds a fetched image may take.
     """
 
     sampling: SamplingSettings = DEFAULT
@@ -56,6 +61,18 @@ class ServerSettings:
     max_batch_size: int = 8
     max_queue: int = 64
     request_timeout: float = 600.0
+    allow_image_urls: bool = False
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    image_fetch_timeout: float = 10.0
+
+
+@dataclass
+class ImagePart:
+    """An ``image_url`` content part: its URL and where it was in the request (``messages[i].content[j]``)."""
+
+    url: str
+    param: str
 
 
 @dataclass
@@ -78,6 +95,8 @@ class ChatRequest(GenerationRequest):
     messages: list[dict[str, Any]] = field(default_factory=list)
     tools: Optional[list] = None
     open_thinking: bool = False
+    images: list[ImagePart] = field(default_factory=list)  # in the order of their <image> tags
+    pixel_values: Any = None  # (N, 3, H, W) once the engine has read ``images``
 
 
 def parse_json_body(body: bytes) -> dict[str, Any]:
@@ -120,8 +139,9 @@ def parse_chat_request(body: bytes, defaults: ServerSettings) -> ChatRequest:
     thinking = _typed(data, "open_thinking", bool, None)
     if thinking is None:
         thinking = bool(kwargs.get("open_thinking", kwargs.get("enable_thinking", False)))
-    return ChatRequest(messages=parse_messages(data.get("messages")), tools=_typed(data, "tools", list, None),
-                       open_thinking=thinking, **generation_fields(data, defaults))
+    images: list[ImagePart] = []
+    return ChatRequest(messages=parse_messages(data.get("messages"), images), tools=_typed(data, "tools", list, None),
+                       open_thinking=thinking, images=images, **generation_fields(data, defaults))
 
 
 def parse_completion_request(body: bytes, defaults: ServerSettings) -> GenerationRequest:
@@ -145,8 +165,9 @@ def parse_sampling(data: dict[str, Any], defaults: SamplingSettings) -> Sampling
     )
 
 
-def parse_messages(messages: Any) -> list[dict[str, Any]]:
-    """Check roles and flatten OpenAI content parts (``[{"type": "text", "text": ...}]``) to strings."""
+def parse_messages(messages: Any, images: Optional[list[ImagePart]] = None) -> list[dict[str, Any]]:
+    """Check roles and flatten OpenAI content parts (``[{"type": "text", "text": ...}]``) to strings; an
+    ``image_url`` part becomes ``<image>`` in the text and its URL goes to ``images``, in order."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
     out = []
@@ -156,18 +177,31 @@ def parse_messages(messages: Any) -> list[dict[str, Any]]:
         if message.get("role") not in ROLES:
             raise APIError(400, f"messages[{i}].role must be one of {list(ROLES)}, got {message.get('role')!r}",
                            param=f"messages[{i}].role")
-        out.append({**message, "content": _content_text(message.get("content"), i)})
+        out.append({**message, "content": _content_text(message.get("content"), i, images)})
     return out
 
 
-def _content_text(content: Any, index: int) -> str:
-    """A message's content as text (None -> '')."""
+def _content_text(content: Any, index: int, images: Optional[list[ImagePart]]) -> str:
+    """A message's content as text (None -> ''; an image part -> ``<image>``, its URL appended to ``images``)."""
     if content is None or isinstance(content, str):
         return content or ""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise APIError(400, f"messages[{index}].content must be a string or a list of text parts",
-                   param=f"messages[{index}].content")
+    kinds = ("text", "image_url") if images is not None else ("text",)
+    if not isinstance(content, list) or not all(isinstance(p, dict) and p.get("type") in kinds for p in content):
+        raise APIError(400, f"messages[{index}].content must be a string or a list of "
+                       f"{' and '.join(kinds)} parts", param=f"messages[{index}].content")
+    texts = []
+    for j, part in enumerate(content):
+        if part["type"] == "text":
+            texts.append(str(part.get("text", "")))
+            continue
+        image_url = part.get("image_url")
+        url = image_url.get("url") if isinstance(image_url, dict) else image_url
+        param = f"messages[{index}].content[{j}]"
+        if not isinstance(url, str) or not url:
+            raise APIError(400, f"{param}.image_url.url must be a non-empty string", param=f"{param}.image_url")
+        images.append(ImagePart(url, param))
+        texts.append(IMAGE_TAG)
+    return "".join(texts)
 
 
 def parse_max_tokens(data: dict[str, Any], limit: int) -> Optional[int]:

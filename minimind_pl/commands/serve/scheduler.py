@@ -1,7 +1,8 @@
 """Continuous batching: one thread owns the model and decodes every running request in the same step.
 
 Requests wait in a bounded queue. At each step boundary the thread admits waiting requests into the batch
-(their prompts are prefilled together and their KV caches join the batch's, `generation.DecodeBatch`), picks
+(their prompts, and a vision-language model's images, are prefilled together and their KV caches join the
+batch's, `generation.DecodeBatch`), picks
 the next token of every row with that request's own sampling settings and generator, hands each token to its
 request, and lets rows leave when they end: end of sequence, their token budget, their deadline, or a
 cancellation (the client left, or a stop string matched). A request's tokens are what it would get alone
@@ -44,6 +45,7 @@ class Job:
         emit: Called from the decode thread with each token id, then ``END``, or an exception instead.
         generator: Random generator on the model's device (a request's ``seed``), or None.
         deadline: ``time.monotonic()`` by which it must end, or None.
+        images: Its images (N, 3, H, W) for a vision-language model, entering at its prefill; or None.
     """
 
     prompt: list[int]
@@ -52,6 +54,7 @@ class Job:
     emit: Callable[[Any], None]
     generator: Optional[torch.Generator] = None
     deadline: Optional[float] = None
+    images: Optional[torch.Tensor] = None
     produced: int = 0
     cancelled: bool = field(default=False, repr=False)
 
@@ -150,7 +153,7 @@ class BatchScheduler:
             if arrivals:
                 if self.batch is None:
                     self.batch = DecodeBatch(self.model, track_seen=True)
-                self.batch.add([job.prompt for job in arrivals])
+                self.batch.add([job.prompt for job in arrivals], [job.images for job in arrivals])
                 with self.condition:
                     self.active = self.active + arrivals
             batch = self.batch
