@@ -80,6 +80,22 @@ def test_packed_sft_labels_follow_the_mask(sft_dm, corpus):
     assert n_labels == int(stream_mask.sum())  # and every assistant token is learned once
 
 
+def test_padded_sft_rows_learn_the_assistant_tokens_only(corpus, tok_dir, tmp_path):
+    """``packing: false``: one conversation per row, cut at seq_len + 1 tokens; label t is token t + 1 where that
+    token is an assistant token."""
+    dm = SFTDataModule(str(corpus / "sft_real.jsonl"), seq_len=64, batch_size=4, tokenizer=tok_dir,
+                       cache_dir=str(tmp_path), num_workers=0, packing=False)
+    dm.setup("fit")
+    cache = dm.caches[str(corpus / "sft_real.jsonl")]
+    for i in range(0, cache.n_docs, 7):
+        ids, mask = (np.asarray(a, np.int64) for a in cache.doc(i))
+        n = min(ids.size, 65)
+        expected = np.full(64, IGNORE_INDEX)
+        expected[:n - 1] = np.where(mask[1:n] == 1, ids[1:n], IGNORE_INDEX)
+        row = dm.train_dataset[i]
+        assert row["labels"].tolist() == expected.tolist() and row["input_ids"][:n - 1].tolist() == ids[:n - 1].tolist()
+
+
 def test_augmentations_deterministic_and_switchable(corpus, tok_dir, tmp_path):
     path = str(corpus / "sft_real.jsonl")
     a = SFTDataModule(path, seq_len=64, batch_size=2, tokenizer=tok_dir, cache_dir=str(tmp_path / "a"), num_workers=0)
