@@ -54,8 +54,11 @@ MODULES: dict[str, Target] = {
     "stages": Target(("minimind_pl/stages/*.py",), ("tests/stages",)),
     "data/packing": Target(("minimind_pl/data/packing.py",),
                            ("tests/data/test_data_packing.py", "tests/data/test_data_sft.py")),
-    "data/sft": Target(("minimind_pl/data/sft.py",), ("tests/data/test_data_sft.py",)),
-    "data/prompts": Target(("minimind_pl/data/prompts.py",), ("tests/data/test_prompts.py",)),
+    # each DataModule with its format (data/formats/): the rendering, loss mask and cache key live there
+    "data/sft": Target(("minimind_pl/data/sft.py", "minimind_pl/data/formats/sft.py"),
+                       ("tests/data/test_data_sft.py", "tests/data/test_formats.py", "tests/data/test_data_cache.py")),
+    "data/prompts": Target(("minimind_pl/data/prompts.py", "minimind_pl/data/formats/prompts.py"),
+                           ("tests/data/test_prompts.py", "tests/data/test_formats.py")),
     "lora": Target(("minimind_pl/lora.py",), ("tests/test_lora.py",)),
     "checkpoints": Target(("minimind_pl/checkpoints/*.py",), ("tests/checkpoints",)),
     # the server's request checks and its protection (host/origin guard, API key, body size limit)

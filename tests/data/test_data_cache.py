@@ -162,9 +162,14 @@ def test_bad_pretrain_line_names_file_and_line(tmp_path, tok_dir, write_jsonl, b
 
 
 BAD_SFT = [
-    ({"conversations": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"conversations": [{"role": "user", "content": "hi"}]}, "conversation has no assistant turn (nothing to learn)"),
     ({"conversations": []}, "empty document"),
-    ({"messages": []}, "missing 'conversations' field"),
+    ({"messages": []}, "missing 'conversations' field (keys: messages)"),
+    ({}, "missing 'conversations' field (keys: none)"),
+    ({f"k{i}": i for i in range(9)}, "missing 'conversations' field (keys: k0, k1, k2, k3, k4, k5, k6, k7) (fix"),
+    (["a", "list"], "expected a JSON object with a 'conversations' field, got list"),
+    ({"conversations": "hi"}, "'conversations' must be a list of messages, got str"),
+    ({"conversations": [{"role": "user", "content": "hi"}, "hello"]}, "message 1 must be an object, got str"),
     ({"conversations": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"},
                         {"role": "assistant", "content": "y"}]}, "unknown role"),
     ({"conversations": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}, "must be a string"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minimind_pl.data import PretrainDataModule
-from minimind_pl.data.packing import IGNORE_INDEX, DocumentStream, PackedDataset, collate
+from minimind_pl.data.packing import IGNORE_INDEX, DocumentStream, PackedDataset, PaddedDataset, collate
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +145,11 @@ def test_padded_mode_matches_minimind(tmp_path, tok_dir, write_jsonl):
     assert long["real_tokens"] == 16
 
 
-def _cache(docs, masked):
-    """A stand-in for a TokenCache (what DocumentStream reads: tokens, mask, offsets, counts) of ``docs``."""
+def _cache(docs, masked=None):
+    """A stand-in for a TokenCache (what DocumentStream reads: tokens, mask, offsets, counts) of ``docs``; the
+    tokens in ``masked`` are the targets (no mask at all when None, as for pretraining)."""
     tokens = np.array([t for d in docs for t in d], np.uint16)
-    mask = np.array([1 if t in masked else 0 for t in tokens.tolist()], np.uint8)
+    mask = None if masked is None else np.array([1 if t in masked else 0 for t in tokens.tolist()], np.uint8)
     offsets = np.cumsum([0] + [len(d) for d in docs]).astype(np.int64)
     return SimpleNamespace(tokens=tokens, mask=mask, offsets=offsets, n_tokens=tokens.size, n_docs=len(docs))
 
@@ -166,13 +167,13 @@ def test_a_selection_of_documents_reads_as_one_stream_in_the_selected_order():
         assert tokens.tolist() == expected and mask.tolist() == [int(t in masked) for t in expected]
     assert stream.first_token_masks().tolist() == [1, 0, 0, 1, 0]  # 5, 1, (empty), 9, 11
     spans = [(sum(map(len, docs[:i])), sum(map(len, docs[:i + 1]))) for i in range(len(docs))]
-    for start in range(12):
-        for end in range(start + 1, 13):
+    for start in range(13):
+        for end in range(start, 13):  # start == end: an empty window
             tokens, mask, segments = stream.window(start, end)
             assert tokens.tolist() == flat[start:end] and mask.tolist() == [int(t in masked) for t in flat[start:end]]
             pieces = [min(e, end) - max(s, start) for s, e in spans if min(e, end) > max(s, start)]
             assert segments.tolist() == pieces, (start, end)
-    with pytest.raises(ValueError, match="one selection per cache"):
+    with pytest.raises(ValueError, match="^one selection per cache$"):
         DocumentStream([a, b], [None])
 
 
@@ -191,5 +192,64 @@ def test_packed_rows_of_a_selection_by_hand():
     assert last["input_ids"].tolist() == [10, 11, 12, 13] and last["real_tokens"] == 4
     assert last["labels"].tolist() == [IGNORE_INDEX, 12, IGNORE_INDEX, IGNORE_INDEX]
     assert last["doc_ids"].tolist() == [0, 1, 1, 1] and last["position_ids"].tolist() == [0, 0, 1, 2]
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="^3$"):
         rows[3]
+    (whole,) = PackedDataset(stream, seq_len=13, pad_id=0)  # 12 tokens and one padding position in the row
+    assert whole["real_tokens"] == 12 and whole["input_ids"].tolist() == [5, 6, 7, 8, 1, 2, 3, 9, 10, 11, 12, 13, 0]
+    assert whole["doc_ids"].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4]  # the padding: a document of its own
+    assert whole["position_ids"].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 2, 0]
+
+
+def test_stream_sizes_and_first_token_flags():
+    masked = {5, 2}
+    a = _cache([[1, 2, 3], [4], [], [5, 6, 7, 8]], masked)
+    picked = DocumentStream([a], [np.array([0, 3])])
+    assert (picked.n_tokens, picked.n_docs) == (7, 2)
+    flags = DocumentStream([_cache([[5], [2, 1], [], [4, 5]], masked)]).first_token_masks()
+    assert flags.tolist() == [1, 1, 0, 0] and flags.dtype == np.uint8  # DPO reads flag bits from it
+    with pytest.raises(ValueError, match="^these caches carry no mask$"):
+        DocumentStream([_cache([[1, 2]])]).first_token_masks()
+    three = DocumentStream([_cache([[1, 2]]), _cache([[3], [4]]), _cache([[5, 6, 7]])])
+    tokens, mask, segments = three.window(1, 6)
+    assert tokens.tolist() == [2, 3, 4, 5, 6] and mask is None and segments.tolist() == [1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("n_tokens, seq_len, rows", [(0, 1, 0), (1, 4, 0), (2, 4, 1), (5, 1, 4), (6, 2, 3)])
+def test_packed_row_count(n_tokens, seq_len, rows):
+    """A row reads seq_len + 1 tokens and the next row starts seq_len later: ceil((n - 1) / seq_len) rows."""
+    stream = DocumentStream([_cache([list(range(1, n_tokens + 1))])])
+    assert len(PackedDataset(stream, seq_len=seq_len, pad_id=0)) == rows
+
+
+@pytest.mark.parametrize("dataset", [PackedDataset, PaddedDataset])
+def test_rows_need_a_token(dataset):
+    with pytest.raises(ValueError, match="^seq_len must be >= 1, got 0$"):
+        dataset(DocumentStream([_cache([[1, 2]])]), seq_len=0, pad_id=0)
+
+
+def test_padded_rows_by_hand():
+    masked = {2, 4, 5, 10}
+    stream = DocumentStream([_cache([[1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4, 5], [9, 10]], masked)])
+    rows = PaddedDataset(stream, seq_len=3, pad_id=0)
+    assert len(rows) == 4
+    expected = [  # (input_ids, labels, real_tokens): a label is the next token where that token is a target
+        ([1, 2, 3], [2, IGNORE_INDEX, IGNORE_INDEX], 3),
+        ([1, 2, 3], [2, IGNORE_INDEX, 4], 3),  # L + 1 tokens: no cut
+        ([1, 2, 3], [2, IGNORE_INDEX, 4], 3),  # L + 2 tokens: cut to L + 1
+        ([9, 10, 0], [10, IGNORE_INDEX, IGNORE_INDEX], 2),
+    ]
+    for row, (ids, labels, real) in zip(rows, expected):
+        assert (row["input_ids"].tolist(), row["labels"].tolist(), row["real_tokens"]) == (ids, labels, real)
+    with pytest.raises(IndexError, match="^4$"):
+        rows[4]
+    plain = PaddedDataset(DocumentStream([_cache([[1, 2, 3, 4, 5, 6]])]), seq_len=3, pad_id=0, keep_eos_id=99)
+    assert plain[0]["input_ids"].tolist() == [1, 2, 3] and plain[0]["labels"].tolist() == [2, 3, 99]
+    assert PaddedDataset(DocumentStream([_cache([[1, 2]])]), seq_len=1, pad_id=0)[0]["labels"].tolist() == [2]
+
+
+def test_a_batch_of_one_row():
+    """The last batch of an epoch may hold a single row."""
+    (row,) = PackedDataset(DocumentStream([_cache([[1, 2, 3]])]), seq_len=2, pad_id=0)
+    batch = collate([row])
+    assert batch["input_ids"].tolist() == [[1, 2]] and batch["labels"].tolist() == [[2, 3]]
+    assert batch["position_ids"].tolist() == [[0, 1]] and int(batch["real_tokens"]) == 2

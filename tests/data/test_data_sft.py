@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 
 from minimind_pl.data import DataFormatError, SFTDataModule
+from minimind_pl.data.cache import cache_path
+from minimind_pl.data.formats import format_named
 from minimind_pl.data.packing import IGNORE_INDEX
 from minimind_pl.chat_format import EMPTY_THINK
-from minimind_pl.data.formats.sft import SYSTEM_PROMPTS, assistant_mask
+from minimind_pl.data.formats.sft import SYSTEM_PROMPTS, SFTEncoder, assistant_mask, find_pattern, sft_encoder
+from minimind_pl.errors import UserError
+from minimind_pl.tokenizer import Tokenizer
 
 END = "<|im_end|>\n"
 
@@ -74,6 +78,22 @@ def test_packed_sft_labels_follow_the_mask(sft_dm, corpus):
         assert np.all(stream_mask[targets])
         n_labels += int(lab.sum())
     assert n_labels == int(stream_mask.sum())  # and every assistant token is learned once
+
+
+def test_padded_sft_rows_learn_the_assistant_tokens_only(corpus, tok_dir, tmp_path):
+    """``packing: false``: one conversation per row, cut at seq_len + 1 tokens; label t is token t + 1 where that
+    token is an assistant token."""
+    dm = SFTDataModule(str(corpus / "sft_real.jsonl"), seq_len=64, batch_size=4, tokenizer=tok_dir,
+                       cache_dir=str(tmp_path), num_workers=0, packing=False)
+    dm.setup("fit")
+    cache = dm.caches[str(corpus / "sft_real.jsonl")]
+    for i in range(0, cache.n_docs, 7):
+        ids, mask = (np.asarray(a, np.int64) for a in cache.doc(i))
+        n = min(ids.size, 65)
+        expected = np.full(64, IGNORE_INDEX)
+        expected[:n - 1] = np.where(mask[1:n] == 1, ids[1:n], IGNORE_INDEX)
+        row = dm.train_dataset[i]
+        assert row["labels"].tolist() == expected.tolist() and row["input_ids"][:n - 1].tolist() == ids[:n - 1].tolist()
 
 
 def test_augmentations_deterministic_and_switchable(corpus, tok_dir, tmp_path):
@@ -150,6 +170,36 @@ def _minimind_labels(ids: list, start: list, end: list) -> list:
     return labels
 
 
+START, STOP = [1, 7, 8, 3], [2, 3]  # stand-ins for the ids of "<|im_start|>assistant\n" and "<|im_end|>\n"
+MASKS_BY_HAND = {
+    "a span at the very start": ([1, 7, 8, 3, 5, 2, 3], [0, 0, 0, 0, 1, 1, 1]),
+    "a span right after another": ([1, 7, 8, 3, 5, 2, 3, 1, 7, 8, 3, 6, 2, 3],
+                                   [0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1]),
+    "a start inside a span, then a span": ([9, 1, 7, 8, 3, 1, 7, 8, 3, 5, 2, 3, 9, 1, 7, 8, 3, 6, 2, 3],
+                                           [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1]),
+    "an unclosed span runs to the end": ([4, 1, 7, 8, 3, 5, 6], [0, 0, 0, 0, 0, 1, 1]),
+    "shorter than the start": ([1, 7], [0, 0]),
+    "empty": ([], []),
+}
+
+
+@pytest.mark.parametrize("case", MASKS_BY_HAND)
+def test_assistant_mask_by_hand(case):
+    ids, expected = MASKS_BY_HAND[case]
+    assert assistant_mask(ids, START, STOP).tolist() == expected
+
+
+@pytest.mark.parametrize("ids, pattern, expected", [
+    ([5, 5, 5], [5, 5], [0, 1]),  # overlapping occurrences
+    ([3, 1, 3], [3], [0, 2]),  # a one-token pattern
+    ([2, 3], [2, 3], [0]),  # the whole sequence
+    ([1, 7, 8], [1, 7, 8, 3, 9], []),  # longer than the sequence
+    ([1, 7, 8], [], []),
+])
+def test_find_pattern_finds_every_occurrence(ids, pattern, expected):
+    assert find_pattern(np.asarray(ids, np.int64), np.asarray(pattern, np.int64)).tolist() == expected
+
+
 def test_assistant_mask_matches_minimind_loop():
     rng = random.Random(0)
     start, end = [1, 7, 8, 3], [2, 3]
@@ -161,7 +211,8 @@ def test_assistant_mask_matches_minimind_loop():
 USER = {"role": "user", "content": "1+1?"}
 GOOD = {"conversations": [USER, {"role": "assistant", "content": "2"}]}
 EMPTY_ANSWERS = {
-    "blank": ([USER, {"role": "assistant", "content": " \n"}], "message 1 (assistant) has blank content and no"),
+    "blank": ([USER, {"role": "assistant", "content": " \n"}],
+              "message 1 (assistant) has blank content and no tool_calls, but every assistant turn is trained on"),
     "reasoning only": ([USER, {"role": "assistant", "content": "", "reasoning_content": "1+1 makes 2"}],
                        "message 1 (assistant) has blank content after its reasoning"),
     "think block only": ([USER, {"role": "assistant", "content": "<think>1+1 makes 2</think>\n"}],
@@ -198,3 +249,110 @@ def test_tool_calls_are_an_answer_without_content(tmp_path, tok_dir, write_jsonl
     ids, mask = cache.doc(0)
     assert _label_texts(dm.tokenizer, ids, mask) == [
         '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 1}}\n</tool_call>' + END, "2" + END]
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir) -> Tokenizer:
+    return Tokenizer.from_file(tok_dir)
+
+
+def _rendered(encoder: SFTEncoder, conversation: list, line_no: int = 1) -> str:
+    (ids, _), = encoder.encode_records([(line_no, {encoder.field: conversation})])[0]
+    return encoder.tokenizer.decode(ids.tolist())
+
+
+ANSWER = {"role": "assistant", "content": "2"}
+
+
+def test_a_random_system_prompt_only_for_conversations_without_one_or_tools(tok):
+    always = SFTEncoder(tok, system_prompt_ratio=1.0, empty_think_drop_ratio=1.0, system_prompts=("Be brief.",))
+    for line_no in range(1, 20):
+        assert _rendered(always, [USER, ANSWER], line_no).startswith(
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user")
+    own = [{"role": "system", "content": "Be kind."}, USER, ANSWER]
+    assert _rendered(always, own).startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user")
+    tools = json.dumps([{"type": "function", "function": {"name": "add"}}])
+    with_tools = [{**USER, "tools": tools}, ANSWER]  # MiniMind: tools anywhere, no random system prompt
+    assert _rendered(always, with_tools).startswith("<|im_start|>user\n1+1?")
+
+
+def test_the_system_prompts_and_the_seed_choose_the_cache(tok, tmp_path):
+    def cache_of(**settings) -> str:
+        return cache_path(tmp_path / "sft.jsonl", SFTEncoder(tok, **settings).settings()).name
+
+    assert cache_of(system_prompts=("Be brief.",)) != cache_of() != cache_of(seed=7)
+    assert cache_of(system_prompt_ratio=0.0, seed=7) != cache_of(system_prompt_ratio=0.0)  # drop ratio 0.8: random
+    assert cache_of(system_prompt_ratio=1.0, empty_think_drop_ratio=0.0, seed=7) == cache_of(
+        system_prompt_ratio=1.0, empty_think_drop_ratio=0.0)
+
+
+def test_without_augmentation_no_system_prompt_and_think_blocks_kept(tok):
+    plain = sft_encoder(tok, augment=False)
+    for line_no in range(1, 30):
+        assert _rendered(plain, [USER, ANSWER], line_no) == (
+            "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n" + EMPTY_THINK + "2" + END)
+
+
+@pytest.mark.parametrize("name", ["system_prompt_ratio", "empty_think_drop_ratio"])
+def test_ratios_outside_0_1_are_refused(tok, name):
+    for bad in (1.5, -0.1):
+        with pytest.raises(UserError) as err:
+            SFTEncoder(tok, **{name: bad})
+        assert str(err.value) == f"{name} must be in [0, 1], got {bad} (--data.{name})"
+
+
+def test_a_random_system_prompt_needs_prompts(tok):
+    with pytest.raises(ValueError, match="^system_prompts is empty$"):
+        SFTEncoder(tok, system_prompt_ratio=0.5, system_prompts=())
+    plain = SFTEncoder(tok, system_prompt_ratio=0.0, empty_think_drop_ratio=1.0, system_prompts=())
+    assert _rendered(plain, [USER, ANSWER]).startswith("<|im_start|>user")
+
+
+class _WithoutToken:
+    """A tokenizer that lacks one special token (delegates everything else)."""
+
+    def __init__(self, tokenizer: Tokenizer, missing: str) -> None:
+        self.tokenizer, self.missing = tokenizer, missing
+
+    def token_to_id(self, token: str):
+        return None if token == self.missing else self.tokenizer.token_to_id(token)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("missing", ["<|im_start|>", "<|im_end|>"])
+def test_sft_needs_a_chatml_tokenizer(tok, missing):
+    with pytest.raises(ValueError, match=r"^the tokenizer has no <\|im_start\|>/<\|im_end\|> tokens; "
+                                         r"SFT needs a ChatML tokenizer$"):
+        SFTEncoder(_WithoutToken(tok, missing))
+
+
+def test_another_conversation_field(tok):
+    encoder = SFTEncoder(tok, system_prompt_ratio=0.0, empty_think_drop_ratio=1.0, field="messages")
+    assert _rendered(encoder, [USER, ANSWER]) == "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n2" + END
+    assert encoder.encode_records([(1, {"conversations": [USER, ANSWER]})]) == [
+        "missing 'messages' field (keys: conversations)"]
+
+
+def test_an_answer_whose_start_merges_with_the_header_is_refused(tmp_path, tok_dir, write_jsonl):
+    """Two leading spaces merge with the newline after ``assistant``: the turn's start cannot be found."""
+    path = write_jsonl(tmp_path / "sft.jsonl", [GOOD, {"conversations": [USER, {"role": "assistant", "content": "  2"}]}])
+    dm = SFTDataModule(str(path), seq_len=32, batch_size=2, tokenizer=tok_dir, cache_dir=str(tmp_path / "cache"),
+                       num_workers=0, empty_think_drop_ratio=1.0)
+    with pytest.raises(DataFormatError, match="line 2: no assistant tokens found in the rendered conversation"):
+        dm.setup("fit")
+
+
+def test_the_data_tools_judge_and_map_conversations_as_training_does():
+    sft = format_named("sft")
+    assert sft.check({"conversations": [USER]}) == "conversation has no assistant turn (nothing to learn)"
+    assert sft.check({"conversations": [{"role": "robot", "content": "x"}, ANSWER]}).startswith(
+        "invalid conversation: message 0 (role 'robot'): unknown role")
+    assert sft.check({"conversations": [USER, {"role": "assistant", "content": ""}]}).startswith("empty answer")
+    assert sft.check({"conversations": [ANSWER]}) is None
+    record = {"id": 3, "conversations": [USER, ANSWER]}
+    assert sft.map_texts(record, str.lower) == {"id": 3, "conversations": [{"role": "user", "content": "1+1?"},
+                                                                           {"role": "assistant", "content": "2"}]}
+    assert sft.map_texts({"conversations": [{"role": "user", "content": "Hi"}]}, str.upper) == {
+        "conversations": [{"role": "user", "content": "HI"}]}

@@ -23,6 +23,8 @@ BLANK = {"role": "assistant", "content": ""}
     ({"rejected": [USER, ANSWER]}, "dpo"),
     ({"prompt": "p", "conversations": [USER, ANSWER]}, "rl"),
     ({"conversations": [USER, BLANK]}, "rl"),  # MiniMind's rlaif.jsonl: the last answer left empty
+    ({"conversations": [USER, ANSWER, USER, BLANK]}, "rl"),
+    ({"conversations": [USER, BLANK, USER, ANSWER]}, "sft"),
     ({"conversations": [USER, ANSWER]}, "sft"),
     ({"conversations": []}, "sft"),  # sft's check then says why it is invalid
     ({"question": "q", "answer": "A"}, None),
