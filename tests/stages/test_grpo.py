@@ -10,7 +10,10 @@ from minimind_pl.checkpoints import load_model
 from minimind_pl.cli import run_lightning
 from minimind_pl.errors import UserError
 from minimind_pl.model import MiniMindForCausalLM
-from minimind_pl.stages.rollouts import answer_rows, with_stop
+from minimind_pl.data.prompts import prompt_lists
+from minimind_pl.stages import grpo
+from minimind_pl.stages.ppo import PPO
+from minimind_pl.stages.rollouts import RolloutStage, answer_rows, with_stop
 
 CJK_REWARD = '[{"class_path": "helpers.CJKShare"}]'
 
@@ -72,6 +75,80 @@ def test_grpo_raises_the_reward_and_leaves_the_reference_as_it_started(tmp_path,
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any(k.startswith("reference") for k in saved)
     assert all(logged(cli, tag) for tag in ("train/kl", "train/clip_fraction", "train/answer_length", "train/reward/cjk"))
+
+
+def record_calls(monkeypatch, owner, name: str) -> list[tuple[tuple, object]]:
+    """Wrap ``owner.name`` (a function of a module, or a method of a class) so that each call's positional
+    arguments and result are kept, in call order."""
+    calls, original = [], getattr(owner, name)
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append((args, result))
+        return result
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
+
+
+def test_grpo_compares_each_answer_with_the_other_answers_to_its_own_prompt(tmp_path, shared_dir, prompts_file,
+                                                                            start_checkpoint, monkeypatch):
+    """Each sampled row continues the prompt its rewards were given, and its advantage is its reward against the
+    answers to the same prompt: (r - mean) / (population std + 1e-4), grouped here by the prompt's text."""
+    made = record_calls(monkeypatch, RolloutStage, "make_rollouts")
+    losses = record_calls(monkeypatch, grpo, "grpo_loss")
+    cli = run_lightning(rl_args("grpo", tmp_path, shared_dir, prompts_file, start_checkpoint, 1,
+                                ["--model.num_generations", "3"]))
+    (_, batch, _, _), rollouts = made[0]
+    tok = cli.model.tokenizer
+    asked = tok.decode_batch(prompt_lists(batch))
+    assert len(set(asked)) == 4 and len(rollouts.samples) == 12
+    for row, sample in enumerate(rollouts.samples):
+        first_answer_label = int(rollouts.mask[row].nonzero()[0])  # labels[t] is the token after input_ids[t]
+        assert tok.decode(rollouts.input_ids[row, :first_answer_label + 1].tolist()) == sample.prompt == asked[row // 3]
+        answer = rollouts.labels[row][rollouts.mask[row]].tolist()
+        assert tok.decode(answer, skip_special_tokens=True) == sample.completion
+    rewards = rollouts.rewards.tolist()
+    groups: dict[str, list[float]] = {}
+    for sample, reward in zip(rollouts.samples, rewards):
+        groups.setdefault(sample.prompt, []).append(reward)
+    expected = []
+    for sample, reward in zip(rollouts.samples, rewards):
+        group = groups[sample.prompt]
+        mean = sum(group) / len(group)
+        std = (sum((r - mean) ** 2 for r in group) / len(group)) ** 0.5
+        expected.append((reward - mean) / (std + 1e-4))
+    assert max(abs(a) for a in expected) > 0.5  # the answers to one prompt scored differently
+    (_, _, _, advantages, *_), _ = losses[0]
+    assert advantages.tolist() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_ppo_trains_on_the_gae_of_its_gamma_and_lambda(tmp_path, shared_dir, prompts_file, start_checkpoint,
+                                                       monkeypatch):
+    """The returns and whitened advantages the passes train on are GAE of the answer's reward (on its last token) and
+    the critic's values, at the run's γ = 0.5 and λ = 0.8, worked out here token by token."""
+    gamma, lam = 0.5, 0.8
+    estimates = record_calls(monkeypatch, PPO, "advantages")
+    run_lightning(rl_args("ppo", tmp_path, shared_dir, prompts_file, start_checkpoint, 4,
+                          ["--model.gamma", str(gamma), "--model.lam", str(lam), "--model.early_stop_kl", "100"]))
+    (_, rollouts), (advantages, returns, values) = estimates[0]
+    raw = []
+    for row, reward in enumerate(rollouts.rewards.tolist()):
+        answer = rollouts.mask[row].nonzero().flatten().tolist()
+        v = values[row, answer].tolist()
+        row_advantages, running = [0.0] * len(v), 0.0
+        for t in reversed(range(len(v))):  # δ_t = r_t + γ V_{t+1} - V_t (V = 0 after the answer); A_t = δ_t + γλ A_{t+1}
+            delta = (reward if t == len(v) - 1 else 0.0) + gamma * (v[t + 1] if t + 1 < len(v) else 0.0) - v[t]
+            running = delta + gamma * lam * running
+            row_advantages[t] = running
+        assert returns[row, answer].tolist() == pytest.approx([a + b for a, b in zip(row_advantages, v)], abs=1e-5)
+        raw.append(row_advantages)
+    flat = [a for row in raw for a in row]
+    mean = sum(flat) / len(flat)
+    std = (sum((a - mean) ** 2 for a in flat) / len(flat)) ** 0.5
+    whitened = [a for row in range(len(raw)) for a in advantages[row][rollouts.mask[row]].tolist()]
+    assert whitened == pytest.approx([(a - mean) / std for a in flat], abs=1e-4)
+    assert (advantages[~rollouts.mask] == 0).all() and (returns[~rollouts.mask] == 0).all()
 
 
 def test_grpo_with_several_iterations_makes_that_many_optimizer_steps(tmp_path, shared_dir, prompts_file,
