@@ -43,6 +43,7 @@ class Target:
 
 
 SERVE_APP = "minimind_pl.commands.serve.app."
+ROLLOUTS = "minimind_pl.stages.rollouts."
 MODULES: dict[str, Target] = {
     "losses": Target(("minimind_pl/losses.py",), ("tests/test_losses.py",)),
     "rewards": Target(("minimind_pl/rewards.py",), ("tests/test_rewards.py",)),
@@ -51,7 +52,31 @@ MODULES: dict[str, Target] = {
     "chat_format": Target(("minimind_pl/chat_format.py",),
                           ("tests/test_chat_format.py", "tests/test_tokenizer.py", "tests/test_rewards.py",
                            "tests/data/test_prompts.py", "tests/commands/test_generate.py")),
+    # the stages as a whole (slow: every stage test runs real Lightning fits); the per-file targets below split it
     "stages": Target(("minimind_pl/stages/*.py",), ("tests/stages",)),
+    "stages/ppo": Target(("minimind_pl/stages/ppo.py",), ("tests/stages/test_grpo.py",)),  # the RL stages' tests
+    # rollouts.py: the functions that make the numbers (rows, labels, rewards, log-probs, updates), not its logging,
+    # checks at fit start and checkpoint hooks (the whole file would take over 25 min on 2 cores)
+    "stages/grpo": Target(("minimind_pl/stages/grpo.py", "minimind_pl/stages/rollouts.py"),
+                          ("tests/stages/test_grpo.py",),
+                          functions=("minimind_pl.stages.grpo.*", *(ROLLOUTS + name + "__mutmut_*" for name in (
+                              "x_with_stop", "x_answer_rows", "xǁRolloutStageǁmake_rollouts",
+                              "xǁRolloutStageǁpolicy_log_probs", "xǁRolloutStageǁreference_log_probs",
+                              "xǁRolloutStageǁoptimize", "xǁRolloutStageǁskip_updates")))),
+    "stages/dpo": Target(("minimind_pl/stages/dpo.py",), ("tests/stages/test_dpo.py",)),
+    "stages/distill": Target(("minimind_pl/stages/distill.py",), ("tests/stages/test_distill.py",)),
+    "stages/base": Target(("minimind_pl/stages/base.py",),
+                          ("tests/stages/test_base.py", "tests/stages/test_schedule.py", "tests/stages/test_pretrain.py",
+                           "tests/stages/test_resume.py", "tests/stages/test_nonfinite.py")),
+    "stages/pretrain": Target(("minimind_pl/stages/pretrain.py",),
+                              ("tests/stages/test_pretrain.py", "tests/stages/test_distill.py")),
+    "stages/lora": Target(("minimind_pl/stages/lora.py",), ("tests/test_lora.py",)),
+    "stages/resume": Target(("minimind_pl/stages/resume.py",), ("tests/stages/test_resume.py",)),
+    "stages/nonfinite": Target(("minimind_pl/stages/nonfinite.py",), ("tests/stages/test_nonfinite.py",)),
+    "stages/compiled": Target(("minimind_pl/stages/compiled.py",), ("tests/stages/test_compiled.py",)),
+    "stages/strategies": Target(("minimind_pl/stages/strategies.py", "minimind_pl/stages/side_models.py"),
+                                ("tests/stages/test_strategies.py", "tests/stages/test_ddp.py",
+                                 "tests/stages/test_dpo.py")),
     "data/packing": Target(("minimind_pl/data/packing.py",),
                            ("tests/data/test_data_packing.py", "tests/data/test_data_sft.py")),
     # each DataModule with its format (data/formats/): the rendering, loss mask and cache key live there
@@ -73,8 +98,8 @@ MODULES: dict[str, Target] = {
 def list_modules() -> None:
     """Print each module, the files it mutates and the tests run against them."""
     for name, target in MODULES.items():
-        print(f"{name:13s} {' '.join(target.files)}")
-        print(f"{'':13s}   tests: {' '.join(target.tests)}")
+        print(f"{name:17s} {' '.join(target.files)}")
+        print(f"{'':17s}   tests: {' '.join(target.tests)}")
 
 
 def configure(target: Target) -> None:

@@ -230,6 +230,20 @@ def test_aux_loss_for_a_known_routing(seq_aux: bool, expected: float) -> None:
     torch.testing.assert_close(loss, torch.tensor(expected * 0.1), rtol=1e-6, atol=0)
 
 
+def test_seq_aux_balances_each_sequence_in_the_models_forward() -> None:
+    """The model's forward honours ``seq_aux``: per sequence, the batch's loss is the mean of each row's own loss
+    (each row run alone, where per sequence and per batch are the same); without it, the batch is one group."""
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    per_row = debug_model(use_moe=True, num_experts=4, num_experts_per_tok=2, seq_aux=True).train()
+    per_batch = debug_model(use_moe=True, num_experts=4, num_experts_per_tok=2, seq_aux=False).train()
+    per_batch.load_state_dict(per_row.state_dict())
+    with torch.no_grad():
+        alone = [per_batch(ids[row:row + 1]).aux_loss for row in range(2)]
+        torch.testing.assert_close(per_row(ids).aux_loss, (alone[0] + alone[1]) / 2, rtol=1e-5, atol=0)
+        batch_level = per_batch(ids).aux_loss
+    assert (batch_level - (alone[0] + alone[1]) / 2).abs() > 1e-3 * batch_level  # the two groupings differ here
+
+
 def test_shared_experts_learn_and_add_to_every_token() -> None:
     model = debug_model(use_moe=True, num_experts=4, num_experts_per_tok=2, n_shared_experts=2, seq_aux=True).train()
     moe = model.model.layers[0].mlp

@@ -157,6 +157,17 @@ def test_near_duplicates_are_removed_only_when_their_signatures_agree(tmp_path):
     assert sum(bool(set(k[0].tolist()) & set(k[1].tolist())) for k in keys) >= 2  # LSH alone would remove these
 
 
+def test_near_duplicates_are_found_whatever_the_case_of_their_letters(tmp_path):
+    """A copy in capitals, or with its first letters capitalised, is the same text to a reader: it goes as a near
+    duplicate; a document of other words stays."""
+    base, other = words(200), words(201)
+    source = tmp_path / "p.jsonl"
+    write_lines(source, [{"text": t} for t in (base, base.upper(), one_word_changed(base).title(), other)])
+    report = clean_command(str(source), output=str(tmp_path / "o.jsonl"), progress=False)
+    assert report["removed"]["near_duplicate"] == 2 and report["kept"] == 2
+    assert [line.split(":")[-1] for line in report["examples"]["near_duplicate"]] == ["2", "3"]
+
+
 def test_band_collisions_are_checked_against_kept_signatures_of_the_block_and_on_disk(tmp_path):
     import numpy as np
 

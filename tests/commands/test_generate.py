@@ -103,6 +103,20 @@ def test_generate_writes_sft_jsonl_and_resumes(shared_dir, tmp_path, teacher, ca
     assert (batch["labels"] != -100).any()
 
 
+def test_open_thinking_cut_by_the_budget_keeps_the_reasoning_out_of_the_answer(shared_dir, tmp_path, teacher):
+    """With ``--open_thinking`` the reply starts inside the prompt's ``<think>`` block; six tokens of a random
+    teacher never close it, so every reply is reasoning only (or nothing): its answer is empty, not the reasoning."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "你好"}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    main(["generate", "--ckpt", teacher, "--preset", "debug", "--tokenizer", str(shared_dir / "minimind"),
+          "--data", str(prompts), "--out", str(out), "--max_new_tokens", "6", "--temperature", "0",
+          "--open_thinking", "true", "--device", "cpu"])
+    answers = [json.loads(line)["conversations"][-1] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(answers) == 2 and all("</think>" not in a.get("reasoning_content", "") for a in answers)
+    assert [a["content"] for a in answers] == ["", ""] and any(a.get("reasoning_content") for a in answers)
+
+
 @pytest.mark.parametrize("cut", [False, True], ids=["complete last line", "cut last line"])
 def test_resume_keeps_a_complete_last_line_and_drops_only_a_cut_one(shared_dir, tmp_path, teacher, capsys, cut):
     a, b = [{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]

@@ -170,3 +170,18 @@ def test_the_data_tools_read_and_map_prompts():
     assert rl.map_texts(line, str.upper) == {"prompt": "HI", "gt": "7"}
     assert rl.map_texts(conversation, str.upper) == {
         "conversations": [_msg("system", "SYS"), _msg("user", "HI"), _msg("assistant", "")], "gt": 7}
+
+def test_a_changed_ratio_builds_the_prompts_again_in_the_same_cache(tmp_path, tokenizer_dir):
+    """The token cache is keyed by every setting that changes the rendered prompts: a run with another
+    ``system_prompt_ratio`` or ``thinking_ratio`` must not read the prompts an earlier run cached."""
+    records = [{"prompt": f"Question {i}?"} for i in range(6)]
+
+    def rendered(**ratios):
+        dm = _module(tmp_path, tokenizer_dir, records, **ratios)  # the same cache folder every time
+        loader = torch.utils.data.DataLoader(dm.train_dataset, batch_size=6, collate_fn=dm.collate_fn)
+        return [dm.tokenizer.decode(p) for p in prompt_lists(next(iter(loader)))]
+
+    assert not any(t.startswith("<|im_start|>system\n") or t.endswith("<think>\n") for t in rendered())
+    assert all(t.startswith("<|im_start|>system\n") for t in rendered(system_prompt_ratio=1.0))
+    assert all(t.endswith("<think>\n") for t in rendered(system_prompt_ratio=1.0, thinking_ratio=1.0))
+    assert not any(t.startswith("<|im_start|>system\n") for t in rendered(thinking_ratio=1.0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import packed_batch, random_documents, random_model, with_weights
+from helpers import packed_batch, random_documents, random_model, with_weights, write_stage_checkpoint
 from minimind_pl.checkpoints import load_model, read_torch_file
 from minimind_pl.config import ModelConfig
 from minimind_pl.data import SFTDataModule
@@ -96,6 +96,20 @@ def test_teacher_needs_the_same_vocabulary(teacher_ckpt):
     with pytest.raises(ValueError, match="needs a teacher"):
         Distill(config=STUDENT).compute_loss({"input_ids": torch.ones(1, 4, dtype=torch.long),
                                               "labels": torch.ones(1, 4, dtype=torch.long)})
+
+
+def test_a_teacher_trained_with_another_tokenizer_is_refused_unless_allowed(files, tmp_path):
+    """Same vocabulary size, other ids: the teacher's checkpoint records another tokenizer's fingerprint than
+    ``--data.tokenizer`` has, so its distributions would teach the student other text."""
+    path = write_stage_checkpoint(random_model(seed=2), tmp_path / "teacher.ckpt", Path(files["tokenizer"]))
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["tokenizer_fingerprint"] = "f" * 64  # not MiniMind's tokenizer
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=f"the teacher {path} was trained with another tokenizer"):
+        Distill(config=STUDENT, teacher=str(path), tokenizer=files["tokenizer"])
+    with pytest.warns(UserWarning, match="another tokenizer"):
+        stage = Distill(config=STUDENT, teacher=str(path), tokenizer=files["tokenizer"], allow_tokenizer_mismatch=True)
+    assert stage.teacher.config.hidden_size == TEACHER.hidden_size
 
 
 def test_sft_upweights_think_tags_in_training_only(files):
