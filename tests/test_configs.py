@@ -322,9 +322,10 @@ class RecordingFastPath:
         self.model, self.forward_calls = model, 0
         RecordingFastPath.made.append(self)
 
-    def forward(self, batch):
+    def forward(self, batch, inputs_embeds=None):
         self.forward_calls += 1
-        return self.model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+        return self.model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"),
+                          inputs_embeds=inputs_embeds)
 
     def loss(self, loss_fn):
         return loss_fn

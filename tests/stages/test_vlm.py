@@ -1,0 +1,193 @@
+"""MiniMind-V's training stages (VLMPretrain, VLMSFT): what trains and what stays frozen, the optimizer, the
+checkpoints (MiniMind-V's .pth plus the tower's record, never its weights), starting weights from a text or a
+vision-language checkpoint, and another tower refused."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from helpers import tiny_tower_folder, write_stage_checkpoint, random_model
+from minimind_pl import load_model
+from minimind_pl.commands.export import export_command
+from minimind_pl.config import ModelConfig
+from minimind_pl.errors import UserError
+from minimind_pl.losses import IGNORE_INDEX
+from minimind_pl.stages import VLMSFT, VLMPretrain
+from minimind_pl.vision.tower import load_vision_tower
+from minimind_pl.vision.vlm import MiniMindVLM
+
+IMAGE_ID, PATCHES = 12, 16  # <|image_pad|> in MiniMind's tokenizer; the tiny tower's 4 x 4 patches
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, vocab_size=6400,
+            max_position_embeddings=128)
+ANSWERS = (300, 301)  # the answer token: which of two colours the image shows
+
+
+@pytest.fixture(scope="module")
+def tower(tmp_path_factory):
+    return tiny_tower_folder(tmp_path_factory.mktemp("tower") / "siglip")
+
+
+@pytest.fixture(scope="module")
+def other_tower(tmp_path_factory):
+    return tiny_tower_folder(tmp_path_factory.mktemp("tower") / "other", seed=1)
+
+
+def colour_rows(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Rows ``bos, 3 prompt tokens, 16 x <|image_pad|>, answer, eos``: the image is one of two colours and the
+    answer token says which; labels (shifted) only on the answer and eos, as SFT labels an assistant turn."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        colour = int(torch.randint(0, 2, (), generator=g))
+        pixels = torch.full((1, 3, 32, 32), -0.8) + 0.1 * torch.randn(1, 3, 32, 32, generator=g)
+        pixels[0, colour] = 0.9
+        ids = torch.tensor([1, 40, 41, 42, *[IMAGE_ID] * PATCHES, ANSWERS[colour], 2])
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[-3:-1] = ids[-2:]  # position t predicts token t + 1
+        rows.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
+    return rows
+
+
+def loader(rows, batch_size: int = 4) -> DataLoader:
+    return DataLoader(rows, batch_size=batch_size, collate_fn=lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]})
+
+
+def stage(cls, tower, tokenizer_dir, **kwargs):
+    torch.manual_seed(0)
+    return cls(vision_encoder=str(tower), config=ModelConfig.from_preset("debug", **TINY), tokenizer=str(tokenizer_dir),
+               seq_len=22, **kwargs)
+
+
+def trainer(tmp_path, steps: int) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                     gradient_clip_val=1.0)
+
+
+def mean_loss(module, rows) -> float:
+    module.eval()
+    with torch.no_grad():
+        return float(torch.stack([module.compute_loss(batch)[0] for batch in loader(rows)]).mean())
+
+
+@pytest.mark.parametrize("cls", [VLMPretrain, VLMSFT])
+def test_recipes_default_to_minimind_v_settings(cls, tower, tokenizer_dir):
+    module = stage(cls, tower, tokenizer_dir)
+    expected = {VLMPretrain: ("projector", 4e-4), VLMSFT: ("first_last", 5e-6)}[cls]
+    assert (module.hparams.trainable, module.hparams.learning_rate) == expected
+    assert isinstance(module.model, MiniMindVLM)
+    vision = module.model.vision_config
+    assert (vision.image_token_id, vision.image_token_len, vision.image_hidden_size) == (IMAGE_ID, PATCHES, 32)
+
+
+def test_a_short_fit_learns_what_the_image_shows(tower, tokenizer_dir, tmp_path):
+    """Held-out rows: the loss falls, and after training it is lower with each row's own image than with the
+    other colour's (the answer is read from the image)."""
+    module = stage(VLMSFT, tower, tokenizer_dir, trainable="all", learning_rate=1e-2)
+    rows, held_out = colour_rows(32), colour_rows(16, seed=1)
+    before = mean_loss(module, held_out)
+    trainer(tmp_path, 48).fit(module.train(), loader(rows))
+    after = mean_loss(module, held_out)
+    swapped = [{**row, "pixel_values": other["pixel_values"]} for row, other in zip(held_out, held_out[1:] + held_out[:1])
+               if not torch.equal(row["input_ids"], other["input_ids"])]
+    assert after < 0.1 * before, (before, after)  # measured: 8.71 -> 0.11
+    assert mean_loss(module, swapped) > after + 0.5, (after, mean_loss(module, swapped))  # measured: 1.30
+
+
+def parameter_names(module, where):
+    return {n for n, p in module.model.named_parameters() if where(n)}
+
+
+@pytest.mark.parametrize("trainable", ["projector", "first_last", "all"])
+def test_exactly_the_chosen_parameters_train(trainable, tower, tokenizer_dir, tmp_path):
+    """After two steps every trained tensor moved, every other one (and the tower) is bit-identical; the optimizer
+    holds the trained tensors and nothing else."""
+    module = stage(VLMSFT, tower, tokenizer_dir, trainable=trainable, learning_rate=1e-3)
+    last = module.config.num_hidden_layers - 1
+    trained = {
+        "projector": lambda n: n.startswith("vision_proj."),
+        "first_last": lambda n: n.startswith(("vision_proj.", "model.layers.0.", f"model.layers.{last}.")),
+        "all": lambda n: True,
+    }[trainable]
+    before = {n: p.detach().clone() for n, p in module.model.state_dict().items()}
+    tower_before = {n: p.clone() for n, p in module.tower.state_dict().items()}
+    fit = trainer(tmp_path, 2)
+    fit.fit(module, loader(colour_rows(8)))
+    after = module.model.state_dict()
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    expected = {n for n in before if trained(n)}
+    assert moved == expected
+    assert all(torch.equal(tower_before[n], p) for n, p in module.tower.state_dict().items())
+    optimised = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
+    named = dict(module.model.named_parameters())  # the tied lm_head appears once, as model.embed_tokens
+    assert optimised == {id(named[n]) for n in named if trained(n)}
+    assert not optimised & {id(p) for p in module.tower.parameters()}
+
+
+def test_a_batch_without_images_still_gives_the_projector_a_gradient(tower, tokenizer_dir):
+    """Text-only batches: the projector joins the graph with zero gradients (DDP needs every trained parameter
+    in every step), and the loss is exactly the text model's."""
+    module = stage(VLMPretrain, tower, tokenizer_dir)
+    batch = {k: v for k, v in next(iter(loader(colour_rows(2)))).items() if k != "pixel_values"}
+    loss, _ = module.compute_loss(batch)
+    loss.backward()
+    grads = [p.grad for p in module.model.vision_proj.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+    text_model = module.model
+    with torch.no_grad():
+        plain = text_model(batch["input_ids"]).logits
+    from minimind_pl.losses import causal_lm_loss
+    assert torch.equal(loss.detach(), causal_lm_loss(plain, batch["labels"]))
+
+
+def fitted_checkpoint(cls, tower, tokenizer_dir, tmp_path, **kwargs):
+    module = stage(cls, tower, tokenizer_dir, learning_rate=1e-3, **kwargs)
+    fit = trainer(tmp_path, 2)
+    fit.fit(module, loader(colour_rows(8)))
+    path = tmp_path / "vlm.ckpt"
+    fit.save_checkpoint(path)
+    return module, path
+
+
+def test_the_checkpoint_is_minimind_v_pth_plus_the_towers_record(tower, tokenizer_dir, tmp_path):
+    module, path = fitted_checkpoint(VLMPretrain, tower, tokenizer_dir, tmp_path)
+    saved = torch.load(path, weights_only=True)
+    keys = {k.removeprefix("model.") for k in saved["state_dict"]}
+    assert not any("vision_model" in k or "vision_encoder" in k for k in keys)
+    assert {k for k in keys if k.startswith("vision_proj.")} == {f"vision_proj.mlp.{i}.{w}" for i in (0, 1, 3)
+                                                               for w in ("weight", "bias")}
+    assert saved["vision_encoder"] == str(tower)
+    assert saved["vision_encoder_fingerprint"] == load_vision_tower(tower).fingerprint
+    assert saved["vision_config"]["image_token_len"] == PATCHES and saved["stage"] == "VLMPretrain"
+    # export --format minimind: MiniMind-V's .pth, which load_model reads back with the tower to the same logits
+    export_command(str(path), str(tmp_path / "pretrain_vlm_32.pth"), dtype="float32")
+    pth = torch.load(tmp_path / "pretrain_vlm_32.pth", weights_only=True)
+    assert set(pth) == set(module.model.state_dict())
+    rebuilt = load_model(tmp_path / "pretrain_vlm_32.pth", vision_encoder=tower, device="cpu")
+    batch = next(iter(loader(colour_rows(2))))
+    module.eval()
+    with torch.no_grad():
+        expected = module.model(batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+        assert torch.equal(rebuilt(batch["input_ids"], pixel_values=batch["pixel_values"]).logits, expected)
+
+
+def test_starting_weights_from_a_text_model_keep_its_language_model(tower, tokenizer_dir, tmp_path):
+    text = random_model(**TINY)
+    path = write_stage_checkpoint(text, tmp_path / "sft.ckpt", tokenizer_dir, stage="SFT")
+    module = stage(VLMPretrain, tower, tokenizer_dir, init_weights=str(path))
+    own = module.model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in text.state_dict().items())
+
+
+def test_starting_weights_from_a_vision_language_checkpoint_and_another_tower(tower, other_tower, tokenizer_dir,
+                                                                              tmp_path):
+    trained, path = fitted_checkpoint(VLMPretrain, tower, tokenizer_dir, tmp_path)
+    sft = stage(VLMSFT, tower, tokenizer_dir, init_weights=str(path))
+    assert all(torch.equal(sft.model.state_dict()[k], v) for k, v in trained.model.state_dict().items())
+    with pytest.raises(UserError, match="another vision tower"):
+        stage(VLMSFT, other_tower, tokenizer_dir, init_weights=str(path))
+    with pytest.warns(UserWarning, match="another vision tower"):
+        stage(VLMSFT, other_tower, tokenizer_dir, init_weights=str(path), allow_vision_encoder_mismatch=True)
