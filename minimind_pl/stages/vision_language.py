@@ -22,6 +22,8 @@ folder and fingerprint.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -32,6 +34,7 @@ from minimind_pl.checkpoints.loading import Checkpoint
 from minimind_pl.checkpoints.minimind import infer_vision_config
 from minimind_pl.config import ModelConfig
 from minimind_pl.errors import UserError
+from minimind_pl.losses import IGNORE_INDEX
 from minimind_pl.lora import count_parameters
 from minimind_pl.stages.pretrain import SFT
 from minimind_pl.vision.config import VisionConfig
@@ -42,6 +45,18 @@ Trainable = Literal["projector", "first_last", "all"]
 TRAINABLE: tuple[str, ...] = ("projector", "first_last", "all")
 PIXEL_VALUES = "pixel_values"
 MISMATCH_FLAG = "--model.allow_vision_encoder_mismatch true"
+IMAGE_TAG = "<image>"
+
+
+@dataclass
+class ImageSample:
+    """One image of a batch as TensorBoard shows it, and its conversation: ``image`` (3, H, W) in [0, 1] on the CPU,
+    ``prompt`` (the text up to the answer, each image's placeholder run written ``<image>``), ``reference`` (the
+    labelled answer)."""
+
+    image: torch.Tensor
+    prompt: str
+    reference: str
 
 
 class VisionLanguage(SFT):
@@ -160,6 +175,29 @@ class VisionLanguage(SFT):
         return embeds + self.model.vision_proj(no_features).sum().to(embeds.dtype)  # + 0: the sum of nothing
 
 
+    # ---------------------------------------------------------------- samples
+    @torch.no_grad()
+    def image_sample(self, batch: dict[str, torch.Tensor]) -> Optional[ImageSample]:
+        """The first image of ``batch`` with its document's prompt and reference answer (None: no image). For
+        ``callbacks.SampleLogger``; one host sync, at the end of a validation."""
+        pixel_values, ids = batch.get(PIXEL_VALUES), batch["input_ids"]
+        is_image = ids == self.model.vision_config.image_token_id
+        rows = is_image.any(dim=1).nonzero().flatten().tolist()
+        if pixel_values is None or not rows:
+            return None
+        row = rows[0]
+        document = torch.ones_like(ids[row], dtype=torch.bool)
+        if "doc_ids" in batch:  # a packed row: the document of the row's first placeholder
+            document = batch["doc_ids"][row] == batch["doc_ids"][row, int(is_image[row].nonzero()[0])]
+        tokens, labels = ids[row][document], batch["labels"][row][document]
+        labelled = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+        prompt_end = labelled[0] + 1 if labelled else len(tokens)  # labels[t] is the token at t + 1
+        placeholder = re.escape(self.model.vision_config.image_token)
+        prompt = re.sub(f"(?:{placeholder})+", IMAGE_TAG, self.tokenizer.decode(tokens[:prompt_end].tolist()))
+        return ImageSample(viewable(pixel_values[row, 0], self.tower.image_spec), prompt,
+                           self.tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()))
+
+
 class VLMPretrain(VisionLanguage):
     """MiniMind-V's VLM pretraining: image captions, the projector alone trains (trainer/train_pretrain_vlm.py)."""
 
@@ -189,6 +227,12 @@ class VLMSFT(VisionLanguage):
             kwargs: The arguments of ``VisionLanguage`` / ``SFT`` / ``Stage`` (``vision_encoder``, ...).
         """
         super().__init__(trainable=trainable, learning_rate=learning_rate, **kwargs)
+
+
+def viewable(pixels: torch.Tensor, spec: Any) -> torch.Tensor:
+    """A preprocessed image (3, H, W) back in [0, 1] (undoing ``ImageSpec``'s normalisation), float32 on the CPU."""
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (spec.mean, spec.std))
+    return (pixels.detach().float().cpu() * std + mean).clamp(0, 1)
 
 
 def freeze_except(model: MiniMindVLM, trainable: str) -> None:

@@ -191,3 +191,53 @@ def test_starting_weights_from_a_vision_language_checkpoint_and_another_tower(to
         stage(VLMSFT, other_tower, tokenizer_dir, init_weights=str(path))
     with pytest.warns(UserWarning, match="another vision tower"):
         stage(VLMSFT, other_tower, tokenizer_dir, init_weights=str(path), allow_vision_encoder_mismatch=True)
+
+
+class Recorder:
+    """Stands in for TensorBoard's SummaryWriter: what was logged, by call."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def add_image(self, tag, image, global_step):
+        self.calls.append(("image", tag, image, global_step))
+
+    def add_text(self, tag, text, global_step):
+        self.calls.append(("text", tag, text, global_step))
+
+
+def test_tensorboard_gets_the_first_image_of_the_validation_and_its_reference(tower, tokenizer_dir):
+    """A batch whose first row has no image and whose second packs a text document before an image document: the
+    logged image is the second row's, un-normalised (SigLIP's mean 0.5, std 0.5), with that document's text."""
+    from types import SimpleNamespace
+
+    from minimind_pl.callbacks import SampleLogger
+    from minimind_pl.tokenizer import Tokenizer
+
+    module = stage(VLMSFT, tower, tokenizer_dir)
+    image_row = colour_rows(1)[0]
+    text = torch.tensor([1, 50, 51, 52, 2])
+    row1_ids = torch.cat([text, image_row["input_ids"]])
+    pixels = torch.zeros(2, 1, 3, 32, 32)
+    pixels[1, 0] = torch.tensor([0.8, -0.6, 0.0])[:, None, None]
+    batch = {"input_ids": torch.stack([torch.cat([text, text, text[:-1], torch.tensor([2] * 13)]), row1_ids]),
+             "labels": torch.stack([torch.full((27,), IGNORE_INDEX),
+                                    torch.cat([torch.full((5,), IGNORE_INDEX), image_row["labels"]])]),
+             "doc_ids": torch.stack([torch.zeros(27, dtype=torch.long), torch.tensor([0] * 5 + [1] * 22)]),
+             "pixel_values": pixels}
+    recorder = Recorder()
+    trainer = SimpleNamespace(sanity_checking=False, global_rank=0, global_step=7, strategy=None,
+                              logger=SimpleNamespace(experiment=recorder))
+    logger = SampleLogger()
+    logger.on_validation_batch_end(trainer, module, None, batch, 0)
+    logger.on_validation_epoch_end(trainer, module)
+    (_, image_tag, image, step), (_, text_tag, caption, _) = recorder.calls
+    assert (image_tag, text_tag, step) == ("samples/image", "samples/image_text", 7)
+    expected = torch.tensor([0.9, 0.2, 0.5])[:, None, None].expand(3, 32, 32)  # x * 0.5 + 0.5
+    assert torch.allclose(image, expected)
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir))
+    prompt = tokenizer.decode([1, 40, 41, 42]) + "<image>"
+    colour = int(image_row["input_ids"][-2] - ANSWERS[0])
+    assert caption == f"**{prompt}** → reference: {tokenizer.decode([ANSWERS[colour], 2])}"
+    logger.on_validation_epoch_end(trainer, module)  # the sample is logged once per validation
+    assert len(recorder.calls) == 2
