@@ -7,9 +7,9 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from helpers import tiny_tower_folder, write_stage_checkpoint, random_model
+from helpers import RecordBatches, REPO, fit, random_model, run_python, tiny_tower_folder, write_stage_checkpoint
+from vlm_rows import ANSWERS, IMAGE_ID, PATCHES, colour_rows, loader
 from minimind_pl import load_model
 from minimind_pl.commands.export import export_command
 from minimind_pl.config import ModelConfig
@@ -19,10 +19,8 @@ from minimind_pl.stages import VLMSFT, VLMPretrain
 from minimind_pl.vision.tower import load_vision_tower
 from minimind_pl.vision.vlm import MiniMindVLM
 
-IMAGE_ID, PATCHES = 12, 16  # <|image_pad|> in MiniMind's tokenizer; the tiny tower's 4 x 4 patches
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, vocab_size=6400,
             max_position_embeddings=128)
-ANSWERS = (300, 301)  # the answer token: which of two colours the image shows
 
 
 @pytest.fixture(scope="module")
@@ -33,26 +31,6 @@ def tower(tmp_path_factory):
 @pytest.fixture(scope="module")
 def other_tower(tmp_path_factory):
     return tiny_tower_folder(tmp_path_factory.mktemp("tower") / "other", seed=1)
-
-
-def colour_rows(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Rows ``bos, 3 prompt tokens, 16 x <|image_pad|>, answer, eos``: the image is one of two colours and the
-    answer token says which; labels (shifted) only on the answer and eos, as SFT labels an assistant turn."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        colour = int(torch.randint(0, 2, (), generator=g))
-        pixels = torch.full((1, 3, 32, 32), -0.8) + 0.1 * torch.randn(1, 3, 32, 32, generator=g)
-        pixels[0, colour] = 0.9
-        ids = torch.tensor([1, 40, 41, 42, *[IMAGE_ID] * PATCHES, ANSWERS[colour], 2])
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        labels[-3:-1] = ids[-2:]  # position t predicts token t + 1
-        rows.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
-    return rows
-
-
-def loader(rows, batch_size: int = 4) -> DataLoader:
-    return DataLoader(rows, batch_size=batch_size, collate_fn=lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]})
 
 
 def stage(cls, tower, tokenizer_dir, **kwargs):
@@ -241,3 +219,58 @@ def test_tensorboard_gets_the_first_image_of_the_validation_and_its_reference(to
     assert caption == f"**{prompt}** → reference: {tokenizer.decode([ANSWERS[colour], 2])}"
     logger.on_validation_epoch_end(trainer, module)  # the sample is logged once per validation
     assert len(recorder.calls) == 2
+
+
+def cli_run(tmp_path, tower, tokenizer_dir, steps: int, extra=()) -> list[str]:
+    """``python main.py fit`` of VLMSFT on ``vlm_rows.ColourRows`` (tests on PYTHONPATH), a checkpoint every 2 steps."""
+    callbacks = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
+                 f'{{"dirpath": "{tmp_path / "ckpt"}", "save_last": true, "every_n_train_steps": 2, "save_top_k": -1}}}}]')
+    model = [a for k, v in TINY.items() for a in (f"--model.config.{k}", str(v))]
+    return ["fit", "--seed_everything", "0", "--model.class_path", "minimind_pl.stages.VLMSFT",
+            "--model.vision_encoder", str(tower), "--model.learning_rate", "1e-3", *model,
+            "--data.class_path", "vlm_rows.ColourRows", "--data.tokenizer", str(tokenizer_dir),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", str(steps),
+            "--trainer.gradient_clip_val", "1.0", "--trainer.val_check_interval", str(steps),
+            "--trainer.check_val_every_n_epoch", "null", "--trainer.limit_val_batches", "1",
+            "--trainer.log_every_n_steps", "2",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.callbacks", callbacks, *extra]
+
+
+def test_a_resumed_run_ends_with_the_straight_runs_weights_and_another_tower_is_refused(
+        tower, other_tower, tokenizer_dir, tmp_path, capsys):
+    """With dropout: stopped after step 4 of 8 and resumed, it ends bit-identical (weights, loader position, RNG)."""
+    extra = ["--model.config.dropout", "0.1"]
+    straight = fit(cli_run(tmp_path / "a", tower, tokenizer_dir, 8, extra), RecordBatches())
+    fit(cli_run(tmp_path / "b", tower, tokenizer_dir, 8, extra), RecordBatches(stop_after=4))
+    last = tmp_path / "b" / "ckpt" / "last.ckpt"
+    resumed = fit(cli_run(tmp_path / "b", tower, tokenizer_dir, 8, [*extra, "--ckpt_path", str(last)]),
+                  RecordBatches())
+    assert resumed.trainer.global_step == 8
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    from minimind_pl.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(cli_run(tmp_path / "c", other_tower, tokenizer_dir, 8, [*extra, "--ckpt_path", str(last)]))
+    assert done.value.code == 2 and "another vision tower" in capsys.readouterr().err
+
+
+def test_two_ddp_ranks_train_the_projector_and_end_blocks_only(tower, tokenizer_dir, tmp_path):
+    """Two gloo processes, one row each, from 4 rows of which 2 have no image: each epoch's two global batches hold
+    a rank batch without an image, whose projector would be unused (DDP then fails at the next step: checked by
+    removing the projector's run on no features). The checkpoint's frozen blocks are still the text model's."""
+    text = random_model(**TINY)
+    start = write_stage_checkpoint(text, tmp_path / "sft.ckpt", tokenizer_dir, stage="SFT")
+    args = cli_run(tmp_path, tower, tokenizer_dir, 3, [
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--data.batch_size", "1",
+        "--data.rows", "4", "--data.text_only_every", "2", "--model.init_weights", str(start)])
+    result = run_python([str(REPO / "main.py"), *args], env={"PYTHONPATH": str(REPO / "tests")})
+    assert result.returncode == 0, result.stderr[-4000:]
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+    last = TINY["num_hidden_layers"] - 1
+    for name, value in text.state_dict().items():
+        trained = name.startswith(("model.layers.0.", f"model.layers.{last}."))
+        assert torch.equal(saved["model." + name], value) != trained, name
+    assert all(torch.isfinite(v).all() for v in saved.values())
