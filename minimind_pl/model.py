@@ -424,16 +424,17 @@ class MiniMindModel(nn.Module):
     def forward(
         self, input_ids: Tensor, position_ids: Tensor, doc_ids: Optional[Tensor] = None,
         attention_mask: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None,
-        use_cache: bool = False, block_mask: Optional[BlockMask] = None,
+        use_cache: bool = False, block_mask: Optional[BlockMask] = None, inputs_embeds: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor, Optional[KVCache]]:
-        """input_ids (B, T) -> (hidden (B, T, C), aux loss 0-d float32, new cache or None)."""
+        """input_ids (B, T) -> (hidden (B, T, C), aux loss 0-d float32, new cache or None).
+        ``inputs_embeds`` (B, T, C), when given, stands for ``embed_tokens(input_ids)`` (a VLM's merged rows)."""
         t = input_ids.shape[1]
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
         mask: AttentionMask = block_mask
         if block_mask is None:
             mask = build_attention_mask(t, past_len + t, doc_ids, attention_mask, input_ids.device)
         cos, sin = self.rotary(position_ids)  # (B, T, D) each
-        x = self.dropout(self.embed_tokens(input_ids))  # (B, T, C)
+        x = self.dropout(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)  # (B, T, C)
         aux_loss = torch.zeros((), dtype=torch.float32, device=x.device)
         cache: Optional[KVCache] = [] if use_cache else None
         for i, layer in enumerate(self.layers):
@@ -481,6 +482,7 @@ class MiniMindForCausalLM(nn.Module):
         use_cache: bool = False,
         logits_to_keep: int = 0,
         block_mask: Optional[BlockMask] = None,
+        inputs_embeds: Optional[Tensor] = None,
     ) -> CausalLMOutput:
         """Next-token logits for `input_ids` (B, T).
 
@@ -498,6 +500,9 @@ class MiniMindForCausalLM(nn.Module):
             block_mask: a FlexAttention mask to use instead of the dense one (e.g.
                 `document_block_mask(doc_ids)`, built once per batch outside a compiled forward).
                 Training only: no cache, no padding mask, no attention dropout.
+            inputs_embeds: (B, T, C) input embeddings to use instead of ``embed_tokens(input_ids)``
+                (a vision-language model's rows with image features merged in); ``input_ids`` still
+                gives the shape and is checked.
         """
         past_len = self._check_inputs(input_ids, position_ids, doc_ids, attention_mask, past_key_values)
         if block_mask is not None:
@@ -505,8 +510,11 @@ class MiniMindForCausalLM(nn.Module):
         if position_ids is None:
             t = input_ids.shape[1]
             position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).expand_as(input_ids)
+        if inputs_embeds is not None and tuple(inputs_embeds.shape) != (*input_ids.shape, self.config.hidden_size):
+            raise ValueError(f"inputs_embeds shape {tuple(inputs_embeds.shape)} != (*input_ids.shape, hidden_size) "
+                             f"= {(*input_ids.shape, self.config.hidden_size)}")
         hidden, aux_loss, cache = self.model(
-            input_ids, position_ids, doc_ids, attention_mask, past_key_values, use_cache, block_mask)
+            input_ids, position_ids, doc_ids, attention_mask, past_key_values, use_cache, block_mask, inputs_embeds)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return CausalLMOutput(self.lm_head(hidden), aux_loss, cache)

@@ -269,3 +269,43 @@ def training_side(readers: list[str]) -> list[str]:
     """The reads of ``record_tokenizer_reads`` outside the data modules (a DataModule reads its own: no stage is built
     when it is)."""
     return [name for name in readers if not name.startswith("minimind_pl.data")]
+
+
+# Image processor settings of the tiny towers (the real folders' values: SigLIP 0.5/0.5, CLIP's own mean/std)
+TOWER_PREPROCESSORS = {
+    "siglip": {"do_resize": True, "size": {"height": 32, "width": 32}, "resample": 3, "do_rescale": True,
+               "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+               "image_std": [0.5, 0.5, 0.5], "image_processor_type": "SiglipImageProcessor"},
+    "clip": {"do_resize": True, "size": {"shortest_edge": 32}, "resample": 3, "do_center_crop": True,
+             "crop_size": {"height": 32, "width": 32}, "do_rescale": True, "rescale_factor": 1 / 255,
+             "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+             "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "CLIPImageProcessor"},
+}
+
+
+def tiny_tower_folder(folder: Path, family: str = "siglip", whole_model: bool = False, seed: int = 0,
+                      hidden_size: int = 32) -> Path:
+    """A random transformers SigLIP / CLIP vision tower saved with ``save_pretrained`` (32×32 images, 8×8 patches:
+    16 patch features of width ``hidden_size``) plus its preprocessor_config.json. ``whole_model``: the whole
+    SiglipModel / CLIPModel (text side too), as openai/clip-vit-base-patch16 is."""
+    import json
+
+    transformers = require_module("transformers")
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size + 8, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=32, patch_size=8)
+    text = dict(hidden_size=hidden_size, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=99, max_position_embeddings=16)
+    if family == "siglip":
+        model = (transformers.SiglipModel(transformers.SiglipConfig(vision_config=vision, text_config=text))
+                 if whole_model else transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**vision)))
+    else:
+        model = (transformers.CLIPModel(transformers.CLIPConfig(vision_config=vision, text_config=text))
+                 if whole_model else transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)))
+    with torch.no_grad():  # norms away from their init, so a missed LayerNorm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.3 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(TOWER_PREPROCESSORS[family]), encoding="utf-8")
+    return Path(folder)

@@ -60,6 +60,21 @@ def decode_image(data: bytes | str | os.PathLike, *, max_bytes: int = DEFAULT_MA
     return image
 
 
+TOWER_FOLDER = "a Hugging Face vision tower folder (config.json, model.safetensors, preprocessor_config.json)"
+
+
+def read_tower_json(folder: str | Path, name: str) -> tuple[Path, dict]:
+    """The path and parsed content of the JSON file ``name`` in a vision tower folder; a UserError naming the
+    file when it is missing or unreadable."""
+    path = Path(folder) / name
+    try:
+        return path, json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the vision encoder must be {TOWER_FOLDER}") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} cannot be read: {error}") from None
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """How an image becomes the (3, height, width) float32 tensor a vision tower reads.
@@ -88,14 +103,7 @@ class ImageSpec:
     def from_folder(cls, folder: str | Path) -> "ImageSpec":
         """The spec a Hugging Face vision folder's ``preprocessor_config.json`` describes (SigLIP / SigLIP2 /
         CLIP image processors, old feature-extractor files included)."""
-        path = Path(folder) / "preprocessor_config.json"
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path} is missing: a vision tower folder needs the preprocessor_config.json "
-                            f"of its image processor") from None
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"{path} cannot be read: {error}") from None
+        path, raw = read_tower_json(folder, "preprocessor_config.json")
         try:
             return cls._from_processor_config(raw)
         except (KeyError, TypeError, ValueError) as error:

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from helpers import require_module
 from minimind_pl.errors import UserError
 from minimind_pl.vision.preprocess import ImageError, ImageSpec, decode_image
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 SIGLIP = {"do_resize": True, "size": {"height": 32, "width": 48}, "resample": 3, "do_rescale": True,
           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
