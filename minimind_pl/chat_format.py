@@ -33,6 +33,9 @@ REASONING_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # what the template writes for an assistant turn without reasoning
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names a message's reasoning may have
+#: Where an image goes in a message's content (MiniMind-V); a system turn's tags stay text. The images themselves
+#: are listed, in tag order, in a conversation record's ``images`` field (jsonl; Parquet rows are read into it).
+IMAGE_TAG, IMAGES_FIELD = "<image>", "images"
 
 # Our ChatML template with <think> blocks and <tool_call>/<tool_response>, written to render
 # the same text as MiniMind's template (tests/test_tokenizer.py checks this).
@@ -387,6 +390,18 @@ def empty_answer(message: Mapping) -> bool:
         except json.JSONDecodeError:
             return False  # not empty; rendering reports the bad JSON
     return not calls and not assistant_answer(message).strip()
+
+
+def count_image_tags(messages: Sequence[Any]) -> int:
+    """``<image>`` tags in the ``content`` of the non-system messages (the ones that stand for images)."""
+    return sum(m["content"].count(IMAGE_TAG) for m in messages
+               if isinstance(m, Mapping) and m.get("role") != "system" and isinstance(m.get("content"), str))
+
+
+def expand_image_tags(messages: Sequence[Mapping], image_text: str) -> list[Mapping]:
+    """A copy of ``messages`` with each ``<image>`` of a non-system message's content replaced by ``image_text``."""
+    return [{**m, "content": m["content"].replace(IMAGE_TAG, image_text)}
+            if m.get("role") != "system" and isinstance(m.get("content"), str) else m for m in messages]
 
 
 def split_reasoning(text: str, opened: bool = False) -> tuple[str, Optional[str]]:
