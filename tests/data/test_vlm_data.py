@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from minimind_pl.data import DataFormatError, VLMDataModule
 from minimind_pl.data.formats import detect_format, resolve_format
-from minimind_pl.data.formats.vlm import DEFAULT_IMAGE_TOKEN, DEFAULT_IMAGE_TOKEN_LEN
+from minimind_pl.data.formats.vlm import DEFAULT_IMAGE_TOKEN_LEN
 from minimind_pl.data.packing import IGNORE_INDEX
 from minimind_pl.errors import UserError
 from minimind_pl.vision.preprocess import ImageSpec
@@ -315,7 +315,3 @@ def test_parquet_without_pyarrow_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
     with pytest.raises(UserError, match=r'pip install -e "\.\[vlm\]"'):
         require_pyarrow()
-
-
-def test_the_defaults_are_the_minimind_3v_preset():
-    assert (DEFAULT_IMAGE_TOKEN, DEFAULT_IMAGE_TOKEN_LEN) == ("<|image_pad|>", 64)

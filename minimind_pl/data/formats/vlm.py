@@ -21,29 +21,16 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ...chat_format import IMAGE_TAG, IMAGES_FIELD, count_image_tags, expand_image_tags
 from ...errors import UserError
+from ...vision.config import VISION_PRESETS
 from .record import DataFormat
 from .sft import SFTEncoder, check_sft_record, conversation_texts, map_conversation
 
-IMAGE_TAG = "<image>"
-SYSTEM_ROLE = "system"  # its turns keep their tags as text (MiniMind-V)
-IMAGES_FIELD = "images"
-#: The minimind-3v preset's image token and run length (SigLIP2 p32/256: 64 patch features); the DataModule's
-#: defaults. MiniMind2-V: "@" × 196.
-DEFAULT_IMAGE_TOKEN = "<|image_pad|>"
-DEFAULT_IMAGE_TOKEN_LEN = 64
-
-
-def count_image_tags(conversation: Sequence[Any]) -> int:
-    """``<image>`` tags in the ``content`` of the non-system turns (the ones that become images)."""
-    return sum(m["content"].count(IMAGE_TAG) for m in conversation
-               if isinstance(m, dict) and m.get("role") != SYSTEM_ROLE and isinstance(m.get("content"), str))
-
-
-def expand_image_tags(conversation: Sequence[dict], image_text: str) -> list[dict]:
-    """A copy of ``conversation`` with each ``<image>`` of a non-system turn's content replaced by ``image_text``."""
-    return [{**m, "content": m["content"].replace(IMAGE_TAG, image_text)}
-            if m.get("role") != SYSTEM_ROLE and isinstance(m.get("content"), str) else m for m in conversation]
+#: The minimind-3v preset's image token and run length (SigLIP2 p32/256: 64 patch features): the DataModule's
+#: defaults. MiniMind2-V's are "@" × 196.
+DEFAULT_IMAGE_TOKEN = VISION_PRESETS["minimind-3v"].image_token
+DEFAULT_IMAGE_TOKEN_LEN = VISION_PRESETS["minimind-3v"].image_token_len
 
 
 def record_images(obj: dict) -> list:
@@ -160,6 +147,3 @@ def count_record_images(obj: dict) -> int:
 VLM = DataFormat(name="vlm", data_module="VLMDataModule", fields='{"conversations": [messages], "images": [paths]}',
                  detect=has_images_field, check=check_vlm_record, texts=conversation_texts,
                  map_texts=map_conversation, encoder=vlm_encoder, count_images=count_record_images)
-
-__all__ = ["DEFAULT_IMAGE_TOKEN", "DEFAULT_IMAGE_TOKEN_LEN", "IMAGE_TAG", "IMAGES_FIELD", "VLM",
-           "VisionSFTEncoder", "count_image_tags", "expand_image_tags", "image_runs", "vlm_encoder"]
