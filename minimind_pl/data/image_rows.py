@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from minimind_pl.vision.preprocess import ImageError, ImageSpec, decode_image
 
 from .cache import SKIP_INVALID_HINT, DataFormatError, TokenCache
-from .formats.vlm import image_runs
+from .formats.vlm import image_location, image_runs
 from .packing import IGNORE_INDEX, DocumentStream, PackedDataset, PaddedDataset, collate
 
 PIXEL_VALUES = "pixel_values"
@@ -43,9 +43,7 @@ SKIPPED_DOCUMENTS = "skipped_documents"
 def image_reference(cache: TokenCache, reference: bytes) -> Union[Path, bytes]:
     """What to decode for one stored image reference: the file (a path relative to the data file's folder) or the
     encoded bytes (Parquet)."""
-    if cache.meta["images"] == "paths":
-        return Path(cache.meta["source"]).parent / reference.decode()
-    return reference
+    return image_location(cache.meta["source"], reference, cache.meta["images"] == "paths")
 
 
 def describe_image(cache: TokenCache, k: int, j: int, data: Union[Path, bytes]) -> str:

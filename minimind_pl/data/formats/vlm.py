@@ -17,7 +17,8 @@ image). Whether an image file exists and decodes is found when it is loaded (:mo
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -134,12 +135,18 @@ class VisionSFTEncoder(SFTEncoder):
         return out
 
 
-def vlm_encoder(tokenizer: Any, augment: bool = True) -> VisionSFTEncoder:
-    """VLMDataModule's encoder at its default settings; ``augment=False``: no random system prompt and the empty
-    think blocks kept."""
+def vlm_encoder(tokenizer: Any, augment: bool = True, **image: Any) -> VisionSFTEncoder:
+    """VLMDataModule's encoder at its default settings (``image``: another ``image_token`` / ``image_token_len``,
+    a model's); ``augment=False``: no random system prompt and the empty think blocks kept."""
     if augment:
-        return VisionSFTEncoder(tokenizer)
-    return VisionSFTEncoder(tokenizer, system_prompt_ratio=0.0, empty_think_drop_ratio=0.0)
+        return VisionSFTEncoder(tokenizer, **image)
+    return VisionSFTEncoder(tokenizer, system_prompt_ratio=0.0, empty_think_drop_ratio=0.0, **image)
+
+
+def image_location(data_file: Union[str, Path], reference: bytes, paths: bool) -> Union[Path, bytes]:
+    """What to decode for one image reference the encoder kept: with ``paths`` (jsonl) the file, a path relative to
+    the data file's folder (or absolute); else (Parquet) the encoded bytes themselves."""
+    return Path(data_file).parent / reference.decode() if paths else reference
 
 
 def has_images_field(obj: dict) -> bool:
@@ -162,4 +169,5 @@ VLM = DataFormat(name="vlm", data_module="VLMDataModule", fields='{"conversation
                  map_texts=map_conversation, encoder=vlm_encoder, count_images=count_record_images)
 
 __all__ = ["DEFAULT_IMAGE_TOKEN", "DEFAULT_IMAGE_TOKEN_LEN", "IMAGE_TAG", "IMAGES_FIELD", "VLM",
-           "VisionSFTEncoder", "count_image_tags", "expand_image_tags", "image_runs", "vlm_encoder"]
+           "VisionSFTEncoder", "count_image_tags", "expand_image_tags", "image_location", "image_runs",
+           "vlm_encoder"]
