@@ -299,6 +299,14 @@ def test_parquet_rows_are_named_in_errors(tmp_path, tower, tok_dir):
     dm = module(write_parquet(tmp_path / "broken.parquet", rows), tower, tok_dir, tmp_path)
     with pytest.raises(DataFormatError, match=r"broken.parquet, row 1: image 1 \(12 bytes in the file\): undecodable"):
         dm.train_dataset[0]
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(__import__("pyarrow").table({"text": ["hello"]}), tmp_path / "other.parquet")
+    with pytest.raises(UserError, match=r"other.parquet: no column conversations, image_bytes \(it has: text\)"):
+        module(tmp_path / "other.parquet", tower, tok_dir, tmp_path)
+    from minimind_pl.commands.data.paths import input_files
+
+    with pytest.raises(UserError, match="is a Parquet file; this command reads and writes jsonl"):
+        input_files([str(path)], "INPUT")  # data clean / split / mix
 
 
 def test_data_stats_counts_images_and_image_tokens_in_both_files(data, tmp_path, tok_dir):
