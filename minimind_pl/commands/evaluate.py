@@ -38,7 +38,7 @@ from minimind_pl.checkpoints import open_checkpoint
 from minimind_pl.commands.images import image_problem, read_image
 from minimind_pl.data.block_map import block_records
 from minimind_pl.data.formats import detect_format, format_named
-from minimind_pl.data.formats.vlm import IMAGES_FIELD, image_location, image_runs
+from minimind_pl.data.formats.vlm import IMAGES_FIELD, image_location, image_starts
 from minimind_pl.data.jsonl import read_jsonl
 from minimind_pl.data.parquet import is_parquet, parquet_blocks
 from minimind_pl.errors import UserError, check_input_file
@@ -217,14 +217,15 @@ def window_spans(length: int, seq_len: int) -> list[slice]:
     return [slice(start, start + seq_len + 1) for start in range(0, length - 1, seq_len)]
 
 
-def window_images(ids: Sequence[int], span: slice, images: Sequence[ImageSource],
-                  image_token_id: int) -> list[ImageSource]:
-    """The images whose placeholder runs overlap the window ``span`` of ``ids`` (the k-th run is image k)."""
+def window_images(ids: Sequence[int], span: slice, images: Sequence[ImageSource], encoder: Any) -> list[ImageSource]:
+    """The images whose tokens overlap the window ``span`` of ``ids`` (image k starts at the k-th of
+    :func:`~minimind_pl.data.formats.vlm.image_starts`, the data's reading of the model's rule)."""
     if not images:
         return []
-    starts, lengths = image_runs(np.asarray(ids), image_token_id)
+    length = encoder.image_token_len
+    starts = image_starts(np.asarray(ids), encoder.image_token_id, length)
     stop = min(span.stop, len(ids))
-    return [images[k] for k in np.flatnonzero((starts < stop) & (starts + lengths > span.start))]
+    return [images[k] for k in np.flatnonzero((starts < stop) & (starts + length > span.start))]
 
 
 def scored_bytes(tokenizer: Tokenizer, ids: Sequence[int], scored: Sequence[int]) -> int:
@@ -277,7 +278,7 @@ def language_modeling(model: MiniMindForCausalLM, tokenizer: Tokenizer, records:
     for (ids, scored), sources in zip(docs, images):
         for span in window_spans(len(ids), seq_len):
             pieces.append((ids[span], [0] + scored[span][1:]))  # a window's first token is context only
-            piece_images.append(window_images(ids, span, sources, getattr(encoder, "image_token_id", -1)))
+            piece_images.append(window_images(ids, span, sources, encoder))
     nats = sum(score_sequences(model, pieces, batch_size, piece_images if any(piece_images) else None))
     tokens = sum(sum(scored[1:]) for _, scored in pieces)
     num_bytes = sum(scored_bytes(tokenizer, ids, scored) for ids, scored in pieces)
