@@ -34,6 +34,8 @@ HF_ARCHITECTURES = {**QWEN3_TYPES, "llama": "LlamaForCausalLM"}
 MINIMIND_ALIASES = {"n_routed_experts": "num_experts"}
 # Only MiniMind2's config.json has this key (MiniMind-3 calls it num_experts)
 MINIMIND2_MARKER = "n_routed_experts"
+# MiniMind's model types: its LM, and MiniMind-V's (VLMConfig: the LM's fields plus the image placeholder's)
+MINIMIND_TYPES = ("minimind", "minimind-v")
 MINIMIND2_HIDDEN_SIZE = 512  # MiniMind2Config's default (MiniMind2-Small)
 MOE_ONLY_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                    "router_aux_loss_coef", "n_shared_experts", "aux_loss_alpha", "seq_aux")
@@ -184,17 +186,23 @@ def load_hf_directory(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     """Read a Hugging Face directory: ``(state_dict in MiniMind names, ModelConfig dict)``.
 
     Accepts our Qwen3 / Qwen3-MoE export and MiniMind's own folders (``model_type: minimind``, with or
-    without ``auto_map``), weights in ``model.safetensors`` or ``pytorch_model.bin`` (sharded or not).
+    without ``auto_map``; MiniMind-V's ``minimind-v``, whose image fields ``read_config_json`` gives),
+    weights in ``model.safetensors`` or ``pytorch_model.bin`` (sharded or not).
     """
     root = Path(path)
-    config_file = root / "config.json"
+    config = config_from_hf(read_config_json(root), str(root / "config.json"))
+    return read_hf_weights(root), config
+
+
+def read_config_json(root: str | Path) -> dict[str, Any]:
+    """A model folder's ``config.json`` as it is."""
+    config_file = Path(root) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{root} is not a Hugging Face model directory: no config.json")
     try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        return json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise UserError(f"{config_file} is not valid JSON: {err}") from err
-    return read_hf_weights(root), config_from_hf(raw, str(config_file))
 
 
 def config_from_hf(raw: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
@@ -202,13 +210,13 @@ def config_from_hf(raw: dict[str, Any], where: str = "config.json") -> dict[str,
     model_type = raw.get("model_type", "minimind")
     if model_type in HF_ARCHITECTURES:
         fields = _transformers_fields(raw, where)
-    elif model_type == "minimind" and MINIMIND2_MARKER in raw:
+    elif model_type in MINIMIND_TYPES and MINIMIND2_MARKER in raw:
         fields = _minimind2_fields(raw, where)
-    elif model_type == "minimind":
+    elif model_type in MINIMIND_TYPES:
         fields = _minimind_fields(raw, where)
     else:
-        raise UserError(f"{where}: model_type {model_type!r} is not supported (expected 'minimind', 'qwen3', "
-                         "'qwen3_moe' or 'llama')")
+        raise UserError(f"{where}: model_type {model_type!r} is not supported (expected 'minimind', 'minimind-v', "
+                         "'qwen3', 'qwen3_moe' or 'llama')")
     if not fields.get("use_moe"):  # MiniMind's configs carry MoE settings that a dense model does not use
         for key in MOE_ONLY_FIELDS:
             fields.pop(key, None)

@@ -10,7 +10,10 @@ folder it was trained with, and the LoRA adapters to put on top. It accepts
 - a MiniMind ``.pth`` (a bare state dict; no config: a preset or the tensor shapes give it), MiniMind-V's
   included (``vision_proj.*`` weights: the projector's shapes give the generation, the tower is a folder given
   as ``vision_encoder``, never in the file),
-- a Hugging Face folder (``config.json`` + weights), as written by ``export`` or MiniMind,
+- a Hugging Face folder (``config.json`` + weights), as written by ``export`` or MiniMind, MiniMind-V's
+  included (``model_type: minimind-v``, written by its ``scripts/convert_vlm.py``: the LM and ``vision_proj.*``,
+  the placeholder in config.json; the tower is ``vision_encoder`` if given, else the folder's own
+  ``vision_encoder.*`` tensors if it was saved with them, else none: text only),
 - a checkpoint folder of a sharded strategy (FSDP ``state_dict_type="sharded"``, DeepSpeed), consolidated in
   memory (``checkpoints.sharded``).
 
@@ -28,8 +31,8 @@ import torch
 
 from minimind_pl.checkpoints.adapters import LoRAFile, adapter_from_raw, apply_adapter, is_adapter, read_lora_file, resolve_base
 from minimind_pl.checkpoints.files import STAGE_PREFIX, nonfinite_tensors, read_torch_file, strip_prefix
-from minimind_pl.checkpoints.huggingface import load_hf_directory
-from minimind_pl.checkpoints.minimind import PROJECTOR_PREFIX, infer_config, infer_vision_config
+from minimind_pl.checkpoints.huggingface import config_from_hf, read_config_json, read_hf_weights
+from minimind_pl.checkpoints.minimind import PROJECTOR_PREFIX, hf_vision_config, infer_config, infer_vision_config
 from minimind_pl.checkpoints.sharded import read_sharded_folder
 from minimind_pl.config import ModelConfig
 from minimind_pl.errors import UserError, refuse_mismatch
@@ -37,6 +40,10 @@ from minimind_pl.lora import merge_lora
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 from minimind_pl.vision.config import VisionConfig
+
+
+MINIMIND_V_TYPE = "minimind-v"  # config.json's model_type of MiniMind-V's transformers folders
+TOWER_PREFIX = "vision_encoder."  # where MiniMind-V's model holds its tower, in a folder saved with it
 
 
 @dataclass
@@ -58,6 +65,8 @@ class Checkpoint:
         vision_encoder: The vision tower folder a vision-language stage checkpoint recorded
             (``vision.tower.tower_record``).
         vision_encoder_fingerprint: ``weights_fingerprint`` of that tower's weights, when recorded.
+        tower_weights: The tower's own tensors when the file holds them (a MiniMind-V transformers folder saved
+            with its ``vision_encoder.*``; that prefix taken off), used when no tower folder is given.
     """
 
     path: str
@@ -71,6 +80,7 @@ class Checkpoint:
     vision_config: Optional[dict[str, Any]] = None
     vision_encoder: Optional[str] = None
     vision_encoder_fingerprint: Optional[str] = None
+    tower_weights: Optional[dict[str, torch.Tensor]] = None
 
     @property
     def is_vision_language(self) -> bool:
@@ -97,7 +107,8 @@ class Checkpoint:
         available); the adapters on top, folded into the weights if ``merge``. ``inference_rope_scaling`` turns
         YaRN on (MiniMind's settings) whatever the recorded config says; False keeps the recorded setting.
         A vision-language checkpoint gives a ``MiniMindVLM`` whose tower is ``vision_encoder`` (default: the
-        recorded folder; none: the model reads text only until ``attach_tower``)."""
+        recorded folder, else the tower tensors the file holds; none: the model reads text only until
+        ``attach_tower``)."""
         config = self.config(preset)
         if inference_rope_scaling:
             config = dataclasses.replace(config, inference_rope_scaling=True)
@@ -118,10 +129,13 @@ class Checkpoint:
     def _vision_language_model(self, config: ModelConfig, folder: Optional[str | Path]) -> MiniMindForCausalLM:
         """A MiniMindVLM for ``config``: the tower from ``folder`` (checked against a recorded fingerprint), the
         vision config recorded or read off the projector (features per image: the tower's)."""
-        from minimind_pl.vision.tower import check_same_tower, load_vision_tower  # vision.tower reads through
-        from minimind_pl.vision.vlm import MiniMindVLM  # checkpoints.huggingface: imported here, not above
+        from minimind_pl.vision.tower import check_same_tower, load_vision_tower, tower_from_weights  # vision.tower
+        from minimind_pl.vision.vlm import MiniMindVLM  # reads through checkpoints.huggingface: imported here
 
-        tower = load_vision_tower(folder) if folder is not None else None
+        if folder is not None:
+            tower = load_vision_tower(folder)
+        else:
+            tower = tower_from_weights(self.tower_weights, self.path) if self.tower_weights else None
         if tower is not None:
             check_same_tower(self.vision_encoder_fingerprint, tower, self.path)
         vision = VisionConfig.from_dict(self.vision_config or infer_vision_config(
@@ -161,9 +175,7 @@ def open_checkpoint(path: str | Path, lora: Optional[str | Path] = None) -> Chec
     if sharded is not None:  # a sharded FSDP / DeepSpeed checkpoint: an ordinary stage checkpoint once read
         checkpoint = _from_raw(path, sharded)
     elif path.is_dir():
-        weights, config = load_hf_directory(path)
-        tokenizer = str(path) if (path / "tokenizer.json").exists() else None
-        checkpoint = Checkpoint(str(path), weights, config, tokenizer)
+        checkpoint = _from_hf_folder(path)
     else:
         checkpoint = _from_raw(path, read_torch_file(path))
     check_finite(checkpoint.path, checkpoint.weights)
@@ -193,6 +205,20 @@ def check_finite(path: str, weights: dict[str, torch.Tensor]) -> None:
     if bad:
         raise UserError(f"{path} holds NaN/inf weights ({bad[0]}{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}): "
                         "it was written by a run that diverged. Use an earlier checkpoint of that run.")
+
+
+def _from_hf_folder(path: Path) -> Checkpoint:
+    """A Hugging Face folder; MiniMind-V's (``model_type: minimind-v``) with its vision config, and its tower's
+    tensors set apart when it was saved with them."""
+    raw, weights = read_config_json(path), read_hf_weights(path)  # each file once
+    config = config_from_hf(raw, str(path / "config.json"))
+    tokenizer = str(path) if (path / "tokenizer.json").exists() else None
+    if raw.get("model_type") != MINIMIND_V_TYPE:
+        return Checkpoint(str(path), weights, config, tokenizer)
+    tower = strip_prefix(weights, TOWER_PREFIX)
+    weights = {k: v for k, v in weights.items() if not k.startswith(TOWER_PREFIX)}
+    vision = hf_vision_config(raw, weights, str(path / "config.json"))
+    return Checkpoint(str(path), weights, config, tokenizer, vision_config=vision, tower_weights=tower or None)
 
 
 def _from_raw(path: Path, raw: Any) -> Checkpoint:
@@ -233,13 +259,15 @@ def load_model(path: str | Path, preset: Optional[str] = None, device: str = "au
 
     Args:
         path: A Lightning ``.ckpt`` of any stage (a LoRA checkpoint loads its recorded base plus its
-            adapters), a MiniMind ``.pth`` or a Hugging Face folder.
+            adapters), a MiniMind ``.pth`` or a Hugging Face folder (ours, MiniMind's or MiniMind-V's).
         preset: Model preset of a ``.pth``, which stores no config (default: read off the tensor shapes).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
         lora: An adapter file to put on top, unmerged.
         vision_encoder: The vision tower folder (Hugging Face SigLIP / SigLIP2 / CLIP: config.json, weights,
             preprocessor_config.json) of a MiniMind-V checkpoint, e.g. ``siglip2-base-p32-256-ve``; default: the
-            one its stage checkpoint recorded, if any.
+            one its stage checkpoint recorded, else (a MiniMind-V transformers folder saved with its
+            ``vision_encoder.*`` tensors) the folder's own tower, whose config is read off its tensor shapes
+            (``vision.tower.tower_from_weights``); with none, the model reads text only and refuses images.
     """
     return open_checkpoint(path, lora).build_model(preset, device=device, vision_encoder=vision_encoder)
 

@@ -70,6 +70,26 @@ def infer_vision_config(state_dict: dict[str, torch.Tensor], image_token_len: in
                     f"nor MiniMind2-V's linear one ({PROJECTOR_KEYS['linear']})")
 
 
+def hf_vision_config(raw: dict[str, Any], state_dict: dict[str, torch.Tensor], where: str) -> dict[str, Any]:
+    """The VisionConfig dict of a MiniMind-V transformers folder: the projector read off the weights
+    (:func:`infer_vision_config`), the placeholder from its ``config.json`` (VLMConfig's fields). minimind-3v writes
+    one token and its id (``image_special_token: "<|image_pad|>"``, ``image_ids: [12]``) and the run length apart
+    (``image_token_len: 64``); MiniMind2-V writes the whole run (``"@" * 196`` and ``[34] * 196``)."""
+    vision = infer_vision_config(state_dict)
+    ids, text = raw.get("image_ids") or [vision["image_token_id"]], raw.get("image_special_token")
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids) or len(set(ids)) != 1:
+        raise UserError(f"{where}: image_ids must be a list of one repeated token id, got {str(ids)[:60]}")
+    token = text if isinstance(text, str) else vision["image_token"]
+    if len(ids) > 1:  # MiniMind2-V: the run itself
+        length, token = len(ids), token[:len(token) // len(ids)]
+        if not token or token * length != text:
+            raise UserError(f"{where}: image_special_token {str(text)[:40]!r} is not {length} repeats of one token "
+                            f"(image_ids has {length})")
+    else:
+        length = int(raw.get("image_token_len", vision["image_token_len"]))
+    return {**vision, "image_token": token, "image_token_id": ids[0], "image_token_len": length}
+
+
 def _attention_fields(state_dict: dict[str, torch.Tensor], p: str, hidden_size: int) -> dict[str, Any]:
     """Heads and head width of layer prefix ``p``: from the q/k norm width, else MiniMind2's 8 heads."""
     q_rows, k_rows = (state_dict[p + f"self_attn.{n}_proj.weight"].shape[0] for n in "qk")

@@ -6,6 +6,11 @@ The jsonl's format is read from its first line, by the data formats' one rule
 - ``{"text": ...}`` (pretraining): every token after ``<|im_start|>`` is scored, as in pretraining;
 - ``{"conversations": [...]}`` (SFT): the assistant turns are scored, with the SFT loss mask
   (rendered without the training-time augmentations, so the numbers are deterministic);
+- image conversations (MiniMind-V), ``{"conversations": [...], "images": [...]}`` lines or a MiniMind-V Parquet
+  file (``conversations``, ``image_bytes``): the assistant turns are scored as in SFT with the images in (each
+  ``<image>`` expanded for the model's placeholder by the VLM data format's encoder, each image decoded and
+  preprocessed as its tower says); image tokens are never scored. A file is image conversations when any of its
+  records has an ``images`` field (a Parquet file always);
 - ``{"question", "A", "B", ..., "answer"}`` (C-Eval / CMMLU style, a line of no data format): each choice is
   scored by its log-likelihood given the question, the best one is the model's answer, and accuracy is reported
   (plus ``acc_norm``, the log-likelihood per UTF-8 byte of the choice, which favours long choices less).
@@ -14,27 +19,37 @@ A line with both ``text`` and ``conversations`` is pretraining text, as it is to
 
 Bits per byte = total nats / ln 2 / UTF-8 bytes of the scored text (special tokens count no bytes), so
 models with different tokenizers compare. Documents longer than ``seq_len`` are scored in consecutive
-windows (each window starts a fresh context).
+windows (each window starts a fresh context; a window takes the images whose placeholder runs it overlaps, and a
+run it cuts takes an image's first features, the model's rule for a truncated run).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from minimind_pl.checkpoints import open_checkpoint
+from minimind_pl.commands.images import image_problem, read_image
+from minimind_pl.data.block_map import block_records
 from minimind_pl.data.formats import detect_format, format_named
+from minimind_pl.data.formats.vlm import IMAGES_FIELD, image_location, image_starts
 from minimind_pl.data.jsonl import read_jsonl
-from minimind_pl.errors import UserError
+from minimind_pl.data.parquet import is_parquet, parquet_blocks
+from minimind_pl.errors import UserError, check_input_file
+from minimind_pl.generation import stack_images
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
+from minimind_pl.vision.preprocess import ImageError
 
 Scored = tuple[list[int], list[int]]  # token ids, 1 where the token is scored (predicted from the ones before)
-SCORED_FORMATS = ("pretrain", "sft")  # the data formats whose documents carry a loss mask to score
+SCORED_FORMATS = ("pretrain", "sft", "vlm")  # the data formats whose documents carry a loss mask to score
+IMAGE_FORMAT = "vlm"
 
 
 def eval_command(
@@ -57,15 +72,16 @@ def eval_command(
 
     Args:
         ckpt: A Lightning .ckpt of any stage, a MiniMind .pth or a Hugging Face directory.
-        data: A jsonl file: pretraining ``text``, SFT ``conversations``, or multiple-choice questions
-            ``{"question", "A", "B", "C", "D", "answer"}``.
+        data: A jsonl file: pretraining ``text``, SFT ``conversations``, image conversations
+            ``{"conversations", "images"}`` (image paths relative to the file) or multiple-choice questions
+            ``{"question", "A", "B", "C", "D", "answer"}``; or a MiniMind-V Parquet file (image conversations).
         tokenizer: Tokenizer directory (default: the one recorded with the checkpoint).
         allow_tokenizer_mismatch: Use ``--tokenizer`` (or the recorded folder) even when it is not the tokenizer
             the checkpoint was trained with (checkpoints record its fingerprint): a warning instead of an error.
         preset: Model preset of a MiniMind .pth (default: read from the tensor shapes).
         lora: A LoRA adapter file to apply on top of the weights.
-        vision_encoder: The vision tower folder of a MiniMind-V checkpoint (default: the one its stage checkpoint
-            recorded); its language side is scored on text data.
+        vision_encoder: The vision tower folder of a MiniMind-V checkpoint (default: the one its checkpoint
+            recorded or holds); needed to score image conversations, not text.
         seq_len: Longest window scored at once (longer documents are split into windows).
         batch_size: Sequences per forward pass.
         limit: Evaluate only the first this many lines.
@@ -75,11 +91,14 @@ def eval_command(
         device: ``auto``, ``cpu`` or ``cuda``.
         inference_rope_scaling: YaRN RoPE scaling (MiniMind's settings) for texts beyond the trained length.
     """
-    records = list(read_jsonl(data, "--data", limit))  # bad data stops the command before the model loads
+    records = read_records(data, limit)  # bad data stops the command before the model loads
     kind = eval_format(records, data)
     checkpoint = open_checkpoint(ckpt, lora)
     model = checkpoint.build_model(preset, merge=True, device=device,  # adapters folded in: faster
                                    inference_rope_scaling=inference_rope_scaling, vision_encoder=vision_encoder)
+    problem = image_problem(model) if kind == IMAGE_FORMAT and any(map(record_images, records)) else None
+    if problem:
+        raise UserError(f"{data} holds image conversations, and {problem}")
     tok = checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch)
     if kind == "choice":
         metrics = multiple_choice(model, tok, records, data, mc_format, chat, batch_size, seq_len)
@@ -96,15 +115,30 @@ def eval_command(
 # ============================================================================ reading
 
 
+def read_records(path: str, limit: Optional[int] = None) -> list[tuple[int, Any]]:
+    """``(line number, record)`` of a jsonl file, or ``(row number, record)`` of a MiniMind-V Parquet file (the
+    data code's Parquet source: image bytes in ``images``), the first ``limit`` of them."""
+    if not is_parquet(check_input_file(path, "--data", "a .jsonl or .parquet file")):
+        return list(read_jsonl(path, "--data", limit))
+    records: list[tuple[int, Any]] = []
+    for first_row, block, _ in parquet_blocks(path):
+        found, errors, _ = block_records(first_row, block)
+        if errors:
+            raise UserError(f"{path}, row {errors[0][0]}: {errors[0][1]}; fix the row")
+        records += found
+        if limit is not None and len(records) >= limit:
+            return records[:limit]
+    return records
+
+
 def eval_format(records: Sequence[tuple[int, Any]], path: str) -> str:
-    """The name of the first record's data format (``pretrain`` or ``sft``), or ``choice`` for a multiple-choice
-    question."""
+    """The name of the records' data format (``pretrain``, ``sft``, or ``vlm`` when any record has images), or
+    ``choice`` for a multiple-choice question."""
     if not records:
         raise UserError(f"{path} (from --data) holds no records (the file is empty or blank); name a jsonl file")
     line_no, first = records[0]
-    if isinstance(first, dict) and first.get("images"):
-        raise UserError(f"{path}:{line_no}: image conversations: eval does not score them yet (the loss of a "
-                        "vision-language validation file is not implemented in eval yet)")
+    if any(isinstance(r, dict) and "conversations" in r and IMAGES_FIELD in r for _, r in records):
+        return IMAGE_FORMAT  # a later line with images makes the whole file image conversations
     data_format = detect_format(first)
     if data_format is not None and data_format.name in SCORED_FORMATS:
         return data_format.name
@@ -118,21 +152,50 @@ def eval_format(records: Sequence[tuple[int, Any]], path: str) -> str:
 # ============================================================================ scoring
 
 
-def score_sequences(model: MiniMindForCausalLM, sequences: Sequence[Scored], batch_size: int = 8) -> list[float]:
-    """Summed negative log-likelihood (nats) of the scored tokens of each sequence."""
+@dataclass(frozen=True)
+class ImageSource:
+    """One image of a scored document: what to decode (a file or encoded bytes) and where the data names it."""
+
+    data: Path | bytes
+    where: str
+
+    def read(self, model: MiniMindForCausalLM) -> torch.Tensor:
+        """(3, H, W) as ``model``'s tower reads it; a UserError naming the image when it is missing or broken."""
+        try:
+            return read_image(model, self.data)
+        except FileNotFoundError:
+            problem = "no such file"
+        except (ImageError, OSError) as error:
+            problem = str(error)
+        raise UserError(f"{self.where}: {problem}")
+
+
+def score_sequences(model: MiniMindForCausalLM, sequences: Sequence[Scored], batch_size: int = 8,
+                    images: Optional[Sequence[Sequence[ImageSource]]] = None) -> list[float]:
+    """Summed negative log-likelihood (nats) of the scored tokens of each sequence; ``images[i]``: sequence i's
+    images in the order of its placeholder runs (decoded a batch at a time)."""
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))  # similar lengths share a batch
     totals = [0.0] * len(sequences)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         ids, mask = _pad([sequences[i] for i in chunk], device)
+        pixel_values = _batch_images(model, [images[i] for i in chunk], device) if images else None
+        extra = {} if pixel_values is None else {"pixel_values": pixel_values}
         with torch.inference_mode():
-            logits = model(ids[:, :-1]).logits.float()  # (B, T-1, V): position t predicts token t+1
+            logits = model(ids[:, :-1], **extra).logits.float()  # (B, T-1, V): position t predicts token t+1
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
         sums = (nll * mask[:, 1:]).sum(dim=1).tolist()
         for i, value in zip(chunk, sums):
             totals[i] = value
     return totals
+
+
+def _batch_images(model: MiniMindForCausalLM, rows: Sequence[Sequence[ImageSource]],
+                  device: torch.device) -> Optional[torch.Tensor]:
+    """pixel_values (B, N, 3, H, W) of the rows' images, zero-padded; None when no row has one."""
+    per_row = [torch.stack([source.read(model) for source in row]) if row else None for row in rows]
+    return stack_images(per_row, len(rows), device)
 
 
 def _pad(batch: Sequence[Scored], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,16 +209,23 @@ def _pad(batch: Sequence[Scored], device: torch.device) -> tuple[torch.Tensor, t
     return ids.to(device), mask.to(device)
 
 
-def windows(ids: Sequence[int], scored: Sequence[int], seq_len: int) -> list[Scored]:
-    """Split a long sequence into windows of at most ``seq_len + 1`` tokens overlapping by one token,
-    so every scored token is scored exactly once (the first token of a window is context only)."""
-    if len(ids) <= seq_len + 1:
-        return [(list(ids), [0] + list(scored[1:]))]
-    out = []
-    for start in range(0, len(ids) - 1, seq_len):
-        piece = slice(start, start + seq_len + 1)
-        out.append((list(ids[piece]), [0] + list(scored[piece][1:])))
-    return out
+def window_spans(length: int, seq_len: int) -> list[slice]:
+    """Windows of at most ``seq_len + 1`` tokens over a sequence of ``length``, overlapping by one token, so every
+    scored token is scored exactly once (the first token of a window is context only)."""
+    if length <= seq_len + 1:
+        return [slice(0, length)]
+    return [slice(start, start + seq_len + 1) for start in range(0, length - 1, seq_len)]
+
+
+def window_images(ids: Sequence[int], span: slice, images: Sequence[ImageSource], encoder: Any) -> list[ImageSource]:
+    """The images whose tokens overlap the window ``span`` of ``ids`` (image k starts at the k-th of
+    :func:`~minimind_pl.data.formats.vlm.image_starts`, the data's reading of the model's rule)."""
+    if not images:
+        return []
+    length = encoder.image_token_len
+    starts = image_starts(np.asarray(ids), encoder.image_token_id, length)
+    stop = min(span.stop, len(ids))
+    return [images[k] for k in np.flatnonzero((starts < stop) & (starts + length > span.start))]
 
 
 def scored_bytes(tokenizer: Tokenizer, ids: Sequence[int], scored: Sequence[int]) -> int:
@@ -166,28 +236,50 @@ def scored_bytes(tokenizer: Tokenizer, ids: Sequence[int], scored: Sequence[int]
 # ============================================================================ language modelling
 
 
-def encode_documents(tokenizer: Tokenizer, records: Sequence[tuple[int, Any]], kind: str,
-                     path: str) -> list[Scored]:
-    """Token ids and scored-token masks of every record, as the training data modules build them (without their
-    random augmentations)."""
-    encoder = format_named(kind, "kind").encoder(tokenizer, augment=False)
-    docs = []
+def record_images(record: tuple[int, Any]) -> list:
+    """The images a ``(line, record)`` pair lists (none for a record without an ``images`` field)."""
+    return list(record[1].get(IMAGES_FIELD) or []) if isinstance(record[1], dict) else []
+
+
+def document_encoder(model: MiniMindForCausalLM, tokenizer: Tokenizer, kind: str) -> Any:
+    """The training data's encoder of ``kind`` without its random augmentations; for image conversations, with
+    the model's placeholder token and features per image."""
+    vision = getattr(model, "vision_config", None)
+    image = {"image_token": vision.image_token, "image_token_len": vision.image_token_len} if (
+        kind == IMAGE_FORMAT and vision is not None) else {}
+    return format_named(kind, "kind").encoder(tokenizer, augment=False, **image)
+
+
+def encode_documents(encoder: Any, records: Sequence[tuple[int, Any]],
+                     path: str) -> tuple[list[Scored], list[list[ImageSource]]]:
+    """Token ids and scored-token masks of every record, as the training data modules build them, and each
+    record's images (none for text)."""
+    docs, images, parquet = [], [], is_parquet(path)
     for (line_no, _), result in zip(records, encoder.encode_records(records)):
         if isinstance(result, str):
             raise UserError(f"{path}:{line_no}: {result}")
-        ids, mask = result[0]
+        ids, mask, *stored = result[0]  # an image format's documents carry their images' references
         ids = np.asarray(ids).tolist()
         docs.append((ids, [0] + [1] * (len(ids) - 1) if mask is None else np.asarray(mask).tolist()))
-    return docs
+        where = f"{path}, {'row' if parquet else 'line'} {line_no}: image"
+        images.append([ImageSource(image_location(path, reference, not parquet), f"{where} {j + 1}")
+                       for j, reference in enumerate(stored[0] if stored else [])])
+    return docs, images
 
 
 def language_modeling(model: MiniMindForCausalLM, tokenizer: Tokenizer, records: Sequence[tuple[int, Any]],
                       kind: str, path: str, batch_size: int = 8, seq_len: int = 1024) -> dict[str, float]:
-    """Mean loss (nats per scored token), perplexity and bits per byte over all documents."""
+    """Mean loss (nats per scored token), perplexity and bits per byte over all documents (image documents with
+    their images)."""
     seq_len = min(seq_len, model.config.max_position_embeddings - 1)
-    docs = encode_documents(tokenizer, records, kind, path)
-    pieces = [w for ids, scored in docs for w in windows(ids, scored, seq_len)]
-    nats = sum(score_sequences(model, pieces, batch_size))
+    encoder = document_encoder(model, tokenizer, kind)
+    docs, images = encode_documents(encoder, records, path)
+    pieces, piece_images = [], []
+    for (ids, scored), sources in zip(docs, images):
+        for span in window_spans(len(ids), seq_len):
+            pieces.append((ids[span], [0] + scored[span][1:]))  # a window's first token is context only
+            piece_images.append(window_images(ids, span, sources, encoder))
+    nats = sum(score_sequences(model, pieces, batch_size, piece_images if any(piece_images) else None))
     tokens = sum(sum(scored[1:]) for _, scored in pieces)
     num_bytes = sum(scored_bytes(tokenizer, ids, scored) for ids, scored in pieces)
     loss = nats / max(tokens, 1)

@@ -15,6 +15,7 @@ width.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,10 @@ FAMILY_DEFAULTS = {
              "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
              "layer_norm_eps": 1e-5},
 }
+HEAD_WIDTH = 64  # ViT-B's attention heads (clip-vit-base-patch16, siglip2-base): 12 of 64
+# transformers' CLIPImageProcessor defaults (OPENAI_CLIP_MEAN / OPENAI_CLIP_STD)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MODEL_TYPES = {"siglip": "siglip", "siglip_vision_model": "siglip", "clip": "clip", "clip_vision_model": "clip"}
 
 
@@ -203,16 +208,20 @@ class VisionTower(nn.Module):
 
 
 def tower_weights(folder: str | Path) -> dict[str, Tensor]:
-    """The vision encoder's tensors of a tower folder, named without ``vision_model.``: transformers 4 saves a
-    vision model's tensors under that prefix, transformers 5 without it; a whole CLIP / SigLIP model's text side
-    is left out."""
-    weights = read_hf_weights(folder)
+    """The vision encoder's tensors of a tower folder (:func:`vision_tensors`)."""
+    return vision_tensors(read_hf_weights(folder), str(folder))
+
+
+def vision_tensors(weights: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """The vision encoder's tensors of a SigLIP / CLIP state dict, named without ``vision_model.``: transformers 4
+    saves a vision model's tensors under that prefix, transformers 5 without it; a whole CLIP / SigLIP model's
+    text side is left out."""
     vision = strip_prefix(weights, VISION_PREFIX)
     if not vision and any(k.startswith(("embeddings.", "encoder.")) for k in weights):
         vision = {k: v for k, v in weights.items() if not k.startswith(("text_model.", "logit_", "visual_projection",
                                                                       "text_projection"))}
     if not vision:
-        raise UserError(f"{folder} holds no vision encoder weights (vision_model.* or embeddings.* / encoder.*): "
+        raise UserError(f"{where} holds no vision encoder weights (vision_model.* or embeddings.* / encoder.*): "
                         f"is it a SigLIP or CLIP vision tower folder?")
     return vision
 
@@ -237,16 +246,64 @@ def load_vision_tower(folder: str | Path) -> VisionTower:
     """The frozen tower of a Hugging Face SigLIP / SigLIP2 (fixed resolution) / CLIP folder, float32, on the CPU."""
     config = read_tower_config(folder)
     weights = tower_weights(folder)
-    tower = VisionTower(config, ImageSpec.from_folder(folder), str(folder), weights_fingerprint(weights))
+    return filled_tower(config, ImageSpec.from_folder(folder), weights, str(folder))
+
+
+def tower_from_weights(weights: dict[str, Tensor], where: str) -> VisionTower:
+    """The frozen tower held in a state dict without its folder (a MiniMind-V model folder saved with its
+    ``vision_encoder.*``, that prefix already taken off). There is no config.json or preprocessor_config.json:
+    the shapes give the family (CLIP's class embedding), width, layers, MLP width, patch size and resolution
+    (positions); the heads are the width / 64 (both MiniMind-V towers, ViT-B/16 and SigLIP2 base, have 64-wide
+    heads); activation and LayerNorm eps are the family's; the preprocessing is transformers' image processor
+    defaults for the family at that resolution (SigLIP: bicubic resize to the square, mean = std = 0.5; CLIP:
+    bicubic resize of the short side, centre crop, CLIP's mean and std). A tower folder, when given, is exact."""
+    vision = vision_tensors(weights, where)
+    config = config_from_weights(vision, where)
+    return filled_tower(config, default_image_spec(config), vision, where)
+
+
+def config_from_weights(vision: dict[str, Tensor], where: str) -> TowerConfig:
+    """A tower's config read off its tensors (see :func:`tower_from_weights`)."""
+    try:
+        patch = vision["embeddings.patch_embedding.weight"]  # (C, channels, p, p)
+        family = "clip" if "embeddings.class_embedding" in vision else "siglip"
+        positions = vision["embeddings.position_embedding.weight"].shape[0] - (family == "clip")
+        intermediate = vision["encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as missing:
+        raise UserError(f"{where}: the vision encoder's tensors lack {missing}: not a SigLIP / CLIP tower") from None
+    layers = {int(k.split(".")[2]) for k in vision if k.startswith("encoder.layers.")}
+    side, width = math.isqrt(positions), patch.shape[0]
+    if side * side != positions or width % HEAD_WIDTH:
+        raise UserError(f"{where}: a tower of {positions} patches and width {width} is not a square grid of 64-wide "
+                        "heads; give its folder (vision_encoder=DIR)")
+    defaults = FAMILY_DEFAULTS[family]
+    return TowerConfig(family=family, hidden_size=width, intermediate_size=intermediate,
+                       num_hidden_layers=max(layers) + 1, num_attention_heads=width // HEAD_WIDTH,
+                       num_channels=patch.shape[1], image_size=side * patch.shape[2], patch_size=patch.shape[2],
+                       hidden_act=defaults["hidden_act"], layer_norm_eps=defaults["layer_norm_eps"])
+
+
+def default_image_spec(config: TowerConfig) -> ImageSpec:
+    """transformers' SiglipImageProcessor / CLIPImageProcessor defaults at ``config``'s resolution."""
+    size = config.image_size
+    if config.family == "clip":
+        return ImageSpec(height=size, width=size, mean=CLIP_MEAN, std=CLIP_STD, shortest_edge=size)
+    return ImageSpec(height=size, width=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def filled_tower(config: TowerConfig, image_spec: ImageSpec, weights: dict[str, Tensor], where: str) -> VisionTower:
+    """A :class:`VisionTower` of ``config`` holding ``weights`` (float32), fingerprinted; a UserError naming
+    ``where`` when tensors are missing or do not fit the config."""
+    tower = VisionTower(config, image_spec, where, weights_fingerprint(weights))
     state = {k: v.float() for k, v in weights.items()}
     own = tower.vision_model.state_dict()
     missing = sorted(set(own) - set(state))
     if missing:
-        raise UserError(f"{folder} is missing tower weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise UserError(f"{where} is missing tower weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     shapes = [f"{k}: file {tuple(state[k].shape)}, config {tuple(own[k].shape)}"
               for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
     if shapes:
-        raise UserError(f"{folder}: weights do not fit its config.json: {shapes[:3]}")
+        raise UserError(f"{where}: tower weights do not fit its config: {shapes[:3]}")
     tower.vision_model.load_state_dict({k: state[k] for k in own})  # the pooling head etc. stay unread
     return tower
 

@@ -135,21 +135,10 @@ def test_bad_data_files_end_in_one_error_line_before_the_model_loads(tmp_path, c
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n", encoding="utf-8")
     cases = [(tmp_path / "missing.jsonl", f"not found: {tmp_path / 'missing.jsonl'} (from --data)"),
-             (tmp_path, f"{tmp_path} (from --data) is a directory, but a .jsonl file is expected"),
+             (tmp_path, f"{tmp_path} (from --data) is a directory, but a .jsonl or .parquet file is expected"),
              (empty, f"{empty} (from --data) holds no records")]
     for data, message in cases:
         with pytest.raises(SystemExit) as stop:  # the checkpoint does not exist: the data is checked first
             main(["eval", "--ckpt", str(tmp_path / "no.ckpt"), "--data", str(data)])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and err.startswith(f"error: {message}") and "Traceback" not in err
-
-
-def test_image_conversations_are_refused_not_scored_as_text(tmp_path):
-    """Scoring their <image> tags as text would give a loss that means nothing: eval says it does not score them."""
-    from minimind_pl.commands.evaluate import eval_format
-
-    lines = write_jsonl(tmp_path / "vlm.jsonl", [{"conversations": [{"role": "user", "content": "<image>说"},
-                                                                   {"role": "assistant", "content": "猫"}],
-                                                  "images": ["a.jpg"]}])
-    with pytest.raises(ValueError, match=r"vlm.jsonl:1: image conversations: eval does not score them yet"):
-        eval_format(list(read_jsonl(lines)), str(lines))

@@ -11,13 +11,15 @@ text, not an image). Then everything is SFT's (:mod:`minimind_pl.data.formats.sf
 assistant-only loss mask), except that image tokens never carry loss, even inside an assistant turn.
 
 A record is invalid (an error naming file and line or row, or skipped with ``skip_invalid``) when its tags and
-images disagree in number, an image entry is not a path or bytes, or its rendered image runs are not one run of
-``image_token_len`` tokens per image (two tags side by side would merge into one run, which the model reads as one
-image). Whether an image file exists and decodes is found when it is loaded (:mod:`minimind_pl.data.image_rows`).
+images disagree in number, an image entry is not a path or bytes, or its rendered image tokens are not
+``image_token_len`` per image (``image_token`` written in the text itself). Two tags side by side make one run of
+two images' tokens, which the model splits into images of ``image_token_len`` (:func:`image_starts`). Whether an
+image file exists and decodes is found when it is loaded (:mod:`minimind_pl.data.image_rows`).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -55,10 +57,17 @@ def check_images(obj: dict) -> Optional[str]:
 
 
 def image_runs(ids: np.ndarray, image_token_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(starts, lengths)`` of the runs of ``image_token_id`` in ``ids`` (the model's k-th run takes image k)."""
+    """``(starts, lengths)`` of the runs of ``image_token_id`` in ``ids``."""
     is_image = np.concatenate([[False], np.asarray(ids) == image_token_id, [False]])
     edges = np.flatnonzero(is_image[1:] != is_image[:-1])
     return edges[0::2], edges[1::2] - edges[0::2]
+
+
+def image_starts(ids: np.ndarray, image_token_id: int, image_token_len: int) -> np.ndarray:
+    """Where each image's tokens start in a whole document, in order: the model's rule (``merge_image_features``)
+    read on complete runs: each run is one image, or consecutive images of ``image_token_len`` tokens each."""
+    runs = zip(*image_runs(ids, image_token_id))
+    return np.asarray([start for first, n in runs for start in range(first, first + n, image_token_len)], np.int64)
 
 
 class VisionSFTEncoder(SFTEncoder):
@@ -97,13 +106,12 @@ class VisionSFTEncoder(SFTEncoder):
         return super().render(expand_image_tags(conversation, self.image_token * self.image_token_len), line_no)
 
     def run_error(self, ids: np.ndarray, n_images: int) -> Optional[str]:
-        """Why the rendered image runs are not one run of ``image_token_len`` per image, or None."""
+        """Why the rendered image tokens are not ``image_token_len`` per image, in whole images, or None."""
         _, lengths = image_runs(ids, self.image_token_id)
-        if lengths.size == n_images and bool((lengths == self.image_token_len).all()):
+        if lengths.sum() == n_images * self.image_token_len and not (lengths % self.image_token_len).any():
             return None
-        return (f"{n_images} image(s) but image-token runs of lengths {lengths.tolist()[:8]} (expected "
-                f"{self.image_token_len} each): keep text between two <image> tags, and no {self.image_token} "
-                "in the text itself")
+        return (f"{n_images} image(s) but runs of {self.image_token} of lengths {lengths.tolist()[:8]} (expected "
+                f"{self.image_token_len} per image): the text itself holds {self.image_token}; remove it")
 
     def encode_records(self, records: Sequence[tuple[int, Any]]) -> list:
         """SFT's documents, each with its images; records whose images do not fit become error strings."""
@@ -121,12 +129,18 @@ class VisionSFTEncoder(SFTEncoder):
         return out
 
 
-def vlm_encoder(tokenizer: Any, augment: bool = True) -> VisionSFTEncoder:
-    """VLMDataModule's encoder at its default settings; ``augment=False``: no random system prompt and the empty
-    think blocks kept."""
+def vlm_encoder(tokenizer: Any, augment: bool = True, **image: Any) -> VisionSFTEncoder:
+    """VLMDataModule's encoder at its default settings (``image``: another ``image_token`` / ``image_token_len``,
+    a model's); ``augment=False``: no random system prompt and the empty think blocks kept."""
     if augment:
-        return VisionSFTEncoder(tokenizer)
-    return VisionSFTEncoder(tokenizer, system_prompt_ratio=0.0, empty_think_drop_ratio=0.0)
+        return VisionSFTEncoder(tokenizer, **image)
+    return VisionSFTEncoder(tokenizer, system_prompt_ratio=0.0, empty_think_drop_ratio=0.0, **image)
+
+
+def image_location(data_file: Union[str, Path], reference: bytes, paths: bool) -> Union[Path, bytes]:
+    """What to decode for one image reference the encoder kept: with ``paths`` (jsonl) the file, a path relative to
+    the data file's folder (or absolute); else (Parquet) the encoded bytes themselves."""
+    return Path(data_file).parent / reference.decode() if paths else reference
 
 
 def has_images_field(obj: dict) -> bool:
