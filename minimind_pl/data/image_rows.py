@@ -1,10 +1,10 @@
 """Training rows with their images: the text rows of :mod:`minimind_pl.data.packing` plus ``pixel_values``.
 
 :class:`ImageRows` wraps a :class:`~minimind_pl.data.packing.PackedDataset` (or a ``PaddedDataset``) over an
-image format's token caches. For each row it finds the image-token runs of the documents among the row's inputs,
-takes those documents' images in order (the k-th image of a document is its k-th run of image tokens, a run of
-several adjacent images counting as that many: :func:`~minimind_pl.data.formats.vlm.image_starts`), decodes them and applies
-the vision tower's :class:`~minimind_pl.vision.preprocess.ImageSpec`: all in ``__getitem__``, so in the DataLoader's
+image format's token caches. For each row it takes the images whose tokens lie (at least partly) among the row's
+inputs, document by document, in order (a document's k-th image is its k-th run of image tokens, a run of adjacent
+images counting as that many: :func:`~minimind_pl.data.formats.vlm.image_starts`), decodes them and applies the
+vision tower's :class:`~minimind_pl.vision.preprocess.ImageSpec`: all in ``__getitem__``, so in the DataLoader's
 worker processes, never in the training loop. The row's ``pixel_values`` are (n, 3, H, W), its documents in order.
 
 A document cut by the row's end continues in the next row (packing's rule for long documents). An image whose run

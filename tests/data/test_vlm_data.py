@@ -233,7 +233,9 @@ def test_decoding_runs_in_the_loader_workers(data, tower, tok_dir, tmp_path):
     dm = module(data, tower, tok_dir, tmp_path, num_workers=1)
     log = tmp_path / "pids"
     dm.train_dataset.image_spec = RecordingSpec(ImageSpec.from_folder(tower), log)
-    batch = next(iter(dm.train_dataloader()))
+    # an ordered loader without persistent workers, read to its end: its worker exits (workers ignore SIGTERM, so
+    # a persistent one left alive would keep the interpreter waiting for it at exit)
+    batch, = list(dm.ordered_dataloader("train"))
     img = data.parent / "img"
     assert torch.equal(batch["pixel_values"][0], pixels(tower, *(img / f"{c}.png" for c in ("red", "green", "blue"))))
     pids = set(log.read_text().split())
