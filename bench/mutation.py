@@ -44,6 +44,7 @@ class Target:
 
 SERVE_APP = "minimind_pl.commands.serve.app."
 ROLLOUTS = "minimind_pl.stages.rollouts."
+DPO = "minimind_pl.stages.dpo."
 MODULES: dict[str, Target] = {
     "losses": Target(("minimind_pl/losses.py",), ("tests/test_losses.py",)),
     "rewards": Target(("minimind_pl/rewards.py",), ("tests/test_rewards.py",)),
@@ -63,7 +64,12 @@ MODULES: dict[str, Target] = {
                               "x_with_stop", "x_answer_rows", "xǁRolloutStageǁmake_rollouts",
                               "xǁRolloutStageǁpolicy_log_probs", "xǁRolloutStageǁreference_log_probs",
                               "xǁRolloutStageǁoptimize", "xǁRolloutStageǁskip_updates")))),
-    "stages/dpo": Target(("minimind_pl/stages/dpo.py",), ("tests/stages/test_dpo.py",)),
+    # dpo.py: the functions that make the numbers (pairs' log-probs, the reference's, the loss and its logs)
+    "stages/dpo": Target(("minimind_pl/stages/dpo.py",), ("tests/stages/test_dpo.py",),
+                         functions=tuple(DPO + name + "__mutmut_*" for name in (
+                             "x_stack_pair", "x_pair_log_probs", "x_preference_accuracy", "x_reward_logs",
+                             "xǁDPOǁreference_logps", "xǁDPOǁprecompute_reference_logps", "xǁDPOǁcompute_loss",
+                             "xǁDPOǁ_split", "xǁDPOǁvalidation_values", "xǁDPOǁvalidation_weight"))),
     "stages/distill": Target(("minimind_pl/stages/distill.py",), ("tests/stages/test_distill.py",)),
     "stages/base": Target(("minimind_pl/stages/base.py",),
                           ("tests/stages/test_base.py", "tests/stages/test_schedule.py", "tests/stages/test_pretrain.py",
