@@ -115,6 +115,37 @@ def configure(target: Target) -> None:
     configuration.reset_config()
 
 
+def keep_stage_arguments() -> None:
+    """Let Lightning's ``save_hyperparameters`` find a stage's own ``__init__`` arguments under mutmut.
+
+    It reads them off the frames of the ``__init__`` chain, and only from frames of functions named ``__init__``;
+    mutmut runs a mutated class's ``__init__`` as a copy named ``xǁClassǁ__init____mutmut_orig`` (or ``_N``), so a
+    stage built in Python (as the DPO and distillation tests build theirs) would have no ``hparams.beta`` and every
+    test would fail before any mutant runs. Stages built by LightningCLI are not affected (it passes the arguments).
+    """
+    import inspect
+    import re
+
+    from lightning.pytorch.utilities import parsing
+
+    lightning_reader = parsing._get_init_args
+    mutmut_init = re.compile(r"__init____mutmut_(orig|\d+)$")
+
+    def init_arguments(frame):
+        local_vars = inspect.getargvalues(frame)[3]
+        if "__class__" not in local_vars or not mutmut_init.search(frame.f_code.co_name):
+            return lightning_reader(frame)
+        signature = inspect.signature(getattr(local_vars["__class__"], frame.f_code.co_name))
+        names = [n for n, p in signature.parameters.items() if n != "self"]
+        arguments = {n: local_vars[n] for n in names if n in local_vars}
+        for n, p in signature.parameters.items():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(n, {}))
+        return local_vars.get("self"), arguments
+
+    parsing._get_init_args = init_arguments
+
+
 def run(target: Target, names: list[str]) -> int:
     """Run mutmut on ``target`` in a fresh ``mutants/``, or only the mutants ``names`` in the kept one."""
     import mutmut.__main__ as mutmut_cli
@@ -122,6 +153,7 @@ def run(target: Target, names: list[str]) -> int:
     if not names:
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     configure(target)
+    keep_stage_arguments()
     try:
         mutmut_cli.cli(["run", "--max-children", str(os.cpu_count() or 2), *(names or target.functions or ())],
                        standalone_mode=False)
