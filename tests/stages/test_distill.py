@@ -172,3 +172,13 @@ def test_an_moe_student_adds_its_router_loss_to_the_label_term():
     assert logs["aux_loss"].item() > 0
     expected = alpha * (logs["ce_loss"] + logs["aux_loss"]) + (1 - alpha) * logs["kl_loss"]
     torch.testing.assert_close(loss, expected)
+
+
+def test_alpha_and_temperature_out_of_range_are_refused_at_their_edges():
+    for alpha in (-0.01, 1.01):
+        with pytest.raises(ValueError, match=rf"^alpha must be in \[0, 1\], got {alpha}$"):
+            Distill(config=STUDENT, alpha=alpha)
+    with pytest.raises(ValueError, match=r"^temperature must be > 0, got 0$"):
+        Distill(config=STUDENT, temperature=0)
+    for settings in ({"alpha": 0.0, "temperature": 0.5}, {"alpha": 1.0, "temperature": 1e-3}):
+        Distill(config=STUDENT, **settings)
