@@ -44,6 +44,7 @@ class Target:
 
 SERVE_APP = "minimind_pl.commands.serve.app."
 ROLLOUTS = "minimind_pl.stages.rollouts."
+DPO = "minimind_pl.stages.dpo."
 MODULES: dict[str, Target] = {
     "losses": Target(("minimind_pl/losses.py",), ("tests/test_losses.py",)),
     "rewards": Target(("minimind_pl/rewards.py",), ("tests/test_rewards.py",)),
@@ -63,7 +64,12 @@ MODULES: dict[str, Target] = {
                               "x_with_stop", "x_answer_rows", "xǁRolloutStageǁmake_rollouts",
                               "xǁRolloutStageǁpolicy_log_probs", "xǁRolloutStageǁreference_log_probs",
                               "xǁRolloutStageǁoptimize", "xǁRolloutStageǁskip_updates")))),
-    "stages/dpo": Target(("minimind_pl/stages/dpo.py",), ("tests/stages/test_dpo.py",)),
+    # dpo.py: the functions that make the numbers (pairs' log-probs, the reference's, the loss and its logs)
+    "stages/dpo": Target(("minimind_pl/stages/dpo.py",), ("tests/stages/test_dpo.py",),
+                         functions=tuple(DPO + name + "__mutmut_*" for name in (
+                             "x_stack_pair", "x_pair_log_probs", "x_preference_accuracy", "x_reward_logs",
+                             "xǁDPOǁreference_logps", "xǁDPOǁprecompute_reference_logps", "xǁDPOǁcompute_loss",
+                             "xǁDPOǁ_split", "xǁDPOǁvalidation_values", "xǁDPOǁvalidation_weight"))),
     "stages/distill": Target(("minimind_pl/stages/distill.py",), ("tests/stages/test_distill.py",)),
     "stages/base": Target(("minimind_pl/stages/base.py",),
                           ("tests/stages/test_base.py", "tests/stages/test_schedule.py", "tests/stages/test_pretrain.py",
@@ -112,6 +118,37 @@ def configure(target: Target) -> None:
     configuration.reset_config()
 
 
+def keep_stage_arguments() -> None:
+    """Let Lightning's ``save_hyperparameters`` find a stage's own ``__init__`` arguments under mutmut.
+
+    It reads them off the frames of the ``__init__`` chain, and only from frames of functions named ``__init__``;
+    mutmut runs a mutated class's ``__init__`` as a copy named ``xǁClassǁ__init____mutmut_orig`` (or ``_N``), so a
+    stage built in Python (as the DPO and distillation tests build theirs) would have no ``hparams.beta`` and every
+    test would fail before any mutant runs. Stages built by LightningCLI are not affected (it passes the arguments).
+    """
+    import inspect
+    import re
+
+    from lightning.pytorch.utilities import parsing
+
+    lightning_reader = parsing._get_init_args
+    mutmut_init = re.compile(r"__init____mutmut_(orig|\d+)$")
+
+    def init_arguments(frame):
+        local_vars = inspect.getargvalues(frame)[3]
+        if "__class__" not in local_vars or not mutmut_init.search(frame.f_code.co_name):
+            return lightning_reader(frame)
+        signature = inspect.signature(getattr(local_vars["__class__"], frame.f_code.co_name))
+        names = [n for n, p in signature.parameters.items() if n != "self"]
+        arguments = {n: local_vars[n] for n in names if n in local_vars}
+        for n, p in signature.parameters.items():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(n, {}))
+        return local_vars.get("self"), arguments
+
+    parsing._get_init_args = init_arguments
+
+
 def run(target: Target, names: list[str]) -> int:
     """Run mutmut on ``target`` in a fresh ``mutants/``, or only the mutants ``names`` in the kept one."""
     import mutmut.__main__ as mutmut_cli
@@ -119,6 +156,7 @@ def run(target: Target, names: list[str]) -> int:
     if not names:
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     configure(target)
+    keep_stage_arguments()
     try:
         mutmut_cli.cli(["run", "--max-children", str(os.cpu_count() or 2), *(names or target.functions or ())],
                        standalone_mode=False)

@@ -93,7 +93,7 @@ def test_distillation_lowers_kl_and_leaves_the_teacher_alone(files, teacher_ckpt
 def test_teacher_needs_the_same_vocabulary(teacher_ckpt):
     with pytest.raises(ValueError, match="same tokenizer"):
         Distill(config=ModelConfig.from_preset("debug", vocab_size=1024), teacher=teacher_ckpt)
-    with pytest.raises(ValueError, match="needs a teacher"):
+    with pytest.raises(ValueError, match=r"^the Distill stage needs a teacher: pass --model\.init_args\.teacher PATH$"):
         Distill(config=STUDENT).compute_loss({"input_ids": torch.ones(1, 4, dtype=torch.long),
                                               "labels": torch.ones(1, 4, dtype=torch.long)})
 
@@ -159,3 +159,26 @@ def test_loss_is_alpha_ce_plus_one_minus_alpha_t2_kl_of_the_documents_alone():
     assert logs["ce_loss"].item() == pytest.approx(ce, rel=1e-5)
     assert logs["kl_loss"].item() == pytest.approx(kl, rel=1e-5)
     assert loss.item() == pytest.approx(alpha * ce + (1 - alpha) * kl, rel=1e-5)
+
+
+def test_an_moe_student_adds_its_router_loss_to_the_label_term():
+    """In training, ``alpha * (CE + router loss) + (1 - alpha) * T² KL``, and the router loss is logged."""
+    alpha = 0.3
+    student = random_model(seed=1, hidden_size=32, num_hidden_layers=1, use_moe=True)
+    stage = with_weights(Distill(config=student.config, alpha=alpha, temperature=2.0), student).train()
+    stage.set_teacher(random_model(seed=2))
+    with torch.no_grad():
+        loss, logs = stage.compute_loss(packed_batch(random_documents([6, 9], seed=3)))
+    assert logs["aux_loss"].item() > 0
+    expected = alpha * (logs["ce_loss"] + logs["aux_loss"]) + (1 - alpha) * logs["kl_loss"]
+    torch.testing.assert_close(loss, expected)
+
+
+def test_alpha_and_temperature_out_of_range_are_refused_at_their_edges():
+    for alpha in (-0.01, 1.01):
+        with pytest.raises(ValueError, match=rf"^alpha must be in \[0, 1\], got {alpha}$"):
+            Distill(config=STUDENT, alpha=alpha)
+    with pytest.raises(ValueError, match=r"^temperature must be > 0, got 0$"):
+        Distill(config=STUDENT, temperature=0)
+    for settings in ({"alpha": 0.0, "temperature": 0.5}, {"alpha": 1.0, "temperature": 1e-3}):
+        Distill(config=STUDENT, **settings)

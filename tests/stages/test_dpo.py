@@ -144,3 +144,22 @@ def test_fit_with_precomputed_reference_starts_at_log2(pairs_file, shared_dir, t
     trainer.fit(stage, datamodule=dm)
     assert math.isclose(losses[0], math.log(2), rel_tol=1e-5)
     assert set(stage._reference_logps) == {"train", "val"} and stage.reference.released
+
+
+def test_an_moe_policy_adds_its_router_loss():
+    """In training the minimised loss is the DPO loss plus the MoE policy's router loss."""
+    torch.manual_seed(0)
+    stage = DPO(config=ModelConfig.from_preset("debug", use_moe=True), beta=0.1).train()
+    prompts, answers = random_documents([3, 5], seed=2), random_documents([4, 6, 3, 5], seed=3)
+    batch = {**pair_rows(prompts, answers[:2], "chosen", 12), **pair_rows(prompts, answers[2:], "rejected", 12),
+             "index": torch.tensor([0, 1])}
+    with torch.no_grad():
+        aux = stage.model(stack_rows(batch)).aux_loss
+        loss, logs = stage.compute_loss(batch)
+    assert aux > 0
+    torch.testing.assert_close(loss, logs["dpo_loss"] + aux)
+
+
+def stack_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The chosen rows, then the rejected rows, as one batch."""
+    return torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])

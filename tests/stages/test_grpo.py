@@ -93,13 +93,17 @@ def record_calls(monkeypatch, owner, name: str) -> list[tuple[tuple, object]]:
 
 
 def test_grpo_compares_each_answer_with_the_other_answers_to_its_own_prompt(tmp_path, shared_dir, prompts_file,
-                                                                            start_checkpoint, monkeypatch):
+                                                                            moe_start_checkpoint, monkeypatch):
     """Each sampled row continues the prompt its rewards were given, and its advantage is its reward against the
-    answers to the same prompt: (r - mean) / (population std + 1e-4), grouped here by the prompt's text."""
+    answers to the same prompt: (r - mean) / (population std + 1e-4), grouped here by the prompt's text. The update
+    minimises that loss, with the run's settings (not the defaults), plus the MoE policy's router loss."""
     made = record_calls(monkeypatch, RolloutStage, "make_rollouts")
     losses = record_calls(monkeypatch, grpo, "grpo_loss")
-    cli = run_lightning(rl_args("grpo", tmp_path, shared_dir, prompts_file, start_checkpoint, 1,
-                                ["--model.num_generations", "3"]))
+    log_probs = record_calls(monkeypatch, RolloutStage, "policy_log_probs")
+    updates = record_calls(monkeypatch, RolloutStage, "optimize")
+    cli = run_lightning(rl_args("grpo", tmp_path, shared_dir, prompts_file, moe_start_checkpoint, 1, [
+        "--model.config.use_moe", "true", "--model.num_generations", "3", "--model.beta", "0.3",
+        "--model.loss_type", "grpo", "--model.epsilon", "0.25", "--model.epsilon_high", "4.0"]))
     (_, batch, _, _), rollouts = made[0]
     tok = cli.model.tokenizer
     asked = tok.decode_batch(prompt_lists(batch))
@@ -109,6 +113,9 @@ def test_grpo_compares_each_answer_with_the_other_answers_to_its_own_prompt(tmp_
         assert tok.decode(rollouts.input_ids[row, :first_answer_label + 1].tolist()) == sample.prompt == asked[row // 3]
         answer = rollouts.labels[row][rollouts.mask[row]].tolist()
         assert tok.decode(answer, skip_special_tokens=True) == sample.completion
+        assert rollouts.answer_tokens[row] == len(answer)
+    # every prompt and answer token, counted for tokens/s: each row's prompt (up to its first label) and answer
+    assert rollouts.tokens == sum(int(m.nonzero()[0]) + 1 + int(m.sum()) for m in rollouts.mask)
     rewards = rollouts.rewards.tolist()
     groups: dict[str, list[float]] = {}
     for sample, reward in zip(rollouts.samples, rewards):
@@ -120,8 +127,12 @@ def test_grpo_compares_each_answer_with_the_other_answers_to_its_own_prompt(tmp_
         std = (sum((r - mean) ** 2 for r in group) / len(group)) ** 0.5
         expected.append((reward - mean) / (std + 1e-4))
     assert max(abs(a) for a in expected) > 0.5  # the answers to one prompt scored differently
-    (_, _, _, advantages, *_), _ = losses[0]
+    (_, _, _, advantages, _, *settings), (loss, _) = losses[0]
     assert advantages.tolist() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert settings == [0.3, "grpo", 0.25, 4.0]  # beta, loss_type, epsilon, epsilon_high
+    (_, (_, aux)), ((_, update), _) = log_probs[0], updates[0]
+    assert len(updates) == 1 and aux > 0
+    torch.testing.assert_close(update, loss + aux)
 
 
 def test_ppo_trains_on_the_gae_of_its_gamma_and_lambda(tmp_path, shared_dir, prompts_file, start_checkpoint,
@@ -316,8 +327,12 @@ def test_ppo_and_grpo_settings_out_of_range_are_refused_at_their_edges():
         "num_generations must be >= 2")
     refused_and_accepted(
         lambda **a: GRPO(config=config, **a),
-        [{"beta": -0.01}, {"epsilon": 0}, {"epsilon_high": 0}], [{"beta": 0}],
+        [{"beta": -0.01}, {"epsilon": 0}, {"epsilon_high": 0}], [{"beta": 0, "epsilon": 1e-3, "epsilon_high": 1e-3}],
         "GRPO needs beta >= 0, epsilon > 0 and epsilon_high > 0")
+    refused_and_accepted(
+        lambda **a: GRPO(config=config, **a), [{"temperature": 0}], [{"temperature": 1e-3}],
+        r"^--model\.temperature 0 samples the same answer num_generations times: every advantage would be 0 and "
+        r"nothing would be learned; sample \(temperature > 0\)$")
     refused_and_accepted(lambda **a: GRPO(config=config, **a), [{"loss_type": "ppo"}], [{"loss_type": "grpo"}],
                          "--model.loss_type must be one of cispo, grpo, got 'ppo'")
     refused_and_accepted(
