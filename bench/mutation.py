@@ -45,6 +45,7 @@ class Target:
 SERVE_APP = "minimind_pl.commands.serve.app."
 ROLLOUTS = "minimind_pl.stages.rollouts."
 DPO = "minimind_pl.stages.dpo."
+CHECKPOINT_TESTS = ("tests/checkpoints", "tests/commands/test_export.py")
 MODULES: dict[str, Target] = {
     "losses": Target(("minimind_pl/losses.py",), ("tests/test_losses.py",)),
     "rewards": Target(("minimind_pl/rewards.py",), ("tests/test_rewards.py",)),
@@ -91,7 +92,12 @@ MODULES: dict[str, Target] = {
     "data/prompts": Target(("minimind_pl/data/prompts.py", "minimind_pl/data/formats/prompts.py"),
                            ("tests/data/test_prompts.py", "tests/data/test_formats.py")),
     "lora": Target(("minimind_pl/lora.py",), ("tests/test_lora.py",)),
-    "checkpoints": Target(("minimind_pl/checkpoints/*.py",), ("tests/checkpoints",)),
+    # the export command's tests write the Hugging Face folders (huggingface.py's writing half)
+    "checkpoints": Target(("minimind_pl/checkpoints/*.py",), CHECKPOINT_TESTS),
+    # the same, a few files at a time (its tests take ~20 s; mutmut runs each mutant's own tests only)
+    **{f"checkpoints/{name}": Target(tuple(f"minimind_pl/checkpoints/{f}.py" for f in files), CHECKPOINT_TESTS)
+       for name, files in (("minimind", ("minimind", "files")), ("huggingface", ("huggingface",)),
+                           ("adapters", ("adapters",)), ("loading", ("loading", "sharded")))},
     # the server's request checks and its protection (host/origin guard, API key, body size limit)
     "serve": Target(("minimind_pl/commands/serve/requests.py", "minimind_pl/commands/serve/app.py"),
                     ("tests/commands/test_serve.py",),
