@@ -52,19 +52,39 @@ class SyncFreeProgressBar(TQDMProgressBar):
 
 
 class SampleLogger(Callback):
-    """After each validation, complete the stage's ``sample_prompts`` greedily and log them as TensorBoard text.
+    """After each validation, complete the stage's ``sample_prompts`` greedily and log them as TensorBoard text; for a
+    vision-language stage, also log the first image of the first validation batch with its prompt and reference.
 
     Reads from the stage: ``hparams.sample_prompts``, ``hparams.sample_max_new_tokens``, its ``tokenizer`` (the
     run's one copy, named by ``hparams.tokenizer``) and ``sample_prompt_ids(tokenizer)`` (plain text or chat, by the
-    stage's ``SAMPLE_STYLE``). Runs on rank 0 only (on every rank where the weights are sharded, logged by rank 0),
+    stage's ``SAMPLE_STYLE``); a stage with ``image_sample(batch)`` (``stages.vision_language``) gives the image.
+    Runs on rank 0 only (on every rank where the weights are sharded, logged by rank 0),
     and not during the sanity check. Does nothing for stages or loggers without them.
+
+    TODO(generation with images): the image is logged with its reference answer; the model's own description of it
+    joins once ``generation.generate`` takes images.
     """
+
+    def __init__(self) -> None:
+        self._image_sample: Any = None  # the stage's ImageSample of this validation's first batch
+
+    def on_validation_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Keep the first validation batch's image sample (vision-language stages, rank 0)."""
+        if (batch_idx == 0 and dataloader_idx == 0 and not trainer.sanity_checking and trainer.global_rank == 0
+                and hasattr(pl_module, "image_sample")):
+            self._image_sample = pl_module.image_sample(batch)
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         """Generate and log the samples."""
-        hparams = pl_module.hparams
         experiment = getattr(trainer.logger, "experiment", None)
+        sample, self._image_sample = self._image_sample, None
+        if sample is not None and hasattr(experiment, "add_image"):
+            experiment.add_image("samples/image", sample.image, global_step=trainer.global_step)
+            experiment.add_text("samples/image_text", f"**{sample.prompt}** → reference: {sample.reference}",
+                                global_step=trainer.global_step)
+        hparams = pl_module.hparams
         every_rank = shards_parameters(trainer.strategy)  # each forward needs all ranks' shards
         if (trainer.sanity_checking or (trainer.global_rank != 0 and not every_rank)
                 or not hparams.get("sample_prompts") or not hparams.get("tokenizer") or not hasattr(experiment, "add_text")):

@@ -26,16 +26,25 @@ STAGE_CONFIGS = [p for p in ALL_YAML if p not in MODEL_CONFIGS and p not in BASE
 
 STAGE_CLASSES = {"pretrain": "Pretrain", "sft": "SFT", "lora": "LoRA", "dpo": "DPO", "distill": "Distill",
                  "reason": "SFT", "grpo": "GRPO", "ppo": "PPO"}
+#: Stages whose file stem means another class in a preset (minimind3v: MiniMind-V's two stages).
+PRESET_STAGE_CLASSES = {"minimind3v": {"pretrain": "VLMPretrain", "sft": "VLMSFT"}}
 RL_STAGES = ("grpo", "ppo")  # manual optimisation: the stage clips, the Trainer must not
 # What each preset's stages share, as the effective config shows it; {stage} is the file's stem.
 PRESETS = {
     "minimind3": {"precision": "bf16-mixed", "save_dir": "checkpoints", "name": "minimind3/{stage}",
                   "dirpath": "checkpoints/minimind3/{stage}"},
+    "minimind3v": {"precision": "bf16-mixed", "save_dir": "checkpoints", "name": "minimind3v/{stage}",
+                   "dirpath": "checkpoints/minimind3v/{stage}"},
     "demo": {"precision": None, "save_dir": "checkpoints/demo", "name": "{stage}",
              "dirpath": "checkpoints/demo/{stage}"},
 }
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 MODEL_CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
+
+
+def stage_class(path: Path) -> str:
+    """The stage class a shipped stage config trains (by its preset and file stem)."""
+    return PRESET_STAGE_CLASSES.get(path.parent.name, {}).get(path.stem) or STAGE_CLASSES[path.stem]
 
 
 def ids(path: Path) -> str:
@@ -93,7 +102,7 @@ def test_every_stage_config_has_its_effective_values(config, capsys):
     expected = {k: v.format(stage=stage) if isinstance(v, str) else v for k, v in PRESETS[preset].items()}
     cfg = print_config(["fit", "--config", str(config)], capsys)
     trainer = cfg["trainer"]
-    assert cfg["model"]["class_path"] == f"minimind_pl.stages.{STAGE_CLASSES[stage]}"
+    assert cfg["model"]["class_path"] == f"minimind_pl.stages.{stage_class(config)}"
     assert cfg["data"]["class_path"].startswith("minimind_pl.data.")
     assert cfg["seed_everything"] == 42
     assert trainer["precision"] == expected["precision"]
@@ -307,9 +316,29 @@ def small_data(tmp_path_factory, shared_dir) -> Path:
     prompts = [{"prompt": next(m["content"] for m in c if m["role"] == "user"), "gt": "1"} for c in conversations]
     (root / "prompts.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts), "utf-8")
     train_tokenizer(jsonl_texts([root / "pretrain_real.jsonl"]), 320, root / "tokenizer", show_progress=False)
-    for preset, vocab, tokenizer in (("demo", 1024, root / "tokenizer"), ("minimind3", 6400, shared_dir / "minimind")):
+    write_image_conversations(root / "vlm")
+    for preset, vocab, tokenizer in (("demo", 1024, root / "tokenizer"), ("minimind3", 6400, shared_dir / "minimind"),
+                                     ("minimind3v", 6400, shared_dir / "minimind")):
         write_stage_checkpoint(random_model(vocab_size=vocab, **TINY), root / f"{preset}.ckpt", tokenizer)
     return root
+
+
+def write_image_conversations(folder: Path) -> Path:
+    """16 image conversations (jsonl + PNG files, the VLM DataModule's format) and a tiny SigLIP tower beside them."""
+    from PIL import Image
+
+    from helpers import tiny_tower_folder
+
+    folder.mkdir()
+    tiny_tower_folder(folder / "tower")
+    lines = []
+    for n in range(16):
+        colour = ("red", "green", "blue")[n % 3]
+        Image.new("RGB", (12, 10), colour).save(folder / f"{n}.png")
+        lines.append({"conversations": [{"role": "user", "content": "<image>\nWhat colour is it?"},
+                                        {"role": "assistant", "content": f"It is {colour}."}], "images": [f"{n}.png"]})
+    (folder / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return folder
 
 
 class RecordingFastPath:
@@ -322,9 +351,10 @@ class RecordingFastPath:
         self.model, self.forward_calls = model, 0
         RecordingFastPath.made.append(self)
 
-    def forward(self, batch):
+    def forward(self, batch, inputs_embeds=None):
         self.forward_calls += 1
-        return self.model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+        return self.model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"),
+                          inputs_embeds=inputs_embeds)
 
     def loss(self, loss_fn):
         return loss_fn
@@ -341,7 +371,7 @@ def test_every_stage_config_trains_on_a_small_dataset_as_shipped(config, small_d
     RecordingFastPath.made = []
     preset, stage = config.parent.name, config.stem
     tokenizer = small_data / "tokenizer" if preset == "demo" else shared_dir / "minimind"
-    data = small_data / STAGE_DATA[stage]
+    data = small_data / (STAGE_DATA[stage] if preset != "minimind3v" else "vlm/train.jsonl")
     args = ["fit", "--config", str(config), *[a for k, v in TINY.items() for a in (f"--model.config.{k}", str(v))],
             "--data.train_path", str(data), "--data.tokenizer", str(tokenizer), "--data.seq_len", "64",
             "--data.batch_size", "2", "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache"),
@@ -351,6 +381,9 @@ def test_every_stage_config_trains_on_a_small_dataset_as_shipped(config, small_d
     shipped = read(config)["model"]["init_args"]
     if preset == "demo":
         args += ["--data.val_path", str(data)]
+    if preset == "minimind3v":  # a tiny tower: 16 features per image
+        tower = str(small_data / "vlm" / "tower")
+        args += ["--model.vision_encoder", tower, "--data.vision_encoder", tower, "--data.image_token_len", "16"]
     if stage in RL_STAGES:  # short answers, and no reward model to download
         args += ["--model.max_new_tokens", "8", "--model.rewards", '[{"class_path": "minimind_pl.rewards.LengthShaping"}]']
     for key in ("init_weights", "teacher"):

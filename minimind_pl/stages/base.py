@@ -22,6 +22,7 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from minimind_pl.checkpoints import open_checkpoint
+from minimind_pl.checkpoints.loading import Checkpoint
 from minimind_pl.checkpoints.loading import check_same_tokenizer
 from minimind_pl.checkpoints.files import nonfinite_tensors
 from minimind_pl.config import ModelConfig, architecture_diff
@@ -116,7 +117,7 @@ class Stage(L.LightningModule):
         check_fits(config, self._tokenizer, tokenizer, seq_len)
         #: ``Tokenizer.vocabulary_fingerprint`` of ``--data.tokenizer``, recorded in every checkpoint.
         self.tokenizer_fingerprint = self._tokenizer.vocabulary_fingerprint if self._tokenizer else None
-        self.model = MiniMindForCausalLM(config)
+        self.model = self.build_model(config)
         if init_weights:
             self.load_initial_weights(init_weights)
         #: The training fast path (compiled forward and losses), set up when training starts on its device.
@@ -143,6 +144,10 @@ class Stage(L.LightningModule):
         return self._tokenizer
 
     # ----------------------------------------------------------------- weights
+    def build_model(self, config: ModelConfig) -> MiniMindForCausalLM:
+        """The trained model, random (a stage with more than the transformer, e.g. a VLM, builds its own)."""
+        return MiniMindForCausalLM(config)
+
     def load_initial_weights(self, path: str) -> None:
         """Load ``path`` (.ckpt / .pth / HF dir / LoRA checkpoint, merged) into the transformer.
 
@@ -155,10 +160,13 @@ class Stage(L.LightningModule):
             if diff:
                 raise UserError(f"--model.init_weights {path} was trained with another architecture ({diff}, "
                                 f"checkpoint != this run); pass the checkpoint's values as --model.config.<field>")
+        self.model.load_weights(self.initial_weights(checkpoint, f"--model.init_weights {path}"), strict=True)
+
+    def initial_weights(self, checkpoint: Checkpoint, where: str) -> dict[str, torch.Tensor]:
+        """The state dict ``self.model`` starts from, out of ``checkpoint`` (named ``where`` in errors)."""
         if checkpoint.adapter is None:
-            self.model.load_weights(checkpoint.weights, strict=True)
-        else:  # a LoRA checkpoint: its adapters folded into its base
-            self.model.load_weights(checkpoint.build_model(merge=True).state_dict(), strict=True)
+            return checkpoint.weights
+        return checkpoint.build_model(merge=True).state_dict()  # a LoRA checkpoint: its adapters folded into its base
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the model config as a plain dict so every tool can rebuild the model from the ckpt, and the RNG
@@ -229,10 +237,17 @@ class Stage(L.LightningModule):
         Training steps of the trained model go through the compiled fast path when there is one.
         """
         if model is None or model is self.model:
+            inputs_embeds = self.input_embeddings(batch)
             if self.compiled is not None and self.training:
-                return self.compiled.forward(batch)
-            model = self.model
+                return self.compiled.forward(batch, inputs_embeds)
+            return self.model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                              doc_ids=batch.get("doc_ids"), inputs_embeds=inputs_embeds)
         return model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+
+    def input_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """What the trained transformer reads instead of its token embeddings (B, T, C), computed outside the
+        compiled graph; None (here): the token embeddings. A vision-language stage merges the images in."""
+        return None
 
     def training_loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """``loss_fn`` compiled for training steps on the fast path, else as it is."""

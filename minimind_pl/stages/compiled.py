@@ -37,13 +37,15 @@ class CompiledTraining:
         self.flex_attention = flex_attention
         self._losses: dict[Callable, Callable] = {}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> CausalLMOutput:
-        """The compiled model on a batch of packed or padded rows."""
+    def forward(self, batch: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
+        """The compiled model on a batch of packed or padded rows; ``inputs_embeds`` (B, T, C), when given, replace
+        the token embeddings (a vision-language model's rows with their images merged in, outside the graph)."""
         doc_ids = batch.get("doc_ids")
         if self.flex_attention and doc_ids is not None:
             return self.forward_model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                                      block_mask=document_block_mask(doc_ids))
-        return self.forward_model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=doc_ids)
+                                      block_mask=document_block_mask(doc_ids), inputs_embeds=inputs_embeds)
+        return self.forward_model(batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=doc_ids,
+                                  inputs_embeds=inputs_embeds)
 
     def loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """``loss_fn`` compiled (once per function)."""

@@ -103,6 +103,16 @@ class MiniMindVLM(MiniMindForCausalLM):
     def vision_proj_dtype(self) -> torch.dtype:
         return next(self.vision_proj.parameters()).dtype
 
+    def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor, embeds: Optional[Tensor] = None) -> Tensor:
+        """The rows' token embeddings (or ``embeds``) (B, T, C) with ``pixel_values``' projected features in place
+        of the placeholder runs."""
+        if pixel_values.dim() != 5 or pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"pixel_values must be (batch, images, 3, H, W) with batch {input_ids.shape[0]}, "
+                             f"got {tuple(pixel_values.shape)}")
+        embeds = self.model.embed_tokens(input_ids) if embeds is None else embeds
+        return merge_image_features(input_ids, embeds, self.image_features(pixel_values),
+                                    self.vision_config.image_token_id)
+
     def forward(self, input_ids: Tensor, pixel_values: Optional[Tensor] = None, **kwargs: Any) -> CausalLMOutput:
         """The text model's forward (``MiniMindForCausalLM.forward``: its other arguments by keyword) with
         ``pixel_values`` (B, N, 3, H, W): row b's images in the order of its placeholder runs, zero-padded to the
@@ -110,11 +120,5 @@ class MiniMindVLM(MiniMindForCausalLM):
         if pixel_values is not None:
             if kwargs.get("past_key_values"):
                 raise ValueError("pixel_values with past_key_values: images enter at prefill only")
-            if pixel_values.dim() != 5 or pixel_values.shape[0] != input_ids.shape[0]:
-                raise ValueError(f"pixel_values must be (batch, images, 3, H, W) with batch {input_ids.shape[0]}, "
-                                 f"got {tuple(pixel_values.shape)}")
-            embeds = kwargs.get("inputs_embeds")
-            embeds = self.model.embed_tokens(input_ids) if embeds is None else embeds
-            kwargs["inputs_embeds"] = merge_image_features(input_ids, embeds, self.image_features(pixel_values),
-                                                           self.vision_config.image_token_id)
+            kwargs["inputs_embeds"] = self.embed_inputs(input_ids, pixel_values, kwargs.get("inputs_embeds"))
         return super().forward(input_ids, **kwargs)
