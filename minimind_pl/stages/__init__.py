@@ -7,5 +7,6 @@ from minimind_pl.stages.grpo import GRPO
 from minimind_pl.stages.lora import LoRA
 from minimind_pl.stages.ppo import PPO
 from minimind_pl.stages.pretrain import SFT, Pretrain
+from minimind_pl.stages.siglip import SigLIP
 
-__all__ = ["Stage", "Pretrain", "SFT", "LoRA", "Distill", "DPO", "GRPO", "PPO"]
+__all__ = ["Stage", "Pretrain", "SFT", "LoRA", "Distill", "DPO", "GRPO", "PPO", "SigLIP"]
