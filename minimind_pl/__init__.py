@@ -8,7 +8,8 @@ The public API::
 - :class:`MiniMindForCausalLM`: the transformer, a plain ``torch.nn.Module``;
 - :class:`Tokenizer`: tokenizer folders, the chat template (``encode_chat``), streaming decode;
 - :func:`load_model`: the transformer of any checkpoint (any stage's ``.ckpt``, a MiniMind ``.pth`` or a
-  Hugging Face folder), in eval mode; ``lora=`` adds an adapter file.
+  Hugging Face folder), in eval mode; ``lora=`` adds an adapter file; a MiniMind-V checkpoint gives a
+  vision-language model whose tower is ``vision_encoder=DIR`` (``forward(input_ids, pixel_values=...)``).
 
 Generation is :func:`minimind_pl.generation.generate` with :class:`~minimind_pl.generation.SamplingSettings`.
 """

@@ -7,6 +7,7 @@ one check of a file the user named (missing, a directory, unreadable), for every
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -87,3 +88,11 @@ def check_input_file(path: str | Path, argument: Optional[str] = None, expected:
     except OSError as err:
         raise UserError(f"cannot read {named}: {err.strerror or err}") from err
     return path
+
+
+def refuse_mismatch(message: str, fix: str, allow: bool, flag: str) -> None:
+    """A checkpoint used with another part than it was trained with (tokenizer, vision tower): a UserError saying
+    ``message``, ``fix`` and that ``flag`` goes on anyway; with ``allow`` (that flag given) a warning."""
+    if not allow:
+        raise UserError(f"{message}. {fix}, or pass {flag} to use this one anyway.")
+    warnings.warn(f"{message}; going on because of {flag}.")

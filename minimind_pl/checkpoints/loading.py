@@ -7,7 +7,9 @@ folder it was trained with, and the LoRA adapters to put on top. It accepts
 - a Lightning ``.ckpt`` of any stage (weights under ``state_dict`` with the stage's ``model.`` prefix,
   the config under ``model_config``, the tokenizer under ``hyper_parameters.tokenizer``),
 - a LoRA stage checkpoint or adapter file (its recorded base is opened for the weights),
-- a MiniMind ``.pth`` (a bare state dict; no config: a preset or the tensor shapes give it),
+- a MiniMind ``.pth`` (a bare state dict; no config: a preset or the tensor shapes give it), MiniMind-V's
+  included (``vision_proj.*`` weights: the projector's shapes give the generation, the tower is a folder given
+  as ``vision_encoder``, never in the file),
 - a Hugging Face folder (``config.json`` + weights), as written by ``export`` or MiniMind,
 - a checkpoint folder of a sharded strategy (FSDP ``state_dict_type="sharded"``, DeepSpeed), consolidated in
   memory (``checkpoints.sharded``).
@@ -18,7 +20,6 @@ folder it was trained with, and the LoRA adapters to put on top. It accepts
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -28,13 +29,14 @@ import torch
 from minimind_pl.checkpoints.adapters import LoRAFile, adapter_from_raw, apply_adapter, is_adapter, read_lora_file, resolve_base
 from minimind_pl.checkpoints.files import STAGE_PREFIX, nonfinite_tensors, read_torch_file, strip_prefix
 from minimind_pl.checkpoints.huggingface import load_hf_directory
-from minimind_pl.checkpoints.minimind import infer_config
+from minimind_pl.checkpoints.minimind import PROJECTOR_PREFIX, infer_config, infer_vision_config
 from minimind_pl.checkpoints.sharded import read_sharded_folder
 from minimind_pl.config import ModelConfig
-from minimind_pl.errors import UserError
+from minimind_pl.errors import UserError, refuse_mismatch
 from minimind_pl.lora import merge_lora
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
+from minimind_pl.vision.config import VisionConfig
 
 
 @dataclass
@@ -51,6 +53,11 @@ class Checkpoint:
         stage: The training stage that wrote a Lightning checkpoint (``Pretrain``, ``SFT``, ...).
         tokenizer_fingerprint: ``Tokenizer.vocabulary_fingerprint`` of the tokenizer it was trained with, when
             recorded (stage checkpoints since it existed).
+        vision_config: The recorded ``VisionConfig`` of a vision-language checkpoint as a dict; None when not
+            recorded (a MiniMind-V ``.pth``: read off the projector) or a text model.
+        vision_encoder: The vision tower folder a vision-language stage checkpoint recorded
+            (``vision.tower.tower_record``).
+        vision_encoder_fingerprint: ``weights_fingerprint`` of that tower's weights, when recorded.
     """
 
     path: str
@@ -61,6 +68,14 @@ class Checkpoint:
     adapter_path: Optional[str] = None
     stage: Optional[str] = None
     tokenizer_fingerprint: Optional[str] = None
+    vision_config: Optional[dict[str, Any]] = None
+    vision_encoder: Optional[str] = None
+    vision_encoder_fingerprint: Optional[str] = None
+
+    @property
+    def is_vision_language(self) -> bool:
+        """A MiniMind-V model: the projector's weights are there."""
+        return self.vision_config is not None or any(k.startswith(PROJECTOR_PREFIX) for k in self.weights)
 
     def config(self, preset: Optional[str] = None) -> ModelConfig:
         """The model config: recorded (for a LoRA adapter on a ``.pth``, the base config the adapter recorded),
@@ -69,23 +84,52 @@ class Checkpoint:
             return ModelConfig.from_dict(self.model_config)
         if preset is not None:
             return ModelConfig.from_preset(preset)
-        return ModelConfig.from_dict(infer_config(self.weights))
+        return ModelConfig.from_dict(infer_config(self.language_weights()))
+
+    def language_weights(self) -> dict[str, torch.Tensor]:
+        """The weights without a vision-language model's projector."""
+        return {k: v for k, v in self.weights.items() if not k.startswith(PROJECTOR_PREFIX)}
 
     def build_model(self, preset: Optional[str] = None, merge: bool = False, device: str = "cpu",
-                    inference_rope_scaling: bool = False) -> MiniMindForCausalLM:
+                    inference_rope_scaling: bool = False,
+                    vision_encoder: Optional[str | Path] = None) -> MiniMindForCausalLM:
         """The transformer with these weights (float32, eval mode) on ``device`` (``auto``: CUDA when
         available); the adapters on top, folded into the weights if ``merge``. ``inference_rope_scaling`` turns
-        YaRN on (MiniMind's settings) whatever the recorded config says; False keeps the recorded setting."""
+        YaRN on (MiniMind's settings) whatever the recorded config says; False keeps the recorded setting.
+        A vision-language checkpoint gives a ``MiniMindVLM`` whose tower is ``vision_encoder`` (default: the
+        recorded folder; none: the model reads text only until ``attach_tower``)."""
         config = self.config(preset)
         if inference_rope_scaling:
             config = dataclasses.replace(config, inference_rope_scaling=True)
-        model = MiniMindForCausalLM(config)
+        if self.is_vision_language:
+            model = self._vision_language_model(config, vision_encoder or self.vision_encoder)
+        elif vision_encoder is not None:
+            raise UserError(f"{self.path} is a text model (no vision_proj.* weights): a vision encoder needs a "
+                            f"MiniMind-V checkpoint")
+        else:
+            model = MiniMindForCausalLM(config)
         model.load_weights({k: v.float() for k, v in self.weights.items()}, strict=True)
         if self.adapter is not None:
             apply_adapter(model, self.adapter, self.adapter_path or self.path)
             if merge:
                 merge_lora(model)
         return model.to(pick_device(device)).eval()
+
+    def _vision_language_model(self, config: ModelConfig, folder: Optional[str | Path]) -> MiniMindForCausalLM:
+        """A MiniMindVLM for ``config``: the tower from ``folder`` (checked against a recorded fingerprint), the
+        vision config recorded or read off the projector (features per image: the tower's)."""
+        from minimind_pl.vision.tower import check_same_tower, load_vision_tower  # vision.tower reads through
+        from minimind_pl.vision.vlm import MiniMindVLM  # checkpoints.huggingface: imported here, not above
+
+        tower = load_vision_tower(folder) if folder is not None else None
+        if tower is not None:
+            check_same_tower(self.vision_encoder_fingerprint, tower, self.path)
+        vision = VisionConfig.from_dict(self.vision_config or infer_vision_config(
+            self.weights, tower.config.num_patches if tower is not None else None))
+        try:
+            return MiniMindVLM(config, vision, tower)
+        except ValueError as error:
+            raise UserError(f"{self.path} with the vision encoder {folder}: {error}") from None
 
     def tokenizer(self, override: Optional[str] = None, allow_mismatch: bool = False) -> Tokenizer:
         """``override`` if given, else the recorded tokenizer; a clear error if neither, or if it is not the
@@ -140,9 +184,7 @@ def check_same_tokenizer(recorded: Optional[str], current: Optional[str], model:
         return
     message = (f"{model} was trained with another tokenizer than the one in {tokenizer_dir} (vocabulary "
                f"fingerprints {recorded[:12]} != {current[:12]}): the same token ids would mean other text")
-    if not allow:
-        raise UserError(f"{message}. Use the tokenizer it was trained with, or pass {flag} to use this one anyway.")
-    warnings.warn(f"{message}; going on because of {flag}.")
+    refuse_mismatch(message, "Use the tokenizer it was trained with", allow, flag)
 
 
 def check_finite(path: str, weights: dict[str, torch.Tensor]) -> None:
@@ -169,7 +211,9 @@ def _from_raw(path: Path, raw: Any) -> Checkpoint:
         if not weights:
             raise UserError(f"{path} holds no transformer weights (no keys starting with '{STAGE_PREFIX}')")
         return Checkpoint(str(path), weights, raw.get("model_config"), tokenizer, stage=raw.get("stage"),
-                          tokenizer_fingerprint=raw.get("tokenizer_fingerprint"))
+                          tokenizer_fingerprint=raw.get("tokenizer_fingerprint"),
+                          vision_config=raw.get("vision_config"), vision_encoder=raw.get("vision_encoder"),
+                          vision_encoder_fingerprint=raw.get("vision_encoder_fingerprint"))
     if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
         return Checkpoint(str(path), raw)
     raise UserError(f"{path} is neither a Lightning checkpoint, a MiniMind state dict nor a LoRA adapter file")
@@ -183,8 +227,9 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def load_model(path: str | Path, preset: Optional[str] = None, device: str = "auto",
-               lora: Optional[str | Path] = None) -> MiniMindForCausalLM:
-    """The transformer of any supported checkpoint, in eval mode, on ``device``.
+               lora: Optional[str | Path] = None, vision_encoder: Optional[str | Path] = None) -> MiniMindForCausalLM:
+    """The transformer of any supported checkpoint, in eval mode, on ``device``; a MiniMind-V checkpoint gives a
+    ``MiniMindVLM`` (``forward(input_ids, pixel_values=...)``).
 
     Args:
         path: A Lightning ``.ckpt`` of any stage (a LoRA checkpoint loads its recorded base plus its
@@ -192,8 +237,11 @@ def load_model(path: str | Path, preset: Optional[str] = None, device: str = "au
         preset: Model preset of a ``.pth``, which stores no config (default: read off the tensor shapes).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
         lora: An adapter file to put on top, unmerged.
+        vision_encoder: The vision tower folder (Hugging Face SigLIP / SigLIP2 / CLIP: config.json, weights,
+            preprocessor_config.json) of a MiniMind-V checkpoint, e.g. ``siglip2-base-p32-256-ve``; default: the
+            one its stage checkpoint recorded, if any.
     """
-    return open_checkpoint(path, lora).build_model(preset, device=device)
+    return open_checkpoint(path, lora).build_model(preset, device=device, vision_encoder=vision_encoder)
 
 
 def load_tokenizer(path: str | Path, tokenizer: Optional[str] = None, allow_mismatch: bool = False) -> Tokenizer:

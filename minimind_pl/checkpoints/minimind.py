@@ -12,6 +12,7 @@ import torch
 from minimind_pl.checkpoints.files import EMBED, HEAD
 from minimind_pl.config import MINIMIND2_DEFAULTS, ModelConfig
 from minimind_pl.errors import UserError
+from minimind_pl.vision.config import VISION_PRESETS
 
 
 def save_minimind(state_dict: dict[str, torch.Tensor], out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
@@ -48,6 +49,25 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     if fields["head_dim"] * fields["num_attention_heads"] == fields["hidden_size"]:
         fields.pop("head_dim")  # the default; keeps the config identical to a preset's
     return ModelConfig.from_dict(fields).to_dict()
+
+
+PROJECTOR_PREFIX = "vision_proj."
+# MiniMind-V's projector keys: minimind-3v's MLP (LayerNorm first) and MiniMind2-V's single Linear
+PROJECTOR_KEYS = {"mlp": PROJECTOR_PREFIX + "mlp.0.weight", "linear": PROJECTOR_PREFIX + "vision_proj.0.weight"}
+
+
+def infer_vision_config(state_dict: dict[str, torch.Tensor], image_token_len: int | None = None) -> dict[str, Any]:
+    """A VisionConfig dict read off a MiniMind-V state dict's projector: its keys give the generation
+    (minimind-3v's MLP or MiniMind2-V's Linear, whose preset gives the placeholder), its input width the tower's.
+    ``image_token_len`` (the tower's patch count, when a tower is at hand) replaces the preset's."""
+    for projector, key in PROJECTOR_KEYS.items():
+        if key in state_dict:
+            width = state_dict[key].shape[0 if projector == "mlp" else 1]  # LayerNorm (F,) / Linear (C, F)
+            preset = VISION_PRESETS["minimind-3v" if projector == "mlp" else "minimind2-v"].to_dict()
+            return {**preset, "image_hidden_size": int(width),
+                    "image_token_len": image_token_len or preset["image_token_len"]}
+    raise UserError(f"the vision_proj.* weights are neither MiniMind-V's MLP projector ({PROJECTOR_KEYS['mlp']}) "
+                    f"nor MiniMind2-V's linear one ({PROJECTOR_KEYS['linear']})")
 
 
 def _attention_fields(state_dict: dict[str, torch.Tensor], p: str, hidden_size: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Literal
 from minimind_pl.checkpoints import open_checkpoint, save_hf_directory, save_minimind
 from minimind_pl.checkpoints.files import DTYPES
 from minimind_pl.errors import UserError
+from minimind_pl.vision.vlm import MiniMindVLM
 
 
 def export_command(
@@ -24,7 +25,7 @@ def export_command(
     """Export a checkpoint as a MiniMind .pth state dict or a Hugging Face (Qwen3) directory.
 
     Args:
-        ckpt: A Lightning .ckpt of any stage, a MiniMind .pth or a Hugging Face directory.
+        ckpt: A Lightning .ckpt of any stage, a MiniMind .pth (MiniMind-V's too) or a Hugging Face directory.
         out: Output file (``minimind``: e.g. ``full_sft_768.pth``) or directory (``hf``).
         format: ``minimind`` (the state dict MiniMind's eval_llm.py --weight loads) or ``hf`` (config.json,
             model.safetensors, generation_config.json and the tokenizer, for transformers / vLLM / llama.cpp).
@@ -41,6 +42,10 @@ def export_command(
         raise UserError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     checkpoint = open_checkpoint(ckpt, lora)
     model = checkpoint.build_model(preset, merge=True)  # adapters folded into W
+    if format == "hf" and isinstance(model, MiniMindVLM):
+        raise UserError(f"{ckpt} is a vision-language model (MiniMind-V): no transformers architecture holds "
+                        f"its tower, projector and placeholder merge exactly, so there is no HF export of it. "
+                        f"Use --format minimind (MiniMind-V's .pth; the tower stays its own folder).")
     if format == "minimind":
         path = save_minimind(model.state_dict(), out, DTYPES[dtype])
     else:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from minimind_pl.checkpoints.files import strip_prefix
 from minimind_pl.checkpoints.huggingface import read_hf_weights
-from minimind_pl.errors import UserError
+from minimind_pl.errors import UserError, refuse_mismatch
 from minimind_pl.vision.preprocess import ImageSpec, read_tower_json
 
 VISION_PREFIX = "vision_model."
@@ -249,3 +249,24 @@ def load_vision_tower(folder: str | Path) -> VisionTower:
         raise UserError(f"{folder}: weights do not fit its config.json: {shapes[:3]}")
     tower.vision_model.load_state_dict({k: state[k] for k in own})  # the pooling head etc. stay unread
     return tower
+
+
+# What a vision-language stage checkpoint records about its tower (the stages write it with tower_record)
+TOWER_RECORD_KEYS = ("vision_encoder", "vision_encoder_fingerprint")
+
+
+def tower_record(tower: VisionTower) -> dict[str, str]:
+    """The checkpoint entries that name ``tower``: its folder and the fingerprint of its weights, not the
+    weights (a frozen tower is never saved, as in MiniMind-V)."""
+    return dict(zip(TOWER_RECORD_KEYS, (str(tower.folder), tower.fingerprint)))
+
+
+def check_same_tower(recorded: str | None, tower: VisionTower, model: str, allow: bool = False,
+                     flag: str = "--allow_vision_encoder_mismatch true") -> None:
+    """Refuse (``allow``: warn about) a tower whose weights are not those ``model`` was trained with; nothing is
+    checked when no fingerprint was recorded (MiniMind-V's .pth files)."""
+    if recorded is None or recorded == tower.fingerprint:
+        return
+    message = (f"{model} was trained with another vision tower than {tower.folder} (weight fingerprints "
+               f"{recorded[:12]} != {tower.fingerprint[:12]}): its projector would read features it never saw")
+    refuse_mismatch(message, "Give the vision encoder folder it was trained with", allow, flag)
