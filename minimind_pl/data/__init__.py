@@ -4,6 +4,7 @@
 - :class:`SFTDataModule`: ``{"conversations": [...]}`` lines (MiniMind's chat format).
 - :class:`DPODataModule`: ``{"chosen": [...], "rejected": [...]}`` preference pairs.
 - :class:`PromptDataModule`: prompts for the RL stages (MiniMind's ``rlaif.jsonl`` or ``{"prompt": ...}``).
+- :class:`VLMDataModule`: conversations about images (MiniMind-V): jsonl + image files, or MiniMind-V's Parquet.
 - :class:`JsonlDataModule`: their shared base (cache, packing, validation split, loaders) and the hooks
   a new format overrides (:mod:`minimind_pl.data.base` says how: an encoder and ``make_encoder``).
 
@@ -28,6 +29,8 @@ _EXPORTS = {
     "PromptDataModule": "prompts", "PromptEncoder": "formats.prompts",
     "SFTDataModule": "sft", "SFTEncoder": "formats.sft", "SYSTEM_PROMPTS": "formats.sft",
     "assistant_mask": "formats.sft",
+    "VLMDataModule": "vlm", "VisionSFTEncoder": "formats.vlm", "ImageRows": "image_rows",
+    "collate_images": "image_rows",
 }
 
 __all__ = sorted(_EXPORTS)

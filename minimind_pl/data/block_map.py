@@ -1,8 +1,10 @@
-"""A jsonl file mapped block by block over a process pool, in file order, with a progress bar.
+"""A data file mapped block by block over a process pool, in file order, with a progress bar.
 
 The token cache tokenizes through :func:`map_blocks`, and so do the data tools (``data stats``, ``data clean``):
-one pool, one small-file rule, one progress loop. A block is a run of complete lines (about ``BLOCK_BYTES``);
-its first line's number travels with it, so errors name the right line whatever the block size.
+one pool, one small-file rule, one progress loop. A jsonl block is a run of complete lines (about ``BLOCK_BYTES``);
+a Parquet block is a batch of rows already read (:mod:`minimind_pl.data.parquet`); :func:`block_records` turns
+either into ``(line number, record)`` pairs. The first line's number travels with a block, so errors name the
+right line (or row) whatever the block size.
 """
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ import os
 import signal
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
+
+from .jsonl import parse_block
+from .parquet import RecordBlock, is_parquet, parquet_blocks
 
 BLOCK_BYTES = 4 << 20  # bytes of jsonl per work item
 
@@ -79,6 +84,21 @@ def iter_line_blocks(path: Path, hasher: Any = None,
             line_no += chunk.count(b"\n") + 1
 
 
+def iter_blocks(path: Path, hasher: Any = None,
+                block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, Union[bytes, RecordBlock], int]]:
+    """``(first line or row number, block, bytes consumed)`` of a jsonl or a Parquet file (by its content)."""
+    if is_parquet(path):
+        return parquet_blocks(path, hasher)
+    return iter_line_blocks(path, hasher, block_bytes)
+
+
+def block_records(first_line: int, block: Union[bytes, RecordBlock]) -> tuple[list, list, int]:
+    """``(records, errors, n_lines)`` of a block of :func:`iter_blocks`: jsonl lines parsed, Parquet rows as read."""
+    if isinstance(block, RecordBlock):
+        return block.records, block.errors, block.n_lines
+    return parse_block(first_line, block)
+
+
 def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
     """A tqdm bar over ``total`` bytes (a no-op one when disabled)."""
     try:
@@ -101,14 +121,14 @@ def default_num_proc() -> int:
 
 def map_blocks(path: Path, processor: Callable[[int, bytes], Any], num_proc: Optional[int], desc: str,
                progress: bool = True, block_bytes: int = BLOCK_BYTES, hasher: Any = None) -> Iterator[Any]:
-    """``processor(first line number, block of complete lines)`` of each block of ``path``, in file order.
+    """``processor(first line number, block)`` of each block of ``path`` (:func:`iter_blocks`), in file order.
 
     Memory stays flat in the file size: at most two blocks per process are in flight. The pool is terminated when
     the generator ends or is closed (wrap it in ``contextlib.closing`` when the loop may stop early).
 
     Args:
-        path: the jsonl file.
-        processor: a picklable callable run in the worker processes.
+        path: the jsonl (or Parquet) file.
+        processor: a picklable callable run in the worker processes (:func:`block_records` reads its block).
         num_proc: worker processes (None: every CPU; 1, or a file of at most two blocks: this process).
         desc: the progress bar's label.
         progress: show the progress bar.
@@ -117,7 +137,7 @@ def map_blocks(path: Path, processor: Callable[[int, bytes], Any], num_proc: Opt
     """
     size = path.stat().st_size
     num_proc = default_num_proc() if num_proc is None else max(1, int(num_proc))
-    blocks = iter_line_blocks(path, hasher, block_bytes)
+    blocks = iter_blocks(path, hasher, block_bytes)
     pool = None
     try:
         if num_proc > 1 and size > 2 * block_bytes:

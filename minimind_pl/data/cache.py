@@ -6,6 +6,12 @@ A cache is a directory ``<file>.<settings-key>.cache/`` (beside the jsonl file, 
 - ``tokens.bin``  token ids of all documents, concatenated (uint16 when the vocabulary fits, else uint32)
 - ``offsets.bin`` int64 document boundaries: document ``i`` is ``tokens[offsets[i]:offsets[i+1]]``
 - ``mask.bin``    uint8 per token, only for formats with a loss mask (SFT): 1 = the token is a target
+- only for formats with images (:mod:`minimind_pl.data.formats.vlm`): ``images.bin``, every image reference
+  concatenated (``meta["images"]`` says what they are: ``"paths"``, UTF-8 paths as a jsonl line wrote them, relative
+  to its folder; ``"bytes"``, the encoded image copied out of a Parquet file), ``image_offsets.bin`` (int64, n_images
+  + 1: image ``j`` is ``images[image_offsets[j]:image_offsets[j+1]]``), ``doc_images.bin`` (int64, n_docs + 1:
+  document ``i`` has images ``doc_images[i]`` to ``doc_images[i+1]``) and ``doc_lines.bin`` (int64: the line or
+  row each document came from, for the errors of an image that fails to load)
 - ``meta.json``   what it was built from (file size, mtime, sha256 of the bytes, tokenizer fingerprint,
   the settings that change tokens) and what it holds (documents, tokens, skipped lines).
 
@@ -42,8 +48,8 @@ import numpy as np
 from minimind_pl.files import TEMP_MARK, atomic_file, stale_temporaries, temporary_path
 from minimind_pl.errors import UserError, check_input_file
 
-from .block_map import BLOCK_BYTES, map_blocks
-from .jsonl import parse_block
+from .block_map import BLOCK_BYTES, block_records, map_blocks
+from .parquet import is_parquet
 
 FORMAT_VERSION = 1
 MAX_REPORTED_ERRORS = 20
@@ -60,7 +66,8 @@ class RecordEncoder:
     """Turns parsed jsonl records into token documents; one subclass per data format.
 
     Subclasses set :attr:`kind` (and bump :attr:`version` when their output changes), set
-    :attr:`has_mask` if they produce a per-token loss mask, and implement :meth:`encode_records`.
+    :attr:`has_mask` if they produce a per-token loss mask, :attr:`has_images` if their documents carry images,
+    and implement :meth:`encode_records`.
     Everything that changes the produced tokens must appear in :meth:`settings` (it keys the cache).
     A record may produce several documents (``docs_per_record``, e.g. chosen + rejected for DPO);
     they are stored consecutively.
@@ -72,6 +79,7 @@ class RecordEncoder:
     kind: str = "base"
     version: int = 1
     has_mask: bool = False
+    has_images: bool = False
     docs_per_record: int = 1
 
     def __init__(self, tokenizer: Any) -> None:
@@ -97,7 +105,8 @@ class RecordEncoder:
         Returns:
             One entry per record: either a list of ``docs_per_record`` ``(ids, mask)`` pairs
             (``ids`` an int array or list, ``mask`` a uint8 array of the same length or None when
-            ``has_mask`` is False), or a string saying why the record is invalid.
+            ``has_mask`` is False; with ``has_images``, ``(ids, mask, images)`` triples, ``images`` a list of
+            bytes), or a string saying why the record is invalid.
         """
         raise NotImplementedError
 
@@ -147,12 +156,14 @@ class TokenCache:
         tokens: (n_tokens,) memmap of token ids.
         offsets: (n_docs + 1,) int64 memmap of document boundaries.
         mask: (n_tokens,) uint8 memmap of the loss mask, or None.
+        has_images: whether its documents carry images (:meth:`doc_images`, :meth:`doc_line`).
     """
 
     def __init__(self, path: str | Path, meta: Optional[dict] = None) -> None:
         self.path = Path(path)
         self.meta = meta if meta is not None else json.loads((self.path / "meta.json").read_text())
         self._arrays: Optional[tuple] = None
+        self._image_arrays: Optional[tuple] = None
 
     def _open(self) -> tuple:
         if self._arrays is None:
@@ -197,14 +208,48 @@ class TokenCache:
         a, b = int(offsets[i]), int(offsets[i + 1])
         return tokens[a:b], (mask[a:b] if mask is not None else None)
 
+    @property
+    def has_images(self) -> bool:
+        """Whether the documents carry images (an image format's cache)."""
+        return bool(self.meta.get("has_images"))
+
+    def _open_images(self) -> tuple:
+        if self._image_arrays is None:
+            m = self.meta
+            self._image_arrays = tuple(_read_array(self.path / name, dtype, count) for name, dtype, count in (
+                ("images.bin", np.uint8, m["image_bytes"]), ("image_offsets.bin", np.int64, m["n_images"] + 1),
+                ("doc_images.bin", np.int64, m["n_docs"] + 1), ("doc_lines.bin", np.int64, m["n_docs"])))
+        return self._image_arrays
+
+    def doc_images(self, i: int) -> list[bytes]:
+        """The image references of document ``i``, in order (paths or encoded bytes: ``meta["images"]``)."""
+        blob, image_offsets, doc_images, _ = self._open_images()
+        first, last = int(doc_images[i]), int(doc_images[i + 1])
+        return [blob[int(image_offsets[j]):int(image_offsets[j + 1])].tobytes() for j in range(first, last)]
+
+    def image_counts(self) -> np.ndarray:
+        """Images per document (int64, n_docs)."""
+        return np.diff(self._open_images()[2])
+
+    def doc_line(self, i: int) -> int:
+        """The line (jsonl) or row (Parquet) document ``i`` came from."""
+        return int(self._open_images()[3][i])
+
     def __getstate__(self) -> dict:
         return {"path": self.path, "meta": self.meta}
 
     def __setstate__(self, state: dict) -> None:
-        self.path, self.meta, self._arrays = state["path"], state["meta"], None
+        self.path, self.meta, self._arrays, self._image_arrays = state["path"], state["meta"], None, None
 
     def __repr__(self) -> str:
         return f"TokenCache({str(self.path)!r}, docs={self.n_docs}, tokens={self.n_tokens})"
+
+
+def _read_array(path: Path, dtype: Any, count: int) -> np.ndarray:
+    """``count`` values of ``dtype`` memory-mapped from ``path`` (numpy cannot map an empty file)."""
+    if count == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
 # ====================================================================== locating / validating
@@ -270,6 +315,11 @@ def _files_complete(path: Path, meta: dict) -> bool:
         ok &= (path / "offsets.bin").stat().st_size == (meta["n_docs"] + 1) * 8
         if meta["has_mask"]:
             ok &= (path / "mask.bin").stat().st_size == meta["n_tokens"]
+        if meta.get("has_images"):
+            ok &= (path / "images.bin").stat().st_size == meta["image_bytes"]
+            for name, count in (("image_offsets.bin", meta["n_images"] + 1), ("doc_images.bin", meta["n_docs"] + 1),
+                                ("doc_lines.bin", meta["n_docs"])):
+                ok &= (path / name).stat().st_size == count * 8
     except OSError:
         return False
     return bool(ok)
@@ -310,19 +360,29 @@ class _ChunkResult:
     n_lines: int
     n_records: int
     errors: list = field(default_factory=list)
+    images: list = field(default_factory=list)  # image references (bytes) of every document, in order
+    image_counts: list = field(default_factory=list)  # images per document
+    doc_lines: list = field(default_factory=list)  # line (row) number per document, for image caches
 
 
-def encode_block(encoder: RecordEncoder, first_line: int, data: bytes, dtype: np.dtype) -> _ChunkResult:
-    """Parse and tokenize one block of complete jsonl lines starting at line ``first_line``."""
-    records, errors, n_lines = parse_block(first_line, data)
+def encode_block(encoder: RecordEncoder, first_line: int, data: Any, dtype: np.dtype) -> _ChunkResult:
+    """Parse and tokenize one block of :func:`~minimind_pl.data.block_map.iter_blocks` (jsonl lines or Parquet
+    rows) starting at line (row) ``first_line``."""
+    records, errors, n_lines = block_records(first_line, data)
     results = encoder.encode_records(records) if records else []
     limit = np.iinfo(dtype).max
     toks, masks, lengths = [], [], []
+    chunk = _ChunkResult(tokens=np.zeros(0, dtype), mask=None, lengths=np.zeros(0, np.int64), n_lines=n_lines,
+                         n_records=len(records), errors=errors)
     for (line_no, _), res in zip(records, results):
         if isinstance(res, str):
             errors.append((line_no, res))
             continue
-        for ids, mask in res:
+        for ids, mask, *images in res:
+            if encoder.has_images:
+                chunk.images += images[0]
+                chunk.image_counts.append(len(images[0]))
+                chunk.doc_lines.append(line_no)
             ids = np.asarray(ids, dtype=np.int64)
             if ids.size and (ids.min() < 0 or ids.max() > limit):
                 raise ValueError(f"token id {int(ids.max())} does not fit the cache dtype {dtype}")
@@ -331,18 +391,16 @@ def encode_block(encoder: RecordEncoder, first_line: int, data: bytes, dtype: np
                 masks.append(np.asarray(mask, dtype=np.uint8))
             lengths.append(ids.size)
     errors.sort()
-    return _ChunkResult(
-        tokens=np.concatenate(toks) if toks else np.zeros(0, dtype),
-        mask=(np.concatenate(masks) if masks else np.zeros(0, np.uint8)) if encoder.has_mask else None,
-        lengths=np.asarray(lengths, dtype=np.int64),
-        n_lines=n_lines,
-        n_records=len(records),
-        errors=errors,
-    )
+    if toks:
+        chunk.tokens = np.concatenate(toks)
+    if encoder.has_mask:
+        chunk.mask = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
+    chunk.lengths = np.asarray(lengths, dtype=np.int64)
+    return chunk
 
 
 def _format_error(source: Path, line_no: int, msg: str) -> str:
-    return f"{source}, line {line_no}: {msg}"
+    return f"{source}, {'row' if is_parquet(source) else 'line'} {line_no}: {msg}"
 
 
 def _clean_stale_tmp(final: Path) -> None:
@@ -391,6 +449,8 @@ class _BuildCounts:
     n_records: int = 0
     n_skipped: int = 0
     errors: list = field(default_factory=list)
+    n_images: int = 0
+    image_bytes: int = 0
 
     def add(self, chunk: _ChunkResult, source: Path, skip_invalid: bool) -> None:
         """Count one block in; its first bad line raises :class:`DataFormatError` unless ``skip_invalid``."""
@@ -404,6 +464,29 @@ class _BuildCounts:
         self.n_docs += int(chunk.lengths.size)
         self.n_lines += chunk.n_lines
         self.n_records += chunk.n_records
+        self.n_images += len(chunk.images)
+        self.image_bytes += sum(map(len, chunk.images))
+
+
+class _ImageFiles:
+    """The image files of a cache being built (see the module doc), written chunk by chunk."""
+
+    NAMES = ("images.bin", "image_offsets.bin", "doc_images.bin", "doc_lines.bin")
+
+    def __init__(self, folder: Path, files: contextlib.ExitStack) -> None:
+        self.handles = [files.enter_context(open(folder / name, "wb")) for name in self.NAMES]
+        for handle in self.handles[1:3]:  # both offset arrays start at 0
+            handle.write(np.zeros(1, np.int64).tobytes())
+
+    def write(self, chunk: _ChunkResult, counts: _BuildCounts) -> None:
+        """Append ``chunk``'s images; ``counts`` are the totals before it."""
+        blob, image_offsets, doc_images, doc_lines = self.handles
+        for image in chunk.images:
+            blob.write(image)
+        sizes = np.fromiter(map(len, chunk.images), np.int64, len(chunk.images))
+        (counts.image_bytes + np.cumsum(sizes)).tofile(image_offsets)
+        (counts.n_images + np.cumsum(np.asarray(chunk.image_counts, np.int64))).tofile(doc_images)
+        np.asarray(chunk.doc_lines, np.int64).tofile(doc_lines)
 
 
 def _write_arrays(source: Path, encoder: RecordEncoder, folder: Path, dtype: np.dtype, skip_invalid: bool,
@@ -414,19 +497,22 @@ def _write_arrays(source: Path, encoder: RecordEncoder, folder: Path, dtype: np.
         f_tok = files.enter_context(open(folder / "tokens.bin", "wb"))
         f_off = files.enter_context(open(folder / "offsets.bin", "wb"))
         f_mask = files.enter_context(open(folder / "mask.bin", "wb")) if encoder.has_mask else None
+        image_files = _ImageFiles(folder, files) if encoder.has_images else None
         f_off.write(np.zeros(1, np.int64).tobytes())
         chunks = files.enter_context(contextlib.closing(map_blocks(
             source, functools.partial(encode_block, encoder, dtype=dtype), num_proc, f"tokenizing {source.name}",
             progress, block_bytes=BLOCK_BYTES, hasher=hasher)))
         for chunk in chunks:
             first_offset = counts.n_tokens
+            if image_files is not None:
+                image_files.write(chunk, counts)  # before add() moves the totals on past this chunk
             counts.add(chunk, source, skip_invalid)
             chunk.tokens.tofile(f_tok)
             if f_mask is not None:
                 chunk.mask.tofile(f_mask)
             if chunk.lengths.size:
                 (first_offset + np.cumsum(chunk.lengths)).astype(np.int64).tofile(f_off)
-        for fh in (f_tok, f_off, f_mask):
+        for fh in (f_tok, f_off, f_mask, *(image_files.handles if image_files else ())):
             if fh is not None:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -456,6 +542,8 @@ def _cache_meta(source: Path, st: os.stat_result, encoder: RecordEncoder, dtype:
         "dtype": dtype.name,
         "has_mask": encoder.has_mask,
         "docs_per_record": encoder.docs_per_record,
+        **({"has_images": True, "images": "bytes" if is_parquet(source) else "paths", "n_images": counts.n_images,
+            "image_bytes": counts.image_bytes} if encoder.has_images else {}),
         "n_docs": counts.n_docs,
         "n_tokens": counts.n_tokens,
         "n_lines": counts.n_lines,

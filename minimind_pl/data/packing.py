@@ -45,6 +45,7 @@ class DocumentStream:
             raise ValueError("one selection per cache")
         self._starts: list[Optional[np.ndarray]] = []
         self._cums: list[Optional[np.ndarray]] = []
+        self._selections = [None if sel is None else np.asarray(sel, dtype=np.int64) for sel in selections]
         part_tokens, part_docs = [], []
         for cache, sel in zip(self.caches, selections):
             if sel is None:
@@ -107,14 +108,45 @@ class DocumentStream:
             values.append(part)
         return np.concatenate(values) if values else np.zeros(0, np.uint8)
 
+    def _where(self, i: int) -> tuple[int, int]:
+        """(part, index within the part's documents) of the ``i``-th document of the stream."""
+        p = int(np.searchsorted(self.doc_base, i, side="right")) - 1
+        return p, i - int(self.doc_base[p])
+
     def doc(self, i: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Token ids (and mask) of the ``i``-th document of the stream."""
-        p = int(np.searchsorted(self.doc_base, i, side="right")) - 1
-        k = i - int(self.doc_base[p])
+        p, k = self._where(i)
         tokens, mask, starts, cum, _ = self._part(p)
         a = int(starts[k])
         b = a + int(cum[k + 1]) - int(cum[k])
         return np.asarray(tokens[a:b]), (np.asarray(mask[a:b]) if mask is not None else None)
+
+    def documents_of(self, p: int) -> np.ndarray:
+        """Indices (in its cache) of the documents the stream takes from cache ``p``, in stream order."""
+        selection = self._selections[p]
+        return np.arange(self.caches[p].n_docs) if selection is None else selection
+
+    def locate(self, i: int) -> tuple[TokenCache, int]:
+        """The cache holding the ``i``-th document of the stream, and the document's index in it."""
+        p, k = self._where(i)
+        return self.caches[p], (k if self._starts[p] is None else int(self._selections[p][k]))
+
+    def pieces(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """The documents in stream tokens ``[start, end)``: ``(document, its first token there, tokens)`` each,
+        in order (the pieces :meth:`window` concatenates, empty documents left out)."""
+        out = []
+        p = int(np.searchsorted(self.part_base, start, side="right")) - 1
+        while p < len(self.caches) and int(self.part_base[p]) < end:
+            cum = self._part(p)[3]
+            base = int(self.part_base[p])
+            lo, hi = max(start, base) - base, min(end, int(self.part_base[p + 1])) - base
+            first = int(np.searchsorted(cum, lo, side="right")) - 1
+            for k in range(first, int(np.searchsorted(cum, hi, side="left"))):
+                a, b = max(int(cum[k]), lo), min(int(cum[k + 1]), hi)
+                if b > a:
+                    out.append((int(self.doc_base[p]) + k, a - int(cum[k]), b - a))
+            p += 1
+        return out
 
     def window(self, start: int, end: int) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
         """Stream tokens ``[start, end)``.
@@ -208,6 +240,12 @@ class PackedDataset(Dataset):
             sample["position_ids"] = pos[:L]
         return sample
 
+    def row_pieces(self, index: int) -> list[tuple[int, int, int]]:
+        """The documents among row ``index``'s inputs: ``(stream document, its first token in the row, tokens)``
+        each, in row order; a piece's first input position is the sum of the lengths before it."""
+        start = index * self.seq_len
+        return self.stream.pieces(start, min(start + self.seq_len, self.stream.n_tokens))
+
 
 class PaddedDataset(Dataset):
     """One document per row, truncated to ``seq_len + 1`` tokens and padded (MiniMind's layout).
@@ -249,6 +287,12 @@ class PaddedDataset(Dataset):
         valid[:n] = target
         labels = np.where(valid[1:], w[1:], IGNORE_INDEX)
         return {"input_ids": w[:L], "labels": labels, "real_tokens": min(n, L)}
+
+    def row_pieces(self, index: int) -> list[tuple[int, int, int]]:
+        """Row ``index``'s document among its inputs, as :meth:`PackedDataset.row_pieces` gives them (one, from
+        its first token, cut at ``seq_len``)."""
+        length = min(self.stream.doc(index)[0].size, self.seq_len)
+        return [(index, 0, length)] if length else []
 
 
 def collate(samples: Sequence[dict]) -> dict:

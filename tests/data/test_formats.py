@@ -24,6 +24,9 @@ BLANK = {"role": "assistant", "content": ""}
     ({"prompt": "p", "conversations": [USER, ANSWER]}, "rl"),
     ({"conversations": [USER, BLANK]}, "rl"),  # MiniMind's rlaif.jsonl: the last answer left empty
     ({"conversations": [USER, ANSWER]}, "sft"),
+    ({"conversations": [{"role": "user", "content": "<image>q"}, ANSWER]}, "sft"),  # a tag alone is text
+    ({"conversations": [{"role": "user", "content": "<image>q"}, ANSWER], "images": ["a.png"]}, "vlm"),
+    ({"conversations": [USER, BLANK], "images": []}, "vlm"),  # images make it vlm before rl claims it
     ({"conversations": []}, "sft"),  # sft's check then says why it is invalid
     ({"question": "q", "answer": "A"}, None),
     (["text"], None),
@@ -76,7 +79,7 @@ def test_every_format_names_its_data_module_and_has_a_unique_name():
     for data_format in FORMATS:
         module = getattr(minimind_pl.data, data_format.data_module)
         assert issubclass(module, minimind_pl.data.JsonlDataModule)
-    with pytest.raises(UserError, match="--format must be auto or one of dpo, pretrain, rl, sft, got 'chat'"):
+    with pytest.raises(UserError, match="--format must be auto or one of dpo, pretrain, vlm, rl, sft, got 'chat'"):
         format_named("chat")
 
 
@@ -86,8 +89,13 @@ def test_stats_counts_tokens_with_the_encoder_training_uses(data_format, tokeniz
     the stats do not apply, may differ)."""
     module = getattr(minimind_pl.data, data_format.data_module)
     (tmp_path / "d.jsonl").write_text("{}\n", encoding="utf-8")
+    extra = {}
+    if data_format.count_images is not None:  # an image format also needs its vision tower's preprocessing
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 8, "width": 8},
+                                                                       "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+        extra["vision_encoder"] = str(tmp_path)
     training = module(train_path=str(tmp_path / "d.jsonl"), seq_len=64, batch_size=2,
-                      tokenizer=str(tokenizer_dir)).make_encoder()
+                      tokenizer=str(tokenizer_dir), **extra).make_encoder()
     tools = make_encoder(str(tokenizer_dir), data_format)
     assert type(tools) is type(training)
     assert {**tools.settings(), "max_tokens": None} == {**training.settings(), "max_tokens": None}

@@ -188,7 +188,8 @@ def clean_command(input: str, *, output: str, format: str = "auto", unicode_form
     Args:
         input: the jsonl file to clean.
         output: the cleaned jsonl file to write (not the input).
-        format: auto (from the first record), pretrain, sft, dpo or rl.
+        format: auto (from the first record), pretrain, sft, dpo, rl or vlm (image conversations: their images are
+            kept as they are).
         unicode_form: NFC (same look), NFKC (also folds full-width punctuation and compatibility characters) or none.
         min_chars: remove lines with fewer characters of model text (what a model reads, without chat markup).
         max_chars: remove lines with more characters of model text (none: no limit).

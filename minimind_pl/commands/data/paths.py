@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from minimind_pl.data.parquet import is_parquet
 from minimind_pl.errors import UserError, check_input_file
 
 
@@ -18,8 +19,13 @@ def check_output(output: Path, inputs: list[Path], argument: str = "--output") -
     return output
 
 
-def input_files(paths: list[str], argument: str) -> list[Path]:
-    """The jsonl files a command reads, each checked (missing, a directory, unreadable)."""
+def input_files(paths: list[str], argument: str, parquet: bool = False) -> list[Path]:
+    """The jsonl files a command reads, each checked (missing, a directory, unreadable); a Parquet file only where
+    ``parquet`` says the command reads them (``data stats``), else a :class:`UserError`."""
     if not paths:
         raise UserError(f"name at least one jsonl file ({argument})")
-    return [check_input_file(path, argument) for path in paths]
+    files = [check_input_file(path, argument) for path in paths]
+    for path in files:
+        if not parquet and is_parquet(path):
+            raise UserError(f"{path} is a Parquet file; this command reads and writes jsonl (data stats reads both)")
+    return files

@@ -1,10 +1,12 @@
 """``python main.py data stats FILE... [--tokenizer DIR]``: what a dataset holds before training on it.
 
-Per file: lines, documents, blank and invalid lines (the training code's rule; with a tokenizer, the stage's
+Per file (jsonl, or MiniMind-V's Parquet): lines (rows), documents, blank and invalid lines (the training code's rule; with a tokenizer, the stage's
 encoder is that rule, and the lines it refuses are also counted apart), exact duplicates (same model text),
 characters and their length percentiles, the share of Chinese / English / other letters, and with a tokenizer the
 tokens training would see (the stage's own encoder: chat template, bos/eos, both sides of a DPO pair) with the
-share of real tokens when each document is padded to ``seq_len`` (MiniMind) versus packed.
+share of real tokens when each document is padded to ``seq_len`` (MiniMind) versus packed. For a format with images
+(``vlm``): images in all, per row (mean, max), rows with images, and with a tokenizer the share of the tokens that are
+image tokens.
 """
 from __future__ import annotations
 
@@ -16,9 +18,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from minimind_pl.data.block_map import map_blocks
+from minimind_pl.data.block_map import block_records, map_blocks
 from minimind_pl.data.formats import DataFormat, resolve_format
-from minimind_pl.data.jsonl import parse_block
 from minimind_pl.errors import UserError
 
 from .paths import input_files
@@ -41,6 +42,8 @@ class BlockStats:
     tokens: list = field(default_factory=list)  # per training document (two per DPO pair)
     letters: list = field(default_factory=lambda: [0, 0, 0])
     keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # exact-duplicate key per document
+    images: list = field(default_factory=list)  # per valid record, for a format with images
+    image_tokens: int = 0
 
 
 @dataclass
@@ -51,7 +54,7 @@ class LineStats:
     encoder: Any = None  # the stage's RecordEncoder, or None without a tokenizer
 
     def __call__(self, first_line: int, data: bytes) -> BlockStats:
-        records, errors, n_lines = parse_block(first_line, data)
+        records, errors, n_lines = block_records(first_line, data)
         stats = BlockStats(lines=n_lines, invalid=len(errors), first_invalid=errors[0] if errors else None)
         stats.blank = n_lines - len(records) - len(errors)
         keys = []
@@ -64,7 +67,11 @@ class LineStats:
                     stats.first_invalid = (line_no, verdict)
                 continue
             documents = (verdict or ())[:data_format.counted_documents]  # RL: the prompt, not the gt
-            stats.tokens += [len(ids) for ids, _ in documents]
+            stats.tokens += [len(document[0]) for document in documents]
+            if data_format.count_images is not None:
+                stats.images.append(data_format.count_images(obj))
+                image_id = getattr(self.encoder, "image_token_id", None)
+                stats.image_tokens += sum(int((np.asarray(d[0]) == image_id).sum()) for d in documents)
             text = data_format.model_text(obj)
             stats.chars.append(len(text))
             keys.append(text_key(text))
@@ -93,14 +100,16 @@ def make_encoder(tokenizer: Optional[str], data_format: DataFormat) -> Any:
 class FileStats:
     """The statistics of a whole file, summed block by block (lengths kept as 4 bytes per document)."""
 
-    def __init__(self, path: Path, data_format: str) -> None:
-        self.path, self.data_format = path, data_format
+    def __init__(self, path: Path, data_format: str, with_images: bool = False) -> None:
+        self.path, self.data_format, self.with_images = path, data_format, with_images
         self.lines = self.blank = self.invalid = self.rejected = self.duplicates = 0
         self.first_invalid: Optional[tuple[int, str]] = None
         self.tokenized = False
         self.chars, self.tokens = array("I"), array("I")
         self.letters = [0, 0, 0]
         self.seen = KeySet()
+        self.images = array("I")  # images per valid record, for a format with images
+        self.image_tokens = 0
 
     def add(self, block: BlockStats) -> None:
         """Sum one block in (duplicates are counted against every earlier block)."""
@@ -113,6 +122,8 @@ class FileStats:
         self.tokens.extend(block.tokens)
         self.letters = [a + b for a, b in zip(self.letters, block.letters)]
         self.duplicates += int(self.seen.mark(block.keys).sum())
+        self.images.extend(block.images)
+        self.image_tokens += block.image_tokens
 
     def invalid_details(self) -> dict[str, Any]:
         """How many invalid lines the tokenizing encoder refused, and the first invalid line with its reason."""
@@ -137,6 +148,19 @@ class FileStats:
             out["tokens"] = int(sum(self.tokens))
             out.update(percentiles("tokens", self.tokens))
             out.update(padding_shares(np.asarray(self.tokens, np.int64), seq_len))
+        if self.with_images:
+            out.update(self.image_summary())
+        return out
+
+    def image_summary(self) -> dict[str, Any]:
+        """Images in all, per row, rows with images, and (tokenized) the image tokens' share of all tokens."""
+        per_row = np.asarray(self.images, np.int64)
+        mean = float(per_row.mean()) if per_row.size else 0.0
+        out: dict[str, Any] = {"images": int(per_row.sum()), "images_per_row_mean": round(mean, 4),
+                               "images_per_row_max": int(per_row.max(initial=0)),
+                               "rows_with_images": int((per_row > 0).sum())}
+        if self.tokens:
+            out["image_token_share"] = round(self.image_tokens / max(1, sum(self.tokens)), 4)
         return out
 
 
@@ -161,13 +185,14 @@ def padding_shares(lengths: np.ndarray, seq_len: int) -> dict[str, float]:
 def stats_command(files: list[str], tokenizer: Optional[str] = None, seq_len: int = 340, format: str = "auto",
                   plot: Optional[str] = None, num_proc: Optional[int] = None,
                   progress: bool = True) -> list[dict[str, Any]]:
-    """Print what jsonl datasets hold: documents, characters, tokens, lengths, languages, duplicates, bad lines.
+    """Print what jsonl datasets hold: documents, characters, tokens, lengths, languages, duplicates, bad lines,
+    and for image conversations their images.
 
     Args:
-        files: the jsonl files (pretrain, SFT, DPO or RL prompts).
+        files: the jsonl files (pretrain, SFT, DPO, RL prompts or image conversations) or MiniMind-V Parquet files.
         tokenizer: a tokenizer folder: also count the tokens training sees, and the padding waste.
         seq_len: the row length for the padding-versus-packing shares (MiniMind's pretrain: 340).
-        format: auto (from each file's first record), pretrain, sft, dpo or rl.
+        format: auto (from each file's first record; a Parquet file is vlm), pretrain, sft, dpo, rl or vlm.
         plot: write a PNG histogram of the document lengths here (needs matplotlib: pip install -e ".[data]").
         num_proc: worker processes (default: every CPU).
         progress: show a progress bar.
@@ -175,9 +200,9 @@ def stats_command(files: list[str], tokenizer: Optional[str] = None, seq_len: in
     if seq_len < 1:
         raise UserError(f"--seq_len must be >= 1, got {seq_len}")
     results, measured = [], []
-    for path in input_files(files, "FILE"):
+    for path in input_files(files, "FILE", parquet=True):
         data_format = resolve_format(path, format)
-        stats = FileStats(path, data_format.name)
+        stats = FileStats(path, data_format.name, with_images=data_format.count_images is not None)
         measure = LineStats(data_format, make_encoder(tokenizer, data_format))
         stats.tokenized = measure.encoder is not None
         for block in map_blocks(path, measure, num_proc, f"reading {path.name}", progress):

@@ -4,6 +4,8 @@ Formats (MiniMind's files), in the order they claim a line:
 
 - ``dpo``: ``{"chosen": [messages], "rejected": [messages]}`` (dpo.jsonl), :mod:`.dpo`;
 - ``pretrain``: ``{"text": ...}`` (pretrain_hq.jsonl, pretrain_t2t*.jsonl), :mod:`.pretrain`;
+- ``vlm``: ``{"conversations": [messages], "images": [paths]}``: conversations about images, with ``<image>`` tags
+  (MiniMind-V), :mod:`.vlm`; also every MiniMind-V Parquet file (told by its content, not a line);
 - ``rl``: prompts for reinforcement learning: ``{"prompt": ...}``, or conversations whose last assistant turn is
   empty (rlaif.jsonl), :mod:`.prompts`;
 - ``sft``: ``{"conversations": [messages]}`` whose assistant turns all answer (sft_*.jsonl, lora_*.jsonl, r1_mix),
@@ -11,7 +13,8 @@ Formats (MiniMind's files), in the order they claim a line:
 
 One rule says which format a line is, for every tool (``data`` stats/clean, ``eval``, tokenizer training): the
 first format of :data:`FORMATS` whose ``detect`` accepts the object. So a line with both ``text`` and
-``conversations`` is pretraining data everywhere. A record's validity is its format's ``check``, the training
+``conversations`` is pretraining data everywhere, and a conversation is an image conversation only when it has an
+``images`` field (a plain SFT line never has one). A record's validity is its format's ``check``, the training
 code's own rule, so a line ``data clean`` keeps is a line training accepts.
 
 Nothing here imports Lightning (the commands that read data start without it). To add a format, see
@@ -24,14 +27,16 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 from ...errors import UserError
 from ..jsonl import parse_line, read_jsonl
+from ..parquet import is_parquet
 from .dpo import DPO
 from .pretrain import PRETRAIN
 from .prompts import RL
 from .record import DataFormat
 from .sft import SFT
+from .vlm import VLM
 
 #: Every format, in the order they claim a line (the first whose ``detect`` accepts it owns it).
-FORMATS: tuple[DataFormat, ...] = (DPO, PRETRAIN, RL, SFT)
+FORMATS: tuple[DataFormat, ...] = (DPO, PRETRAIN, VLM, RL, SFT)
 FORMAT_NAMES = tuple(f.name for f in FORMATS)
 
 __all__ = ["DataFormat", "FORMATS", "FORMAT_NAMES", "detect_format", "format_named", "jsonl_texts",
@@ -55,7 +60,12 @@ def format_named(name: str, argument: str = "--format") -> DataFormat:
 
 def resolve_format(path: Path, name: str) -> DataFormat:
     """The format ``name``, or with ``auto`` the format of the first line of ``path`` that is a JSON object of
-    a known format."""
+    a known format. A Parquet file is MiniMind-V's, of the ``vlm`` format whatever ``name`` says otherwise."""
+    if is_parquet(path):
+        if name not in ("auto", VLM.name):
+            raise UserError(f"{path} is a Parquet file, read as MiniMind-V's image conversations (--format auto or "
+                            f"{VLM.name}), not {name!r}")
+        return VLM
     if name != "auto":
         return format_named(name)
     with open(path, "rb") as handle:

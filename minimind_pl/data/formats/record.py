@@ -35,6 +35,8 @@ class DataFormat:
             same tokens every time).
         counted_documents: how many of a record's encoded documents are model input (None: all; RL prompts:
             1, the prompt and not its ground truth).
+        count_images: how many images a valid record holds (None: a text-only format); ``data stats`` reports
+            images per record.
     """
 
     name: str
@@ -46,6 +48,7 @@ class DataFormat:
     map_texts: Callable[[dict, Callable[[str], str]], dict]
     encoder: Callable[..., Any]
     counted_documents: Optional[int] = None
+    count_images: Optional[Callable[[dict], int]] = None
 
     def model_text(self, obj: dict) -> str:
         """What a model reads of a valid record, one string per line (exact duplicates are judged on it)."""
