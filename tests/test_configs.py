@@ -25,7 +25,8 @@ BASE_CONFIGS = [p for p in ALL_YAML if p.name == BASE_CONFIG]     # a preset's s
 STAGE_CONFIGS = [p for p in ALL_YAML if p not in MODEL_CONFIGS and p not in BASE_CONFIGS]
 
 STAGE_CLASSES = {"pretrain": "Pretrain", "sft": "SFT", "lora": "LoRA", "dpo": "DPO", "distill": "Distill",
-                 "reason": "SFT", "grpo": "GRPO", "ppo": "PPO", "siglip": "SigLIP"}
+                 "reason": "SFT", "grpo": "GRPO", "ppo": "PPO", "siglip": "SigLIP",
+                 "vlm_pretrain": "VLMPretrain", "vlm_sft": "VLMSFT"}
 #: Stages whose file stem means another class in a preset (minimind3v: MiniMind-V's two stages).
 PRESET_STAGE_CLASSES = {"minimind3v": {"pretrain": "VLMPretrain", "sft": "VLMSFT"}}
 # where the DataModules live (SigLIP's image-caption pairs sit beside its stage until the image data formats take them)
@@ -295,7 +296,8 @@ def test_command_line_overrides_win_over_base_and_stage(capsys):
 
 STAGE_DATA = {"pretrain": "pretrain_real.jsonl", "sft": "sft_real.jsonl", "lora": "sft_real.jsonl",
               "reason": "sft_real.jsonl", "distill": "sft_real.jsonl", "dpo": "dpo_real.jsonl",
-              "grpo": "prompts.jsonl", "ppo": "prompts.jsonl", "siglip": "vlm_caption.jsonl"}
+              "grpo": "prompts.jsonl", "ppo": "prompts.jsonl", "siglip": "vlm_caption.jsonl",
+              "vlm_pretrain": "vlm_caption.jsonl", "vlm_sft": "vlm_sft.jsonl"}
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
         "max_position_embeddings": 1024}
 
@@ -314,7 +316,7 @@ def small_data(tmp_path_factory, shared_dir) -> Path:
     from minimind_pl.demo.vision_world import write_vision_world
 
     write_vision_world(root, sizes={"caption": 48, "caption_val": 8, "sft": 4, "sft_val": 4})
-    for name in set(STAGE_DATA.values()) - {"prompts.jsonl", "vlm_caption.jsonl"}:
+    for name in {n for n in STAGE_DATA.values() if not n.startswith("vlm_")} - {"prompts.jsonl"}:
         lines = (shared_dir / "corpus" / name).read_text(encoding="utf-8").splitlines(keepends=True)[:48]
         (root / name).write_text("".join(lines), encoding="utf-8")
     conversations = [json.loads(line)["conversations"] for line in (root / "sft_real.jsonl").open(encoding="utf-8")]
@@ -387,7 +389,7 @@ def test_every_stage_config_trains_on_a_small_dataset_as_shipped(config, small_d
     shipped = read(config)["model"]["init_args"]
     if preset == "demo":
         args += ["--data.val_path", str(data)]
-    if preset == "minimind3v":  # a tiny tower: 16 features per image
+    if preset == "minimind3v" or stage.startswith("vlm_"):  # a tiny tower: 16 features per image
         tower = str(small_data / "vlm" / "tower")
         args += ["--model.vision_encoder", tower, "--data.vision_encoder", tower, "--data.image_token_len", "16"]
     if stage == "siglip":  # the trained tower's folder
