@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from minimind_pl.data.formats.vlm import check_vlm_record, record_images
 from minimind_pl.data.jsonl import read_jsonl
 from minimind_pl.errors import UserError
 from minimind_pl.losses import siglip_loss
@@ -48,14 +49,13 @@ def tower_image_spec(image_size: int) -> ImageSpec:
 # ----------------------------------------------------------------------------- data
 
 def first_image_and_answer(row: Any, where: str) -> tuple[str, str]:
-    """A VLM row's first image path and its first assistant answer; a UserError naming the row otherwise."""
-    if isinstance(row, dict):
-        images = row.get("images") or []
-        answers = [turn.get("content") for turn in row.get("conversations") or []
-                   if isinstance(turn, dict) and turn.get("role") == "assistant"]
-        if images and answers and answers[0]:
-            return images[0], answers[0]
-    raise UserError(f"{where}: an image-caption pair needs \"images\" and an assistant answer")
+    """A VLM row's first image path and its first assistant answer (the row checked as the vlm data format checks
+    its rows); a UserError naming the row otherwise."""
+    problem = check_vlm_record(row)
+    answers = [] if problem else [t["content"] for t in row["conversations"] if t["role"] == "assistant" and t["content"]]
+    if problem or not record_images(row) or not answers:
+        raise UserError(f"{where}: {problem or 'an image-caption pair needs an image and an assistant answer'}")
+    return record_images(row)[0], answers[0]
 
 
 class ImageCaptionPairs(Dataset):

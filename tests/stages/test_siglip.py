@@ -95,8 +95,12 @@ def test_rows_that_are_no_pairs_and_missing_images_are_named(tmp_path, tokenizer
     path = tmp_path / "rows.jsonl"
     good = '{"conversations": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}], ' \
            '"images": ["gone.png"]}\n'
-    path.write_text(good + '{"conversations": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
-    with pytest.raises(UserError, match=r"rows.jsonl:2: an image-caption pair needs"):
+    text_only = '{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}\n'
+    path.write_text(good + text_only, encoding="utf-8")
+    with pytest.raises(UserError, match=r"rows.jsonl:2: an image-caption pair needs an image"):
+        ImageCaptionPairs(path, tokenizer, spec, 32)
+    path.write_text(good.replace("<image>", "no tag"), encoding="utf-8")  # the vlm format's own check
+    with pytest.raises(UserError, match=r"rows.jsonl:1: 0 <image> tags in the non-system turns but 1 image"):
         ImageCaptionPairs(path, tokenizer, spec, 32)
     path.write_text(good, encoding="utf-8")
     with pytest.raises(UserError, match=r"gone.png \(row 1\)"):
