@@ -33,9 +33,11 @@ REASONING_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # what the template writes for an assistant turn without reasoning
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names a message's reasoning may have
-#: Where an image goes in a conversation (MiniMind-V): each tag in a non-system turn becomes the model's image
-#: placeholder token × features per image (``expand_image_tags``) before the template renders it.
-IMAGE_TAG = "<image>"
+#: Where an image goes in a message's content (MiniMind-V): each tag in a non-system turn becomes the model's image
+#: placeholder token × features per image (``expand_image_tags``) before the template renders it; a system turn's
+#: tags stay text. The images themselves are listed, in tag order, in a conversation record's ``images`` field
+#: (jsonl; Parquet rows are read into it).
+IMAGE_TAG, IMAGES_FIELD = "<image>", "images"
 
 # Our ChatML template with <think> blocks and <tool_call>/<tool_response>, written to render
 # the same text as MiniMind's template (tests/test_tokenizer.py checks this).

@@ -2,7 +2,8 @@
 
 :class:`ImageRows` wraps a :class:`~minimind_pl.data.packing.PackedDataset` (or a ``PaddedDataset``) over an
 image format's token caches. For each row it finds the image-token runs of the documents among the row's inputs,
-takes those documents' images in order (the k-th run of a document is its k-th image), decodes them and applies
+takes those documents' images in order (the k-th image of a document is its k-th run of image tokens, a run of
+several adjacent images counting as that many: :func:`~minimind_pl.data.formats.vlm.image_starts`), decodes them and applies
 the vision tower's :class:`~minimind_pl.vision.preprocess.ImageSpec`: all in ``__getitem__``, so in the DataLoader's
 worker processes, never in the training loop. The row's ``pixel_values`` are (n, 3, H, W), its documents in order.
 
@@ -33,7 +34,7 @@ from torch.utils.data import Dataset
 from minimind_pl.vision.preprocess import ImageError, ImageSpec, decode_image
 
 from .cache import SKIP_INVALID_HINT, DataFormatError, TokenCache
-from .formats.vlm import image_runs
+from .formats.vlm import image_starts
 from .packing import IGNORE_INDEX, DocumentStream, PackedDataset, PaddedDataset, collate
 
 PIXEL_VALUES = "pixel_values"
@@ -62,15 +63,16 @@ class ImageRows(Dataset):
         rows: the text rows (packed, or one padded document per row) over caches of an image format.
         image_spec: how an image becomes the tower's input tensor.
         image_token_id: the id whose runs stand for images.
+        image_token_len: its tokens per image.
         pad_id: the id a skipped document's tokens become.
         skip_invalid: skip documents whose image is missing or broken (else raise).
     """
 
     def __init__(self, rows: Union[PackedDataset, PaddedDataset], image_spec: ImageSpec, image_token_id: int,
-                 pad_id: int, skip_invalid: bool = False) -> None:
+                 image_token_len: int, pad_id: int, skip_invalid: bool = False) -> None:
         self.rows = rows
         self.image_spec = image_spec
-        self.image_token_id = int(image_token_id)
+        self.image_token_id, self.image_token_len = int(image_token_id), int(image_token_len)
         self.pad_id = int(pad_id)
         self.skip_invalid = bool(skip_invalid)
 
@@ -104,8 +106,8 @@ class ImageRows(Dataset):
         """The tensors of the images whose runs overlap tokens ``[first, first + length)`` of stream document
         ``doc``, in order."""
         cache, k = self.stream.locate(doc)
-        starts, lengths = image_runs(cache.doc(k)[0], self.image_token_id)
-        overlapping = np.flatnonzero((starts < first + length) & (starts + lengths > first))
+        starts = image_starts(cache.doc(k)[0], self.image_token_id, self.image_token_len)
+        overlapping = np.flatnonzero((starts < first + length) & (starts + self.image_token_len > first))
         references = cache.doc_images(k) if overlapping.size else []
         return [self.load(cache, k, int(j), references[j]) for j in overlapping]
 

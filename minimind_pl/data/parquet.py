@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
+from minimind_pl.chat_format import IMAGES_FIELD, count_image_tags
 from minimind_pl.errors import UserError
 
 PARQUET_MAGIC = b"PAR1"
@@ -67,9 +68,6 @@ def require_pyarrow() -> Any:
 
 def parquet_record(conversations: Any, images: Any) -> tuple[Optional[dict], Optional[str]]:
     """``(record, None)`` of one MiniMind-V row, or ``(None, why it is not one)``."""
-    # not at module level: formats -> cache -> block_map -> this module
-    from .formats.vlm import IMAGES_FIELD, count_image_tags
-
     if isinstance(conversations, (str, bytes)):
         try:
             conversations = json.loads(conversations)

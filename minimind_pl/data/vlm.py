@@ -61,7 +61,7 @@ class VLMDataModule(SFTDataModule):
     def make_dataset(self, stream: DocumentStream) -> Dataset:
         """SFT's rows (packed or padded), each with its images."""
         return ImageRows(super().make_dataset(stream), self.image_spec, self.encoder.image_token_id,
-                         self.tokenizer.pad_id, skip_invalid=self.skip_invalid)
+                         self.image_token_len, self.tokenizer.pad_id, skip_invalid=self.skip_invalid)
 
     @property
     def collate_fn(self) -> Callable[[Sequence[Any]], dict]:

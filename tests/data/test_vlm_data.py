@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from minimind_pl.data import DataFormatError, VLMDataModule
 from minimind_pl.data.formats import detect_format, resolve_format
-from minimind_pl.data.formats.vlm import DEFAULT_IMAGE_TOKEN, DEFAULT_IMAGE_TOKEN_LEN
+from minimind_pl.data.formats.vlm import DEFAULT_IMAGE_TOKEN_LEN
 from minimind_pl.data.packing import IGNORE_INDEX
 from minimind_pl.errors import UserError
 from minimind_pl.vision.preprocess import ImageSpec
@@ -176,16 +176,28 @@ def test_more_or_fewer_tags_than_images_is_an_error_naming_the_line(tmp_path, wr
     assert dm.stats["skipped_lines"] == 1 and dm.stats["train"]["images"] == 1
 
 
-def test_a_tag_in_a_system_turn_is_text_and_adjacent_tags_are_refused(tmp_path, write_jsonl, tower, tok_dir, data):
+def test_a_tag_in_a_system_turn_is_text(tmp_path, write_jsonl, tower, tok_dir, data):
     system = {"conversations": [{"role": "system", "content": "Images look like <image>."}, user("hi"),
                                 answer("hello")], "images": []}
     path = write_jsonl(tmp_path / "sys.jsonl", [system])
     dm = module(path, tower, tok_dir, tmp_path)
     assert IMAGE_ID not in dm.train_dataset[0]["input_ids"]
     assert "<image>" in dm.tokenizer.decode(dm.train_dataset[0]["input_ids"].tolist())
-    adjacent = {"conversations": [user("<image><image>"), answer("two")], "images": ["img/red.png", "img/blue.png"]}
-    path = write_jsonl(tmp_path / "adjacent.jsonl", [adjacent])
-    with pytest.raises(DataFormatError, match=r"adjacent.jsonl, line 1: .*runs of lengths \[6\]"):
+
+
+def test_adjacent_tags_are_consecutive_images_and_the_image_token_in_the_text_is_refused(tmp_path, write_jsonl,
+                                                                                        tower, tok_dir, data):
+    adjacent = {"conversations": [user("<image><image>?"), answer("two")], "images": ["img/red.png", "img/blue.png"]}
+    dm = module(write_jsonl(tmp_path / "adjacent.jsonl", [adjacent]), tower, tok_dir, tmp_path, seq_len=64)
+    ids, starts, _ = expected_document(dm.tokenizer, adjacent["conversations"])
+    assert starts[1] == starts[0] + RUN  # one run of two images' tokens
+    row = dm.train_dataset[0]
+    assert row["input_ids"][:len(ids)].tolist() == ids
+    assert torch.equal(row["pixel_values"], pixels(tower, data.parent / "img/red.png", data.parent / "img/blue.png"))
+    literal = {"conversations": [user("<image> and <|image_pad|>"), answer("?")], "images": ["img/red.png"]}
+    path = write_jsonl(tmp_path / "literal.jsonl", [adjacent, literal])
+    with pytest.raises(DataFormatError, match=r"literal.jsonl, line 2: 1 image\(s\) but runs of <\|image_pad\|> of "
+                                              rf"lengths \[{RUN}, 1\]"):
         module(path, tower, tok_dir, tmp_path)
 
 
@@ -287,6 +299,14 @@ def test_parquet_rows_are_named_in_errors(tmp_path, tower, tok_dir):
     dm = module(write_parquet(tmp_path / "broken.parquet", rows), tower, tok_dir, tmp_path)
     with pytest.raises(DataFormatError, match=r"broken.parquet, row 1: image 1 \(12 bytes in the file\): undecodable"):
         dm.train_dataset[0]
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(__import__("pyarrow").table({"text": ["hello"]}), tmp_path / "other.parquet")
+    with pytest.raises(UserError, match=r"other.parquet: no column conversations, image_bytes \(it has: text\)"):
+        module(tmp_path / "other.parquet", tower, tok_dir, tmp_path)
+    from minimind_pl.commands.data.paths import input_files
+
+    with pytest.raises(UserError, match="is a Parquet file; this command reads and writes jsonl"):
+        input_files([str(path)], "INPUT")  # data clean / split / mix
 
 
 def test_data_stats_counts_images_and_image_tokens_in_both_files(data, tmp_path, tok_dir):
@@ -315,7 +335,3 @@ def test_parquet_without_pyarrow_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
     with pytest.raises(UserError, match=r'pip install -e "\.\[vlm\]"'):
         require_pyarrow()
-
-
-def test_the_defaults_are_the_minimind_3v_preset():
-    assert (DEFAULT_IMAGE_TOKEN, DEFAULT_IMAGE_TOKEN_LEN) == ("<|image_pad|>", 64)

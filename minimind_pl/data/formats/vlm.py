@@ -11,9 +11,10 @@ text, not an image). Then everything is SFT's (:mod:`minimind_pl.data.formats.sf
 assistant-only loss mask), except that image tokens never carry loss, even inside an assistant turn.
 
 A record is invalid (an error naming file and line or row, or skipped with ``skip_invalid``) when its tags and
-images disagree in number, an image entry is not a path or bytes, or its rendered image runs are not one run of
-``image_token_len`` tokens per image (two tags side by side would merge into one run, which the model reads as one
-image). Whether an image file exists and decodes is found when it is loaded (:mod:`minimind_pl.data.image_rows`).
+images disagree in number, an image entry is not a path or bytes, or its rendered image tokens are not
+``image_token_len`` per image (``image_token`` written in the text itself). Two tags side by side make one run of
+two images' tokens, which the model splits into images of ``image_token_len`` (:func:`image_starts`). Whether an
+image file exists and decodes is found when it is loaded (:mod:`minimind_pl.data.image_rows`).
 """
 from __future__ import annotations
 
@@ -21,29 +22,16 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ...chat_format import IMAGE_TAG, IMAGES_FIELD, count_image_tags, expand_image_tags
 from ...errors import UserError
+from ...vision.config import VISION_PRESETS
 from .record import DataFormat
 from .sft import SFTEncoder, check_sft_record, conversation_texts, map_conversation
 
-IMAGE_TAG = "<image>"
-SYSTEM_ROLE = "system"  # its turns keep their tags as text (MiniMind-V)
-IMAGES_FIELD = "images"
-#: The minimind-3v preset's image token and run length (SigLIP2 p32/256: 64 patch features); the DataModule's
-#: defaults. MiniMind2-V: "@" × 196.
-DEFAULT_IMAGE_TOKEN = "<|image_pad|>"
-DEFAULT_IMAGE_TOKEN_LEN = 64
-
-
-def count_image_tags(conversation: Sequence[Any]) -> int:
-    """``<image>`` tags in the ``content`` of the non-system turns (the ones that become images)."""
-    return sum(m["content"].count(IMAGE_TAG) for m in conversation
-               if isinstance(m, dict) and m.get("role") != SYSTEM_ROLE and isinstance(m.get("content"), str))
-
-
-def expand_image_tags(conversation: Sequence[dict], image_text: str) -> list[dict]:
-    """A copy of ``conversation`` with each ``<image>`` of a non-system turn's content replaced by ``image_text``."""
-    return [{**m, "content": m["content"].replace(IMAGE_TAG, image_text)}
-            if m.get("role") != SYSTEM_ROLE and isinstance(m.get("content"), str) else m for m in conversation]
+#: The minimind-3v preset's image token and run length (SigLIP2 p32/256: 64 patch features): the DataModule's
+#: defaults. MiniMind2-V's are "@" × 196.
+DEFAULT_IMAGE_TOKEN = VISION_PRESETS["minimind-3v"].image_token
+DEFAULT_IMAGE_TOKEN_LEN = VISION_PRESETS["minimind-3v"].image_token_len
 
 
 def record_images(obj: dict) -> list:
@@ -68,10 +56,17 @@ def check_images(obj: dict) -> Optional[str]:
 
 
 def image_runs(ids: np.ndarray, image_token_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(starts, lengths)`` of the runs of ``image_token_id`` in ``ids`` (the model's k-th run takes image k)."""
+    """``(starts, lengths)`` of the runs of ``image_token_id`` in ``ids``."""
     is_image = np.concatenate([[False], np.asarray(ids) == image_token_id, [False]])
     edges = np.flatnonzero(is_image[1:] != is_image[:-1])
     return edges[0::2], edges[1::2] - edges[0::2]
+
+
+def image_starts(ids: np.ndarray, image_token_id: int, image_token_len: int) -> np.ndarray:
+    """Where each image's tokens start in a whole document, in order: the model's rule (``merge_image_features``)
+    read on complete runs: each run is one image, or consecutive images of ``image_token_len`` tokens each."""
+    runs = zip(*image_runs(ids, image_token_id))
+    return np.asarray([start for first, n in runs for start in range(first, first + n, image_token_len)], np.int64)
 
 
 class VisionSFTEncoder(SFTEncoder):
@@ -110,13 +105,12 @@ class VisionSFTEncoder(SFTEncoder):
         return super().render(expand_image_tags(conversation, self.image_token * self.image_token_len), line_no)
 
     def run_error(self, ids: np.ndarray, n_images: int) -> Optional[str]:
-        """Why the rendered image runs are not one run of ``image_token_len`` per image, or None."""
+        """Why the rendered image tokens are not ``image_token_len`` per image, in whole images, or None."""
         _, lengths = image_runs(ids, self.image_token_id)
-        if lengths.size == n_images and bool((lengths == self.image_token_len).all()):
+        if lengths.sum() == n_images * self.image_token_len and not (lengths % self.image_token_len).any():
             return None
-        return (f"{n_images} image(s) but image-token runs of lengths {lengths.tolist()[:8]} (expected "
-                f"{self.image_token_len} each): keep text between two <image> tags, and no {self.image_token} "
-                "in the text itself")
+        return (f"{n_images} image(s) but runs of {self.image_token} of lengths {lengths.tolist()[:8]} (expected "
+                f"{self.image_token_len} per image): the text itself holds {self.image_token}; remove it")
 
     def encode_records(self, records: Sequence[tuple[int, Any]]) -> list:
         """SFT's documents, each with its images; records whose images do not fit become error strings."""
@@ -160,6 +154,3 @@ def count_record_images(obj: dict) -> int:
 VLM = DataFormat(name="vlm", data_module="VLMDataModule", fields='{"conversations": [messages], "images": [paths]}',
                  detect=has_images_field, check=check_vlm_record, texts=conversation_texts,
                  map_texts=map_conversation, encoder=vlm_encoder, count_images=count_record_images)
-
-__all__ = ["DEFAULT_IMAGE_TOKEN", "DEFAULT_IMAGE_TOKEN_LEN", "IMAGE_TAG", "IMAGES_FIELD", "VLM",
-           "VisionSFTEncoder", "count_image_tags", "expand_image_tags", "image_runs", "vlm_encoder"]
