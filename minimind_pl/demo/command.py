@@ -258,7 +258,7 @@ def print_scorecard(run: DemoRun, seconds: float) -> None:
 
 
 def demo_command(out_dir: str = "data/demo", ckpt_dir: str = "checkpoints/demo", vocab_size: int = 1024,
-                 seed: int = 0, max_epochs: int | None = None) -> dict[str, str]:
+                 seed: int = 0, max_epochs: int | None = None, vision: bool = False) -> dict[str, str]:
     """Run the whole pipeline on the embedded bilingual demo corpus on the CPU, then print a scorecard.
 
     Args:
@@ -267,6 +267,8 @@ def demo_command(out_dir: str = "data/demo", ckpt_dir: str = "checkpoints/demo",
         vocab_size: Vocabulary size of the demo tokenizer (the demo configs' model uses 1024).
         seed: Seed of the synthetic world.
         max_epochs: Override every stage's epochs (for a quicker, weaker run).
+        vision: Also run the MiniMind-V part: a synthetic image world, a tiny SigLIP tower, VLM pretraining and VLM
+            SFT (several more minutes on the CPU). Work in progress: its answers about pictures are still at chance.
     """
     start = time.perf_counter()
     data_dir = Path(out_dir)
@@ -284,7 +286,8 @@ def demo_command(out_dir: str = "data/demo", ckpt_dir: str = "checkpoints/demo",
     demo_grpo_step(run, tokenizer, run.checkpoints["sft"])
     demo_lora_step(run, tokenizer, run.checkpoints["sft"])
     demo_distill_step(run, tokenizer, run.checkpoints["sft"])
-    demo_vision_step(run, tokenizer, run.checkpoints["sft"], seed)
+    if vision:
+        demo_vision_step(run, tokenizer, run.checkpoints["sft"], seed)
     show_chats(run, tokenizer, "sft", ["Who are you?", "What is 3 + 4?", "你是谁？", "5加2等于几？"])
     print_scorecard(run, time.perf_counter() - start)
     return dict(run.checkpoints)

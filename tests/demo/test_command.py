@@ -35,7 +35,8 @@ def test_demo_runs_every_stage_and_its_scorecard_shows_learning(tmp_path, capsys
     monkeypatch.setattr(demo, "demo_vision_step",
                         lambda *args, **kwargs: vision_step(*args, **{**kwargs, "sizes": VISION_SIZES}))
     data = tmp_path / "data"
-    checkpoints = main(["demo", "--out_dir", str(data), "--ckpt_dir", str(tmp_path / "ckpt"), "--max_epochs", "1"])
+    checkpoints = main(["demo", "--out_dir", str(data), "--ckpt_dir", str(tmp_path / "ckpt"), "--max_epochs", "1",
+                        "--vision", "true"])
     card = scorecard(capsys.readouterr().out)
 
     for stage in ("pretrain", "sft", "dpo", "grpo", "lora", "distill", "siglip", "vlm_pretrain", "vlm_sft"):
