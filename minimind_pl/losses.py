@@ -326,3 +326,27 @@ def ppo_losses(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Te
     stats = {"approx_kl": masked_mean(0.5 * log_ratio ** 2, mask), "kl": masked_mean(kl.detach(), mask),
              "clip_fraction": masked_mean(clipped.float(), mask)}
     return policy_loss, value_loss, stats
+
+
+def siglip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023): every image against every text of the batch.
+
+    ``-1/|B| Σ_i Σ_j log σ(z_ij (t x_i·y_j + b))`` with x, y the L2-normalised embeddings, t = exp(``logit_scale``),
+    b = ``logit_bias``, z_ij = +1 when i = j (image i's own text) and -1 otherwise. Each pair is its own binary
+    problem, so no softmax over the batch is needed.
+
+    Args:
+        image_emb: (B, D) image embeddings (normalised here).
+        text_emb: (B, D) text embeddings; row i belongs to image i.
+        logit_scale: 0-d log temperature (the paper starts it at log 10, the bias at -10).
+        logit_bias: 0-d bias.
+
+    Returns:
+        0-d float32 loss, summed over the B² pairs and divided by B.
+    """
+    x = F.normalize(image_emb.float(), dim=-1)
+    y = F.normalize(text_emb.float(), dim=-1)
+    logits = x @ y.T * logit_scale.float().exp() + logit_bias.float()  # (B, B): image i, text j
+    signs = 2 * torch.eye(logits.shape[0], device=logits.device) - 1  # z: +1 on the diagonal, -1 elsewhere
+    return F.softplus(-signs * logits).sum() / logits.shape[0]  # -log σ(v) = softplus(-v)

@@ -25,9 +25,12 @@ BASE_CONFIGS = [p for p in ALL_YAML if p.name == BASE_CONFIG]     # a preset's s
 STAGE_CONFIGS = [p for p in ALL_YAML if p not in MODEL_CONFIGS and p not in BASE_CONFIGS]
 
 STAGE_CLASSES = {"pretrain": "Pretrain", "sft": "SFT", "lora": "LoRA", "dpo": "DPO", "distill": "Distill",
-                 "reason": "SFT", "grpo": "GRPO", "ppo": "PPO"}
+                 "reason": "SFT", "grpo": "GRPO", "ppo": "PPO", "siglip": "SigLIP",
+                 "vlm_pretrain": "VLMPretrain", "vlm_sft": "VLMSFT"}
 #: Stages whose file stem means another class in a preset (minimind3v: MiniMind-V's two stages).
 PRESET_STAGE_CLASSES = {"minimind3v": {"pretrain": "VLMPretrain", "sft": "VLMSFT"}}
+# where the DataModules live (SigLIP's image-caption pairs sit beside its stage until the image data formats take them)
+DATA_MODULES = ("minimind_pl.data.", "minimind_pl.stages.siglip.ImageCaptionDataModule")
 RL_STAGES = ("grpo", "ppo")  # manual optimisation: the stage clips, the Trainer must not
 # What each preset's stages share, as the effective config shows it; {stage} is the file's stem.
 PRESETS = {
@@ -103,7 +106,7 @@ def test_every_stage_config_has_its_effective_values(config, capsys):
     cfg = print_config(["fit", "--config", str(config)], capsys)
     trainer = cfg["trainer"]
     assert cfg["model"]["class_path"] == f"minimind_pl.stages.{stage_class(config)}"
-    assert cfg["data"]["class_path"].startswith("minimind_pl.data.")
+    assert cfg["data"]["class_path"].startswith(DATA_MODULES)
     assert cfg["seed_everything"] == 42
     assert trainer["precision"] == expected["precision"]
     assert trainer["gradient_clip_val"] == (None if stage in RL_STAGES else 1.0)
@@ -293,7 +296,8 @@ def test_command_line_overrides_win_over_base_and_stage(capsys):
 
 STAGE_DATA = {"pretrain": "pretrain_real.jsonl", "sft": "sft_real.jsonl", "lora": "sft_real.jsonl",
               "reason": "sft_real.jsonl", "distill": "sft_real.jsonl", "dpo": "dpo_real.jsonl",
-              "grpo": "prompts.jsonl", "ppo": "prompts.jsonl"}
+              "grpo": "prompts.jsonl", "ppo": "prompts.jsonl", "siglip": "vlm_caption.jsonl",
+              "vlm_pretrain": "vlm_caption.jsonl", "vlm_sft": "vlm_sft.jsonl"}
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
         "max_position_embeddings": 1024}
 
@@ -309,7 +313,10 @@ def small_data(tmp_path_factory, shared_dir) -> Path:
     from minimind_pl.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("small")
-    for name in set(STAGE_DATA.values()) - {"prompts.jsonl"}:
+    from minimind_pl.demo.vision_world import write_vision_world
+
+    write_vision_world(root, sizes={"caption": 48, "caption_val": 8, "sft": 4, "sft_val": 4})
+    for name in {n for n in STAGE_DATA.values() if not n.startswith("vlm_")} - {"prompts.jsonl"}:
         lines = (shared_dir / "corpus" / name).read_text(encoding="utf-8").splitlines(keepends=True)[:48]
         (root / name).write_text("".join(lines), encoding="utf-8")
     conversations = [json.loads(line)["conversations"] for line in (root / "sft_real.jsonl").open(encoding="utf-8")]
@@ -374,16 +381,19 @@ def test_every_stage_config_trains_on_a_small_dataset_as_shipped(config, small_d
     data = small_data / (STAGE_DATA[stage] if preset != "minimind3v" else "vlm/train.jsonl")
     args = ["fit", "--config", str(config), *[a for k, v in TINY.items() for a in (f"--model.config.{k}", str(v))],
             "--data.train_path", str(data), "--data.tokenizer", str(tokenizer), "--data.seq_len", "64",
-            "--data.batch_size", "2", "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache"),
+            "--data.batch_size", "2", "--data.num_workers", "0",
+            *(["--data.cache_dir", str(tmp_path / "cache")] if stage != "siglip" else []),  # images: no token cache
             "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--model.compile", "true",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
             "--trainer.callbacks", json.dumps([{"init_args": {"dirpath": str(tmp_path / "ckpt")}}])]
     shipped = read(config)["model"]["init_args"]
     if preset == "demo":
         args += ["--data.val_path", str(data)]
-    if preset == "minimind3v":  # a tiny tower: 16 features per image
+    if preset == "minimind3v" or stage.startswith("vlm_"):  # a tiny tower: 16 features per image
         tower = str(small_data / "vlm" / "tower")
         args += ["--model.vision_encoder", tower, "--data.vision_encoder", tower, "--data.image_token_len", "16"]
+    if stage == "siglip":  # the trained tower's folder
+        args += ["--model.tower_folder", str(tmp_path / "tower")]
     if stage in RL_STAGES:  # short answers, and no reward model to download
         args += ["--model.max_new_tokens", "8", "--model.rewards", '[{"class_path": "minimind_pl.rewards.LengthShaping"}]']
     for key in ("init_weights", "teacher"):
@@ -398,6 +408,8 @@ def test_every_stage_config_trains_on_a_small_dataset_as_shipped(config, small_d
     assert trainer.accumulate_grad_batches == effective.get("accumulate_grad_batches", 1)
     assert trainer.gradient_clip_val == (None if stage in RL_STAGES else 1.0)
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    assert (tmp_path / "tower" / "model.safetensors").is_file() == (stage == "siglip")
     assert len(RecordingFastPath.made) == 1 and cli.model.compiled is None  # set up for fit, dropped after it
-    plain = ("dpo", *RL_STAGES)  # rows of varying length (pairs, sampled answers) would recompile
+    plain = ("dpo", *RL_STAGES, "siglip")  # rows of varying length (pairs, sampled answers) would recompile;
+    # SigLIP runs its two towers itself
     assert RecordingFastPath.made[0].forward_calls >= (0 if stage in plain else 2)

@@ -362,3 +362,34 @@ def test_ppo_value_loss_and_stats_by_hand():
 def test_final_token_rewards_keep_the_rewards_precision():
     rewards = final_token_rewards(torch.tensor([0.1], dtype=torch.float64), torch.tensor([[True, True]]))
     assert rewards.dtype == torch.float64 and rewards.tolist() == [[0.0, 0.1]]
+
+
+def test_siglip_loss_equals_the_papers_double_sum():
+    """-1/|B| Σ_i Σ_j log σ(z_ij (t x_i·y_j + b)), written as a loop over pairs with math on Python floats."""
+    from minimind_pl.losses import siglip_loss
+
+    torch.manual_seed(0)
+    images, texts = torch.randn(3, 4), torch.randn(3, 4)
+    log_t, b = torch.tensor(math.log(10.0)), torch.tensor(-2.0)
+    total = 0.0
+    for i in range(3):
+        x = [v / math.sqrt(sum(w * w for w in images[i].tolist())) for v in images[i].tolist()]
+        for j in range(3):
+            y = [v / math.sqrt(sum(w * w for w in texts[j].tolist())) for v in texts[j].tolist()]
+            z = 1.0 if i == j else -1.0
+            logit = 10.0 * sum(a * c for a, c in zip(x, y)) + b.item()
+            total += -math.log(1 / (1 + math.exp(-z * logit)))
+    assert siglip_loss(images, texts, log_t, b).item() == pytest.approx(total / 3, rel=1e-5)
+
+
+def test_siglip_loss_by_hand_on_aligned_unit_vectors():
+    """Two orthogonal unit pairs, t = 1, b = 0: each diagonal logit is 1, each off-diagonal one 0, so the loss is
+    (2·log(1 + e⁻¹) + 2·log 2) / 2; scaling an embedding changes nothing (they are normalised)."""
+    from minimind_pl.losses import siglip_loss
+
+    eye = torch.eye(2)
+    expected = math.log(1 + math.exp(-1)) + math.log(2)
+    assert siglip_loss(eye, eye, torch.tensor(0.0), torch.tensor(0.0)).item() == pytest.approx(expected, rel=1e-6)
+    assert siglip_loss(3 * eye, eye, torch.tensor(0.0), torch.tensor(0.0)).item() == pytest.approx(expected, rel=1e-6)
+    swapped = eye.flip(0)  # every image now matches another's text: the loss grows
+    assert siglip_loss(eye, swapped, torch.tensor(0.0), torch.tensor(0.0)).item() > expected

@@ -17,7 +17,9 @@ from minimind_pl.checkpoints import load_model
 from minimind_pl.training_cli import run_lightning
 from minimind_pl.data.dpo import pair_loader
 from minimind_pl.data.jsonl import read_jsonl
+from minimind_pl.commands.images import expanded_conversation, read_image, stacked
 from minimind_pl.demo.corpus import score_answer, write_demo_corpus
+from minimind_pl.demo.vision_world import chance_accuracy, write_vision_world
 from minimind_pl.generation import GREEDY, generate
 from minimind_pl.rewards import AnswerMatch
 from minimind_pl.stages.dpo import preference_accuracy
@@ -72,9 +74,27 @@ def ask(ckpt: str, tokenizer: Tokenizer, questions: list[str], lora: str | None 
         max_new_tokens: int = 40) -> list[str]:
     """Greedy answers of a checkpoint to single-turn chat questions (batched, KV cache)."""
     model = load_model(ckpt, device="cpu", lora=lora)
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
-    outputs = generate(model, prompts, max_new_tokens, GREEDY, tokenizer.eos_id)
+    return greedy_replies(model, tokenizer, [[{"role": "user", "content": q}] for q in questions], max_new_tokens)
+
+
+def greedy_replies(model, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int,
+                   images: list | None = None) -> list[str]:
+    """The model's greedy next turn after each conversation (batched, KV cache); ``images``: per conversation, its
+    preprocessed images (N, 3, H, W), one per image placeholder run."""
+    prompts = [tokenizer.encode_chat(c) for c in conversations]
+    outputs = generate(model, prompts, max_new_tokens, GREEDY, tokenizer.eos_id, images=images)
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+
+
+def ask_about_images(ckpt: str, tokenizer: Tokenizer, records: list[dict], folder: Path,
+                     max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers of a vision-language checkpoint (its recorded tower) to the first user turn of VLM jsonl
+    records (``<image>`` tags, ``images`` relative to ``folder``)."""
+    model = load_model(ckpt, device="cpu")
+    conversations = [expanded_conversation(model, r["conversations"][:1], len(r["images"]), f"record {n + 1}")
+                     for n, r in enumerate(records)]
+    images = [stacked([read_image(model, folder / name) for name in r["images"]]) for r in records]
+    return greedy_replies(model, tokenizer, conversations, max_new_tokens, images)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -196,6 +216,37 @@ def demo_grpo_step(run: DemoRun, tokenizer: Tokenizer, sft_ckpt: str) -> str:
     return grpo
 
 
+def score_image_questions(run: DemoRun, tokenizer: Tokenizer, stage: str, key: str, label: str) -> float:
+    """Share of the held-out image questions of ``run.corpus[key]`` whose answer names what the shown picture holds."""
+    records = read_records(run.corpus[key])
+    answers = ask_about_images(run.checkpoints[stage], tokenizer, records, run.corpus[key].parent)
+    return record_score(run, f"{label} after {stage}", accuracy(answers, [r["answer"] for r in records]),
+                        len(records))
+
+
+def demo_vision_step(run: DemoRun, tokenizer: Tokenizer, sft_ckpt: str, seed: int,
+                     sizes: dict[str, int] | None = None) -> str:
+    """MiniMind-V on the synthetic image world (``demo.vision_world``, written beside the text corpus): a tiny
+    SigLIP tower trained on its captions (``configs/demo/siglip.yaml``), then frozen while VLM pretraining and VLM
+    SFT teach the SFT model to read it (``configs/demo/vlm_pretrain.yaml``, ``vlm_sft.yaml``). The scorecard asks
+    questions about pictures of colour+shape pairs no training picture shows, then the same questions with another
+    picture (answered right only when the answer comes from the picture), beside chance. Returns the VLM SFT
+    checkpoint (the tower is not in it: it records the tower's folder)."""
+    files = write_vision_world(run.data_dir, seed=seed, sizes=sizes)
+    run.corpus.update({path.stem: path for path in files.values()})
+    tower = str(run.ckpt_dir / "vision_tower")
+    fit_stage(run, "siglip", "vlm_caption", "vlm_caption_val", extra=["--model.init_args.tower_folder", tower])
+    reads_tower = ["--model.init_args.vision_encoder", tower, "--data.init_args.vision_encoder", tower]
+    pretrain = fit_stage(run, "vlm_pretrain", "vlm_caption", "vlm_caption_val", init_weights=sft_ckpt,
+                         extra=reads_tower)
+    vlm = fit_stage(run, "vlm_sft", "vlm_sft", "vlm_sft_val", init_weights=pretrain, extra=reads_tower)
+    score_image_questions(run, tokenizer, "vlm_sft", "vlm_heldout_qa", "held-out image questions")
+    score_image_questions(run, tokenizer, "vlm_sft", "vlm_heldout_swapped", "same questions, image swapped,")
+    questions = read_records(run.corpus["vlm_heldout_qa"])
+    run.scores.append(("held-out image questions, chance", f"{chance_accuracy(questions):.0%}"))
+    return vlm
+
+
 def print_scorecard(run: DemoRun, seconds: float) -> None:
     """The final table: validation perplexity per stage, then each score."""
     rows = [(f"validation perplexity after {s}", f"{p:.2f}") for s, p in run.val_ppl.items()] + run.scores
@@ -207,7 +258,7 @@ def print_scorecard(run: DemoRun, seconds: float) -> None:
 
 
 def demo_command(out_dir: str = "data/demo", ckpt_dir: str = "checkpoints/demo", vocab_size: int = 1024,
-                 seed: int = 0, max_epochs: int | None = None) -> dict[str, str]:
+                 seed: int = 0, max_epochs: int | None = None, vision: bool = False) -> dict[str, str]:
     """Run the whole pipeline on the embedded bilingual demo corpus on the CPU, then print a scorecard.
 
     Args:
@@ -216,6 +267,8 @@ def demo_command(out_dir: str = "data/demo", ckpt_dir: str = "checkpoints/demo",
         vocab_size: Vocabulary size of the demo tokenizer (the demo configs' model uses 1024).
         seed: Seed of the synthetic world.
         max_epochs: Override every stage's epochs (for a quicker, weaker run).
+        vision: Also run the MiniMind-V part: a synthetic image world, a tiny SigLIP tower, VLM pretraining and VLM
+            SFT (several more minutes on the CPU). Work in progress: its answers about pictures are still at chance.
     """
     start = time.perf_counter()
     data_dir = Path(out_dir)
@@ -233,6 +286,8 @@ def demo_command(out_dir: str = "data/demo", ckpt_dir: str = "checkpoints/demo",
     demo_grpo_step(run, tokenizer, run.checkpoints["sft"])
     demo_lora_step(run, tokenizer, run.checkpoints["sft"])
     demo_distill_step(run, tokenizer, run.checkpoints["sft"])
+    if vision:
+        demo_vision_step(run, tokenizer, run.checkpoints["sft"], seed)
     show_chats(run, tokenizer, "sft", ["Who are you?", "What is 3 + 4?", "你是谁？", "5加2等于几？"])
     print_scorecard(run, time.perf_counter() - start)
     return dict(run.checkpoints)

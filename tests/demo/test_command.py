@@ -15,6 +15,11 @@ from minimind_pl.cli import main
 # effects visible for about 8 s more (the LoRA data is small).
 EPOCHS = {"pretrain": 2, "sft": 2, "lora": 12}
 LIMITS = {"grpo": ["--trainer.limit_train_batches", "4"]}  # a few GRPO updates show the step runs; not its effect
+# The vision part on a small image world: one SigLIP batch, a few VLM steps (the held-out questions stay all 192).
+VISION_SIZES = {"caption": 64, "caption_val": 16, "sft": 64, "sft_val": 16}
+HELDOUT_IMAGE_QUESTIONS = 3 * 4 * 4 * 4  # held-out colour+shape pairs x counts x corners x question kinds
+# guessing among 3 shapes, 5 colours, 4 counts, 4 corners, each kind asked equally often
+CHANCE = (1 / 3 + 1 / 5 + 1 / 4 + 1 / 4) / 4
 
 
 def test_demo_runs_every_stage_and_its_scorecard_shows_learning(tmp_path, capsys, monkeypatch):
@@ -26,11 +31,15 @@ def test_demo_runs_every_stage_and_its_scorecard_shows_learning(tmp_path, capsys
         return fit_stage(run, stage, *args, extra=extra, **kwargs)
 
     monkeypatch.setattr(demo, "fit_stage", fit_stage_with_epochs)
+    vision_step = demo.demo_vision_step
+    monkeypatch.setattr(demo, "demo_vision_step",
+                        lambda *args, **kwargs: vision_step(*args, **{**kwargs, "sizes": VISION_SIZES}))
     data = tmp_path / "data"
-    checkpoints = main(["demo", "--out_dir", str(data), "--ckpt_dir", str(tmp_path / "ckpt"), "--max_epochs", "1"])
+    checkpoints = main(["demo", "--out_dir", str(data), "--ckpt_dir", str(tmp_path / "ckpt"), "--max_epochs", "1",
+                        "--vision", "true"])
     card = scorecard(capsys.readouterr().out)
 
-    for stage in ("pretrain", "sft", "dpo", "grpo", "lora", "distill"):
+    for stage in ("pretrain", "sft", "dpo", "grpo", "lora", "distill", "siglip", "vlm_pretrain", "vlm_sft"):
         assert checkpoints[stage] == str(tmp_path / "ckpt" / stage / "last.ckpt")
         assert (tmp_path / "ckpt" / stage / "last.ckpt").exists()
 
@@ -41,11 +50,21 @@ def test_demo_runs_every_stage_and_its_scorecard_shows_learning(tmp_path, capsys
         assert value == pytest.approx(math.exp(last_scalar(tmp_path / "ckpt" / stage, "val/loss")), abs=0.006)
     assert all(1.0 < p < 400 for p in ppl.values()), ppl
     assert ppl["sft"] < ppl["pretrain"] < 50, ppl
+    assert all(1.0 < float(card.pop(f"validation perplexity after {s}")) < 1024 for s in ("vlm_pretrain", "vlm_sft"))
+
+    # the vision part: the image world a user can look at and train on, the frozen tower's folder, the questions
+    assert len(list((data / "images" / "sft").glob("*.png"))) == VISION_SIZES["sft"]
+    assert (tmp_path / "ckpt" / "vision_tower" / "model.safetensors").is_file()
+    for name in ("held-out image questions after vlm_sft", "same questions, image swapped, after vlm_sft"):
+        correct_answers(card.pop(name), HELDOUT_IMAGE_QUESTIONS)
+    assert card.pop("held-out image questions, chance") == f"{CHANCE:.0%}" == "26%"
 
     # every score is a share of the questions the demo really asks
     asked = {kind: len((data / f"{kind}.jsonl").read_text(encoding="utf-8").splitlines())
-             for kind in ("heldout_qa", "identity_qa", "dpo_val", "arith_reworded", "arith_qa")}
-    assert asked == {"heldout_qa": 36, "identity_qa": 12, "dpo_val": 120, "arith_reworded": 284, "arith_qa": 200}
+             for kind in ("heldout_qa", "identity_qa", "dpo_val", "arith_reworded", "arith_qa", "vlm_heldout_qa",
+                          "vlm_heldout_swapped")}
+    assert asked == {"heldout_qa": 36, "identity_qa": 12, "dpo_val": 120, "arith_reworded": 284, "arith_qa": 200,
+                     "vlm_heldout_qa": HELDOUT_IMAGE_QUESTIONS, "vlm_heldout_swapped": HELDOUT_IMAGE_QUESTIONS}
     rows = {
         "held-out fact accuracy after {}": ("heldout_qa", ("pretrain", "sft", "lora", "distill")),
         "identity answers naming 'MiniMind' after {}": ("identity_qa", ("sft", "distill")),
