@@ -145,9 +145,8 @@ class ChatEngine:
     def submit(self, request: GenerationRequest, ids: list[int]) -> TokenStream:
         """Queue the generation (429 when the queue is full); call from the event loop."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(ids, self.budget(request, ids), request.sampling, emit=lambda item: loop.call_soon_threadsafe(
-            queue.put_nowait, item), generator=self._generator(request),
-                  deadline=time.monotonic() + self.settings.request_timeout,
+        job = Job(ids, self.budget(request, ids), request.sampling, emit=queue.put_nowait, loop=loop,
+                  generator=self._generator(request), deadline=time.monotonic() + self.settings.request_timeout,
                   images=getattr(request, "pixel_values", None))
         try:
             self.scheduler.submit(job)

@@ -3,14 +3,17 @@
 Requests wait in a bounded queue. At each step boundary the thread admits waiting requests into the batch
 (their prompts, and a vision-language model's images, are prefilled together and their KV caches join the
 batch's, `generation.DecodeBatch`), picks
-the next token of every row with that request's own sampling settings and generator, hands each token to its
-request, and lets rows leave when they end: end of sequence, their token budget, their deadline, or a
+the next token of every row with that request's own sampling settings and generator (one set of tensor ops for
+the whole batch, `generation.sample_batch`; the per-row settings become tensors only when rows join or leave),
+hands each token to its request (all of a step's tokens in one call per event loop, so a server's loop wakes
+once per step, not once per row), and lets rows leave when they end: end of sequence, their token budget, their deadline, or a
 cancellation (the client left, or a stop string matched). A request's tokens are what it would get alone
 (greedy decoding gives the same answer batched or not).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -20,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from minimind_pl.generation import DecodeBatch, SamplingSettings, inference_step, sample_rows
+from minimind_pl.generation import DecodeBatch, RowSampling, SamplingSettings, inference_step, sample_batch
 
 
 class QueueFull(Exception):
@@ -46,6 +49,8 @@ class Job:
         generator: Random generator on the model's device (a request's ``seed``), or None.
         deadline: ``time.monotonic()`` by which it must end, or None.
         images: Its images (N, 3, H, W) for a vision-language model, entering at its prefill; or None.
+        loop: The event loop ``emit`` belongs to (then it is called there, with the step's other tokens for that
+            loop in one ``call_soon_threadsafe``); None: called in the decode thread.
     """
 
     prompt: list[int]
@@ -55,6 +60,7 @@ class Job:
     generator: Optional[torch.Generator] = None
     deadline: Optional[float] = None
     images: Optional[torch.Tensor] = None
+    loop: Optional[asyncio.AbstractEventLoop] = field(default=None, repr=False)
     produced: int = 0
     cancelled: bool = field(default=False, repr=False)
 
@@ -81,6 +87,7 @@ class BatchScheduler:
         self.waiting: deque[Job] = deque()
         self.active: list[Job] = []  # the rows of `batch`, in order
         self.batch: Optional[DecodeBatch] = None
+        self.rows: Optional[RowSampling] = None  # the sampling settings of `active`, rebuilt when it changes
         self.steps = 0  # decode steps run so far
         self.thread: Optional[threading.Thread] = None
         self.closed = False
@@ -132,7 +139,7 @@ class BatchScheduler:
                 self._step(arrivals)
             except Exception as err:  # noqa: BLE001 - a failed step ends its requests, not the server
                 self._fail(self.active + [j for j in arrivals if j not in self.active], err)
-                self.active, self.batch = [], None
+                self.active, self.batch, self.rows = [], None, None
 
     def _admit(self) -> list[Job]:
         """Take waiting requests into free batch places (those cancelled or past their deadline leave)."""
@@ -141,7 +148,7 @@ class BatchScheduler:
             if job.cancelled or job.expired(now):
                 self.waiting.remove(job)
                 if not job.cancelled:
-                    job.emit(RequestTimeout("the request timed out waiting for a place in the batch"))
+                    deliver([(job, RequestTimeout("the request timed out waiting for a place in the batch"))])
             elif len(self.active) + len(arrivals) < self.max_batch_size:
                 self.waiting.remove(job)
                 arrivals.append(job)
@@ -156,37 +163,63 @@ class BatchScheduler:
                 self.batch.add([job.prompt for job in arrivals], [job.images for job in arrivals])
                 with self.condition:
                     self.active = self.active + arrivals
+                self.rows = None
             batch = self.batch
-            tokens = sample_rows(batch.logits, batch.seen, [j.sampling for j in self.active],
-                                 [j.generator for j in self.active]).tolist()
-            going_on = [i for i, (job, token) in enumerate(zip(self.active, tokens)) if self._hand_out(job, token)]
-            batch.keep(going_on)
-            with self.condition:
-                self.active = [self.active[i] for i in going_on]
+            if self.rows is None:
+                self.rows = RowSampling.of([j.sampling for j in self.active], batch.logits.shape[-1], batch.device,
+                                           [j.generator for j in self.active])
+            tokens = sample_batch(batch.logits, batch.seen, self.rows).tolist()
+            handed: list[tuple[Job, Any]] = []
+            now = time.monotonic()
+            going_on = [i for i, (job, token) in enumerate(zip(self.active, tokens))
+                        if self._hand_out(job, token, now, handed)]
+            deliver(handed)
+            if len(going_on) < len(self.active):
+                batch.keep(going_on)
+                with self.condition:
+                    self.active = [self.active[i] for i in going_on]
+                self.rows = None
             if going_on:
                 batch.feed(torch.tensor([tokens[i] for i in going_on]))
             self.steps += 1
 
-    def _hand_out(self, job: Job, token: int) -> bool:
-        """Give ``token`` to its request; False when the request ends here."""
+    def _hand_out(self, job: Job, token: int, now: float, handed: list[tuple[Job, Any]]) -> bool:
+        """Add what ``job`` gets for ``token`` to ``handed``; False when the request ends here."""
         if job.cancelled:
             return False
         if token == self.eos_id:
-            job.emit(END)
+            handed.append((job, END))
             return False
-        job.emit(token)
+        handed.append((job, token))
         job.produced += 1
         if job.produced >= job.max_new_tokens:
-            job.emit(END)
+            handed.append((job, END))
             return False
-        if job.expired(time.monotonic()):
-            job.emit(RequestTimeout(f"the request ran past its time limit after {job.produced} tokens"))
+        if job.expired(now):
+            handed.append((job, RequestTimeout(f"the request ran past its time limit after {job.produced} tokens")))
             return False
         return True
 
     @staticmethod
     def _fail(jobs: list[Job], err: BaseException) -> None:
         """End every job with ``err``."""
-        for job in jobs:
-            if not job.cancelled:
-                job.emit(err)
+        deliver([(job, err) for job in jobs if not job.cancelled])
+
+
+def deliver(handed: list[tuple[Job, Any]]) -> None:
+    """Call each job's ``emit`` with its item, in order: in this thread for jobs without a loop, and for the
+    others in their event loop, one ``call_soon_threadsafe`` per loop for the whole list."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+    for job, item in handed:
+        if job.loop is None:
+            job.emit(item)
+        else:
+            by_loop.setdefault(job.loop, []).append((job, item))
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_emit_all, items)
+
+
+def _emit_all(handed: list[tuple[Job, Any]]) -> None:
+    """Hand every item to its job (in the jobs' event loop)."""
+    for job, item in handed:
+        job.emit(item)
