@@ -5,10 +5,15 @@ Requests wait in a bounded queue. At each step boundary the thread admits waitin
 batch's, `generation.DecodeBatch`), picks
 the next token of every row with that request's own sampling settings and generator (one set of tensor ops for
 the whole batch, `generation.sample_batch`; the per-row settings become tensors only when rows join or leave),
-hands each token to its request (all of a step's tokens in one call per event loop, so a server's loop wakes
-once per step, not once per row), and lets rows leave when they end: end of sequence, their token budget, their deadline, or a
+hands each token to its request, and lets rows leave when they end: end of sequence, their token budget, their deadline, or a
 cancellation (the client left, or a stop string matched). A request's tokens are what it would get alone
 (greedy decoding gives the same answer batched or not).
+
+Tokens for requests served by an event loop go there in hand-overs (`Mailbox`): the tokens of every row in one
+``call_soon_threadsafe``, at most one hand-over waiting in the loop, and one at most every ``stream_interval``
+seconds (an end, END or an error, goes at once). So the loop wakes at most once per step and, as the decoder
+outpaces it or the interval spans several steps, gets several steps' tokens at once, which the server sends as
+one event per client: the loop's per-token work (which holds the interpreter the decode thread needs) shrinks.
 """
 
 from __future__ import annotations
@@ -49,8 +54,8 @@ class Job:
         generator: Random generator on the model's device (a request's ``seed``), or None.
         deadline: ``time.monotonic()`` by which it must end, or None.
         images: Its images (N, 3, H, W) for a vision-language model, entering at its prefill; or None.
-        loop: The event loop ``emit`` belongs to (then it is called there, with the step's other tokens for that
-            loop in one ``call_soon_threadsafe``); None: called in the decode thread.
+        loop: The event loop ``emit`` belongs to (then it is called there, in a hand-over of many tokens, see
+            the module's docstring); None: called in the decode thread.
     """
 
     prompt: list[int]
@@ -69,25 +74,39 @@ class Job:
         return self.deadline is not None and now > self.deadline
 
 
+@dataclass
+class Mailbox:
+    """What waits to be handed over to one event loop."""
+
+    items: list[tuple[Job, Any]] = field(default_factory=list)
+    scheduled: bool = False  # a hand-over is queued in the loop
+    urgent: bool = False  # an end (END or an error) waits: hand over at once
+    last: float = float("-inf")  # time.monotonic() of the last hand-over scheduled
+
+
 class BatchScheduler:
     """Admits requests into a running batch at step boundaries and decodes them together (one thread)."""
 
-    def __init__(self, model: nn.Module, eos_id: Optional[int], max_batch_size: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, model: nn.Module, eos_id: Optional[int], max_batch_size: int = 8, max_queue: int = 64,
+                 stream_interval: float = 0.0) -> None:
         """Args:
             model: The model (eval mode, on its device); only the decode thread uses it.
             eos_id: The token that ends a sequence (never emitted).
             max_batch_size: Most requests decoded together.
             max_queue: Most requests waiting for a place; ``submit`` raises ``QueueFull`` beyond.
+            stream_interval: Least seconds between two hand-overs of tokens to an event loop (0: every step).
         """
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
         self.model, self.eos_id = model, eos_id
-        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.max_batch_size, self.max_queue, self.stream_interval = max_batch_size, max_queue, stream_interval
         self.condition = threading.Condition()
         self.waiting: deque[Job] = deque()
         self.active: list[Job] = []  # the rows of `batch`, in order
         self.batch: Optional[DecodeBatch] = None
         self.rows: Optional[RowSampling] = None  # the sampling settings of `active`, rebuilt when it changes
+        self.mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
+        self.mailbox_lock = threading.Lock()
         self.steps = 0  # decode steps run so far
         self.thread: Optional[threading.Thread] = None
         self.closed = False
@@ -148,7 +167,7 @@ class BatchScheduler:
             if job.cancelled or job.expired(now):
                 self.waiting.remove(job)
                 if not job.cancelled:
-                    deliver([(job, RequestTimeout("the request timed out waiting for a place in the batch"))])
+                    self._deliver([(job, RequestTimeout("the request timed out waiting for a place in the batch"))])
             elif len(self.active) + len(arrivals) < self.max_batch_size:
                 self.waiting.remove(job)
                 arrivals.append(job)
@@ -173,7 +192,7 @@ class BatchScheduler:
             now = time.monotonic()
             going_on = [i for i, (job, token) in enumerate(zip(self.active, tokens))
                         if self._hand_out(job, token, now, handed)]
-            deliver(handed)
+            self._deliver(handed)
             if len(going_on) < len(self.active):
                 batch.keep(going_on)
                 with self.condition:
@@ -200,26 +219,31 @@ class BatchScheduler:
             return False
         return True
 
-    @staticmethod
-    def _fail(jobs: list[Job], err: BaseException) -> None:
+    def _fail(self, jobs: list[Job], err: BaseException) -> None:
         """End every job with ``err``."""
-        deliver([(job, err) for job in jobs if not job.cancelled])
+        self._deliver([(job, err) for job in jobs if not job.cancelled])
 
+    def _deliver(self, handed: list[tuple[Job, Any]]) -> None:
+        """Call each job's ``emit`` with its item, in order: here for jobs without a loop; for the others, put
+        them in their loop's mailbox and schedule its hand-over when it is due (see the module's docstring)."""
+        now = time.monotonic()
+        with self.mailbox_lock:
+            for job, item in handed:
+                if job.loop is None:
+                    job.emit(item)
+                    continue
+                mailbox = self.mailboxes.setdefault(job.loop, Mailbox())
+                mailbox.items.append((job, item))
+                mailbox.urgent = mailbox.urgent or not isinstance(item, int)
+            for loop, mailbox in self.mailboxes.items():
+                if mailbox.items and not mailbox.scheduled and (
+                        mailbox.urgent or now - mailbox.last >= self.stream_interval):
+                    mailbox.scheduled, mailbox.last = True, now
+                    loop.call_soon_threadsafe(self._hand_over, mailbox)
 
-def deliver(handed: list[tuple[Job, Any]]) -> None:
-    """Call each job's ``emit`` with its item, in order: in this thread for jobs without a loop, and for the
-    others in their event loop, one ``call_soon_threadsafe`` per loop for the whole list."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
-    for job, item in handed:
-        if job.loop is None:
+    def _hand_over(self, mailbox: Mailbox) -> None:
+        """In the mailbox's loop: emit everything in it."""
+        with self.mailbox_lock:
+            handed, mailbox.items, mailbox.scheduled, mailbox.urgent = mailbox.items, [], False, False
+        for job, item in handed:
             job.emit(item)
-        else:
-            by_loop.setdefault(job.loop, []).append((job, item))
-    for loop, items in by_loop.items():
-        loop.call_soon_threadsafe(_emit_all, items)
-
-
-def _emit_all(handed: list[tuple[Job, Any]]) -> None:
-    """Hand every item to its job (in the jobs' event loop)."""
-    for job, item in handed:
-        job.emit(item)
