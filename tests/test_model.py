@@ -315,7 +315,8 @@ def test_block_mask_refuses_what_it_cannot_express() -> None:
 
 
 def test_grouped_query_attention_broadcasts_like_repeated_heads() -> None:
-    """``attention`` on 2 key/value heads equals SDPA on the 4 heads they stand for (causal and dense mask)."""
+    """``attention`` on 2 key/value heads equals SDPA on the 4 heads they stand for (causal and dense mask; a
+    decode step's single query, with and without key padding), bit for bit on the CPU."""
     import torch.nn.functional as F
     from minimind_pl.model import attention, build_attention_mask
     g = torch.Generator().manual_seed(0)
@@ -323,8 +324,15 @@ def test_grouped_query_attention_broadcasts_like_repeated_heads() -> None:
     doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
     repeated = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
     mask = build_attention_mask(24, 24, doc_ids, None, q.device)
-    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, *repeated, is_causal=True))
-    torch.testing.assert_close(attention(q, k, v, mask), F.scaled_dot_product_attention(q, *repeated, attn_mask=mask))
+    exact = dict(rtol=0, atol=0)
+    torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, *repeated, is_causal=True), **exact)
+    torch.testing.assert_close(attention(q, k, v, mask), F.scaled_dot_product_attention(q, *repeated, attn_mask=mask),
+                               **exact)
+    step = q[:, :, -1:]  # one new query over 24 cached keys, the first 5 of row 0 padding
+    padding = build_attention_mask(1, 24, None, torch.tensor([[0] * 5 + [1] * 19, [1] * 24]), q.device)
+    torch.testing.assert_close(attention(step, k, v), F.scaled_dot_product_attention(step, *repeated), **exact)
+    torch.testing.assert_close(attention(step, k, v, padding),
+                               F.scaled_dot_product_attention(step, *repeated, attn_mask=padding), **exact)
 
 
 def test_left_padding_matches_unpadded() -> None:
