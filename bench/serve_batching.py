@@ -8,7 +8,8 @@ top-p 0.85, top-k 50) it measures, after one untimed round of each (the CPU kern
 meet a shape), ``--repeats`` rounds of, back to back:
 
 - bare: the 8 chat prompts prefilled into one `DecodeBatch`, then ``--max_tokens`` steps of `sample_batch` +
-  `feed`, the tokens handed to Python each step (what any consumer of the loop does), no early stop;
+  `feed`, the tokens handed to Python each step (what any consumer of the loop does), no early stop; and the
+  same for the first prompt alone (the decoder's own gain from batching, which bounds the server's);
 - one client streaming one chat answer of ``--max_tokens`` tokens;
 - ``--clients`` clients at once.
 
@@ -121,14 +122,16 @@ def measure_mode(mode: str, model: torch.nn.Module, prompts: list[list[int]], po
     request = MODES[mode]
     sampling = SamplingSettings(repetition_penalty=1.0).with_overrides(**request)
 
-    def one_round() -> tuple[dict, dict, dict]:
+    def one_round() -> tuple[dict, dict, dict, dict]:
         return (run_bare(model, prompts, args.max_tokens, sampling), run_clients(port, 1, args.max_tokens, request),
-                run_clients(port, args.clients, args.max_tokens, request))
+                run_clients(port, args.clients, args.max_tokens, request),
+                run_bare(model, prompts[:1], args.max_tokens, sampling))
 
     one_round()
     rounds = [one_round() for _ in range(args.repeats)]
-    bare, single, batched = sorted(rounds, key=lambda r: r[2]["tokens_per_s"] / r[0]["tokens_per_s"])[len(rounds) // 2]
-    return {"mode": mode, "bare": bare, "single": single, "batched": batched,
+    bare, single, batched, bare_one = sorted(rounds, key=lambda r: r[2]["tokens_per_s"] / r[0]["tokens_per_s"])[
+        len(rounds) // 2]
+    return {"mode": mode, "bare": bare, "single": single, "batched": batched, "bare_one_row": bare_one,
             "over_bare": batched["tokens_per_s"] / bare["tokens_per_s"],
             "over_single": batched["tokens_per_s"] / single["tokens_per_s"],
             "over_bare_rounds": [r[2]["tokens_per_s"] / r[0]["tokens_per_s"] for r in rounds],
@@ -175,12 +178,12 @@ def main() -> None:
     rows = [row for name in args.sizes.split(",") for row in measure_size(name, args)]
     results = {"threads": args.threads, "clients": args.clients, "max_tokens": args.max_tokens,
                "load_average": {"before": load_before, "after": os.getloadavg()}, "rows": rows}
-    print(f"{'size':>11}{'mode':>8}{'bare':>9}{'1 client':>10}{f'{args.clients} clients':>11}"
-          f"{'/bare':>7}{'/1 client':>10}   (tokens/s)")
+    print(f"{'size':>11}{'mode':>8}{'bare 1':>8}{f'bare {args.clients}':>9}{'1 client':>10}"
+          f"{f'{args.clients} clients':>11}{'/bare':>7}{'/1 client':>10}   (tokens/s)")
     for row in rows:
-        print(f"{row['size']:>11}{row['mode']:>8}{row['bare']['tokens_per_s']:>9.1f}"
-              f"{row['single']['tokens_per_s']:>10.1f}{row['batched']['tokens_per_s']:>11.1f}"
-              f"{row['over_bare']:>7.2f}{row['over_single']:>10.2f}")
+        print(f"{row['size']:>11}{row['mode']:>8}{row['bare_one_row']['tokens_per_s']:>8.1f}"
+              f"{row['bare']['tokens_per_s']:>9.1f}{row['single']['tokens_per_s']:>10.1f}"
+              f"{row['batched']['tokens_per_s']:>11.1f}{row['over_bare']:>7.2f}{row['over_single']:>10.2f}")
     print(f"load average (1, 5, 15 min): before {load_before}, after {results['load_average']['after']}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

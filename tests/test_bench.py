@@ -33,5 +33,6 @@ def test_serve_batching_benchmark_runs(tmp_path, shared_dir):
     assert [(r["size"], r["mode"]) for r in rows] == [("tiny", "greedy"), ("tiny", "sampled")]
     for row in rows:  # 2 clients x 4 tokens, the bare loop 2 rows x 4 steps
         assert (row["single"]["tokens"], row["batched"]["tokens"], row["bare"]["tokens"]) == (4, 8, 8)
+        assert row["bare_one_row"]["tokens"] == 4
         assert row["over_bare"] > 0 and row["over_single"] > 0
     assert "load average" in result.stdout and "\n       tiny sampled" in result.stdout
