@@ -202,11 +202,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask = None, dropo
     gqa = q.shape[1] != k.shape[1]
     if isinstance(mask, BlockMask):
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-    if gqa and mask is not None and q.device.type != "cpu":
+    cpu = q.device.type == "cpu"
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if gqa and (mask is not None and not cpu or cpu and backward):
         # On CUDA, K/V heads are broadcast (enable_gqa) only by the flash kernel, which takes no dense mask:
         # the memory-efficient kernel, the one for masks, has no broadcast (SDPA would fall back to the math
-        # kernel). The CPU kernels broadcast them, bit for bit as repeating them would give, without the copy
-        # (3-10x faster attention at a decode step).
+        # kernel). The CPU kernels broadcast them bit for bit as repeated heads in the forward (3-10x faster
+        # attention at a decode step), but sum the K/V gradients in another order: training repeats them.
         n_rep = q.shape[1] // k.shape[1]
         k, v, gqa = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1), False
     is_causal = mask is None and q.shape[2] > 1
