@@ -369,7 +369,7 @@ def test_ppo_updates_on_its_settings_policy_plus_value_plus_router_loss_each_mod
         "--model.config.use_moe", "true", "--model.clip_epsilon", "0.3", "--model.value_clip", "0.4",
         "--model.kl_coef", "0.05", "--model.vf_coef", "0.7", "--model.max_grad_norm", "1e-3",
         "--model.ppo_epochs", "4", "--model.mini_batch_size", "4", "--model.early_stop_kl", "100",
-        "--model.learning_rate", "1e-6", "--model.critic_learning_rate", "1e-3"]))
+        "--model.learning_rate", "1e-6", "--model.critic_learning_rate", "1e-4"]))
     steps = [(args, result) for args, result in log_probs if len(args) > 2]  # the passes' (with their rows)
     assert len(losses) == len(steps) == len(updates) == 4
     for (args, (policy_loss, value_loss, _)), (_, (_, aux)), ((_, loss), _) in zip(losses, steps, updates):
