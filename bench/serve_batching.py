@@ -72,7 +72,7 @@ def stream_answer(port: int, max_tokens: int, text: str, sampling: dict) -> int:
     response = conn.getresponse()
     tokens = 0
     for line in response:
-        if line.startswith(b"data: {"):
+        if line.startswith(b"data: {") and b'"usage"' in line:  # parse only the usage chunk: clients share the CPU
             usage = json.loads(line[6:]).get("usage")
             if usage:
                 tokens = usage["completion_tokens"]
