@@ -180,6 +180,11 @@ class Tokenizer:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     @property
+    def definition(self) -> dict:
+        """The parsed ``tokenizer.json`` (model, vocabulary, merges, added tokens, pre-tokenizer), read-only use."""
+        return json.loads(self._json)
+
+    @property
     def config(self) -> dict:
         """The parsed ``tokenizer_config.json`` (treat as read-only)."""
         return self._config

@@ -1,0 +1,117 @@
+"""``eval --harness``: lm-evaluation-harness on our model gives the numbers lm-eval's own Hugging Face backend gives
+on the exported model, for a multiple-choice, a generation and a rolling-perplexity task over local data."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from helpers import random_model, require_module, write_stage_checkpoint
+from minimind_pl.checkpoints import save_hf_directory
+from minimind_pl.commands.evaluate import eval_command
+from minimind_pl.commands.harness import cut_at_stop_strings, run_harness, task_manager
+from minimind_pl.errors import UserError
+from minimind_pl.tokenizer import Tokenizer
+
+QUESTIONS = [
+    {"question": "床前明月光，", "choices": ["疑是地上霜。", "举头望明月。", "低头思故乡。"], "answer": 0},
+    {"question": "The capital of France is", "choices": [" Paris", " London", " Rome", " Berlin"], "answer": 0},
+    {"question": "1 + 1 =", "choices": [" 2", " 3"], "answer": 0},
+    {"question": "To be, or not to be:", "choices": [" that is the question.", " a cat."], "answer": 0},
+]
+TEXTS = [{"text": "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？"},
+         {"text": "Now is the winter of our discontent made glorious summer by this sun of York."}]
+TASKS = {
+    "mini_choice": {"output_type": "multiple_choice", "data": QUESTIONS, "doc_to_text": "{{question}}",
+                    "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+                    "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]},
+    "mini_generate": {"output_type": "generate_until", "data": QUESTIONS, "doc_to_text": "{{question}}",
+                      "doc_to_target": "{{choices[0]}}",
+                      "generation_kwargs": {"until": ["。", "\n"], "max_gen_toks": 6, "do_sample": False},
+                      "metric_list": [{"metric": "exact_match"}]},
+    "mini_rolling": {"output_type": "loglikelihood_rolling", "data": TEXTS, "doc_to_text": "",
+                     "doc_to_target": "{{text}}",
+                     "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"},
+                                     {"metric": "bits_per_byte"}]},
+}
+
+
+def write_tasks(folder: Path) -> Path:
+    """The three tasks as lm-eval YAML (JSON is YAML) over local jsonl files: nothing is downloaded."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, spec in TASKS.items():
+        data = folder / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in spec["data"]), encoding="utf-8")
+        task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test", **{k: v for k, v in spec.items() if k != "data"}}
+        (folder / f"{name}.yaml").write_text(json.dumps(task, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    for variable in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(variable, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+
+def metrics(results: dict) -> dict[str, float]:
+    """task/metric -> value, lm-eval's result keys ("acc,none") without the filter suffix."""
+    return {f"{task}/{key.split(',')[0]}": value for task, values in results["results"].items()
+            for key, value in values.items() if "," in key and "_stderr" not in key and isinstance(value, float)}
+
+
+def test_our_harness_results_equal_lm_evals_hf_backend(tmp_path, tokenizer_dir, offline):
+    lm_eval = require_module("lm_eval")
+    require_module("transformers")
+    include = write_tasks(tmp_path / "tasks")
+    model = random_model(3)
+    ckpt = write_stage_checkpoint(model, tmp_path / "sft.ckpt", tokenizer_dir, stage="SFT")
+    ours = eval_command(str(ckpt), harness=",".join(TASKS), harness_include=str(include), batch_size=3,
+                        device="cpu")
+    hf_folder = save_hf_directory(model.state_dict(), model.config, Tokenizer.from_file(tokenizer_dir),
+                                  tmp_path / "hf", dtype="float32")
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_folder},dtype=float32,device=cpu",
+                                     tasks=list(TASKS), task_manager=task_manager(str(include), builtin=False),
+                                     batch_size=3, log_samples=False)
+    ours_metrics, their_metrics = metrics(ours), metrics(theirs)
+    assert set(ours_metrics) == set(their_metrics) and len(ours_metrics) == 6, (ours_metrics, their_metrics)
+    for key, value in their_metrics.items():
+        assert math.isclose(ours_metrics[key], value, rel_tol=1e-5, abs_tol=1e-6), (key, ours_metrics, their_metrics)
+    assert 1 < ours_metrics["mini_rolling/word_perplexity"] < math.inf
+
+
+def test_chat_template_reaches_the_prompts(tmp_path, tokenizer_dir, offline):
+    require_module("lm_eval")
+    manager = task_manager(str(write_tasks(tmp_path / "tasks")), builtin=False)  # only ours: indexed at once
+    model, tokenizer = random_model(3), Tokenizer.from_file(tokenizer_dir)
+    plain, chat = (metrics(run_harness(model, tokenizer, "mini_choice", manager, 4, 512, None, None, use_chat))
+                   for use_chat in (False, True))
+    # the same questions scored after <|im_start|>user ... <|im_start|>assistant: other log-likelihoods
+    assert plain.keys() == chat.keys() == {"mini_choice/acc", "mini_choice/acc_norm"} and plain != chat
+
+
+def test_unknown_task_names_the_include_folder(tmp_path, tokenizer_dir, offline):
+    require_module("lm_eval")
+    include = write_tasks(tmp_path / "tasks")
+    with pytest.raises(UserError, match=f"unknown lm-eval task.*no_such_task.*{include}"):
+        run_harness(random_model(0), Tokenizer.from_file(tokenizer_dir), "mini_choice,no_such_task",
+                    task_manager(str(include), builtin=False), 4, 512, None, None, False)
+
+
+def test_eval_needs_data_or_harness(tmp_path, tokenizer_dir):
+    ckpt = write_stage_checkpoint(random_model(0), tmp_path / "sft.ckpt", tokenizer_dir, stage="SFT")
+    with pytest.raises(UserError, match="--data FILE.*--harness TASKS"):
+        eval_command(str(ckpt))
+
+
+@pytest.mark.parametrize("text, stops, expected", [
+    ("abc. def\nghi", [".", "\n"], "abc"),
+    ("abc\n. def", [".", "\n"], "abc"),
+    ("no stop here", ["。"], "no stop here"),
+    ("empty stop", [""], "empty stop"),
+])
+def test_cut_at_the_earliest_stop_string(text, stops, expected):
+    assert cut_at_stop_strings(text, stops) == expected
