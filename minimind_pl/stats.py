@@ -19,7 +19,7 @@ def wilson_interval(share: float, n: int) -> tuple[float, float]:
     z2 = Z95 * Z95
     centre = (share + z2 / (2 * n)) / (1 + z2 / n)
     half = Z95 / (1 + z2 / n) * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n))
-    return centre - half, centre + half
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def wilson_half_width(share: float, n: int) -> float:
