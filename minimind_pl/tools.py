@@ -399,6 +399,11 @@ BUILTIN_TOOLS: dict[str, tuple[str, dict[str, Any], Callable[..., Any]]] = {
 }
 
 
+def with_builtin_tools(tools: Iterable[Tool] = ()) -> list[Tool]:
+    """MiniMind's six mock tools and ``tools`` (a tool of a built-in one's name replaces it)."""
+    return list({tool.name: tool for tool in [*builtin_tools(), *tools]}.values())
+
+
 def builtin_tools(names: Optional[Iterable[str]] = None) -> list[Tool]:
     """MiniMind's mock tools (all six, or those named), as :class:`FunctionTool` objects."""
     names = list(BUILTIN_TOOLS if names is None else names)

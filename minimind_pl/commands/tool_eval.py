@@ -38,7 +38,7 @@ from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.stats import mean_interval, wilson_interval
 from minimind_pl.tokenizer import Tokenizer
 from minimind_pl.tools import (BUILTIN_TOOLS, EXCHANGE_RATES, TIMES, TRANSLATIONS, UNIT_FACTORS, WEATHER, Episode,
-                               Tool, Toolbox, builtin_tools, calculate_math, run_episode, values_found)
+                               Tool, Toolbox, builtin_tools, calculate_math, run_episode, values_found, with_builtin_tools)
 
 Responder = Callable[[list[dict[str, Any]]], tuple[Reply, dict[str, Any]]]
 SYSTEM_PROMPT = "You are a helpful assistant that can call tools."
@@ -180,12 +180,11 @@ def tool_eval_command(data: str, ckpt: Optional[str], endpoint: Optional[str], c
     if (ckpt is None) == (endpoint is None):
         raise UserError("eval --task tools scores a checkpoint or an --endpoint: give exactly one")
     tasks = read_tool_tasks(data, limit)
-    offered = {tool.name: tool for tool in [*builtin_tools(), *tools]}  # a tool of yours replaces a built-in
     if endpoint is not None:
         respond = endpoint_responder(endpoint, endpoint_model, max_new_tokens, api_key)
     else:
         respond = model_responder(*checkpoint_model(), max_new_tokens)
-    scores, _ = run_tool_benchmark(tasks, respond, list(offered.values()), max_turns)
+    scores, _ = run_tool_benchmark(tasks, respond, with_builtin_tools(tools), max_turns)
     print(f"{data} ({ckpt or endpoint}):")
     print("\n".join("  " + line for line in score_lines(scores)))
     return scores
