@@ -107,10 +107,11 @@ def argument_problems(parameters: Mapping[str, Any], arguments: Any) -> list[str
             continue
         types = spec.get("type")
         types = [types] if isinstance(types, str) else types or []
+        given = json.dumps(value, ensure_ascii=False)
         if types and not any(JSON_TYPES.get(t, lambda v: True)(value) for t in types):
-            problems.append(f"`{key}` must be of type {' or '.join(types)}, got {json.dumps(value, ensure_ascii=False)}")
+            problems.append(f"`{key}` must be of type {' or '.join(types)}, got {given}")
         elif "enum" in spec and value not in spec["enum"]:
-            problems.append(f"`{key}` must be one of {spec['enum']}, got {json.dumps(value, ensure_ascii=False)}")
+            problems.append(f"`{key}` must be one of {spec['enum']}, got {given}")
     return problems
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from minimind_pl.chat_format import Reply, parse_reply
+from minimind_pl.chat_format import parse_reply
 from minimind_pl.errors import UserError
 from minimind_pl.tools import (MAX_OUTPUT_CHARS, FunctionTool, Tool, Toolbox, builtin_tools, run_episode,
                                values_found)

@@ -76,7 +76,8 @@ class ChatSession:
         messages, all_images = self.conversation(user_text, images)
         return self.tokenizer.encode_chat(messages, open_thinking=self.open_thinking), all_images
 
-    def conversation(self, user_text: str, images: Sequence[torch.Tensor] = ()) -> tuple[list[dict], list[torch.Tensor]]:
+    def conversation(self, user_text: str,
+                     images: Sequence[torch.Tensor] = ()) -> tuple[list[dict], list[torch.Tensor]]:
         """The system prompt, the kept history and the new user turn as messages, and the images of those turns."""
         keep = 2 * self.history_turns if self.history_turns > 0 else 0
         kept = self.history[-keep:] if keep else []

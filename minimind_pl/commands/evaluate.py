@@ -123,7 +123,7 @@ def eval_command(
     """
     if task == "tools":
         if data is None:
-            raise UserError("eval --task tools needs --data FILE (tool tasks, e.g. benchmarks/tool_tasks.jsonl)")
+            raise UserError("eval --task tools needs --data FILE (tool tasks, e.g. bench/tool_tasks.jsonl)")
         return tool_eval_command(data, ckpt, endpoint, lambda: checkpoint_and_tokenizer(
             ckpt, lora, preset, device, inference_rope_scaling, tokenizer, allow_tokenizer_mismatch), tools or (),
             max_turns, max_new_tokens, endpoint_model, api_key, limit)

@@ -13,8 +13,8 @@ calls** (share of all calls, invalid ``<tool_call>`` blocks included, that name 
 schema accepts; calls of one task are not independent, so this interval is narrower than it should be), **calls per
 task** (mean) and **unfinished** (share of tasks still calling a tool on the last turn).
 
-The shipped task file ``benchmarks/tool_tasks.jsonl`` is written by :func:`write_tool_tasks`
-(``python -m minimind_pl.commands.tool_eval benchmarks/tool_tasks.jsonl``) from the built-in tools' tables with a
+The shipped task file ``bench/tool_tasks.jsonl`` is written by :func:`write_tool_tasks`
+(``python -m minimind_pl.commands.tool_eval bench/tool_tasks.jsonl``) from the built-in tools' tables with a
 fixed seed; its arithmetic uses numbers from ``BENCHMARK_NUMBERS``, a range training prompts are to leave out.
 """
 
@@ -38,7 +38,8 @@ from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.stats import mean_interval, wilson_interval
 from minimind_pl.tokenizer import Tokenizer
 from minimind_pl.tools import (BUILTIN_TOOLS, EXCHANGE_RATES, TIMES, TRANSLATIONS, UNIT_FACTORS, WEATHER, Episode,
-                               Tool, Toolbox, builtin_tools, calculate_math, run_episode, values_found, with_builtin_tools)
+                               Tool, Toolbox, builtin_tools, calculate_math, run_episode, values_found,
+                               with_builtin_tools)
 
 Responder = Callable[[list[dict[str, Any]]], tuple[Reply, dict[str, Any]]]
 SYSTEM_PROMPT = "You are a helpful assistant that can call tools."

@@ -97,5 +97,5 @@ class FrozenReference:
         recorded = checkpoint.get("reference_fingerprint")
         if recorded is not None and recorded != self.reference_fingerprint:
             raise UserError(f"the checkpoint to resume was trained against another reference model than "
-                            f"--model.init_weights {self.hparams.init_weights} gives now (its weights changed since, or "
-                            "another file is named): resume with the run's own starting weights")
+                            f"--model.init_weights {self.hparams.init_weights} gives now (its weights changed since, "
+                            "or another file is named): resume with the run's own starting weights")

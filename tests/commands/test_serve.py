@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from helpers import random_model, require, require_module
-from scripted_model import TOOL_RESPONSE, ScriptedModel, start
+from scripted_model import ScriptedModel, start
 from minimind_pl.chat_format import OutputParser, StopMatcher
 from minimind_pl.commands.serve import ChatEngine, make_server, serve_command
 from minimind_pl.generation import generate

@@ -3,11 +3,11 @@ this process and through our own server; the CLI hook, user tools by class_path,
 from __future__ import annotations
 
 import json
-import math
+from pathlib import Path
 
 import pytest
 
-from helpers import random_model, require_module, write_stage_checkpoint
+from helpers import random_model, write_stage_checkpoint
 from minimind_pl.cli import main
 from minimind_pl.commands.serve import ChatEngine
 from minimind_pl.commands.tool_eval import (model_responder, read_tool_tasks, run_tool_benchmark, tool_task_rows,
@@ -17,6 +17,7 @@ from minimind_pl.tokenizer import Tokenizer
 from minimind_pl.tools import Toolbox, builtin_tools, values_found
 from scripted_model import ScriptedModel, start
 
+SHIPPED_TASKS = Path(__file__).resolve().parents[2] / "bench" / "tool_tasks.jsonl"
 CALL = '<tool_call>\n{"name": "calculate_math", "arguments": {"expression": "256*37"}}\n</tool_call>'
 ANSWER = "256 × 37 = 9472."
 # Wilson 95% interval of 2/3 (z = 1.96), worked out by hand: centre (2/3 + z²/6) / (1 + z²/3), half-width
@@ -25,8 +26,8 @@ TWO_OF_THREE = (0.2077, 0.9385)
 
 
 def task(tools, gt):
-    return {"conversations": [{"role": "system", "content": "Use tools.", "tools": Toolbox(builtin_tools(tools)).schemas()},
-                              {"role": "user", "content": "256 times 37?"}], "gt": gt}
+    system = {"role": "system", "content": "Use tools.", "tools": Toolbox(builtin_tools(tools)).schemas()}
+    return {"conversations": [system, {"role": "user", "content": "256 times 37?"}], "gt": gt}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_a_checkpoint_is_benchmarked_and_bad_arguments_are_refused(tmp_path, sha
 
 def test_the_shipped_task_file_is_the_generator_s_and_its_answers_are_the_tools_results(tmp_path):
     write_tool_tasks(tmp_path / "tasks.jsonl")
-    assert (tmp_path / "tasks.jsonl").read_text("utf-8") == open("benchmarks/tool_tasks.jsonl", encoding="utf-8").read()
+    assert (tmp_path / "tasks.jsonl").read_text("utf-8") == SHIPPED_TASKS.read_text("utf-8")
     rows = tool_task_rows()
     questions = [r["conversations"][1]["content"] for r in rows]
     assert len(rows) == 28 and len(set(questions)) == 28
