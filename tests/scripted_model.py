@@ -67,3 +67,35 @@ def start(engine: ChatEngine, **kwargs):
 def echo_arguments(**arguments):
     """A tool function for tests: gives its arguments back."""
     return arguments
+
+
+class HistoryModel(nn.Module):
+    """Answers from the whole history of its row, which it keeps as token ids in its KV cache: the reply
+    ``script(history at the reply's start)`` is written token by token after the last assistant header, then eos.
+    ``contexts`` records each row's history whenever a reply starts (what a fresh prompt would have held)."""
+
+    def __init__(self, script, header: list[int], eos: int = 2, vocab_size: int = 6400) -> None:
+        super().__init__()
+        self.config = ModelConfig.from_preset("debug", vocab_size=vocab_size)
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.script, self.header, self.eos = script, header, eos
+        self.contexts: list[list[int]] = []
+
+    def next_token(self, history: list[int]) -> int:
+        """The scripted token after ``history``."""
+        starts = [i + len(self.header) for i in range(len(history) - len(self.header) + 1)
+                  if history[i:i + len(self.header)] == self.header]
+        produced = len(history) - starts[-1]
+        if produced == 0:
+            self.contexts.append(history)
+        script = self.script(history[:starts[-1]]) + [self.eos]
+        return script[min(produced, len(script) - 1)]
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
+                logits_to_keep=0, **_):
+        ids = input_ids.float()[:, None, :, None]  # (B, 1, T, 1): token ids as the cache; 0 = padding
+        cache = torch.cat([past_key_values[0][0], ids], dim=2) if past_key_values else ids
+        logits = torch.full((input_ids.shape[0], 1, self.config.vocab_size), -1e4)
+        for row, history in enumerate(cache[:, 0, :, 0].long().tolist()):
+            logits[row, 0, self.next_token([t for t in history if t != 0])] = 1e4
+        return CausalLMOutput(logits, torch.zeros(()), [(cache, cache)])
