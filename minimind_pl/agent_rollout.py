@@ -65,7 +65,8 @@ class _Row:
 def agent_rollouts(model: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Sequence[Mapping[str, Any]]],
                    toolboxes: Sequence[Toolbox], max_turns: int = 3, max_new_tokens: int = 768,
                    sampling: SamplingSettings = SamplingSettings(temperature=0.8),
-                   generator: Optional[torch.Generator] = None) -> list[AgentEpisode]:
+                   generator: Optional[torch.Generator] = None,
+                   max_total_tokens: Optional[int] = None) -> list[AgentEpisode]:
     """Run one episode per conversation (see the module doc); MiniMind's defaults: 3 turns, 768 tokens, T 0.8.
 
     Args:
@@ -77,6 +78,9 @@ def agent_rollouts(model: nn.Module, tokenizer: Tokenizer, conversations: Sequen
         max_new_tokens: Most tokens per reply.
         sampling: How tokens are chosen.
         generator: Random generator for sampling, on the model's device.
+        max_total_tokens: Longest episode, prompt included (default: the model's ``max_position_embeddings``): a
+            reply that reaches it ends there, and tool results that would pass it are not fed (the episode is
+            unfinished).
     """
     if max_turns < 1 or max_new_tokens < 1:
         raise ValueError(f"max_turns and max_new_tokens must be >= 1, got {max_turns}, {max_new_tokens}")
@@ -89,6 +93,7 @@ def agent_rollouts(model: nn.Module, tokenizer: Tokenizer, conversations: Sequen
         decoder.add([row.episode.prompt_ids for row in rows])
     active = list(range(len(rows)))  # rows of the episodes still in the decoder, in decoder order
     close_id = tokenizer.token_to_id(TOOL_CLOSE)
+    limit = max_total_tokens or model.config.max_position_embeddings
     while active:
         with inference_step(model):
             sampled = sample_next(decoder.logits, decoder.seen, sampling, generator).tolist()
@@ -96,10 +101,12 @@ def agent_rollouts(model: nn.Module, tokenizer: Tokenizer, conversations: Sequen
         for slot, index in enumerate(active):
             row = rows[index]
             token = _next_token(row, sampled[slot])
-            if row.to_feed or not row.reply or not _reply_ends(row, token, close_id, tokenizer.eos_id, max_new_tokens):
+            room = limit - len(row.episode.prompt_ids) - len(row.episode.ids)
+            if row.to_feed or not row.reply or not _reply_ends(row, token, close_id, tokenizer.eos_id,
+                                                                min(max_new_tokens, len(row.reply) + room)):
                 tokens.append(token)
                 staying.append(slot)
-            elif _end_reply(row, tokenizer, max_turns):
+            elif _end_reply(row, tokenizer, max_turns, room):
                 tokens.append(token)  # the reply's last token goes in; the text after it follows step by step
                 staying.append(slot)
         decoder.keep(staying)
@@ -128,9 +135,9 @@ def _reply_ends(row: _Row, token: int, close_id: Optional[int], eos_id: int, max
     return token in (close_id, eos_id) or len(row.reply) >= max_new_tokens
 
 
-def _end_reply(row: _Row, tokenizer: Tokenizer, max_turns: int) -> bool:
+def _end_reply(row: _Row, tokenizer: Tokenizer, max_turns: int, room: int) -> bool:
     """Close the row's reply: run its calls and queue the text up to the next reply; False when the episode is over
-    (no calls, or calls on the last allowed reply: unfinished)."""
+    (no calls; calls on the last allowed reply, or whose results leave no ``room`` for a reply: unfinished)."""
     episode = row.episode
     text = tokenizer.decode([t for t in row.reply if t != tokenizer.eos_id], skip_special_tokens=True)
     episode.replies.append(text)
@@ -150,6 +157,9 @@ def _end_reply(row: _Row, tokenizer: Tokenizer, max_turns: int) -> bool:
         row.messages.append(tool_message(result))
     after = tokenizer.apply_chat_template(row.messages, tools=row.toolbox.schemas(), add_generation_prompt=True)
     row.to_feed = tokenizer.encode(_text_after(before, after))
+    if len(row.to_feed) >= room:
+        episode.unfinished, row.to_feed = True, []
+        return False
     return True
 
 

@@ -76,7 +76,7 @@ class HistoryModel(nn.Module):
 
     def __init__(self, script, header: list[int], eos: int = 2, vocab_size: int = 6400) -> None:
         super().__init__()
-        self.config = ModelConfig.from_preset("debug", vocab_size=vocab_size)
+        self.config = ModelConfig.from_preset("debug", vocab_size=vocab_size, max_position_embeddings=4096)
         self.anchor = nn.Parameter(torch.zeros(1))
         self.script, self.header, self.eos = script, header, eos
         self.contexts: list[list[int]] = []

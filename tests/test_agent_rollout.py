@@ -93,3 +93,17 @@ def test_a_reply_the_template_lays_out_differently_still_gets_the_template_s_tex
     (episode,) = rollouts(tokenizer, model, ["spaced"])
     call, fed = tokenizer.encode("\n" + CALL), tokenizer.encode(RESULT_TURN)
     assert episode.ids[:len(call) + len(fed)] == call + fed and episode.replies[-1] == "ok"
+
+
+def test_an_episode_stops_at_its_token_limit(tokenizer):
+    model = model_for(tokenizer, {"long": [CALL, "It is 9472."]})
+    (full,) = rollouts(tokenizer, model, ["long"])
+    total = len(full.prompt_ids) + len(full.ids)
+    box = Toolbox(builtin_tools())
+    (cut,) = agent_rollouts(model, tokenizer, [question("long")], [box], max_new_tokens=64, sampling=GREEDY,
+                            max_total_tokens=total - 2)  # the answer is cut two tokens short
+    assert cut.ids == full.ids[:-2] and not cut.unfinished
+    before_result = len(full.prompt_ids) + len(tokenizer.encode(CALL)) + 5  # no room for the result turn
+    (stopped,) = agent_rollouts(model, tokenizer, [question("long")], [box], max_new_tokens=64, sampling=GREEDY,
+                                max_total_tokens=before_result)
+    assert stopped.unfinished and stopped.ids == tokenizer.encode(CALL) and len(stopped.results) == 1
