@@ -159,9 +159,20 @@ def test_models_llama_cpp_cannot_run_are_refused(overrides, message):
         gguf_architecture(ModelConfig.from_preset("debug", **overrides))
 
 
-def test_yarn_is_refused_and_a_failed_export_leaves_no_file(tmp_path, tokenizer):
-    model = with_yarn(random_model(0, max_position_embeddings=4096))
-    with pytest.raises(UserError, match="YaRN"):
+@pytest.mark.parametrize("qk_norm", [True, False])  # qwen3 and llama
+def test_llama_cpp_computes_our_yarn_logits(tmp_path, llama_cpp, tokenizer, qk_norm):
+    """MiniMind's YaRN changes the slow dimensions at every position (logits move by tenths on this tiny model)."""
+    model = with_yarn(random_model(0, qk_norm=qk_norm, max_position_embeddings=32768))
+    with exported(llama_cpp, model, tokenizer, tmp_path / "m.gguf") as llm:
+        assert llm.metadata[f"{gguf_architecture(model.config)}.rope.scaling.type"] == "yarn"
+        ids = tokenizer.encode(" ".join(MIXED_TEXTS))
+        ref = ours(model, ids)
+        np.testing.assert_allclose(llama_logits(llm, ids), ref, atol=2e-5 * np.abs(ref).max())
+
+
+def test_a_failed_export_leaves_no_file(tmp_path, tokenizer):
+    model = random_model(0, use_moe=True, n_shared_experts=1)
+    with pytest.raises(UserError, match="n_shared_experts=1"):
         save_gguf(model.state_dict(), model.config, tokenizer, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 
