@@ -105,6 +105,48 @@ def test_chat_template_reaches_the_prompts(tmp_path, tokenizer_dir, offline):
     assert plain.keys() == chat.keys() == {"mini_choice/acc", "mini_choice/acc_norm"} and plain != chat
 
 
+WINDOW = 10  # a context window short enough that the texts roll over several windows and prompts are cut
+
+
+def answers(results: dict, task: str) -> list:
+    """Each document's responses (log-likelihoods and is-greedy flags, or generated texts), in document order."""
+    return [sample["filtered_resps"] for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def test_each_answer_equals_the_hf_backends_across_windows_and_in_the_chat_template(tmp_path, tokenizer_dir,
+                                                                                      offline):
+    """Per document, not only the aggregate: every choice's log-likelihood (within 1e-4 nats) and is-greedy flag,
+    every rolling sum over several 10-token windows and every generated text, plain and in the chat template
+    (ours rendered by chat_format, lm-eval's HF backend through transformers' apply_chat_template)."""
+    lm_eval = require_module("lm_eval")
+    require_module("transformers")
+    from lm_eval.models.huggingface import HFLM
+
+    from minimind_pl.commands.harness import harness_model
+
+    manager = task_manager(str(write_tasks(tmp_path / "tasks")), builtin=False)
+    model, tokenizer = random_model(3), Tokenizer.from_file(tokenizer_dir)
+    folder = save_hf_directory(model.state_dict(), model.config, tokenizer, tmp_path / "hf", dtype="float32")
+    reference = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=1, max_length=WINDOW)
+    ours = harness_model(model, tokenizer, 3, WINDOW)
+    for chat, tasks in ((False, list(TASKS)), (True, ["mini_choice", "mini_generate"])):
+        mine, theirs = (lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, log_samples=True,
+                                                apply_chat_template=chat) for lm in (ours, reference))
+        for task in tasks:
+            for a, b in zip(answers(mine, task), answers(theirs, task), strict=True):
+                if task == "mini_generate":
+                    assert a == b
+                    continue
+                for x, y in zip(a, b, strict=True):  # (logprob, is_greedy) per choice, or the rolling sum
+                    x, y = (x, y) if isinstance(x, (tuple, list)) else ((x,), (y,))
+                    assert x[0] == pytest.approx(y[0], abs=1e-4) and tuple(x[1:]) == tuple(y[1:]), (task, chat)
+        if chat:
+            assert mine["samples"]["mini_choice"][0]["arguments"][0][0].startswith("<|im_start|>user")
+        assert any(text for (text,) in answers(mine, "mini_generate")), "nothing generated: texts compared prove little"
+    rolled = [len(tokenizer.encode(text["text"])) for text in TEXTS]
+    assert min(rolled) > 2 * WINDOW  # each text spans at least three windows
+
+
 def test_unknown_task_names_the_include_folder(tmp_path, tokenizer_dir, offline):
     require_module("lm_eval")
     include = write_tasks(tmp_path / "tasks")
