@@ -251,6 +251,33 @@ def test_concurrent_clients_each_get_a_complete_answer(scripted):
     assert answers == ["Hello there, friend!"] * 6
 
 
+@pytest.mark.parametrize("interval", [0.0, 0.2])
+def test_stream_interval_groups_tokens_into_fewer_events(tokenizer, interval):
+    """A model taking 10 ms a step: with no interval every token is its own streamed event (the loop keeps up);
+    with 0.2 s the decode thread hands tokens over at most every 0.2 s (the end at once), so 30 tokens come in
+    a few events. Either way the text and the usage are the whole answer's."""
+    from minimind_pl.commands.serve import ServerSettings
+    answer = " ".join(["word"] * 30)
+    ids = tokenizer.encode(answer)
+    model = ScriptedModel(ids, delay=0.01)
+    server, url = start(ChatEngine(model, tokenizer, settings=ServerSettings(stream_interval=interval)))
+    try:
+        start_time = time.monotonic()
+        chunks = list(client(url).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
+            stream_options={"include_usage": True}))
+        seconds = time.monotonic() - start_time
+    finally:
+        server.shutdown()
+        server.server_close()
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == answer and chunks[-1].usage.completion_tokens == len(ids)
+    if interval:
+        assert len(pieces) <= seconds / interval + 2
+    else:
+        assert len(pieces) >= len(ids) // 2  # (a loaded machine may still group a few)
+
+
 def test_client_leaving_mid_stream_frees_the_model(scripted):
     _, url, _ = scripted
     host, port = url.removeprefix("http://").split(":")
