@@ -53,6 +53,8 @@ SKIPPED: dict[str, str] = {
     "torchrun *": "a multi-machine launch",
     "srun *": "a SLURM launch",
     "python main.py serve *": "serves until stopped; tests/commands/test_serve.py runs the server",
+    "python main.py eval --task tools * --endpoint *": "needs a running server; tests/commands/test_tool_eval.py "
+                                                       "runs the benchmark against serve",
     "MINIMIND_API_KEY=* python main.py serve *": "serves until stopped; tests/commands/test_serve.py runs the server",
     "python main.py eval * --harness ceval-valid,cmmlu,arc_easy,hellaswag *": "lm-eval downloads these "
                                                                             "benchmarks' data",
@@ -125,6 +127,8 @@ def preference(i: int) -> dict:
 def readme_layout(root: Path, tokenizer_dir: Path) -> None:
     """The files the README's commands name, as tiny stand-ins, under ``root``."""
     shutil.copytree(REPO / "configs", root / "configs")
+    (root / "bench").mkdir()
+    shutil.copy(REPO / "bench" / "tool_tasks.jsonl", root / "bench")
     for folder in ("data/tokenizer", "model"):
         shutil.copytree(tokenizer_dir, root / folder)
     texts = [{"text": f"第{i}段文字。MiniMind is a tiny language model, number {i}."} for i in range(40)]
