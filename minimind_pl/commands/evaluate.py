@@ -172,7 +172,8 @@ def harness_command(ckpt: str, tasks: str, include: str | None, tokenizer: str |
 
     import_lm_eval()  # a missing extra stops the command before the model loads
     model, tok = checkpoint_and_tokenizer(ckpt, lora, preset, device, False, tokenizer, allow_tokenizer_mismatch)
-    return run_harness(model, tok, tasks, task_manager(include), batch_size, seq_len, limit, num_fewshot, chat)
+    return run_harness(model, tok, tasks, task_manager(include), batch_size, seq_len, limit, num_fewshot, chat,
+                       scored_logprobs)
 
 
 # ============================================================================ reading
