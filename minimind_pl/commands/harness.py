@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from minimind_pl.commands.evaluate import scored_logprobs
+from minimind_pl.commands.scoring import scored_logprobs
 from minimind_pl.errors import UserError
 from minimind_pl.generation import generate
 from minimind_pl.model import MiniMindForCausalLM
