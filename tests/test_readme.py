@@ -60,7 +60,6 @@ SKIPPED: dict[str, str] = {
                                                                              "one's own task folder",
     "llama-cli *": "llama.cpp's CLI is not installed; tests/checkpoints/ check the GGUF in llama.cpp itself",
     "llama-server *": "llama.cpp's server is not installed; tests/checkpoints/ check the GGUF in llama.cpp",
-    "echo * > Modelfile": "writes Ollama's Modelfile (Ollama is not installed)",
     "ollama *": "Ollama is not installed",
     "vllm serve *": "vLLM serves until stopped; bench/vllm_check.py checks the exports in vLLM",
     "bash bench/mutation.sh*": "mutation testing takes minutes per module",

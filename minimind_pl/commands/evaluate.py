@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from minimind_pl.checkpoints import open_checkpoint
+from minimind_pl.commands.tool_eval import tool_eval_command
 from minimind_pl.commands.images import image_problem, read_image
 from minimind_pl.commands.scoring import Scored, scored_logprobs
 from minimind_pl.data.block_map import block_records
@@ -44,6 +45,7 @@ from minimind_pl.data.parquet import is_parquet, parquet_blocks
 from minimind_pl.errors import UserError, check_input_file
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
+from minimind_pl.tools import Tool
 from minimind_pl.vision.preprocess import ImageError
 
 SCORED_FORMATS = ("pretrain", "sft", "vlm")  # the data formats whose documents carry a loss mask to score
@@ -51,7 +53,7 @@ IMAGE_FORMAT = "vlm"
 
 
 def eval_command(
-    ckpt: str,
+    ckpt: str | None = None,
     data: str | None = None,
     tokenizer: str | None = None,
     allow_tokenizer_mismatch: bool = False,
@@ -68,6 +70,13 @@ def eval_command(
     harness: str | None = None,
     harness_include: str | None = None,
     num_fewshot: int | None = None,
+    task: Literal["tools"] | None = None,
+    endpoint: str | None = None,
+    endpoint_model: str = "minimind",
+    api_key: str | None = None,
+    tools: list[Tool] | None = None,
+    max_turns: int = 3,
+    max_new_tokens: int = 256,
 ) -> dict[str, Any]:
     """Evaluate a model on a jsonl file (LM metrics for text / conversations, accuracy for multiple choice), or on
     lm-evaluation-harness tasks (``--harness``).
@@ -98,7 +107,26 @@ def eval_command(
             the sequences per forward pass, ``--seq_len`` the context, ``--chat true`` applies the chat template.
         harness_include: A folder of your own lm-eval task YAML files (lm-eval's include path).
         num_fewshot: Few-shot examples per prompt for ``--harness`` (default: each task's own).
+        task: ``tools``: the tool-call benchmark on ``--data`` (MiniMind agent-RL rows with ``gt``; see
+            ``commands.tool_eval``), scoring ``--ckpt`` or ``--endpoint``: task success, valid calls, calls per
+            task and unfinished share, with 95% intervals.
+        endpoint: ``--task tools`` against an OpenAI-compatible server (vLLM, SGLang, ``serve``) at this URL
+            instead of a checkpoint.
+        endpoint_model: The ``model`` named in requests to ``--endpoint``.
+        api_key: The ``--endpoint``'s API key, if it asks for one.
+        tools: ``--task tools``: tools of your own beside the built-in ones (a tool of the same name replaces a
+            built-in one), each ``{"class_path": ..., "init_args": ...}`` naming a ``minimind_pl.tools.Tool``.
+        max_turns: ``--task tools``: most replies per task (MiniMind's agent loop: 3).
+        max_new_tokens: ``--task tools``: longest reply in tokens.
     """
+    if task == "tools":
+        if data is None:
+            raise UserError("eval --task tools needs --data FILE (tool tasks, e.g. benchmarks/tool_tasks.jsonl)")
+        return tool_eval_command(data, ckpt, endpoint, lambda: checkpoint_and_tokenizer(
+            ckpt, lora, preset, device, inference_rope_scaling, tokenizer, allow_tokenizer_mismatch), tools or (),
+            max_turns, max_new_tokens, endpoint_model, api_key, limit)
+    if ckpt is None:
+        raise UserError("eval needs --ckpt (a checkpoint to evaluate)")
     if harness:
         return harness_command(ckpt, harness, harness_include, tokenizer, allow_tokenizer_mismatch, preset, lora,
                                seq_len, batch_size, limit, num_fewshot, chat, device)
@@ -125,6 +153,15 @@ def eval_command(
     return metrics
 
 
+def checkpoint_and_tokenizer(ckpt: str, lora: str | None, preset: str | None, device: str,
+                             inference_rope_scaling: bool, tokenizer: str | None,
+                             allow_tokenizer_mismatch: bool) -> tuple[MiniMindForCausalLM, Tokenizer]:
+    """A checkpoint's model (adapters merged) and tokenizer, for the commands that generate."""
+    checkpoint = open_checkpoint(ckpt, lora)
+    model = checkpoint.build_model(preset, merge=True, device=device, inference_rope_scaling=inference_rope_scaling)
+    return model, checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch)
+
+
 def harness_command(ckpt: str, tasks: str, include: str | None, tokenizer: str | None, allow_tokenizer_mismatch: bool,
                     preset: str | None, lora: str | None, seq_len: int, batch_size: int, limit: int | None,
                     num_fewshot: int | None, chat: bool, device: str) -> dict[str, Any]:
@@ -132,9 +169,7 @@ def harness_command(ckpt: str, tasks: str, include: str | None, tokenizer: str |
     from minimind_pl.commands.harness import import_lm_eval, run_harness, task_manager
 
     import_lm_eval()  # a missing extra stops the command before the model loads
-    checkpoint = open_checkpoint(ckpt, lora)
-    model = checkpoint.build_model(preset, merge=True, device=device)
-    tok = checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch)
+    model, tok = checkpoint_and_tokenizer(ckpt, lora, preset, device, False, tokenizer, allow_tokenizer_mismatch)
     return run_harness(model, tok, tasks, task_manager(include), batch_size, seq_len, limit, num_fewshot, chat)
 
 

@@ -130,6 +130,19 @@ def test_llama_cpp_renders_our_chat_template(tmp_path, llama_cpp, tokenizer):
         assert llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) == tokenizer.encode_chat(messages)
 
 
+def test_llama_cpp_chat_completion_uses_the_files_template_and_answers_as_we_do(tmp_path, llama_cpp, tokenizer):
+    """What a llama-cpp-python user runs: no chat format named, so it takes the template from the file."""
+    model = random_model(0)
+    messages = [{"role": "system", "content": "You are MiniMind."}, {"role": "user", "content": "1+1=?"},
+                {"role": "assistant", "content": "2"}, {"role": "user", "content": "再加一呢？"}]
+    with exported(llama_cpp, model, tokenizer, tmp_path / "m.gguf") as llm:
+        reply = llm.create_chat_completion(messages, temperature=0.0, top_k=1, max_tokens=10)
+    ids = tokenizer.encode_chat(messages)
+    assert reply["usage"]["prompt_tokens"] == len(ids)
+    answer = generate(model, [ids], max_new_tokens=10, do_sample=False)[0]
+    assert reply["choices"][0]["message"]["content"] == tokenizer.decode(answer, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("dtype, tolerance", [("f16", 0.02), ("bf16", 0.05), ("q8_0", 0.05)])
 def test_smaller_types_stay_close(tmp_path, llama_cpp, tokenizer, dtype, tolerance):
     """f16 rounds weights to 11 bits, bf16 to 8, q8_0 to 8 bits per block of 32: logits move by a few hundredths of
@@ -159,9 +172,20 @@ def test_models_llama_cpp_cannot_run_are_refused(overrides, message):
         gguf_architecture(ModelConfig.from_preset("debug", **overrides))
 
 
-def test_yarn_is_refused_and_a_failed_export_leaves_no_file(tmp_path, tokenizer):
-    model = with_yarn(random_model(0, max_position_embeddings=4096))
-    with pytest.raises(UserError, match="YaRN"):
+@pytest.mark.parametrize("qk_norm", [True, False])  # qwen3 and llama
+def test_llama_cpp_computes_our_yarn_logits(tmp_path, llama_cpp, tokenizer, qk_norm):
+    """MiniMind's YaRN changes the slow dimensions at every position (logits move by tenths on this tiny model)."""
+    model = with_yarn(random_model(0, qk_norm=qk_norm, max_position_embeddings=32768))
+    with exported(llama_cpp, model, tokenizer, tmp_path / "m.gguf") as llm:
+        assert llm.metadata[f"{gguf_architecture(model.config)}.rope.scaling.type"] == "yarn"
+        ids = tokenizer.encode(" ".join(MIXED_TEXTS))
+        ref = ours(model, ids)
+        np.testing.assert_allclose(llama_logits(llm, ids), ref, atol=2e-5 * np.abs(ref).max())
+
+
+def test_a_failed_export_leaves_no_file(tmp_path, tokenizer):
+    model = random_model(0, use_moe=True, n_shared_experts=1)
+    with pytest.raises(UserError, match="n_shared_experts=1"):
         save_gguf(model.state_dict(), model.config, tokenizer, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 
