@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import random_model, require_module
+from helpers import require_module
 from minimind_pl.checkpoints.huggingface import save_hf_directory
 from minimind_pl.checkpoints.minimind import save_minimind
 from minimind_pl.cli import main
@@ -143,7 +143,8 @@ def readme_layout(root: Path, tokenizer_dir: Path) -> None:
     minimind2 = MiniMindForCausalLM(ModelConfig.from_preset("minimind2-small", hidden_size=64, num_hidden_layers=2,
                                                             num_attention_heads=4, intermediate_size=192))
     save_hf_directory(minimind2.state_dict(), minimind2.config, tokenizer, root / "MiniMind2", dtype="float32")
-    save_minimind(random_model().state_dict(), root / "out/full_sft_512.pth")  # its tokenizer: model/ beside out/
+    small = MiniMindForCausalLM(ModelConfig.from_preset("minimind2-small", hidden_size=64, num_hidden_layers=2))
+    save_minimind(small.state_dict(), root / "out/full_sft_512.pth")  # MiniMind2's layout: its tokenizer in model/
 
 
 def run_command(words: list[str], monkeypatch) -> None:

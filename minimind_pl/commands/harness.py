@@ -9,17 +9,15 @@ through the tokenizer's chat template (lm-eval's ``apply_chat_template``). The p
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
+from minimind_pl.commands.scoring import scored_logprobs
 from minimind_pl.errors import UserError
 from minimind_pl.generation import generate
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default for generate_until
-# (model, [(token ids, 1 where scored)], batch size) -> [(summed NLL of the scored tokens, all greedy)]:
-# evaluate.scored_logprobs, passed in by the eval command (this module does not import the command)
-Scorer = Callable[[MiniMindForCausalLM, list[tuple[list[int], list[int]]], int], list[tuple[float, bool]]]
 
 
 def import_lm_eval():
@@ -34,9 +32,8 @@ def import_lm_eval():
     return lm_eval
 
 
-def harness_model(model: MiniMindForCausalLM, tokenizer: Tokenizer, batch_size: int, max_length: int, score: Scorer):
-    """An lm-eval ``TemplateLM`` that scores (with ``score``) and generates with ``model`` (the class is built here:
-    lm-eval is optional)."""
+def harness_model(model: MiniMindForCausalLM, tokenizer: Tokenizer, batch_size: int, max_length: int):
+    """An lm-eval ``TemplateLM`` that scores and generates with ``model`` (built here: lm-eval is optional)."""
     lm_eval = import_lm_eval()
 
     class MiniMindLM(lm_eval.api.model.TemplateLM):
@@ -69,7 +66,7 @@ def harness_model(model: MiniMindForCausalLM, tokenizer: Tokenizer, batch_size: 
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
             return [(-nll, greedy) for nll, greedy in
-                    score(self.model, [self._scored(context, continuation)
+                    scored_logprobs(self.model, [self._scored(context, continuation)
                                                  for _, context, continuation in requests], self.batch_size)]
 
         def _scored(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
@@ -132,8 +129,7 @@ def task_manager(include: Optional[str] = None, builtin: bool = True):
 
 
 def run_harness(model: MiniMindForCausalLM, tokenizer: Tokenizer, tasks: str, manager, batch_size: int,
-                max_length: int, limit: Optional[int], num_fewshot: Optional[int], chat: bool,
-                score: Scorer) -> dict[str, Any]:
+                max_length: int, limit: Optional[int], num_fewshot: Optional[int], chat: bool) -> dict[str, Any]:
     """Run lm-eval's ``simple_evaluate`` on comma-separated ``tasks`` known to ``manager`` (``task_manager``);
     prints lm-eval's table, returns its results."""
     lm_eval = import_lm_eval()
@@ -143,8 +139,7 @@ def run_harness(model: MiniMindForCausalLM, tokenizer: Tokenizer, tasks: str, ma
         where = f" or in {manager.include_path}" if manager.include_path else ""
         raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}: not in lm-eval's task list{where} "
                         f"(python -m lm_eval ls tasks lists them; --harness_include DIR adds your own YAML)")
-    results = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, batch_size, max_length, score),
-                                      tasks=names,
+    results = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, batch_size, max_length), tasks=names,
                                       num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                                       apply_chat_template=chat, log_samples=False)
     print(lm_eval.utils.make_table(results))

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import random_model, require_module, write_stage_checkpoint
 from minimind_pl.checkpoints import save_hf_directory
-from minimind_pl.commands.evaluate import eval_command, scored_logprobs
+from minimind_pl.commands.evaluate import eval_command
 from minimind_pl.commands.harness import cut_at_stop_strings, harness_model, run_harness, task_manager
 from minimind_pl.errors import UserError
 from minimind_pl.tokenizer import Tokenizer
@@ -87,8 +87,7 @@ def test_our_harness_results_equal_lm_evals_hf_backend(tmp_path, tokenizer_dir, 
     assert 1 < ours_metrics["mini_rolling/word_perplexity"] < math.inf
     # the generated answers themselves, not only their (random model: zero) exact-match score
     our_samples = lm_eval.simple_evaluate(
-        model=harness_model(model, Tokenizer.from_file(tokenizer_dir), batch_size=3, max_length=CONTEXT,
-                            score=scored_logprobs),
+        model=harness_model(model, Tokenizer.from_file(tokenizer_dir), batch_size=3, max_length=CONTEXT),
         tasks=["mini_generate"], task_manager=task_manager(str(include), builtin=False), log_samples=True)
     answers = [[sample["filtered_resps"] for sample in result["samples"]["mini_generate"]]
                for result in (our_samples, theirs)]
@@ -100,8 +99,7 @@ def test_chat_template_reaches_the_prompts(tmp_path, tokenizer_dir, offline):
     require_module("lm_eval")
     manager = task_manager(str(write_tasks(tmp_path / "tasks")), builtin=False)  # only ours: indexed at once
     model, tokenizer = random_model(3), Tokenizer.from_file(tokenizer_dir)
-    plain, chat = (metrics(run_harness(model, tokenizer, "mini_choice", manager, 4, 512, None, None, use_chat,
-                                           scored_logprobs))
+    plain, chat = (metrics(run_harness(model, tokenizer, "mini_choice", manager, 4, 512, None, None, use_chat))
                    for use_chat in (False, True))
     # the same questions scored after <|im_start|>user ... <|im_start|>assistant: other log-likelihoods
     assert plain.keys() == chat.keys() == {"mini_choice/acc", "mini_choice/acc_norm"} and plain != chat
@@ -130,7 +128,7 @@ def test_each_answer_equals_the_hf_backends_across_windows_and_in_the_chat_templ
     model, tokenizer = random_model(3), Tokenizer.from_file(tokenizer_dir)
     folder = save_hf_directory(model.state_dict(), model.config, tokenizer, tmp_path / "hf", dtype="float32")
     reference = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=1, max_length=WINDOW)
-    ours = harness_model(model, tokenizer, 3, WINDOW, scored_logprobs)
+    ours = harness_model(model, tokenizer, 3, WINDOW)
     for chat, tasks in ((False, list(TASKS)), (True, ["mini_choice", "mini_generate"])):
         mine, theirs = (lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, log_samples=True,
                                                 apply_chat_template=chat) for lm in (ours, reference))
@@ -154,7 +152,7 @@ def test_unknown_task_names_the_include_folder(tmp_path, tokenizer_dir, offline)
     include = write_tasks(tmp_path / "tasks")
     with pytest.raises(UserError, match=f"unknown lm-eval task.*no_such_task.*{include}"):
         run_harness(random_model(0), Tokenizer.from_file(tokenizer_dir), "mini_choice,no_such_task",
-                    task_manager(str(include), builtin=False), 4, 512, None, None, False, scored_logprobs)
+                    task_manager(str(include), builtin=False), 4, 512, None, None, False)
 
 
 def test_eval_needs_data_or_harness(tmp_path, tokenizer_dir):
