@@ -2,6 +2,7 @@
 the same token ids, the same logits and greedy continuations, the chat template as llama.cpp renders it."""
 
 import contextlib
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -181,6 +182,21 @@ def test_llama_cpp_computes_our_yarn_logits(tmp_path, llama_cpp, tokenizer, qk_n
         ids = tokenizer.encode(" ".join(MIXED_TEXTS))
         ref = ours(model, ids)
         np.testing.assert_allclose(llama_logits(llm, ids), ref, atol=2e-5 * np.abs(ref).max())
+
+
+def test_llama_cpp_qwen3moe_renormalises_whatever_the_file_says(tmp_path, llama_cpp, tokenizer, monkeypatch):
+    """Why norm_topk_prob=False is refused: written as qwen3moe anyway, llama.cpp computes the renormalised model."""
+    import minimind_pl.checkpoints.gguf as gguf_module
+
+    renormalised = moe_model()
+    raw = MiniMindForCausalLM(dataclasses.replace(renormalised.config, norm_topk_prob=False))
+    raw.load_state_dict(renormalised.state_dict())
+    monkeypatch.setattr(gguf_module, "gguf_architecture", lambda config: "qwen3moe")
+    with exported(llama_cpp, raw.eval(), tokenizer, tmp_path / "m.gguf") as llm:
+        ids = tokenizer.encode(MIXED_TEXTS[0])
+        theirs, ref = llama_logits(llm, ids), ours(renormalised, ids)
+    np.testing.assert_allclose(theirs, ref, atol=2e-5 * np.abs(ref).max())
+    assert np.abs(theirs - ours(raw, ids)).max() > 0.01 * np.abs(ref).max()
 
 
 def test_a_failed_export_leaves_no_file(tmp_path, tokenizer):
