@@ -4,6 +4,7 @@ the same token ids, the same logits and greedy continuations, the chat template 
 import contextlib
 import dataclasses
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,22 @@ def test_llama_cpp_chat_completion_uses_the_files_template_and_answers_as_we_do(
     assert reply["usage"]["prompt_tokens"] == len(ids)
     answer = generate(model, [ids], max_new_tokens=10, do_sample=False)[0]
     assert reply["choices"][0]["message"]["content"] == tokenizer.decode(answer, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("templates", [None, "named"])
+def test_a_named_template_set_or_none_is_written_as_llama_cpp_reads_it(tmp_path, llama_cpp, tokenizer, templates):
+    config = {k: v for k, v in tokenizer.config.items() if k != "chat_template"}
+    if templates:
+        config["chat_template"] = [{"name": "default", "template": tokenizer.chat_template()},
+                                   {"name": "tool_use", "template": "{{ 'tools' }}"}]
+    changed = Tokenizer(json.dumps(tokenizer.definition), json.dumps(config))
+    with exported(llama_cpp, random_model(0), changed, tmp_path / "m.gguf") as llm:
+        meta = llm.metadata
+    if templates:
+        assert meta["tokenizer.chat_template"] == tokenizer.chat_template()
+        assert meta["tokenizer.chat_template.tool_use"] == "{{ 'tools' }}"
+    else:  # a base model without a template: none in the file (llama.cpp falls back to its own)
+        assert not any(key.startswith("tokenizer.chat_template") for key in meta)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("f16", 0.02), ("bf16", 0.05), ("q8_0", 0.05)])
