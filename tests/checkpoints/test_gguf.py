@@ -26,6 +26,7 @@ MIXED_TEXTS = [
     "def f(x):\n    return x ** 2  # square\n\n\tif a<b: pass",
     "  leading spaces,   runs   of spaces\n\n\nand newlines",
     "<|im_start|>user\n你好<|im_end|>\n<think>x</think><tool_call>{\"a\": 1}</tool_call>",
+    "12345 3.14159 你好123世界",  # digit runs: llama.cpp's qwen2 and llama3 pre-tokenizers split them otherwise
 ]
 F32_KV = 0  # GGML_TYPE_F32: llama.cpp's KV cache defaults to f16, which alone moves logits by ~1e-3
 
