@@ -63,13 +63,13 @@ class SamplingSettings:
 GREEDY = SamplingSettings(do_sample=False)
 
 
-def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float | Tensor) -> Tensor:
     """MiniMind's penalty: for tokens already seen, divide positive logits and multiply negative ones.
 
     Args:
         logits: (B, V) float logits.
         seen: (B, V) bool, True for tokens in the prompt or the output so far.
-        penalty: > 1 discourages repetition, 1 changes nothing.
+        penalty: > 1 discourages repetition, 1 changes nothing; a float, or (B, 1) per row.
     """
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
@@ -83,6 +83,14 @@ def filter_top_k(logits: Tensor, top_k: int) -> Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+def beyond_top_p(sorted_logits: Tensor, top_p: float | Tensor) -> Tensor:
+    """For logits sorted in descending order (B, K): True where the probability mass of the tokens before
+    already exceeds ``top_p`` (a float, or (B, 1) per row), so the token that crosses top_p and the most likely
+    one always stay."""
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    return F.pad(cum[..., :-1], (1, 0)) > top_p
+
+
 def filter_top_p(logits: Tensor, top_p: float) -> Tensor:
     """Nucleus filter: keep the most likely tokens until their probability reaches top_p.
 
@@ -91,41 +99,108 @@ def filter_top_p(logits: Tensor, top_p: float) -> Tensor:
     if top_p >= 1.0:
         return logits
     sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = torch.zeros_like(cum, dtype=torch.bool)
-    drop_sorted[..., 1:] = cum[..., :-1] > top_p  # the mass before this token already exceeds top_p
+    drop_sorted = beyond_top_p(sorted_logits, top_p)
     drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
+@dataclass(frozen=True)
+class RowSampling:
+    """The sampling settings of every row of a batch as (B,) tensors, so that one set of tensor ops picks the
+    next token of all rows, whatever mix of settings they have. Build it when rows join or leave
+    (`RowSampling.of`), not at every step.
+
+    Args:
+        temperature: (B,) float; 1 for greedy rows (their sampled token is not used).
+        top_k: (B,) long; the vocabulary size where a row sets no limit.
+        top_p: (B,) float; +inf where a row keeps all (top_p = 1).
+        penalty: (B, 1) float repetition penalty, or None when no row has one.
+        greedy: (B,) bool, or None when no row is greedy.
+        widest_k: the largest ``top_k``: one top-k pass of this width comes before the top-p sort.
+        sampled: False when every row is greedy (the argmax is all there is to do).
+        generator: draws the uniforms of the rows without their own generator (None: torch's default).
+        row_generators: (row, generator) of the sampled rows that have their own (a request's seed).
+    """
+
+    temperature: Tensor
+    top_k: Tensor
+    top_p: Tensor
+    penalty: Optional[Tensor]
+    greedy: Optional[Tensor]
+    widest_k: int
+    sampled: bool
+    generator: Optional[torch.Generator] = None
+    row_generators: tuple[tuple[int, torch.Generator], ...] = ()
+
+    @classmethod
+    def of(cls, settings: list[SamplingSettings], vocab_size: int, device: torch.device,
+           generators: Optional[list[Optional[torch.Generator]]] = None,
+           generator: Optional[torch.Generator] = None) -> "RowSampling":
+        """Per-row ``settings`` (and per-row ``generators``, or one shared ``generator``) as tensors."""
+        greedy = [s.greedy for s in settings]
+        top_k = [s.top_k if 0 < s.top_k < vocab_size else vocab_size for s in settings]
+        penalties = [s.repetition_penalty for s in settings]
+        as_tensor = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        return cls(
+            temperature=as_tensor([1.0 if g else s.temperature for s, g in zip(settings, greedy)]),
+            top_k=as_tensor(top_k, torch.long),
+            top_p=as_tensor([float("inf") if s.top_p >= 1 else s.top_p for s in settings]),
+            penalty=as_tensor(penalties)[:, None] if any(p != 1.0 for p in penalties) else None,
+            greedy=as_tensor(greedy, torch.bool) if any(greedy) else None,
+            widest_k=max((k for k, g in zip(top_k, greedy) if not g), default=1),
+            sampled=not all(greedy), generator=generator,
+            row_generators=tuple((row, g) for row, (g, greedy_row) in enumerate(zip(generators or [], greedy))
+                                 if g is not None and not greedy_row))
+
+    def uniforms(self) -> Tensor:
+        """(B,) uniform draws in [0, 1): rows with their own generator draw from it, the others together."""
+        draws = torch.rand(len(self.temperature), generator=self.generator, device=self.temperature.device)
+        for row, generator in self.row_generators:
+            draws[row] = torch.rand(1, generator=generator, device=generator.device)[0]
+        return draws
+
+
+def sample_batch(logits: Tensor, seen: Optional[Tensor], rows: RowSampling) -> Tensor:
+    """Pick the next token of every row from (B, V) logits, each row with its own settings; returns (B,) long.
+
+    Repetition penalty, then argmax for greedy rows; for the others temperature, one top-k pass of the widest
+    row's k (sorted, descending), each row's own k and top-p applied as masks on it, and inverse-CDF sampling
+    with one uniform per row. Ties at a row's k-th logit keep exactly k tokens.
+    """
+    logits = logits.float()
+    if rows.penalty is not None and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, rows.penalty)
+    if not rows.sampled:
+        return logits.argmax(dim=-1)
+    top_logits, top_ids = torch.topk(logits / rows.temperature[:, None], rows.widest_k, dim=-1)  # (B, K) sorted
+    rank = torch.arange(rows.widest_k, device=logits.device)
+    top_logits = top_logits.masked_fill(rank >= rows.top_k[:, None], float("-inf"))
+    top_logits = top_logits.masked_fill(beyond_top_p(top_logits, rows.top_p[:, None]), float("-inf"))
+    cum = top_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, K)
+    # the first token whose cumulative probability exceeds u (tokens of probability 0 are never picked)
+    pick = torch.searchsorted(cum, (rows.uniforms() * cum[:, -1])[:, None], right=True).clamp(max=rows.widest_k - 1)
+    tokens = top_ids.gather(-1, pick).squeeze(-1)
+    return tokens if rows.greedy is None else torch.where(rows.greedy, logits.argmax(dim=-1), tokens)
+
+
 def sample_next(logits: Tensor, seen: Optional[Tensor] = None, sampling: SamplingSettings = SamplingSettings(),
                 generator: Optional[torch.Generator] = None, **overrides: Any) -> Tensor:
-    """Pick the next token of every row from (B, V) logits; returns (B,) long.
+    """Pick the next token of every row from (B, V) logits, all rows with the same settings; returns (B,) long.
 
     ``overrides`` change single fields of ``sampling`` (``temperature=0``, ``top_k=1``, ...). Greedy means
     argmax after the repetition penalty.
     """
     sampling = sampling.with_overrides(**overrides)
-    logits = logits.float()
-    if sampling.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
-    if sampling.greedy:
-        return logits.argmax(dim=-1)
-    logits = filter_top_p(filter_top_k(logits / sampling.temperature, sampling.top_k), sampling.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    rows = RowSampling.of([sampling] * logits.shape[0], logits.shape[-1], logits.device, generator=generator)
+    return sample_batch(logits, seen, rows)
 
 
 def sample_rows(logits: Tensor, seen: Optional[Tensor], settings: list[SamplingSettings],
                 generators: list[Optional[torch.Generator]]) -> Tensor:
     """Pick the next token of every row from (B, V) logits, each row with its own settings and generator
-    (as `sample_next` would for that row alone); returns (B,) long."""
-    if all(s.greedy and s.repetition_penalty == 1.0 for s in settings):
-        return logits.argmax(dim=-1)  # the common case, in one call
-    if len(set(settings)) == 1 and all(g is None for g in generators):
-        return sample_next(logits, seen, settings[0])  # every row alike, no per-request seed: one batched draw
-    return torch.cat([sample_next(logits[i:i + 1], None if seen is None else seen[i:i + 1], sampling, generator)
-                      for i, (sampling, generator) in enumerate(zip(settings, generators))])
+    (a seeded row draws as `sample_next` would for that row alone); returns (B,) long. Callers that sample
+    the same rows at every step build `RowSampling` once and call `sample_batch`."""
+    return sample_batch(logits, seen, RowSampling.of(settings, logits.shape[-1], logits.device, generators))
 
 
 @contextmanager
@@ -304,12 +379,13 @@ def _decode_steps(
     decoder = DecodeBatch(model, track_seen=sampling.repetition_penalty != 1.0)
     with inference_step(model):
         decoder.add(prompts, images)
+    rows = RowSampling.of([sampling] * len(prompts), decoder.logits.shape[-1], decoder.device, generator=generator)
     finished = [False] * len(prompts)
     for step in range(max_new_tokens):
         with inference_step(model):
             if step > 0:
                 decoder.feed(tokens)
-            tokens = sample_next(decoder.logits, decoder.seen, sampling, generator)
+            tokens = sample_batch(decoder.logits, decoder.seen, rows)
             if eos_token_id is not None:  # finished rows keep feeding eos; it is never emitted
                 tokens = tokens.masked_fill(torch.tensor(finished, device=tokens.device), eos_token_id)
         emitted: list[Optional[int]] = []

@@ -25,13 +25,16 @@ def test_throughput_benchmark_runs_every_runner_on_the_cpu(tmp_path, shared_dir)
 
 def test_serve_batching_benchmark_runs(tmp_path, shared_dir):
     out = tmp_path / "serve.json"
-    result = run_python([str(REPO / "bench" / "serve_batching.py"), "--clients", "2", "--max_tokens", "4",
-                         "--repeats", "1", "--hidden_size", "64", "--layers", "1",
-                         "--tokenizer", str(shared_dir / "minimind"), "--out", str(out)])
+    result = run_python([str(REPO / "bench" / "serve_batching.py"), "--sizes", "tiny", "--clients", "2",
+                         "--max_tokens", "4", "--repeats", "1", "--tokenizer", str(shared_dir / "minimind"),
+                         "--out", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(out.read_text())
-    assert results["single"]["tokens"] == 4 and results["batched"]["tokens"] == 8 and results["ratio"] > 0
-    assert "ratio: " in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["size"], r["mode"]) for r in rows] == [("tiny", "greedy"), ("tiny", "sampled")]
+    for row in rows:  # 2 clients x 4 tokens, the bare loop 2 rows x 4 steps
+        assert (row["single"]["tokens"], row["batched"]["tokens"], row["bare"]["tokens"]) == (4, 8, 8)
+        assert row["over_bare"] > 0 and row["over_single"] > 0
+    assert "load average" in result.stdout and "\n       tiny sampled" in result.stdout
 
 
 def test_decode_vs_llama_cpp_benchmark_runs_and_both_engines_decode_the_same_tokens(tmp_path):

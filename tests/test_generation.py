@@ -214,7 +214,7 @@ def frequencies(seen: torch.Tensor | None = None, **sampling) -> list[float]:
     return (torch.bincount(tokens, minlength=4).float() / DRAWS).tolist()
 
 
-@pytest.mark.parametrize("sampling, expected", [
+HAND_WORKED = [
     # temperature 2: p^(1/2) = .7071 .5477 .3873 .2236, sum 1.8657
     (dict(temperature=2.0, top_k=0, top_p=1.0), [0.3790, 0.2936, 0.2076, 0.1198]),
     # temperature 0.5: p^2 = .25 .09 .0225 .0025, sum .365
@@ -231,9 +231,27 @@ def frequencies(seen: torch.Tensor | None = None, **sampling) -> list[float]:
     # MiniMind's defaults (T .85, top-p .85, top-k 50): p^(1/.85) = .4427 .2428 .1077 .0296, sum .8228;
     # tempered .5380 .2951 .1309 .0360: mass before token 2 is .8331 < .85, before token 3 .9640: keep 0..2, / .9640
     (dict(), [0.5581, 0.3061, 0.1358, 0.0]),
-])
+]
+
+
+@pytest.mark.parametrize("sampling, expected", HAND_WORKED)
 def test_sampled_frequencies_follow_temperature_top_k_and_top_p(sampling, expected) -> None:
     assert frequencies(**sampling) == pytest.approx(expected, abs=0.015)
+
+
+def test_one_batch_of_mixed_settings_gives_every_row_its_own_distribution() -> None:
+    """Every hand-worked setting above plus greedy rows, interleaved row by row in ONE batch (one sampling call):
+    each setting's rows follow its own distribution, the greedy rows take the argmax every time."""
+    settings = [SamplingSettings(**s) for s, _ in HAND_WORKED] + [GREEDY]
+    per_setting = 6000  # se <= .0065, tolerance .025
+    rows = settings * per_setting
+    logits = torch.log(torch.tensor(PROBS)).expand(len(rows), 4)
+    torch.manual_seed(0)
+    tokens = sample_rows(logits, None, rows, [None] * len(rows)).view(per_setting, len(settings))
+    for column, (_, expected) in enumerate(HAND_WORKED):
+        freq = torch.bincount(tokens[:, column], minlength=4).float() / per_setting
+        assert freq.tolist() == pytest.approx(expected, abs=0.025), HAND_WORKED[column][0]
+    assert tokens[:, -1].tolist() == [0] * per_setting
 
 
 def test_repetition_penalty_changes_sampled_frequencies() -> None:

@@ -60,6 +60,7 @@ def serve_command(
     max_batch_size: int = 8,
     max_queue: int = 64,
     request_timeout: float = 600.0,
+    stream_interval: float = 0.02,
     cors_origins: list[str] | str | None = None,
     allowed_hosts: list[str] | str | None = None,
     access_log: bool = True,
@@ -98,6 +99,9 @@ def serve_command(
         max_queue: Most requests waiting for a place in the batch; beyond, clients get 429.
         request_timeout: Seconds a request may take, waiting included; its generation then stops (504, or an
             error event when streaming).
+        stream_interval: Least seconds between two hand-overs of new tokens to the server's event loop (a
+            streamed event then carries the tokens of several decode steps: less work per token around the
+            model, at most this much added latency); 0: every step's tokens at once.
         cors_origins: Origins whose web pages may call the API (CORS), comma-separated or a list, e.g.
             ``http://localhost:3000``; ``*`` allows any. Without an API key, other origins are refused.
         allowed_hosts: Host names clients may use besides localhost and IP addresses (checked without an API key,
@@ -114,16 +118,18 @@ def serve_command(
     require_serve_extra()
     from minimind_pl.commands.serve.app import make_server
 
-    if max_batch_size < 1 or max_queue < 0 or request_timeout <= 0:
-        raise UserError(f"--max_batch_size must be >= 1, --max_queue >= 0 and --request_timeout > 0, got "
-                        f"{max_batch_size}, {max_queue}, {request_timeout}")
+    if max_batch_size < 1 or max_queue < 0 or request_timeout <= 0 or stream_interval < 0:
+        raise UserError(f"--max_batch_size must be >= 1, --max_queue >= 0, --request_timeout > 0 and "
+                        f"--stream_interval >= 0, got {max_batch_size}, {max_queue}, {request_timeout}, "
+                        f"{stream_interval}")
     api_key = api_key or os.environ.get(API_KEY_VARIABLE) or None
     checkpoint = open_checkpoint(ckpt, lora)
     model = checkpoint.build_model(preset, merge=True, device=device,  # adapters folded in: faster
                                    inference_rope_scaling=inference_rope_scaling, vision_encoder=vision_encoder)
     settings = ServerSettings(SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k),
                               max_tokens=max_tokens, max_tokens_limit=max_tokens_limit, max_batch_size=max_batch_size,
-                              max_queue=max_queue, request_timeout=request_timeout, allow_image_urls=allow_image_urls,
+                              max_queue=max_queue, request_timeout=request_timeout, stream_interval=stream_interval,
+                              allow_image_urls=allow_image_urls,
                               max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
                               image_fetch_timeout=image_fetch_timeout)
     engine = ChatEngine(model, checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch), model_name=model_name,

@@ -56,27 +56,34 @@ class PlainText:
 
 
 class TokenStream:
-    """The tokens of one submitted request, read with ``async for``; ``close()`` stops its generation."""
+    """The tokens of one submitted request, read with ``async for`` in lists (all that arrived since the last
+    read: one token while the event loop keeps up with the decoder, more when it falls behind); ``close()`` stops
+    its generation."""
 
     def __init__(self, scheduler: BatchScheduler, job: Job, queue: asyncio.Queue) -> None:
         """Wrap a job already submitted to ``scheduler`` whose ``emit`` feeds ``queue``."""
         self.scheduler, self.job, self.queue = scheduler, job, queue
 
-    def __aiter__(self) -> AsyncIterator[int]:
-        """Token ids until the request ends; an error of the decode thread is raised here."""
+    def __aiter__(self) -> AsyncIterator[list[int]]:
+        """Lists of token ids until the request ends; an error of the decode thread is raised here."""
         return self._tokens()
 
-    async def _tokens(self) -> AsyncIterator[int]:
+    async def _tokens(self) -> AsyncIterator[list[int]]:
         try:
             while True:
-                item = await self.queue.get()
-                if item is END:
+                items = [await self.queue.get()]
+                while not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+                tokens = [item for item in items if isinstance(item, int)]
+                if tokens:
+                    yield tokens
+                if len(tokens) < len(items):  # the request ended: END or an error after the tokens
+                    end = next(item for item in items if not isinstance(item, int))
+                    if isinstance(end, RequestTimeout):
+                        raise APIError(504, str(end), code="timeout", kind="timeout_error")
+                    if isinstance(end, BaseException):
+                        raise end
                     return
-                if isinstance(item, RequestTimeout):
-                    raise APIError(504, str(item), code="timeout", kind="timeout_error")
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
         finally:
             self.close()
 
@@ -97,7 +104,8 @@ class ChatEngine:
             settings: Defaults and limits for generation, the batch and the queue.
         """
         self.model, self.tokenizer, self.model_name, self.settings = model, tokenizer, model_name, settings
-        self.scheduler = BatchScheduler(model, tokenizer.eos_id, settings.max_batch_size, settings.max_queue)
+        self.scheduler = BatchScheduler(model, tokenizer.eos_id, settings.max_batch_size, settings.max_queue,
+                                        settings.stream_interval)
 
     def close(self) -> None:
         """Stop the decode thread."""
@@ -145,9 +153,8 @@ class ChatEngine:
     def submit(self, request: GenerationRequest, ids: list[int]) -> TokenStream:
         """Queue the generation (429 when the queue is full); call from the event loop."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(ids, self.budget(request, ids), request.sampling, emit=lambda item: loop.call_soon_threadsafe(
-            queue.put_nowait, item), generator=self._generator(request),
-                  deadline=time.monotonic() + self.settings.request_timeout,
+        job = Job(ids, self.budget(request, ids), request.sampling, emit=queue.put_nowait, loop=loop,
+                  generator=self._generator(request), deadline=time.monotonic() + self.settings.request_timeout,
                   images=getattr(request, "pixel_values", None))
         try:
             self.scheduler.submit(job)
@@ -170,9 +177,14 @@ class ChatEngine:
         decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
         iterator = tokens.__aiter__()
         try:
-            async for token in iterator:
-                outcome.completion_tokens += 1
-                for event in self._record(parser.feed(stop.feed(decoder.push(token))), outcome):
+            async for arrived in iterator:
+                pieces = []
+                for token in arrived:
+                    outcome.completion_tokens += 1
+                    pieces.append(stop.feed(decoder.push(token)))
+                    if stop.stopped:
+                        break
+                for event in self._record(parser.feed("".join(pieces)), outcome):
                     yield event
                 if stop.stopped:
                     break

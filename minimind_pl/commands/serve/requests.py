@@ -48,6 +48,9 @@ class ServerSettings:
         max_batch_size: Most requests decoded together (one step of the model serves them all).
         max_queue: Most requests waiting for a place in the batch; more get 429.
         request_timeout: Seconds a request may take, waiting included; then its generation stops (504).
+        stream_interval: Least seconds between two hand-overs of new tokens from the decode thread to the event
+            loop: a streamed event then carries the tokens of several steps, and the loop's work per token (which
+            competes with decoding for the interpreter) shrinks; 0 hands every step's tokens over.
         allow_image_urls: Fetch ``http(s)`` image URLs (else only ``data:`` URLs are taken: the server fetches
             nothing on a client's behalf).
         max_image_bytes: Largest image, encoded (a data URL's decoded bytes or a fetched body).
@@ -61,6 +64,7 @@ class ServerSettings:
     max_batch_size: int = 8
     max_queue: int = 64
     request_timeout: float = 600.0
+    stream_interval: float = 0.02
     allow_image_urls: bool = False
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 50_000_000
