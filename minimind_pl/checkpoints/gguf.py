@@ -213,7 +213,9 @@ def add_tokenizer(writer, tokenizer, rows: int) -> None:
     writer.add_eos_token_id(tokenizer.eos_id)
     writer.add_pad_token_id(tokenizer.pad_id)
     writer.add_add_bos_token(False)  # MiniMind's template writes <|im_start|> itself
-    writer.add_chat_template(tokenizer.chat_template())
+    template = tokenizer.config.get("chat_template")
+    if template:  # a Jinja string, or a named set ([{"name", "template"}]: tokenizer.chat_template.<name> keys)
+        writer.add_chat_template(template)
 
 
 def save_gguf(state_dict: dict[str, torch.Tensor], config: ModelConfig, tokenizer, out: str | Path,

@@ -2,7 +2,9 @@
 the same token ids, the same logits and greedy continuations, the chat template as llama.cpp renders it."""
 
 import contextlib
+import dataclasses
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ MIXED_TEXTS = [
     "def f(x):\n    return x ** 2  # square\n\n\tif a<b: pass",
     "  leading spaces,   runs   of spaces\n\n\nand newlines",
     "<|im_start|>user\n你好<|im_end|>\n<think>x</think><tool_call>{\"a\": 1}</tool_call>",
+    "12345 3.14159 你好123世界",  # digit runs: llama.cpp's qwen2 and llama3 pre-tokenizers split them otherwise
 ]
 F32_KV = 0  # GGML_TYPE_F32: llama.cpp's KV cache defaults to f16, which alone moves logits by ~1e-3
 
@@ -143,6 +146,22 @@ def test_llama_cpp_chat_completion_uses_the_files_template_and_answers_as_we_do(
     assert reply["choices"][0]["message"]["content"] == tokenizer.decode(answer, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("templates", [None, "named"])
+def test_a_named_template_set_or_none_is_written_as_llama_cpp_reads_it(tmp_path, llama_cpp, tokenizer, templates):
+    config = {k: v for k, v in tokenizer.config.items() if k != "chat_template"}
+    if templates:
+        config["chat_template"] = [{"name": "default", "template": tokenizer.chat_template()},
+                                   {"name": "tool_use", "template": "{{ 'tools' }}"}]
+    changed = Tokenizer(json.dumps(tokenizer.definition), json.dumps(config))
+    with exported(llama_cpp, random_model(0), changed, tmp_path / "m.gguf") as llm:
+        meta = llm.metadata
+    if templates:
+        assert meta["tokenizer.chat_template"] == tokenizer.chat_template()
+        assert meta["tokenizer.chat_template.tool_use"] == "{{ 'tools' }}"
+    else:  # a base model without a template: none in the file (llama.cpp falls back to its own)
+        assert not any(key.startswith("tokenizer.chat_template") for key in meta)
+
+
 @pytest.mark.parametrize("dtype, tolerance", [("f16", 0.02), ("bf16", 0.05), ("q8_0", 0.05)])
 def test_smaller_types_stay_close(tmp_path, llama_cpp, tokenizer, dtype, tolerance):
     """f16 rounds weights to 11 bits, bf16 to 8, q8_0 to 8 bits per block of 32: logits move by a few hundredths of
@@ -181,6 +200,21 @@ def test_llama_cpp_computes_our_yarn_logits(tmp_path, llama_cpp, tokenizer, qk_n
         ids = tokenizer.encode(" ".join(MIXED_TEXTS))
         ref = ours(model, ids)
         np.testing.assert_allclose(llama_logits(llm, ids), ref, atol=2e-5 * np.abs(ref).max())
+
+
+def test_llama_cpp_qwen3moe_renormalises_whatever_the_file_says(tmp_path, llama_cpp, tokenizer, monkeypatch):
+    """Why norm_topk_prob=False is refused: written as qwen3moe anyway, llama.cpp computes the renormalised model."""
+    import minimind_pl.checkpoints.gguf as gguf_module
+
+    renormalised = moe_model()
+    raw = MiniMindForCausalLM(dataclasses.replace(renormalised.config, norm_topk_prob=False))
+    raw.load_state_dict(renormalised.state_dict())
+    monkeypatch.setattr(gguf_module, "gguf_architecture", lambda config: "qwen3moe")
+    with exported(llama_cpp, raw.eval(), tokenizer, tmp_path / "m.gguf") as llm:
+        ids = tokenizer.encode(MIXED_TEXTS[0])
+        theirs, ref = llama_logits(llm, ids), ours(renormalised, ids)
+    np.testing.assert_allclose(theirs, ref, atol=2e-5 * np.abs(ref).max())
+    assert np.abs(theirs - ours(raw, ids)).max() > 0.01 * np.abs(ref).max()
 
 
 def test_a_failed_export_leaves_no_file(tmp_path, tokenizer):
