@@ -7,7 +7,8 @@ and ``tool_calls`` (assistant; list or JSON string). It is rendered by the token
 exactly as ``transformers`` renders it (same sandbox, filters and globals), without importing
 ``transformers``. The model answers in the same format: an optional ``<think>...</think>`` block, then
 text, with tool calls as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks;
-:class:`OutputParser` splits streamed output back into those parts, :func:`split_reasoning` a whole reply, and
+:class:`OutputParser` splits streamed output back into those parts (the server's path), :func:`parse_reply` a whole
+reply through the same parser (the tool loop's path), :func:`split_reasoning` a whole reply's reasoning, and
 :func:`rendered_turns` reads the turns of a rendered prompt back (the RL rewards use both).
 """
 
@@ -17,6 +18,7 @@ import functools
 import json
 import re
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping, Optional, Sequence
 
@@ -306,6 +308,8 @@ class OutputParser:
         self.parse_tools = parse_tools
         self.pending, self.newlines, self.at_start, self.tool_text = "", "", True, ""
         self.tool_calls: list[dict[str, Any]] = []
+        #: The text of each ``<tool_call>`` block that is not a call (bad JSON, no name): it is passed on as content.
+        self.invalid_calls: list[str] = []
 
     def _tags(self) -> dict[str, str]:
         """Tag -> next state, for the current state."""
@@ -363,10 +367,68 @@ class OutputParser:
                 self.tool_calls.append(call)
                 events.append(("tool_call", call))
             elif self.tool_text.strip():
+                self.invalid_calls.append(self.tool_text.strip())
                 events.append(("content", f"{TOOL_OPEN}{self.tool_text}{TOOL_CLOSE}"))
             self.tool_text = ""
         self.state, self.newlines, self.at_start = state, "", True
         return events
+
+
+@dataclass
+class Reply:
+    """A whole generated reply split as :class:`OutputParser` splits it.
+
+    Attributes:
+        content: The answer text (an invalid ``<tool_call>`` block stays in it as written).
+        reasoning: The ``<think>`` text, or None.
+        tool_calls: OpenAI tool calls (``{"id", "type": "function", "function": {"name", "arguments": JSON text}}``).
+        invalid_calls: The text of each ``<tool_call>`` block that is not a call (bad JSON or no ``name``).
+    """
+
+    content: str
+    reasoning: Optional[str] = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    invalid_calls: list[str] = field(default_factory=list)
+
+    def message(self) -> dict[str, Any]:
+        """The reply as an assistant message the chat template renders back (reasoning, content, tool calls)."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.reasoning is not None:
+            message["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in self.tool_calls]
+        return message
+
+
+def parse_reply(text: str, open_thinking: bool = False) -> Reply:
+    """Split a whole generated reply (decoded without special tokens) into reasoning, content and tool calls, by the
+    streaming parser the server uses, so both read a reply the same way.
+
+    Args:
+        text: The reply as generated after the prompt.
+        open_thinking: The prompt left a ``<think>`` block open, so the reply starts inside it.
+    """
+    parser = OutputParser(open_thinking)
+    events = parser.feed(text) + parser.finish()
+    parts: dict[str, list[str]] = {"reasoning": [], "content": []}
+    for kind, value in events:
+        if kind != "tool_call":
+            parts[kind].append(value)
+    reasoning = "".join(parts["reasoning"])
+    return Reply("".join(parts["content"]), reasoning or None, parser.tool_calls, parser.invalid_calls)
+
+
+def tool_call_parts(call: Mapping[str, Any]) -> tuple[str, Any]:
+    """``(name, arguments)`` of an OpenAI tool call (or of a bare ``{"name", "arguments"}``), the arguments
+    JSON-decoded when they are JSON text (ValueError when they are not valid JSON)."""
+    function = call.get("function") or call
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the arguments of {function.get('name')!r} are not valid JSON: {exc}") from exc
+    return str(function.get("name", "")), arguments
 
 
 def parse_tool_call(text: str, index: int) -> Optional[dict[str, Any]]:

@@ -13,7 +13,7 @@ PACKAGE = Path(minimind_pl.__file__).parent
 
 # Floors, lowest first: a module may import its own floor and the ones below, never one above.
 CORE = ("errors", "config", "model", "losses", "lora", "tokenizer", "chat_format", "generation", "checkpoints",
-        "throughput", "rewards", "files", "lazy", "vision")
+        "throughput", "rewards", "files", "lazy", "vision", "stats", "tools", "agent_rollout")
 TRAINING = ("data", "stages", "callbacks", "checkpoint_io", "lightning_compat")
 COMMANDS = ("commands", "demo", "cli", "training_cli")
 

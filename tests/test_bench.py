@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import REPO, run_python
+from helpers import REPO, require_module, run_python
 
 
 def test_throughput_benchmark_runs_every_runner_on_the_cpu(tmp_path, shared_dir):
@@ -36,3 +36,14 @@ def test_serve_batching_benchmark_runs(tmp_path, shared_dir):
         assert row["bare_one_row"]["tokens"] == 4
         assert row["over_bare"] > 0 and row["over_single"] > 0
     assert "load average" in result.stdout and "\n       tiny sampled" in result.stdout
+
+
+def test_decode_vs_llama_cpp_benchmark_runs_and_both_engines_decode_the_same_tokens(tmp_path):
+    require_module("llama_cpp")
+    out = tmp_path / "decode.json"
+    result = run_python([str(REPO / "bench" / "decode_vs_llamacpp.py"), "--sizes", "tiny", "--new_tokens", "4",
+                         "--repeats", "1", "--threads", "1", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    for streams in ("1_stream", "8_stream"):  # llama.cpp's batched greedy tokens equal ours, row by row
+        assert row[streams]["same_tokens"] is True and row[streams]["ours_over_llama_cpp"] > 0

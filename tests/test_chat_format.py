@@ -333,3 +333,36 @@ def test_image_tags_expand_outside_system_turns_only():
     expanded = expand_image_tags(conversation, "@@")
     assert [m["content"] for m in expanded] == ["tags like <image> here are text", "@@\n@@比较", "@@?", None]
     assert conversation[1]["content"] == "<image>\n<image>比较"  # the input is left as it was
+
+
+# ------------------------------------------------------------------ whole replies with tool calls
+def test_parse_reply_finds_valid_calls_reports_invalid_blocks_and_keeps_the_answer():
+    reply = ('<think>\nneed the weather\n</think>\n\nLet me look.\n<tool_call>\n{"name": "get_current_weather", '
+             '"arguments": {"location": "北京"}}\n</tool_call>\n<tool_call>\n{"name": oops}\n</tool_call>\n'
+             '<tool_call>{"arguments": {}}</tool_call>')
+    from minimind_pl.chat_format import parse_reply, tool_call_parts
+
+    parsed = parse_reply(reply)
+    assert parsed.reasoning == "need the weather"
+    assert [tool_call_parts(c) for c in parsed.tool_calls] == [("get_current_weather", {"location": "北京"})]
+    assert parsed.invalid_calls == ['{"name": oops}', '{"arguments": {}}']  # bad JSON; no name
+    assert parsed.content.startswith("Let me look.") and '{"name": oops}' in parsed.content
+    assert parse_reply("no tools here").tool_calls == [] and parse_reply("no tools here").content == "no tools here"
+
+
+def test_a_call_rendered_by_the_real_template_parses_back_to_the_same_call(tokenizer_dir):
+    from minimind_pl.chat_format import parse_reply, tool_call_parts
+
+    tokenizer = Tokenizer.from_file(tokenizer_dir)
+    calls = [{"type": "function", "function": {"name": "unit_converter",
+                                               "arguments": {"value": 100, "from_unit": "km", "to_unit": "miles"}}},
+             {"type": "function", "function": {"name": "get_current_time", "arguments": "{}"}}]
+    messages = [{"role": "user", "content": "100 km in miles, and the time?"},
+                {"role": "assistant", "content": "Two calls.", "tool_calls": calls}]
+    ids = tokenizer.encode_chat(messages, add_generation_prompt=False)
+    prompt = tokenizer.encode_chat(messages[:1], add_generation_prompt=True)
+    text = tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)  # the assistant turn as the model writes it
+    parsed = parse_reply(text)
+    assert [tool_call_parts(c) for c in parsed.tool_calls] == [
+        ("unit_converter", {"value": 100, "from_unit": "km", "to_unit": "miles"}), ("get_current_time", {})]
+    assert parsed.content == "Two calls." and parsed.invalid_calls == []

@@ -10,6 +10,8 @@ architectures, which compute the same math:
   while our RoPE (like Hugging Face's) rotates the halves (x_i, x_{i+D/2}), so q and k rows are reordered per
   head: out row (2i + j) <- in row (j * D/2 + i). ``qwen3`` uses the half-rotation (NeoX) itself: no reordering.
 - MiniMind2-MoE (a shared expert beside the routed ones) has no llama.cpp architecture: a clear error.
+- MiniMind's YaRN (``inference_rope_scaling``) is llama.cpp's YaRN with the same factor, original context and
+  betas; llama.cpp's own magnitude correction (1 + 0.1 ln factor) is divided out through ``attn_factor``.
 
 Tensor types follow llama.cpp's converter: 1-D tensors (norms) always f32; 2-D weights in the chosen type;
 ``q8_0`` quantises what has rows divisible by 32 and keeps the rest f16.
@@ -17,12 +19,14 @@ Tensor types follow llama.cpp's converter: 1-D tensors (norms) always f32; 2-D w
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from minimind_pl.checkpoints.huggingface import hf_rope_parameters
 from minimind_pl.config import ModelConfig
 from minimind_pl.errors import UserError
 from minimind_pl.files import atomic_file
@@ -65,10 +69,6 @@ def import_gguf():
 
 def gguf_architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture that computes exactly this model: ``qwen3``, ``qwen3moe`` or ``llama``."""
-    if config.rope_scaling is not None:
-        raise UserError("this model uses MiniMind's YaRN RoPE scaling (inference_rope_scaling), which applies at every "
-                        "length and has no exact llama.cpp setting: export a checkpoint without it (YaRN is an "
-                        "inference-time option; llama.cpp's --rope-scaling yarn flags add their own)")
     if not config.use_moe:
         return "qwen3" if config.qk_norm else "llama"
     if config.qk_norm and config.n_shared_experts == 0 and config.norm_topk_prob:
@@ -153,10 +153,30 @@ def add_hyperparameters(writer, config: ModelConfig, dtype: str, name: str) -> N
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     writer.add_file_type(file_types[dtype])
+    add_rope_scaling(writer, config)
     if config.use_moe:
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+
+
+def add_rope_scaling(writer, config: ModelConfig) -> None:
+    """YaRN keys when MiniMind applies YaRN (``hf_rope_parameters`` decides, as for Hugging Face folders).
+
+    llama.cpp's YaRN interpolates the same frequencies (ramp between the same dimension pairs) but multiplies
+    cos/sin by ``attn_factor * (1 + 0.1 ln factor)``, where MiniMind multiplies by ``attention_factor``: the file's
+    ``attn_factor`` divides that magnitude correction out again.
+    """
+    rope = hf_rope_parameters(config)
+    if rope["rope_type"] != "yarn":
+        return
+    gguf = import_gguf()
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(rope["factor"])
+    writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    writer.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+    writer.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    writer.add_rope_scaling_attn_factors(rope["attention_factor"] / (1 + 0.1 * math.log(rope["factor"])))
 
 
 def add_tokenizer(writer, tokenizer, rows: int) -> None:
@@ -193,7 +213,9 @@ def add_tokenizer(writer, tokenizer, rows: int) -> None:
     writer.add_eos_token_id(tokenizer.eos_id)
     writer.add_pad_token_id(tokenizer.pad_id)
     writer.add_add_bos_token(False)  # MiniMind's template writes <|im_start|> itself
-    writer.add_chat_template(tokenizer.chat_template())
+    template = tokenizer.config.get("chat_template")
+    if template:  # a Jinja string, or a named set ([{"name", "template"}]: tokenizer.chat_template.<name> keys)
+        writer.add_chat_template(template)
 
 
 def save_gguf(state_dict: dict[str, torch.Tensor], config: ModelConfig, tokenizer, out: str | Path,

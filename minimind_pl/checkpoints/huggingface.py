@@ -151,13 +151,15 @@ def hf_rope_parameters(config: ModelConfig) -> dict[str, Any]:
 
 
 def check_yarn_bounds(config: ModelConfig) -> None:
-    """Warn when Hugging Face's YaRN ramp (clamped at head_dim - 1) would differ from MiniMind's (head_dim/2 - 1)."""
+    """Warn when Hugging Face's and llama.cpp's YaRN ramp (clamped at head_dim - 1) would differ from MiniMind's
+    (head_dim/2 - 1)."""
     scaling, dim = config.rope_scaling, config.head_dim
     rotations = dim * math.log(scaling["original_max_position_embeddings"] / (scaling["beta_slow"] * 2 * math.pi))
     high = math.ceil(rotations / (2 * math.log(config.rope_theta)))
     if high > dim // 2 - 1:
-        warnings.warn(f"YaRN ramp end {high} exceeds head_dim/2 - 1 = {dim // 2 - 1}: Hugging Face's RoPE will differ "
-                      "slightly from MiniMind's for this config", stacklevel=2)
+        warnings.warn(f"YaRN ramp end {high} exceeds head_dim/2 - 1 = {dim // 2 - 1}: Hugging Face's and llama.cpp's "
+                      "RoPE (which clamp it at head_dim - 1) will differ slightly from MiniMind's for this config",
+                      stacklevel=2)
 
 
 def generation_config(config: ModelConfig, tokenizer) -> dict[str, Any]:

@@ -155,17 +155,26 @@ class Checkpoint:
         return tokenizer
 
     def tokenizer_beside(self) -> str:
-        """The tokenizer folder found next to a checkpoint that records none (MiniMind's own ``.pth`` files): the
-        checkpoint's folder, then ``model/`` beside it — MiniMind's repository keeps ``out/*.pth`` and the
-        tokenizer in ``model/`` side by side. An error naming the places looked at if there is none."""
-        folder = Path(self.path).parent
-        candidates = [folder, folder.parent / "model"]
+        """The tokenizer folder found next to a checkpoint that records none (MiniMind's own ``.pth`` files), in
+        the places MiniMind keeps it: the checkpoint's folder, then ``model/`` in it and beside it (MiniMind's
+        repository keeps ``out/*.pth`` and the tokenizer in ``model/`` side by side), each also as
+        ``model/minimind_tokenizer/`` (MiniMind's releases before MiniMind-3). An error naming the places looked at
+        if there is none."""
+        candidates = tokenizer_places(Path(self.path).parent)
         for candidate in candidates:
             if (candidate / "tokenizer.json").is_file():
                 return str(candidate)
         looked = ", ".join(str(c) for c in candidates)
         raise UserError(f"no tokenizer is recorded with {self.path} and none was found beside it (looked for "
                         f"tokenizer.json in {looked}); pass --tokenizer DIR")
+
+
+def tokenizer_places(folder: Path) -> list[Path]:
+    """Where MiniMind's layouts keep the tokenizer of weights in ``folder``, nearest first, without repeats."""
+    places = [folder]
+    for model_dir in (folder / "model", folder.parent / "model"):
+        places += [model_dir, model_dir / "minimind_tokenizer"]
+    return list(dict.fromkeys(places))
 
 
 def open_checkpoint(path: str | Path, lora: Optional[str | Path] = None) -> Checkpoint:

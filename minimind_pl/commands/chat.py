@@ -11,6 +11,7 @@ kept turns, their ``<image>`` tags becoming placeholders again, and their images
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Iterator, Literal, Sequence, TextIO
 
 import torch
 
+from minimind_pl.chat_format import Reply, parse_reply
 from minimind_pl.checkpoints import Checkpoint, open_checkpoint
 from minimind_pl.commands.images import expanded_conversation, image_problem, read_image, stacked, with_image_tags
 from minimind_pl.errors import UserError
@@ -25,6 +27,7 @@ from minimind_pl.generation import SamplingSettings, stream_generate
 from minimind_pl.vision.preprocess import ImageError
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
+from minimind_pl.tools import Episode, Tool, Toolbox, ToolResult, run_episode, with_builtin_tools
 
 DEFAULT = SamplingSettings()
 IMAGE_COMMAND = "/image "  # a session line that attaches an image to the next question
@@ -70,38 +73,75 @@ class ChatSession:
             if images:
                 raise UserError("images need the chat template: --mode chat")
             return self.tokenizer.encode_text(user_text), []
+        messages, all_images = self.conversation(user_text, images)
+        return self.tokenizer.encode_chat(messages, open_thinking=self.open_thinking), all_images
+
+    def conversation(self, user_text: str,
+                     images: Sequence[torch.Tensor] = ()) -> tuple[list[dict], list[torch.Tensor]]:
+        """The system prompt, the kept history and the new user turn as messages, and the images of those turns."""
         keep = 2 * self.history_turns if self.history_turns > 0 else 0
         kept = self.history[-keep:] if keep else []
         kept_images = [image for row in (self.history_images[-keep:] if keep else []) for image in row]
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + kept
         messages.append({"role": "user", "content": with_image_tags(user_text, len(images))})
         all_images = kept_images + list(images)
-        messages = expanded_conversation(self.model, messages, len(all_images), "the conversation")
-        return self.tokenizer.encode_chat(messages, open_thinking=self.open_thinking), all_images
+        return expanded_conversation(self.model, messages, len(all_images), "the conversation"), all_images
 
     def prompt_ids(self, user_text: str, images: Sequence[torch.Tensor] = ()) -> list[int]:
         """The token ids of :meth:`prompt`."""
         return self.prompt(user_text, images)[0]
 
-    def stream_answer(self, user_text: str, images: Sequence[torch.Tensor] = ()) -> Iterator[str]:
-        """Yield the answer piece by piece (never a broken character); record the turn, with its ``images``
-        ((3, H, W) each, see :meth:`read_image`), in the history."""
+    def stream_ids(self, ids: list[int], images: Sequence[torch.Tensor] = ()) -> Iterator[str]:
+        """Yield the reply to a prompt's token ids piece by piece (never a broken character); its speed goes to
+        ``last_speed``."""
         decoder = self.tokenizer.stream_decoder()
-        pieces: list[str] = []
-        ids, prompt_images = self.prompt(user_text, images)
         start, count = time.perf_counter(), 0
         for token in stream_generate(self.model, ids, self.max_new_tokens, self.sampling, self.tokenizer.eos_id,
-                                     images=stacked(prompt_images)):
+                                     images=stacked(list(images))):
             count += 1
             self.last_speed = (count, time.perf_counter() - start)
             piece = decoder.push(token)
             if piece:
-                pieces.append(piece)
                 yield piece
         tail = decoder.flush()
         if tail:
-            pieces.append(tail)
             yield tail
+
+    def answer_with_tools(self, user_text: str, toolbox: Toolbox, out: TextIO, max_turns: int = 3) -> Episode:
+        """Answer with tools (``tools.run_episode``): each reply streams to ``out``, each call is run and shown with
+        its result, until a reply calls none or ``max_turns`` replies were made. The history keeps the question and
+        the last reply (the tool turns between them are not shown to later questions)."""
+        if self.text_mode:
+            raise UserError("tools need the chat template: --mode chat")
+        schemas = toolbox.schemas()
+
+        def reply(messages: list[dict]) -> tuple[Reply, dict]:
+            ids = self.tokenizer.encode_chat(messages, open_thinking=self.open_thinking, tools=schemas)
+            text = "".join(write_piece(out, piece) for piece in self.stream_ids(ids))
+            out.write("\n")
+            return parse_reply(text, self.open_thinking), {"role": "assistant", "content": text}
+
+        def show(result: ToolResult) -> None:
+            out.write(f"[tool] {result.name}({json.dumps(result.arguments, ensure_ascii=False)}) -> {result.output}\n")
+            out.flush()
+
+        messages, _ = self.conversation(user_text)
+        episode = run_episode(reply, messages, toolbox, max_turns, on_result=show)
+        if episode.unfinished:
+            out.write(f"[tool] still calling tools after {max_turns} replies: no final answer\n")
+        self.history += [messages[-1], episode.messages[-1] if episode.messages[-1]["role"] == "assistant"
+                         else {"role": "assistant", "content": ""}]
+        self.history_images += [[], []]
+        return episode
+
+    def stream_answer(self, user_text: str, images: Sequence[torch.Tensor] = ()) -> Iterator[str]:
+        """Yield the answer piece by piece (never a broken character); record the turn, with its ``images``
+        ((3, H, W) each, see :meth:`read_image`), in the history."""
+        pieces: list[str] = []
+        ids, prompt_images = self.prompt(user_text, images)
+        for piece in self.stream_ids(ids, prompt_images):
+            pieces.append(piece)
+            yield piece
         if not self.text_mode:
             self.history += [{"role": "user", "content": with_image_tags(user_text, len(images))},
                              {"role": "assistant", "content": "".join(pieces)}]
@@ -129,6 +169,9 @@ def chat_command(
     device: str = "auto",
     mode: Literal["auto", "chat", "text"] = "auto",
     inference_rope_scaling: bool = False,
+    tools: bool = False,
+    user_tools: list[Tool] | None = None,
+    max_tool_turns: int = 3,
 ) -> None:
     """Chat with a model in the terminal; answers stream as they are generated, then their speed (tokens/s).
 
@@ -159,7 +202,14 @@ def chat_command(
             text for a checkpoint of the Pretrain stage (or, with no stage recorded, a file named like MiniMind's
             ``pretrain_*.pth``), chat otherwise.
         inference_rope_scaling: YaRN RoPE scaling (MiniMind's settings) for prompts beyond the trained length.
+        tools: Offer the model MiniMind's six mock tools (calculator, units, weather, time, exchange rates,
+            translation; ``minimind_pl.tools``) and run its calls here: each call and its result are shown, and the
+            model answers again with the results.
+        user_tools: Tools of your own, offered with ``--tools true`` (a tool of a built-in one's name replaces it),
+            each ``{"class_path": ..., "init_args": ...}`` naming a ``minimind_pl.tools.Tool``.
+        max_tool_turns: With tools: most replies per question (the last one may not call tools any more).
     """
+    toolbox = Toolbox(with_builtin_tools(user_tools or ())) if tools else None
     if seed is not None:
         torch.manual_seed(seed)
     checkpoint = open_checkpoint(ckpt, lora)
@@ -176,13 +226,25 @@ def chat_command(
         print(f"{ckpt} is a pretrained checkpoint: continuing raw text (--mode chat to use the chat template)",
               file=sys.stderr, flush=True)
     images = [session.read_image(path) for path in image or []]
+    if toolbox is not None and images:
+        raise UserError("--tools and --image do not go together yet")
     if prompt is not None:
-        print_answer(session, prompt, sys.stdout, images=images)
+        respond(session, prompt, images, toolbox, max_tool_turns)
         return
-    interactive(session, images)
+    interactive(session, images, toolbox, max_tool_turns)
 
 
-def interactive(session: ChatSession, images: list[torch.Tensor]) -> None:
+def respond(session: ChatSession, user_text: str, images: list[torch.Tensor], toolbox: Toolbox | None,
+            max_tool_turns: int) -> None:
+    """Answer one question on stdout: with the tools' loop when there are tools, else streamed as it comes."""
+    if toolbox is None:
+        print_answer(session, user_text, sys.stdout, images=images)
+    else:
+        session.answer_with_tools(user_text, toolbox, sys.stdout, max_tool_turns)
+
+
+def interactive(session: ChatSession, images: list[torch.Tensor], toolbox: Toolbox | None = None,
+                max_tool_turns: int = 3) -> None:
     """The terminal session: questions until an empty line or Ctrl-D; ``/image PATH`` lines attach images to the
     next question (``images``: those already attached). A refused image or question is reported, and the
     session goes on."""
@@ -201,7 +263,7 @@ def interactive(session: ChatSession, images: list[torch.Tensor]) -> None:
                 print(f"({len(images)} image(s) attached to the next question)")
                 continue
             print("model> ", end="")
-            print_answer(session, user_text, sys.stdout, images=images)
+            respond(session, user_text, images, toolbox, max_tool_turns)
             images = []
         except UserError as error:
             print(f"error: {error}")
@@ -216,15 +278,20 @@ def continues_text(checkpoint: Checkpoint, mode: str) -> bool:
     return Path(checkpoint.path).name.lower().startswith("pretrain")  # MiniMind's out/pretrain_768.pth
 
 
+def write_piece(out: TextIO, piece: str) -> str:
+    """Write a streamed piece at once; return it."""
+    out.write(piece)
+    out.flush()
+    return piece
+
+
 def print_answer(session: ChatSession, user_text: str, out: TextIO, speed: TextIO | None = None,
                  images: Sequence[torch.Tensor] = ()) -> str:
     """Stream one answer to ``out``, then its speed to ``speed`` (default: stderr); return the answer whole."""
     speed = speed or sys.stderr
     parts = []
     for piece in session.stream_answer(user_text, images):
-        out.write(piece)
-        out.flush()
-        parts.append(piece)
+        parts.append(write_piece(out, piece))
     out.write("\n")
     tokens, seconds = session.last_speed
     speed.write(f"[{tokens} tokens, {tokens / seconds if seconds else 0.0:.1f} tokens/s]\n")

@@ -32,28 +32,28 @@ from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from minimind_pl.checkpoints import open_checkpoint
+from minimind_pl.commands.tool_eval import tool_eval_command
 from minimind_pl.commands.images import image_problem, read_image
+from minimind_pl.commands.scoring import Scored, scored_logprobs
 from minimind_pl.data.block_map import block_records
 from minimind_pl.data.formats import detect_format, format_named
 from minimind_pl.data.formats.vlm import IMAGES_FIELD, image_location, image_starts
 from minimind_pl.data.jsonl import read_jsonl
 from minimind_pl.data.parquet import is_parquet, parquet_blocks
 from minimind_pl.errors import UserError, check_input_file
-from minimind_pl.generation import stack_images
 from minimind_pl.model import MiniMindForCausalLM
 from minimind_pl.tokenizer import Tokenizer
+from minimind_pl.tools import Tool
 from minimind_pl.vision.preprocess import ImageError
 
-Scored = tuple[list[int], list[int]]  # token ids, 1 where the token is scored (predicted from the ones before)
 SCORED_FORMATS = ("pretrain", "sft", "vlm")  # the data formats whose documents carry a loss mask to score
 IMAGE_FORMAT = "vlm"
 
 
 def eval_command(
-    ckpt: str,
+    ckpt: str | None = None,
     data: str | None = None,
     tokenizer: str | None = None,
     allow_tokenizer_mismatch: bool = False,
@@ -70,6 +70,13 @@ def eval_command(
     harness: str | None = None,
     harness_include: str | None = None,
     num_fewshot: int | None = None,
+    task: Literal["tools"] | None = None,
+    endpoint: str | None = None,
+    endpoint_model: str = "minimind",
+    api_key: str | None = None,
+    tools: list[Tool] | None = None,
+    max_turns: int = 3,
+    max_new_tokens: int = 256,
 ) -> dict[str, Any]:
     """Evaluate a model on a jsonl file (LM metrics for text / conversations, accuracy for multiple choice), or on
     lm-evaluation-harness tasks (``--harness``).
@@ -100,7 +107,26 @@ def eval_command(
             the sequences per forward pass, ``--seq_len`` the context, ``--chat true`` applies the chat template.
         harness_include: A folder of your own lm-eval task YAML files (lm-eval's include path).
         num_fewshot: Few-shot examples per prompt for ``--harness`` (default: each task's own).
+        task: ``tools``: the tool-call benchmark on ``--data`` (MiniMind agent-RL rows with ``gt``; see
+            ``commands.tool_eval``), scoring ``--ckpt`` or ``--endpoint``: task success, valid calls, calls per
+            task and unfinished share, with 95% intervals.
+        endpoint: ``--task tools`` against an OpenAI-compatible server (vLLM, SGLang, ``serve``) at this URL
+            instead of a checkpoint.
+        endpoint_model: The ``model`` named in requests to ``--endpoint``.
+        api_key: The ``--endpoint``'s API key, if it asks for one.
+        tools: ``--task tools``: tools of your own beside the built-in ones (a tool of the same name replaces a
+            built-in one), each ``{"class_path": ..., "init_args": ...}`` naming a ``minimind_pl.tools.Tool``.
+        max_turns: ``--task tools``: most replies per task (MiniMind's agent loop: 3).
+        max_new_tokens: ``--task tools``: longest reply in tokens.
     """
+    if task == "tools":
+        if data is None:
+            raise UserError("eval --task tools needs --data FILE (tool tasks, e.g. bench/tool_tasks.jsonl)")
+        return tool_eval_command(data, ckpt, endpoint, lambda: checkpoint_and_tokenizer(
+            ckpt, lora, preset, device, inference_rope_scaling, tokenizer, allow_tokenizer_mismatch), tools or (),
+            max_turns, max_new_tokens, endpoint_model, api_key, limit)
+    if ckpt is None:
+        raise UserError("eval needs --ckpt (a checkpoint to evaluate)")
     if harness:
         return harness_command(ckpt, harness, harness_include, tokenizer, allow_tokenizer_mismatch, preset, lora,
                                seq_len, batch_size, limit, num_fewshot, chat, device)
@@ -127,6 +153,15 @@ def eval_command(
     return metrics
 
 
+def checkpoint_and_tokenizer(ckpt: str, lora: str | None, preset: str | None, device: str,
+                             inference_rope_scaling: bool, tokenizer: str | None,
+                             allow_tokenizer_mismatch: bool) -> tuple[MiniMindForCausalLM, Tokenizer]:
+    """A checkpoint's model (adapters merged) and tokenizer, for the commands that generate."""
+    checkpoint = open_checkpoint(ckpt, lora)
+    model = checkpoint.build_model(preset, merge=True, device=device, inference_rope_scaling=inference_rope_scaling)
+    return model, checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch)
+
+
 def harness_command(ckpt: str, tasks: str, include: str | None, tokenizer: str | None, allow_tokenizer_mismatch: bool,
                     preset: str | None, lora: str | None, seq_len: int, batch_size: int, limit: int | None,
                     num_fewshot: int | None, chat: bool, device: str) -> dict[str, Any]:
@@ -134,9 +169,7 @@ def harness_command(ckpt: str, tasks: str, include: str | None, tokenizer: str |
     from minimind_pl.commands.harness import import_lm_eval, run_harness, task_manager
 
     import_lm_eval()  # a missing extra stops the command before the model loads
-    checkpoint = open_checkpoint(ckpt, lora)
-    model = checkpoint.build_model(preset, merge=True, device=device)
-    tok = checkpoint.tokenizer(tokenizer, allow_tokenizer_mismatch)
+    model, tok = checkpoint_and_tokenizer(ckpt, lora, preset, device, False, tokenizer, allow_tokenizer_mismatch)
     return run_harness(model, tok, tasks, task_manager(include), batch_size, seq_len, limit, num_fewshot, chat)
 
 
@@ -203,47 +236,6 @@ def score_sequences(model: MiniMindForCausalLM, sequences: Sequence[Scored], bat
     """Summed negative log-likelihood (nats) of the scored tokens of each sequence; ``images[i]``: sequence i's
     images in the order of its placeholder runs (decoded a batch at a time)."""
     return [nll for nll, _ in scored_logprobs(model, sequences, batch_size, images)]
-
-
-def scored_logprobs(model: MiniMindForCausalLM, sequences: Sequence[Scored], batch_size: int = 8,
-                    images: Optional[Sequence[Sequence[ImageSource]]] = None) -> list[tuple[float, bool]]:
-    """Per sequence: (summed negative log-likelihood in nats of its scored tokens, whether every scored token is
-    the model's greedy choice); see ``score_sequences``."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))  # similar lengths share a batch
-    results: list[tuple[float, bool]] = [(0.0, True)] * len(sequences)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        ids, mask = _pad([sequences[i] for i in chunk], device)
-        pixel_values = _batch_images(model, [images[i] for i in chunk], device) if images else None
-        extra = {} if pixel_values is None else {"pixel_values": pixel_values}
-        with torch.inference_mode():
-            logits = model(ids[:, :-1], **extra).logits.float()  # (B, T-1, V): position t predicts token t+1
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-        scored = mask[:, 1:]
-        sums = (nll * scored).sum(dim=1).tolist()
-        missed = ((logits.argmax(dim=-1) != ids[:, 1:]) & (scored > 0)).any(dim=1).tolist()
-        for i, value, miss in zip(chunk, sums, missed):
-            results[i] = (value, not miss)
-    return results
-
-
-def _batch_images(model: MiniMindForCausalLM, rows: Sequence[Sequence[ImageSource]],
-                  device: torch.device) -> Optional[torch.Tensor]:
-    """pixel_values (B, N, 3, H, W) of the rows' images, zero-padded; None when no row has one."""
-    per_row = [torch.stack([source.read(model) for source in row]) if row else None for row in rows]
-    return stack_images(per_row, len(rows), device)
-
-
-def _pad(batch: Sequence[Scored], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and float mask tensors (padding is never scored, and causality hides it)."""
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width)
-    for row, (seq, scored) in enumerate(batch):
-        ids[row, :len(seq)] = torch.tensor(seq)
-        mask[row, :len(seq)] = torch.tensor(scored, dtype=torch.float32)
-    return ids.to(device), mask.to(device)
 
 
 def window_spans(length: int, seq_len: int) -> list[slice]:

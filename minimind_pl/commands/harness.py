@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from minimind_pl.commands.evaluate import scored_logprobs
+from minimind_pl.commands.scoring import scored_logprobs
 from minimind_pl.errors import UserError
 from minimind_pl.generation import generate
 from minimind_pl.model import MiniMindForCausalLM
@@ -87,19 +87,30 @@ def harness_model(model: MiniMindForCausalLM, tokenizer: Tokenizer, batch_size: 
             return totals
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            return [self._generate_one(context, settings) for context, settings in (r.args for r in requests)]
+            """Greedy answers, ``batch_size`` prompts with the same settings decoded together."""
+            answers: list[str] = [""] * len(requests)
+            groups: dict[str, list[int]] = {}
+            for index, request in enumerate(requests):
+                groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
+            for indices in groups.values():
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start:start + self.batch_size]
+                    texts = self._generate([requests[i].args[0] for i in chunk], requests[chunk[0]].args[1])
+                    for i, text in zip(chunk, texts):
+                        answers[i] = text
+            return answers
 
-        def _generate_one(self, context: str, settings: dict[str, Any]) -> str:
+        def _generate(self, contexts: list[str], settings: dict[str, Any]) -> list[str]:
             if settings.get("do_sample") or settings.get("temperature", 0.0):
                 raise UserError("eval --harness generates greedily; this task asks for sampling "
                                 f"({settings}): set the task's generation_kwargs to do_sample: false")
             until = settings.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             new_tokens = int(settings.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-            ids = self.tok_encode(context)[-max(self.max_length - new_tokens, 1):]
-            answer = self.tok.decode(generate(self.model, [ids], max_new_tokens=new_tokens, do_sample=False,
-                                              eos_token_id=self.eot_token_id)[0], skip_special_tokens=True)
-            return cut_at_stop_strings(answer, until)
+            prompts = [self.tok_encode(context)[-max(self.max_length - new_tokens, 1):] for context in contexts]
+            outputs = generate(self.model, prompts, max_new_tokens=new_tokens, do_sample=False,
+                               eos_token_id=self.eot_token_id)
+            return [cut_at_stop_strings(self.tok.decode(ids, skip_special_tokens=True), until) for ids in outputs]
 
     return MiniMindLM()
 

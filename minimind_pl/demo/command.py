@@ -8,7 +8,6 @@ folders. The scorecard reports what the models really answer (greedy decoding, s
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from minimind_pl.demo.corpus import score_answer, write_demo_corpus
 from minimind_pl.demo.vision_world import chance_accuracy, write_vision_world
 from minimind_pl.generation import GREEDY, generate
 from minimind_pl.rewards import AnswerMatch
+from minimind_pl.stats import wilson_half_width
 from minimind_pl.stages.dpo import preference_accuracy
 from minimind_pl.data.formats import jsonl_texts
 from minimind_pl.tokenizer import Tokenizer, train_tokenizer
@@ -110,9 +110,7 @@ def accuracy(answers: list[str], expected: list[str]) -> float:
 def score_text(score: float, n: int) -> str:
     """``"83% of 24 (±15)"``: a share of ``n`` items and the half-width of its 95% Wilson interval in points, so a
     change between two lines can be told from noise (it stays above 0 at 0% and 100%)."""
-    z = 1.96
-    half = z / (1 + z * z / n) * math.sqrt(score * (1 - score) / n + z * z / (4 * n * n))
-    return f"{score:.0%} of {n} (±{100 * half:.0f})"
+    return f"{score:.0%} of {n} (±{100 * wilson_half_width(score, n):.0f})"
 
 
 def record_score(run: DemoRun, name: str, score: float, n: int) -> float:

@@ -7,7 +7,8 @@ plus the MoE router loss and an optional SFT term (``sft_weight`` x NLL of the c
 
 The reference is a frozen copy of the starting weights (``init_weights``), made when the stage is built
 (a ``side_models.FrozenModel``: eval mode, no gradients, never updated, never saved, following the
-policy's device and dtype); a resumed run (``--ckpt_path``) rebuilds it from ``init_weights``. With
+policy's device and dtype); a resumed run (``--ckpt_path``) rebuilds it from ``init_weights`` and refuses to go on
+when those are not the weights the run began from (checkpoints record a fingerprint of the reference). With
 ``precompute_reference`` its log-probs are computed once per pair at the start of fit (over the data
 module's train and val pairs, keyed by pair index) and the reference model is released, so training
 holds a single model.
@@ -30,7 +31,7 @@ from minimind_pl.errors import UserError
 from minimind_pl.lightning_compat import has_trainer
 from minimind_pl.losses import IGNORE_INDEX, dpo_loss, sequence_log_probs, token_log_probs
 from minimind_pl.stages.base import Stage
-from minimind_pl.stages.side_models import FrozenModel
+from minimind_pl.stages.side_models import FrozenReference
 
 
 def stack_pair(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +73,7 @@ def reward_logs(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor
             "reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean()}
 
 
-class DPO(Stage):
+class DPO(FrozenReference, Stage):
     """Preference optimisation against a frozen copy of the starting model (see the module doc)."""
 
     VAL_METRICS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
@@ -101,7 +102,7 @@ class DPO(Stage):
         super().__init__(learning_rate=learning_rate, **kwargs)
         if beta <= 0:
             raise UserError(f"beta must be > 0, got {beta}")
-        self.reference = FrozenModel.copy_of(self.model, "reference")
+        self.freeze_reference()
         self._reference_logps: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- reference

@@ -14,7 +14,6 @@ Trainer settings: manual optimisation does its own clipping (``max_grad_norm``),
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -28,7 +27,7 @@ from minimind_pl.lightning_compat import every_n_train_steps
 from minimind_pl.losses import IGNORE_INDEX, token_log_probs
 from minimind_pl.rewards import Reward, Sample, minimind_rewards, total_rewards
 from minimind_pl.stages.base import Stage
-from minimind_pl.stages.side_models import FrozenModel
+from minimind_pl.stages.side_models import FrozenReference
 from minimind_pl.stages.strategies import clips_gradients_itself, shards_parameters
 
 
@@ -79,16 +78,7 @@ def answer_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int)
     return input_ids, labels
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over a model's parameter names and bytes (order of ``state_dict``)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-class RolloutStage(Stage):
+class RolloutStage(FrozenReference, Stage):
     """Base of the RL stages (GRPO, PPO): rollouts, rewards, a frozen reference, manual optimisation.
 
     Subclasses implement ``training_step`` from ``make_rollouts``, ``policy_log_probs`` and ``optimize``, and say
@@ -139,9 +129,7 @@ class RolloutStage(Stage):
         # the checkpoint records the rewards as a config names them (objects would not load with weights_only)
         self.hparams["rewards"] = [r.describe() for r in self.rewards]
         self.sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k)
-        self.reference = FrozenModel.copy_of(self.model, "reference")
-        #: sha256 of the reference's weights, recorded in checkpoints so a resume keeps the same KL anchor.
-        self.reference_fingerprint = weights_fingerprint(self.reference.model)
+        self.freeze_reference()
 
     # ------------------------------------------------------------------ set-up
     def on_fit_start(self) -> None:
@@ -212,21 +200,6 @@ class RolloutStage(Stage):
             optimizer.zero_grad(set_to_none=True)
             optimizer.step()
             self.lr_schedulers().step()
-
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also record which reference the run measures its KL against (a fingerprint of its weights)."""
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["reference_fingerprint"] = self.reference_fingerprint
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse to resume against another reference than the run had (``init_weights`` retrained or changed)."""
-        super().on_load_checkpoint(checkpoint)
-        recorded = checkpoint.get("reference_fingerprint")
-        if recorded is not None and recorded != self.reference_fingerprint:
-            raise UserError(f"the checkpoint to resume was trained against another reference model than "
-                            f"--model.init_weights {self.hparams.init_weights} gives now (its weights changed since, or "
-                            "another file is named): resume with the run's own starting weights")
 
     # ------------------------------------------------------------------ logging
     def log_rollouts(self, rollouts: Rollouts, loss: Tensor, stats: dict[str, Tensor]) -> None:

@@ -2,7 +2,9 @@
 the same token ids, the same logits and greedy continuations, the chat template as llama.cpp renders it."""
 
 import contextlib
+import dataclasses
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ MIXED_TEXTS = [
     "def f(x):\n    return x ** 2  # square\n\n\tif a<b: pass",
     "  leading spaces,   runs   of spaces\n\n\nand newlines",
     "<|im_start|>user\n你好<|im_end|>\n<think>x</think><tool_call>{\"a\": 1}</tool_call>",
+    "12345 3.14159 你好123世界",  # digit runs: llama.cpp's qwen2 and llama3 pre-tokenizers split them otherwise
 ]
 F32_KV = 0  # GGML_TYPE_F32: llama.cpp's KV cache defaults to f16, which alone moves logits by ~1e-3
 
@@ -130,6 +133,35 @@ def test_llama_cpp_renders_our_chat_template(tmp_path, llama_cpp, tokenizer):
         assert llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) == tokenizer.encode_chat(messages)
 
 
+def test_llama_cpp_chat_completion_uses_the_files_template_and_answers_as_we_do(tmp_path, llama_cpp, tokenizer):
+    """What a llama-cpp-python user runs: no chat format named, so it takes the template from the file."""
+    model = random_model(0)
+    messages = [{"role": "system", "content": "You are MiniMind."}, {"role": "user", "content": "1+1=?"},
+                {"role": "assistant", "content": "2"}, {"role": "user", "content": "再加一呢？"}]
+    with exported(llama_cpp, model, tokenizer, tmp_path / "m.gguf") as llm:
+        reply = llm.create_chat_completion(messages, temperature=0.0, top_k=1, max_tokens=10)
+    ids = tokenizer.encode_chat(messages)
+    assert reply["usage"]["prompt_tokens"] == len(ids)
+    answer = generate(model, [ids], max_new_tokens=10, do_sample=False)[0]
+    assert reply["choices"][0]["message"]["content"] == tokenizer.decode(answer, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("templates", [None, "named"])
+def test_a_named_template_set_or_none_is_written_as_llama_cpp_reads_it(tmp_path, llama_cpp, tokenizer, templates):
+    config = {k: v for k, v in tokenizer.config.items() if k != "chat_template"}
+    if templates:
+        config["chat_template"] = [{"name": "default", "template": tokenizer.chat_template()},
+                                   {"name": "tool_use", "template": "{{ 'tools' }}"}]
+    changed = Tokenizer(json.dumps(tokenizer.definition), json.dumps(config))
+    with exported(llama_cpp, random_model(0), changed, tmp_path / "m.gguf") as llm:
+        meta = llm.metadata
+    if templates:
+        assert meta["tokenizer.chat_template"] == tokenizer.chat_template()
+        assert meta["tokenizer.chat_template.tool_use"] == "{{ 'tools' }}"
+    else:  # a base model without a template: none in the file (llama.cpp falls back to its own)
+        assert not any(key.startswith("tokenizer.chat_template") for key in meta)
+
+
 @pytest.mark.parametrize("dtype, tolerance", [("f16", 0.02), ("bf16", 0.05), ("q8_0", 0.05)])
 def test_smaller_types_stay_close(tmp_path, llama_cpp, tokenizer, dtype, tolerance):
     """f16 rounds weights to 11 bits, bf16 to 8, q8_0 to 8 bits per block of 32: logits move by a few hundredths of
@@ -159,9 +191,35 @@ def test_models_llama_cpp_cannot_run_are_refused(overrides, message):
         gguf_architecture(ModelConfig.from_preset("debug", **overrides))
 
 
-def test_yarn_is_refused_and_a_failed_export_leaves_no_file(tmp_path, tokenizer):
-    model = with_yarn(random_model(0, max_position_embeddings=4096))
-    with pytest.raises(UserError, match="YaRN"):
+@pytest.mark.parametrize("qk_norm", [True, False])  # qwen3 and llama
+def test_llama_cpp_computes_our_yarn_logits(tmp_path, llama_cpp, tokenizer, qk_norm):
+    """MiniMind's YaRN changes the slow dimensions at every position (logits move by tenths on this tiny model)."""
+    model = with_yarn(random_model(0, qk_norm=qk_norm, max_position_embeddings=32768))
+    with exported(llama_cpp, model, tokenizer, tmp_path / "m.gguf") as llm:
+        assert llm.metadata[f"{gguf_architecture(model.config)}.rope.scaling.type"] == "yarn"
+        ids = tokenizer.encode(" ".join(MIXED_TEXTS))
+        ref = ours(model, ids)
+        np.testing.assert_allclose(llama_logits(llm, ids), ref, atol=2e-5 * np.abs(ref).max())
+
+
+def test_llama_cpp_qwen3moe_renormalises_whatever_the_file_says(tmp_path, llama_cpp, tokenizer, monkeypatch):
+    """Why norm_topk_prob=False is refused: written as qwen3moe anyway, llama.cpp computes the renormalised model."""
+    import minimind_pl.checkpoints.gguf as gguf_module
+
+    renormalised = moe_model()
+    raw = MiniMindForCausalLM(dataclasses.replace(renormalised.config, norm_topk_prob=False))
+    raw.load_state_dict(renormalised.state_dict())
+    monkeypatch.setattr(gguf_module, "gguf_architecture", lambda config: "qwen3moe")
+    with exported(llama_cpp, raw.eval(), tokenizer, tmp_path / "m.gguf") as llm:
+        ids = tokenizer.encode(MIXED_TEXTS[0])
+        theirs, ref = llama_logits(llm, ids), ours(renormalised, ids)
+    np.testing.assert_allclose(theirs, ref, atol=2e-5 * np.abs(ref).max())
+    assert np.abs(theirs - ours(raw, ids)).max() > 0.01 * np.abs(ref).max()
+
+
+def test_a_failed_export_leaves_no_file(tmp_path, tokenizer):
+    model = random_model(0, use_moe=True, n_shared_experts=1)
+    with pytest.raises(UserError, match="n_shared_experts=1"):
         save_gguf(model.state_dict(), model.config, tokenizer, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 

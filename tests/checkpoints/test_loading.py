@@ -106,6 +106,15 @@ def test_a_minimind_pth_finds_the_tokenizer_in_model_beside_out(tmp_path, tokeni
     assert open_checkpoint(pth).tokenizer_beside() == str(tmp_path / "out")
 
 
+@pytest.mark.parametrize("place", ["model/minimind_tokenizer", "out/model", "out/model/minimind_tokenizer"])
+def test_a_minimind_pth_finds_the_tokenizer_where_older_minimind_kept_it(tmp_path, tokenizer_dir, place):
+    """MiniMind's releases before MiniMind-3 kept the tokenizer in ``model/minimind_tokenizer/``; a downloaded
+    ``model/`` folder may also sit beside the weights inside ``out/``."""
+    pth = save_minimind(random_model().state_dict(), tmp_path / "out" / "full_sft_512.pth")
+    shutil.copytree(tokenizer_dir, tmp_path / place)
+    assert open_checkpoint(pth).tokenizer_beside() == str(tmp_path / place)
+
+
 def test_merge_lora_of_the_built_model_matches_build_with_merge(lora_run):
     _, adapter_path, _ = lora_run
     checkpoint = open_checkpoint(adapter_path)

@@ -162,3 +162,34 @@ def test_session_image_command_attaches_to_the_next_question(tmp_path, shared_di
     assert "(1 image(s) attached to the next question)" in out and "missing.png" in out  # a bad one: reported
     answer = greedy_with_images(model, tokenizer, [{"role": "user", "content": "<image>\n描述"}], [red], 6)
     assert "model> " + answer + "\n" in out
+
+
+def test_chat_with_tools_runs_the_calls_shows_them_and_answers_with_the_result(shared_dir):
+    """A scripted model calls the calculator, then answers once a tool response is in its prompt: the terminal shows
+    the call, the tool's real result, and the answer; the model's second prompt holds that result."""
+    import io
+
+    from scripted_model import TOOL_RESPONSE, ScriptedModel
+    from minimind_pl.tools import Toolbox, builtin_tools
+
+    tokenizer = Tokenizer.from_file(shared_dir / "minimind")
+    call = '<tool_call>\n{"name": "calculate_math", "arguments": {"expression": "256*37"}}\n</tool_call>'
+    model = ScriptedModel(tokenizer.encode(call), eos=tokenizer.eos_id, after_tool=tokenizer.encode("It is 9472."))
+    session = ChatSession(model, tokenizer, max_new_tokens=64, sampling=GREEDY)
+    out = io.StringIO()
+    episode = session.answer_with_tools("256*37?", Toolbox(builtin_tools()), out)
+    assert out.getvalue() == (call + "\n" + '[tool] calculate_math({"expression": "256*37"}) -> {"result": "9472"}\n'
+                              "It is 9472.\n")
+    assert TOOL_RESPONSE in model.prompts[1] and '{"result": "9472"}' in tokenizer.decode(model.prompts[1])
+    assert "# Tools" in tokenizer.decode(model.prompts[0]) and episode.answer == "It is 9472."
+    assert session.history == [{"role": "user", "content": "256*37?"}, {"role": "assistant", "content": "It is 9472."}]
+    cut = io.StringIO()
+    session.answer_with_tools("again", Toolbox(builtin_tools()), cut, max_turns=1)
+    assert cut.getvalue().endswith("[tool] still calling tools after 1 replies: no final answer\n")
+
+
+def test_chat_tools_flag_offers_the_builtin_tools(tmp_path, shared_dir, capsys):
+    _, ckpt = tiny_checkpoint(tmp_path, shared_dir / "minimind")
+    main(["chat", "--ckpt", str(ckpt), "--prompt", "你好", "--max_new_tokens", "4", "--temperature", "0",
+          "--device", "cpu", "--tools", "true"])
+    assert capsys.readouterr().out.endswith("\n")

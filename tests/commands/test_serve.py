@@ -17,73 +17,22 @@ import torch
 from torch import nn
 
 from helpers import random_model, require, require_module
-from minimind_pl.config import ModelConfig
+from scripted_model import ScriptedModel, start
 from minimind_pl.chat_format import OutputParser, StopMatcher
 from minimind_pl.commands.serve import ChatEngine, make_server, serve_command
 from minimind_pl.generation import generate
-from minimind_pl.model import CausalLMOutput
 from minimind_pl.tokenizer import Tokenizer
 
 SCRIPT = "<think>\nLet me think.\n</think>\n\nHello there, friend!"
 TOOL_SCRIPT = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
-TOOL_RESPONSE = 23  # the <tool_response> token of MiniMind's tokenizer
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
-
-
-class ScriptedModel(nn.Module):
-    """Answers every prompt with the same token ids (then eos) under greedy decoding; records the prompts.
-
-    Every row of a batch follows its own script: the row's prompt length and which script it reads (``after_tool``
-    once the prompt holds a ``<tool_response>``) ride in its KV cache, so rows may join and leave between steps.
-    ``delay`` seconds per forward make generation slow enough to interrupt; ``calls`` counts forwards.
-    """
-
-    def __init__(self, script: list[int], eos: int = 2, vocab_size: int = 6400, after_tool: list[int] | None = None,
-                 delay: float = 0.0) -> None:
-        super().__init__()
-        self.config = ModelConfig.from_preset("debug", vocab_size=vocab_size)
-        self.anchor = nn.Parameter(torch.zeros(1))  # gives the model a device
-        self.scripts = [script + [eos], (after_tool if after_tool is not None else script) + [eos]]
-        self.delay, self.calls, self.prompts = delay, 0, []
-
-    def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0, **_):
-        self.calls += 1
-        time.sleep(self.delay)
-        b, t = input_ids.shape
-        if past_key_values:  # (B, 1, S, 1) caches: prompt length and script index, zeros where left-padded
-            prompt_len = past_key_values[0][0].amax(dim=2)[:, 0, 0].long()
-            which = past_key_values[0][1].amax(dim=2)[:, 0, 0].long()
-            produced = position_ids[:, -1] - prompt_len + 1  # tokens generated so far
-        else:
-            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            prompts = [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask)]
-            self.prompts += prompts
-            prompt_len = mask.sum(1)
-            which = torch.tensor([int(TOOL_RESPONSE in p) for p in prompts])
-            produced = torch.zeros(b, dtype=torch.long)
-        logits = torch.full((b, 1, self.config.vocab_size), -1e4)
-        for row in range(b):
-            script = self.scripts[int(which[row])]
-            logits[row, 0, script[min(int(produced[row]), len(script) - 1)]] = 1e4
-        new = tuple(value.float().view(b, 1, 1, 1).expand(b, 1, t, 1) for value in (prompt_len, which))
-        if past_key_values:
-            new = tuple(torch.cat([old, part], dim=2) for old, part in zip(past_key_values[0], new))
-        return CausalLMOutput(logits, torch.zeros(()), [new])
 
 
 @pytest.fixture(scope="module")
 def tokenizer(shared_dir: Path) -> Tokenizer:
     """MiniMind's tokenizer."""
     return Tokenizer.from_file(shared_dir / "minimind")
-
-
-def start(engine: ChatEngine, **kwargs):
-    """Start a server on a free loopback port in a thread; returns (server, base_url)."""
-    server = make_server(engine, port=0, **kwargs)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 @pytest.fixture(scope="module")

@@ -163,3 +163,26 @@ def test_an_moe_policy_adds_its_router_loss():
 def stack_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The chosen rows, then the rejected rows, as one batch."""
     return torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+
+
+def test_resuming_against_other_starting_weights_is_refused(pairs_file, shared_dir, tmp_path):
+    """The reference is rebuilt from ``init_weights`` on resume: weights other than the run's own are refused,
+    the run's own are accepted."""
+    from helpers import write_stage_checkpoint
+    from minimind_pl.errors import UserError
+
+    starts = [write_stage_checkpoint(random_model(seed=seed), tmp_path / f"start{seed}.ckpt", shared_dir / "minimind")
+              for seed in (1, 2)]
+
+    def fit(start, max_steps, ckpt_path=None):
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                            default_root_dir=tmp_path, enable_checkpointing=False)
+        stage = DPO(config=ModelConfig.from_preset("debug"), init_weights=str(start), learning_rate=1e-3)
+        trainer.fit(stage, datamodule=_datamodule(pairs_file, shared_dir), ckpt_path=ckpt_path)
+        return trainer
+
+    fit(starts[0], 1).save_checkpoint(tmp_path / "run.ckpt")
+    with pytest.raises(UserError, match="another reference model"):
+        fit(starts[1], 2, tmp_path / "run.ckpt")
+    assert fit(starts[0], 2, tmp_path / "run.ckpt").global_step == 2
