@@ -15,8 +15,9 @@ MiniMind's reward (``trainer/train_grpo.py``, ``train_ppo.py``) is the sum of ``
 with weight 1. A new reward subclasses :class:`Reward` and implements ``score``.
 
 MiniMind's agent reward (``trainer/train_agent.py``) scores a multi-turn tool episode (:class:`ToolEpisode`, on
-``Sample.episode``) with ``ToolCallCount``, ``GroundTruthRecall``, ``UnfinishedPenalty``, ``ToolTagBalance`` and
-``RepetitionPenalty`` (:func:`agent_rewards`), the total clipped to ±3 (``total_rewards(..., clip=3)``).
+``Sample.episode``): with calls by ``ToolCallCount``, ``GroundTruthRecall`` and ``UnfinishedPenalty``, without by
+its GRPO terms (each wrapped in ``WithoutToolCalls``), both by ``ToolTagBalance`` and ``RepetitionPenalty``
+(:func:`agent_rewards`), the total clipped to ±3 (``total_rewards(..., clip=3)``).
 """
 
 from __future__ import annotations
@@ -396,6 +397,37 @@ class ToolTagBalance(EpisodeReward):
         return -self.penalty * sum(abs(a.count(TOOL_OPEN) - a.count(TOOL_CLOSE)) for a in episode.answers)
 
 
+class WithoutToolCalls(Reward):
+    """Another reward, scored only on samples whose episode called no tool (0 on the others, which it never sees):
+    MiniMind's agent reward scores answers without calls by its GRPO terms (length, thinking, reward model).
+
+    Args:
+        reward: the reward to restrict; its ``name`` and ``weight`` are this one's.
+    """
+
+    def __init__(self, reward: Reward) -> None:
+        super().__init__(reward.weight)
+        self.reward, self.name = reward, reward.name
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        """The inner reward's score per sample without calls, 0 per sample with calls."""
+        plain = [i for i, s in enumerate(samples) if s.episode is None or not s.episode.call_validity]
+        scores = [0.0] * len(samples)
+        for i, value in zip(plain, self.reward.score([samples[i] for i in plain]) if plain else []):
+            scores[i] = value
+        return scores
+
+    def to(self, device: Any) -> "WithoutToolCalls":
+        """Move the inner reward's model."""
+        self.reward.to(device)
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        """As :meth:`Reward.describe`, with the inner reward described in its place."""
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                "init_args": {"reward": self.reward.describe()}}
+
+
 class RewardModel(Reward):
     """A reward model's score of the answer, clipped to ``±clip`` (MiniMind: InternLM2-1.8B-reward, ±3).
 
@@ -483,10 +515,13 @@ def minimind_rewards() -> list[Reward]:
     return [LengthShaping(), ThinkingFormat(), RepetitionPenalty()]
 
 
-def agent_rewards() -> list[Reward]:
-    """MiniMind's agent terms for episodes that call tools, each with weight 1 (sum them with
-    ``total_rewards(..., clip=3.0)``)."""
-    return [ToolCallCount(), GroundTruthRecall(), UnfinishedPenalty(), ToolTagBalance(), RepetitionPenalty()]
+def agent_rewards(reward_model: Optional[RewardModel] = None) -> list[Reward]:
+    """MiniMind's agent reward, each term with weight 1 (sum them with ``total_rewards(..., clip=3.0)``): the call
+    terms for episodes with calls, its length (5..800 characters), thinking and reward-model terms for those
+    without, the tag balance and the repetition penalty for both."""
+    plain = [LengthShaping(min_chars=5), ThinkingFormat()] + ([reward_model] if reward_model is not None else [])
+    return ([ToolTagBalance()] + [WithoutToolCalls(r) for r in plain]
+            + [ToolCallCount(), GroundTruthRecall(), UnfinishedPenalty(), RepetitionPenalty()])
 
 
 def total_rewards(rewards: Sequence[Reward], samples: Sequence[Sample],

@@ -2,8 +2,9 @@
 
 import pytest
 
-from minimind_pl.rewards import (GroundTruthRecall, RepetitionPenalty, Sample, ToolCallCount, ToolEpisode,
-                                 ToolTagBalance, UnfinishedPenalty, agent_rewards, gt_found, total_rewards)
+from minimind_pl.rewards import (GroundTruthRecall, LengthShaping, RepetitionPenalty, Reward, Sample, ToolCallCount,
+                                 ToolEpisode, ToolTagBalance, UnfinishedPenalty, WithoutToolCalls, agent_rewards,
+                                 gt_found, total_rewards)
 from minimind_pl.tools import Toolbox, builtin_tools
 
 PROMPT = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
@@ -85,8 +86,9 @@ def test_agent_total_is_clipped_to_three_but_its_parts_are_not():
     totals, parts = total_rewards(agent_rewards() + [GroundTruthRecall(scale=1.0)], [low, high], clip=3.0)
     # low: gap |1 - 2| + 3 = 4 -> -2.0; unfinished -0.5; two open tags -1.0; "< tool_call > < tool_call >" repeats
     # one trigram of four -> -0.25; sum -3.75. high: one valid call for one value +0.5, found 2.5 (+1.0 more): 4.0
-    assert parts == {"tool_calls": [-2.0, 0.5], "gt_recall": [0.0, 2.5], "unfinished": [-0.5, 0.0],
-                     "tool_tags": [-1.0, 0.0], "repetition": [-0.25, 0.0], "gt_recall_2": [0.0, 1.0]}
+    assert parts == {"tool_tags": [-1.0, 0.0], "length": [0.0, 0.0], "thinking": [0.0, 0.0],
+                     "tool_calls": [-2.0, 0.5], "gt_recall": [0.0, 2.5], "unfinished": [-0.5, 0.0],
+                     "repetition": [-0.25, 0.0], "gt_recall_2": [0.0, 1.0]}
     assert totals == [-3.0, 3.0]
     assert total_rewards(agent_rewards(), [low])[0] == [-3.75]  # no clip unless asked
 
@@ -94,3 +96,38 @@ def test_agent_total_is_clipped_to_three_but_its_parts_are_not():
 def test_agent_terms_need_an_episode():
     with pytest.raises(ValueError, match="tool episodes"):
         ToolCallCount().score([Sample(PROMPT, "5")])
+
+
+class Recorded(Reward):
+    name = "recorded"
+
+    def __init__(self) -> None:
+        super().__init__(weight=2.0)
+        self.seen: list[str] = []
+
+    def score(self, samples):
+        self.seen += [s.completion for s in samples]
+        return [1.0] * len(samples)
+
+
+def test_answers_without_calls_get_minimind_grpo_terms_and_no_call_terms():
+    plain = sample(replies=("x" * 30 + "</think>It is 5.",), validity=())
+    # length of the whole reply 30 + 8 + 8 = 46 in 5..800: +0.5; reasoning 30 chars in 20..300: +1.0; one
+    # </think>: +0.25; "It is 5." repeats no trigram; no call terms, no gt term although the answer holds 5
+    totals, parts = total_rewards(agent_rewards(), [plain], clip=3.0)
+    assert totals == [1.75]
+    assert parts["length"] == [0.5] and parts["thinking"] == [1.25] and parts["gt_recall"] == [0.0]
+
+
+def test_a_reward_restricted_to_answers_without_calls_never_sees_the_others():
+    inner = Recorded()
+    restricted = WithoutToolCalls(inner)
+    assert (restricted.name, restricted.weight) == ("recorded", 2.0)
+    got = restricted.score([sample(), sample(replies=("first",), validity=()), Sample(PROMPT, "second")])
+    assert got == [0.0, 1.0, 1.0] and inner.seen == ["first", "second"]
+    assert restricted.score([sample()]) == [0.0] and inner.seen == ["first", "second"]
+    assert WithoutToolCalls(LengthShaping(min_chars=5)).describe() == {
+        "class_path": "minimind_pl.rewards.WithoutToolCalls",
+        "init_args": {"reward": {"class_path": "minimind_pl.rewards.LengthShaping",
+                                 "init_args": {"min_chars": 5, "max_chars": 800, "inside": 0.5, "outside": -0.5,
+                                               "weight": 1.0}}}}
