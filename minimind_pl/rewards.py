@@ -57,11 +57,12 @@ class ToolEpisode:
     @classmethod
     def from_replies(cls, replies: Sequence[str], toolbox: Toolbox, gt: Sequence[Any] = (),
                      unfinished: bool = False) -> "ToolEpisode":
-        """The record of an episode from its replies: calls read by ``chat_format.parse_reply`` and checked by
-        ``toolbox`` (the calls of an unfinished episode's last reply too, which were never run)."""
+        """The record of an episode from its replies: calls read by ``chat_format.parse_reply`` from each reply's
+        answer (after the first ``</think>``, as MiniMind reads them: a call inside the reasoning is no call) and
+        checked by ``toolbox`` (the calls of an unfinished episode's last reply too, which were never run)."""
         validity: list[bool] = []
         for reply in replies:
-            parsed = parse_reply(reply)
+            parsed = parse_reply(split_reasoning(reply)[0])
             validity += [toolbox.check(call)[2] is None for call in parsed.tool_calls]
             validity += [False] * len(parsed.invalid_calls)
         return cls(tuple(replies), tuple(validity), unfinished, tuple(str(g) for g in gt))

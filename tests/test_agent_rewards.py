@@ -20,7 +20,8 @@ def test_episode_record_checks_every_call_of_every_reply_against_the_tools():
     unknown = '<tool_call>\n{"name": "no_such_tool", "arguments": {}}\n</tool_call>'
     bad_arguments = '<tool_call>\n{"name": "calculate_math", "arguments": {"expr": "1"}}\n</tool_call>'
     not_json = "<tool_call>\nnot json\n</tool_call>"
-    episode = ToolEpisode.from_replies([CALL + "\n" + unknown, bad_arguments + "\n" + not_json,
+    in_reasoning = "I could write " + unknown + " but</think>"  # the reply starts inside an opened <think>
+    episode = ToolEpisode.from_replies([CALL + "\n" + unknown, in_reasoning + bad_arguments + "\n" + not_json,
                                         "<think>add</think>The result is 5."], Toolbox(builtin_tools()), [5])
     assert episode.call_validity == (True, False, False, False)
     assert episode.gt == ("5",)
