@@ -13,6 +13,11 @@ ground truth ``gt`` if any) and returns one float per sample. The RL stages sum 
 MiniMind's reward (``trainer/train_grpo.py``, ``train_ppo.py``) is the sum of ``LengthShaping``,
 ``ThinkingFormat``, ``RepetitionPenalty`` and a reward model's score clipped to ±3 (``RewardModel``), each
 with weight 1. A new reward subclasses :class:`Reward` and implements ``score``.
+
+MiniMind's agent reward (``trainer/train_agent.py``) scores a multi-turn tool episode (:class:`ToolEpisode`, on
+``Sample.episode``): with calls by ``ToolCallCount``, ``GroundTruthRecall`` and ``UnfinishedPenalty``, without by
+its GRPO terms (each wrapped in ``WithoutToolCalls``), both by ``ToolTagBalance`` and ``RepetitionPenalty``
+(:func:`agent_rewards`), the total clipped to ±3 (``total_rewards(..., clip=3)``).
 """
 
 from __future__ import annotations
@@ -23,10 +28,62 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from minimind_pl.chat_format import THINK_CLOSE, rendered_turns, split_reasoning
+from minimind_pl.chat_format import THINK_CLOSE, TOOL_CLOSE, TOOL_OPEN, parse_reply, rendered_turns, split_reasoning
+from minimind_pl.tools import Toolbox
 
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _WORD = re.compile(r"\w+|[^\w\s]")
+_STANDALONE_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?![\w.])")  # not part of a word or a longer number
+_WHOLE_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class ToolEpisode:
+    """A multi-turn tool episode as the agent rewards see it.
+
+    Args:
+        replies: The text of each of the model's replies, in order (decoded without special tokens).
+        call_validity: Per call the model wrote, in order: whether it named a known tool with arguments its schema
+            accepts (a ``<tool_call>`` block that is not a call counts as an invalid call).
+        unfinished: The model was still calling tools on its last allowed reply.
+        gt: The values the final answer should hold (the record's ``gt`` list, as text).
+    """
+
+    replies: tuple[str, ...]
+    call_validity: tuple[bool, ...] = ()
+    unfinished: bool = False
+    gt: tuple[str, ...] = ()
+
+    @classmethod
+    def from_replies(cls, replies: Sequence[str], toolbox: Toolbox, gt: Sequence[Any] = (),
+                     unfinished: bool = False) -> "ToolEpisode":
+        """The record of an episode from its replies: calls read by ``chat_format.parse_reply`` from each reply's
+        answer (after the first ``</think>``, as MiniMind reads them: a call inside the reasoning is no call) and
+        checked by ``toolbox`` (the calls of an unfinished episode's last reply too, which were never run)."""
+        validity: list[bool] = []
+        for reply in replies:
+            parsed = parse_reply(split_reasoning(reply)[0])
+            validity += [toolbox.check(call)[2] is None for call in parsed.tool_calls]
+            validity += [False] * len(parsed.invalid_calls)
+        return cls(tuple(replies), tuple(validity), unfinished, tuple(str(g) for g in gt))
+
+    @property
+    def answers(self) -> list[str]:
+        """Each reply after its reasoning (the first ``</think>``), stripped."""
+        return [split_reasoning(reply)[0] for reply in self.replies]
+
+    @property
+    def final_text(self) -> str:
+        """What the episode finally says: the last reply's answer after its last ``</tool_call>``; empty when
+        unfinished (MiniMind's ``final_text``)."""
+        if self.unfinished or not self.replies:
+            return ""
+        return self.answers[-1].rpartition(TOOL_CLOSE)[2]
+
+    @property
+    def scored_text(self) -> str:
+        """The text the repetition penalty reads: ``final_text``, or the last reply's answer when that is empty."""
+        return self.final_text or (self.answers[-1] if self.replies else "")
 
 
 @dataclass(frozen=True)
@@ -38,16 +95,21 @@ class Sample:
         completion: the answer the model wrote (special tokens removed); after an open ``<think>`` it starts with
             the reasoning.
         gt: the record's ground truth (its ``gt`` field as text), if it has one.
+        episode: the multi-turn tool episode this answer ends (agentic RL), if any.
     """
 
     prompt: str
     completion: str
     gt: Optional[str] = None
+    episode: Optional[ToolEpisode] = None
 
     @property
     def answer(self) -> str:
         """The final answer: the text after the reasoning's first ``</think>`` (the whole completion without one),
-        stripped; ``chat_format.split_reasoning`` says why the first."""
+        stripped; ``chat_format.split_reasoning`` says why the first. For an episode that called tools, its
+        ``scored_text`` (MiniMind scores repetition there)."""
+        if self.episode is not None and self.episode.call_validity:
+            return self.episode.scored_text
         return split_reasoning(self.completion)[0]
 
 
@@ -120,6 +182,11 @@ class AnswerMatch(Reward):
         if any(s.gt is None for s in samples):
             raise ValueError("AnswerMatch needs a 'gt' field (the ground truth) in every prompt record")
         return [self.correct if self.is_right(s.answer, s.gt) else self.wrong for s in samples]
+
+
+def clipped(value: float, bound: float) -> float:
+    """``value`` clipped to ``[-bound, bound]``."""
+    return max(-bound, min(bound, value))
 
 
 def _in_range(text: str, low: int, high: int) -> bool:
@@ -216,6 +283,152 @@ class RepetitionPenalty(Reward):
         return [-min(self.cap, 2 * self.cap * repeated_ngram_share(s.answer, self.n)) for s in samples]
 
 
+class EpisodeReward(Reward):
+    """A reward of the tool episode (``Sample.episode``) alone: subclasses implement ``score_episode``."""
+
+    def score_episode(self, episode: ToolEpisode) -> float:
+        """The score of one episode (subclasses implement)."""
+        raise NotImplementedError
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        """One score per sample's episode (an error when a sample has none: not an agentic RL stage)."""
+        if any(s.episode is None for s in samples):
+            raise ValueError(f"{type(self).__name__} scores tool episodes: it needs an agentic RL stage")
+        return [self.score_episode(s.episode) for s in samples]
+
+
+class ToolCallCount(EpisodeReward):
+    """MiniMind's call-count term, for episodes that called tools (0 for others): ``match`` when the valid calls
+    number ``len(gt)`` and none is invalid, else ``-miss`` per missing, extra or invalid call.
+
+    Args:
+        match: the score of the right number of valid calls (MiniMind: 0.5).
+        miss: the cost of each call missing, extra or invalid (MiniMind: 0.5).
+        weight: see :class:`Reward`.
+    """
+
+    name = "tool_calls"
+
+    def __init__(self, match: float = 0.5, miss: float = 0.5, weight: float = 1.0) -> None:
+        super().__init__(weight)
+        self.match, self.miss = float(match), float(miss)
+
+    def score_episode(self, episode: ToolEpisode) -> float:
+        """The term of one episode."""
+        if not episode.call_validity:
+            return 0.0
+        valid = sum(episode.call_validity)
+        gap = abs(valid - len(episode.gt)) + (len(episode.call_validity) - valid)
+        return self.match if gap == 0 else -self.miss * gap
+
+
+def gt_found(text: str, gt: Sequence[str]) -> set[str]:
+    """The ``gt`` values ``text`` holds: as a substring (ignoring case), or, for a number, as a standalone number
+    within 1e-6 (thousands commas ignored on both sides)."""
+    numbers = [float(n) for n in _STANDALONE_NUMBER.findall(text.replace(",", ""))]
+    found = set()
+    for value in gt:
+        wanted = value.strip()
+        plain = wanted.replace(",", "")
+        if (wanted and wanted.lower() in text.lower()) or (
+                _WHOLE_NUMBER.fullmatch(plain) and any(abs(float(plain) - n) < 1e-6 for n in numbers)):
+            found.add(value)
+    return found
+
+
+class GroundTruthRecall(EpisodeReward):
+    """MiniMind's answer term, for episodes that called tools and have ``gt``: ``scale`` × the share of the ``gt``
+    values (distinct ones, over all of them) found in the final answer (:func:`gt_found`); an unfinished
+    episode has none.
+
+    Args:
+        scale: the score of an answer holding every value (MiniMind: 2.5).
+        weight: see :class:`Reward`.
+    """
+
+    name = "gt_recall"
+
+    def __init__(self, scale: float = 2.5, weight: float = 1.0) -> None:
+        super().__init__(weight)
+        self.scale = float(scale)
+
+    def score_episode(self, episode: ToolEpisode) -> float:
+        """The term of one episode."""
+        if not (episode.call_validity and episode.gt):
+            return 0.0
+        return self.scale * len(gt_found(episode.final_text, episode.gt)) / len(episode.gt)
+
+
+class UnfinishedPenalty(EpisodeReward):
+    """MiniMind's cost of an episode still calling tools on its last allowed reply: ``-penalty``.
+
+    Args:
+        penalty: the cost (MiniMind: 0.5).
+        weight: see :class:`Reward`.
+    """
+
+    name = "unfinished"
+
+    def __init__(self, penalty: float = 0.5, weight: float = 1.0) -> None:
+        super().__init__(weight)
+        self.penalty = float(penalty)
+
+    def score_episode(self, episode: ToolEpisode) -> float:
+        """The term of one episode."""
+        return -self.penalty if episode.unfinished and episode.call_validity else 0.0
+
+
+class ToolTagBalance(EpisodeReward):
+    """MiniMind's cost of unbalanced call tags, with or without calls: ``-penalty`` × Σ over replies (after their
+    reasoning) of ``|count(<tool_call>) - count(</tool_call>)|``.
+
+    Args:
+        penalty: the cost of each unmatched tag (MiniMind: 0.5).
+        weight: see :class:`Reward`.
+    """
+
+    name = "tool_tags"
+
+    def __init__(self, penalty: float = 0.5, weight: float = 1.0) -> None:
+        super().__init__(weight)
+        self.penalty = float(penalty)
+
+    def score_episode(self, episode: ToolEpisode) -> float:
+        """The term of one episode."""
+        return -self.penalty * sum(abs(a.count(TOOL_OPEN) - a.count(TOOL_CLOSE)) for a in episode.answers)
+
+
+class WithoutToolCalls(Reward):
+    """Another reward, scored only on samples whose episode called no tool (0 on the others, which it never sees):
+    MiniMind's agent reward scores answers without calls by its GRPO terms (length, thinking, reward model).
+
+    Args:
+        reward: the reward to restrict; its ``name`` and ``weight`` are this one's.
+    """
+
+    def __init__(self, reward: Reward) -> None:
+        super().__init__(reward.weight)
+        self.reward, self.name = reward, reward.name
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        """The inner reward's score per sample without calls, 0 per sample with calls."""
+        plain = [i for i, s in enumerate(samples) if s.episode is None or not s.episode.call_validity]
+        scores = [0.0] * len(samples)
+        for i, value in zip(plain, self.reward.score([samples[i] for i in plain]) if plain else []):
+            scores[i] = value
+        return scores
+
+    def to(self, device: Any) -> "WithoutToolCalls":
+        """Move the inner reward's model."""
+        self.reward.to(device)
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        """As :meth:`Reward.describe`, with the inner reward described in its place."""
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                "init_args": {"reward": self.reward.describe()}}
+
+
 class RewardModel(Reward):
     """A reward model's score of the answer, clipped to ``±clip`` (MiniMind: InternLM2-1.8B-reward, ±3).
 
@@ -294,7 +507,7 @@ class RewardModel(Reward):
                     ids = self._tokenizer(text, return_tensors="pt", truncation=True, max_length=self.max_length,
                                           add_special_tokens=False)["input_ids"]
                     value = float(self._model(input_ids=ids.to(self._model.device)).logits[0, 0])
-                scores.append(max(-self.clip, min(self.clip, value)))
+                scores.append(clipped(value, self.clip))
         return scores
 
 
@@ -303,8 +516,19 @@ def minimind_rewards() -> list[Reward]:
     return [LengthShaping(), ThinkingFormat(), RepetitionPenalty()]
 
 
-def total_rewards(rewards: Sequence[Reward], samples: Sequence[Sample]) -> tuple[list[float], dict[str, list[float]]]:
-    """``(Σ weight × score per sample, {name: scores})`` of ``rewards`` (names made unique by a suffix)."""
+def agent_rewards(reward_model: Optional[RewardModel] = None) -> list[Reward]:
+    """MiniMind's agent reward, each term with weight 1 (sum them with ``total_rewards(..., clip=3.0)``): the call
+    terms for episodes with calls, its length (5..800 characters), thinking and reward-model terms for those
+    without, the tag balance and the repetition penalty for both."""
+    plain = [LengthShaping(min_chars=5), ThinkingFormat()] + ([reward_model] if reward_model is not None else [])
+    return ([ToolTagBalance()] + [WithoutToolCalls(r) for r in plain]
+            + [ToolCallCount(), GroundTruthRecall(), UnfinishedPenalty(), RepetitionPenalty()])
+
+
+def total_rewards(rewards: Sequence[Reward], samples: Sequence[Sample],
+                  clip: Optional[float] = None) -> tuple[list[float], dict[str, list[float]]]:
+    """``(Σ weight × score per sample, {name: scores})`` of ``rewards`` (names made unique by a suffix); with
+    ``clip``, each total is clipped to ``[-clip, clip]`` (MiniMind's agent reward: 3), the parts are not."""
     totals = [0.0] * len(samples)
     parts: dict[str, list[float]] = {}
     for reward in rewards:
@@ -316,4 +540,6 @@ def total_rewards(rewards: Sequence[Reward], samples: Sequence[Sample]) -> tuple
             name, k = f"{reward.name}_{k}", k + 1
         parts[name] = list(scores)
         totals = [t + reward.weight * s for t, s in zip(totals, scores)]
+    if clip is not None:
+        totals = [clipped(t, clip) for t in totals]
     return totals, parts
