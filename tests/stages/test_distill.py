@@ -1,6 +1,7 @@
 """The Distill stage (a frozen teacher beside the student) and SFT's up-weighted reasoning tags."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -8,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import packed_batch, random_documents, random_model, with_weights, write_stage_checkpoint
+from helpers import (minimind_state_dict, packed_batch, random_documents, random_model, with_weights,
+                     write_stage_checkpoint)
 from minimind_pl.checkpoints import load_model, read_torch_file
+from minimind_pl.checkpoints.minimind import save_minimind
 from minimind_pl.config import ModelConfig
 from minimind_pl.data import SFTDataModule
 from minimind_pl.losses import IGNORE_INDEX, causal_lm_loss, token_weights, weighted_causal_lm_loss
@@ -182,3 +185,34 @@ def test_alpha_and_temperature_out_of_range_are_refused_at_their_edges():
         Distill(config=STUDENT, temperature=0)
     for settings in ({"alpha": 0.0, "temperature": 0.5}, {"alpha": 1.0, "temperature": 1e-3}):
         Distill(config=STUDENT, **settings)
+
+
+def test_defaults_are_minimind_s_distillation_recipe_and_the_learning_rate_reaches_the_optimizer():
+    """MiniMind's trainer/train_distillation.py: T 1.5, lr 5e-6 (alpha 0.5); a given learning rate is the one used."""
+    stage = Distill(config=STUDENT)
+    assert (stage.hparams.alpha, stage.hparams.temperature) == (0.5, 1.5)
+    assert [group["lr"] for group in stage.optimizer_group_settings()] == [5e-6, 5e-6]
+    stage = Distill(config=STUDENT, learning_rate=1e-3)
+    assert [group["lr"] for group in stage.optimizer_group_settings()] == [1e-3, 1e-3]
+
+
+def test_a_pth_teacher_is_built_with_the_given_preset(tmp_path):
+    """A .pth holds no config: ``teacher_preset`` gives it. The shapes cannot tell the context length: the debug
+    preset's is 512, the one read off the shapes is the default 32768."""
+    path = save_minimind(minimind_state_dict(TEACHER, seed=2), tmp_path / "teacher.pth")
+    assert Distill(config=STUDENT, teacher=str(path), teacher_preset="debug").teacher.config == TEACHER
+    assert Distill(config=STUDENT, teacher=str(path)).teacher.config.max_position_embeddings == 32768
+
+
+def test_the_teacher_s_size_is_reported_in_millions_with_two_decimals(caplog):
+    """1,515,001 parameters (counted off the module, not the config) are 1.52M: just above a rounding edge, so
+    a size off by even a millionth would print 1.51M."""
+    shape = {"vocab_size": 20686, "hidden_size": 67, "head_dim": 16}
+    teacher = random_model(seed=2, **shape)
+    assert sum(p.numel() for p in teacher.parameters()) == 1_515_001
+    stage = Distill(config=ModelConfig.from_preset("debug", hidden_size=32, num_hidden_layers=1,
+                                                   vocab_size=shape["vocab_size"]))
+    with caplog.at_level(logging.INFO):
+        stage.set_teacher(teacher)
+    assert [r.getMessage() for r in caplog.records if "teacher" in r.getMessage()] == [
+        "distillation teacher: 1.52M parameters, frozen"]
