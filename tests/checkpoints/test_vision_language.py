@@ -76,8 +76,9 @@ def test_export_minimind_writes_minimind_v_pth_and_hf_export_refuses(tmp_path):
     out = export_command(str(tmp_path / "vlm.pth"), str(tmp_path / "out.pth"))
     written = torch.load(out, weights_only=True)
     assert set(written) == set(sd) and all(torch.equal(written[k], sd[k]) for k in sd)
-    with pytest.raises(UserError, match="no transformers architecture"):
-        export_command(str(tmp_path / "vlm.pth"), str(tmp_path / "hf"), format="hf")
+    for format in ("hf", "gguf"):
+        with pytest.raises(UserError, match=f"no transformers or llama.cpp architecture.*no {format} export"):
+            export_command(str(tmp_path / "vlm.pth"), str(tmp_path / format), format=format)
 
 
 def stage_checkpoint(path, model: MiniMindVLM, tower) -> None:
