@@ -9,9 +9,9 @@ worker processes, never in the training loop. The row's ``pixel_values`` are (n,
 
 A document cut by the row's end continues in the next row (packing's rule for long documents). An image whose run
 is cut goes with both rows: the first row's shorter run takes the image's first features (the model's rule for a
-cut run, as MiniMind-V's truncation), and so does the continuation's run at the next row's start, although its
-tokens stood for the image's last features; its answers still see the image, with those positions' features in
-another order.
+cut run, as MiniMind-V's truncation), and the continuation's run, which opens the next row, takes its last features
+(the model's rule for a short run at a row's first position: ``vision.vlm.image_slots``), the features its tokens
+stood for.
 
 An image that is missing or does not decode raises :class:`~minimind_pl.data.cache.DataFormatError` naming the
 data file, the line (jsonl) or row (Parquet) and the image; with ``skip_invalid`` that document's piece of the row

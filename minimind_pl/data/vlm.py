@@ -52,6 +52,11 @@ class VLMDataModule(SFTDataModule):
         self.image_spec = ImageSpec.from_folder(vision_encoder)
         self.skipped_documents = 0
 
+    @property
+    def image_token_id(self) -> int:
+        """The id of ``image_token`` in the data's tokenizer (what the model's placeholder id must be)."""
+        return self.encoder.image_token_id
+
     def make_encoder(self) -> VisionSFTEncoder:
         """SFT's encoder with ``<image>`` expanded into image tokens and the images kept per document."""
         return VisionSFTEncoder(self.tokenizer, image_token=self.image_token, image_token_len=self.image_token_len,

@@ -22,6 +22,7 @@ from minimind_pl.data.formats.vlm import DEFAULT_IMAGE_TOKEN_LEN
 from minimind_pl.data.packing import IGNORE_INDEX
 from minimind_pl.errors import UserError
 from minimind_pl.vision.preprocess import ImageSpec
+from minimind_pl.vision.vlm import image_slots
 
 IMAGE_ID = 12  # <|image_pad|> in MiniMind's tokenizer
 RUN = 3  # image tokens per image in these tests (small rows)
@@ -148,6 +149,10 @@ def test_a_document_cut_inside_an_image_run_gives_its_image_to_both_rows(data, t
     assert torch.equal(rows[1]["pixel_values"], pixels(tower, img / "green.png", img / "blue.png"))
     batch = dm.collate_fn(rows)
     assert batch["pixel_values"].shape == (2, 2, 3, SIZE, SIZE)
+    # the model reads row 0's cut run as green's first feature, row 1's rest of it as green's last two
+    _, image, feature = image_slots(batch["input_ids"], IMAGE_ID, RUN)
+    assert (image[0, -1].item(), feature[0, -1].item()) == (1, 0)
+    assert image[1, :RUN - 1].tolist() == [0] * (RUN - 1) and feature[1, :RUN - 1].tolist() == list(range(1, RUN))
 
 
 def test_rows_with_fewer_images_are_zero_padded_and_a_batch_without_images_has_no_pixel_values(
