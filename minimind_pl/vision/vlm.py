@@ -123,7 +123,12 @@ class MiniMindVLM(MiniMindForCausalLM):
             self.tower.to(pixel_values.device)
         if used is None:
             used = torch.ones(b, n, dtype=torch.bool, device=pixel_values.device)
-        features = self.tower(pixel_values[used])  # (used images, L, F), no gradients
+        selected = pixel_values[used]  # (used images, 3, H, W)
+        if len(selected):
+            features = self.tower(selected)  # (used images, L, F), no gradients
+        else:  # no run takes an image: the tower cannot run on none; the projector still joins the graph
+            vision = self.vision_config
+            features = pixel_values.new_zeros(0, vision.image_token_len, vision.image_hidden_size)
         projected = self.vision_proj(features.to(self.vision_proj_dtype()))  # (used images, L, C)
         # scatter back: zeros for the unused slots (a projector-free zero, so an all-unused batch still has the
         # projector in its graph)

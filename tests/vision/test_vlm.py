@@ -87,13 +87,16 @@ def test_only_the_images_a_run_takes_go_through_the_tower(tmp_path):
     hook = model.tower.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
     with torch.no_grad():
         logits = model(ids, pixel_values=pixels).logits
-    hook.remove()
     assert seen == [3]
     with torch.no_grad():  # every image through the tower, then merged by the same rule
         features = model.vision_proj(model.tower(pixels.flatten(0, 1))).view(3, 2, 16, -1)
         embeds = merge_image_features(ids, model.model.embed_tokens(ids), features, P)
         expected = MiniMindForCausalLM.forward(model, ids, inputs_embeds=embeds).logits
     assert torch.allclose(logits, expected, atol=1e-6)
+    with torch.no_grad():  # images that no run takes: the tower is not called, the text's logits are unchanged
+        alone = model(ids[2:], pixel_values=pixels[2:]).logits
+    hook.remove()
+    assert seen == [3, 6] and torch.equal(alone, model(ids[2:]).logits)  # 6: the reference's own call
 
 
 # ----------------------------------------------------------------------------- the whole model
