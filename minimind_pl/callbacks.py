@@ -53,16 +53,14 @@ class SyncFreeProgressBar(TQDMProgressBar):
 
 class SampleLogger(Callback):
     """After each validation, complete the stage's ``sample_prompts`` greedily and log them as TensorBoard text; for a
-    vision-language stage, also log the first image of the first validation batch with its prompt and reference.
+    vision-language stage, also log the first image of the first validation batch with its prompt, the model's own
+    greedy answer to that prompt (its images at prefill) and the reference.
 
     Reads from the stage: ``hparams.sample_prompts``, ``hparams.sample_max_new_tokens``, its ``tokenizer`` (the
     run's one copy, named by ``hparams.tokenizer``) and ``sample_prompt_ids(tokenizer)`` (plain text or chat, by the
     stage's ``SAMPLE_STYLE``); a stage with ``image_sample(batch)`` (``stages.vision_language``) gives the image.
     Runs on rank 0 only (on every rank where the weights are sharded, logged by rank 0),
     and not during the sanity check. Does nothing for stages or loggers without them.
-
-    TODO(generation with images): the image is logged with its reference answer; the model's own description of it
-    joins once ``generation.generate`` takes images.
     """
 
     def __init__(self) -> None:
@@ -80,12 +78,18 @@ class SampleLogger(Callback):
         """Generate and log the samples."""
         experiment = getattr(trainer.logger, "experiment", None)
         sample, self._image_sample = self._image_sample, None
-        if sample is not None and hasattr(experiment, "add_image"):
-            experiment.add_image("samples/image", sample.image, global_step=trainer.global_step)
-            experiment.add_text("samples/image_text", f"**{sample.prompt}** → reference: {sample.reference}",
-                                global_step=trainer.global_step)
         hparams = pl_module.hparams
         every_rank = shards_parameters(trainer.strategy)  # each forward needs all ranks' shards
+        if sample is not None and hasattr(experiment, "add_image"):
+            experiment.add_image("samples/image", sample.image, global_step=trainer.global_step)
+            answer = ""
+            if not every_rank:  # the sample is rank 0's alone: sharded weights would need every rank's forward
+                tokenizer = pl_module.tokenizer
+                ids = generate(pl_module.model, [sample.prompt_ids], hparams.sample_max_new_tokens, GREEDY,
+                               tokenizer.eos_id, images=[sample.pixels])[0]
+                answer = f"model: {tokenizer.decode(ids)} · "
+            experiment.add_text("samples/image_text", f"**{sample.prompt}** → {answer}reference: {sample.reference}",
+                                global_step=trainer.global_step)
         if (trainer.sanity_checking or (trainer.global_rank != 0 and not every_rank)
                 or not hparams.get("sample_prompts") or not hparams.get("tokenizer") or not hasattr(experiment, "add_text")):
             return

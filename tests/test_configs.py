@@ -30,7 +30,7 @@ STAGE_CLASSES = {"pretrain": "Pretrain", "sft": "SFT", "lora": "LoRA", "dpo": "D
 #: Stages whose file stem means another class in a preset (minimind3v: MiniMind-V's two stages).
 PRESET_STAGE_CLASSES = {"minimind3v": {"pretrain": "VLMPretrain", "sft": "VLMSFT"}}
 # where the DataModules live (SigLIP's image-caption pairs sit beside its stage until the image data formats take them)
-DATA_MODULES = ("minimind_pl.data.", "minimind_pl.stages.siglip.ImageCaptionDataModule")
+DATA_MODULES = ("minimind_pl.data.",)
 RL_STAGES = ("grpo", "ppo")  # manual optimisation: the stage clips, the Trainer must not
 # What each preset's stages share, as the effective config shows it; {stage} is the file's stem.
 PRESETS = {

@@ -5,6 +5,7 @@
 - :class:`DPODataModule`: ``{"chosen": [...], "rejected": [...]}`` preference pairs.
 - :class:`PromptDataModule`: prompts for the RL stages (MiniMind's ``rlaif.jsonl`` or ``{"prompt": ...}``).
 - :class:`VLMDataModule`: conversations about images (MiniMind-V): jsonl + image files, or MiniMind-V's Parquet.
+- :class:`ImageCaptionDataModule`: (image, caption) pairs from VLM jsonl files, for the SigLIP stage.
 - :class:`JsonlDataModule`: their shared base (cache, packing, validation split, loaders) and the hooks
   a new format overrides (:mod:`minimind_pl.data.base` says how: an encoder and ``make_encoder``).
 
@@ -30,7 +31,7 @@ _EXPORTS = {
     "SFTDataModule": "sft", "SFTEncoder": "formats.sft", "SYSTEM_PROMPTS": "formats.sft",
     "assistant_mask": "formats.sft",
     "VLMDataModule": "vlm", "VisionSFTEncoder": "formats.vlm", "ImageRows": "image_rows",
-    "collate_images": "image_rows",
+    "collate_images": "image_rows", "ImageCaptionDataModule": "image_captions",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -223,9 +223,17 @@ class TokenCache:
 
     def doc_images(self, i: int) -> list[bytes]:
         """The image references of document ``i``, in order (paths or encoded bytes: ``meta["images"]``)."""
-        blob, image_offsets, doc_images, _ = self._open_images()
-        first, last = int(doc_images[i]), int(doc_images[i + 1])
-        return [blob[int(image_offsets[j]):int(image_offsets[j + 1])].tobytes() for j in range(first, last)]
+        return [self.image(j) for j in range(self.first_image(i), self.first_image(i + 1))]
+
+    def first_image(self, i: int) -> int:
+        """The cache-wide index of document ``i``'s first image (of its images ``first_image(i)`` to
+        ``first_image(i + 1)``); ``first_image(n_docs)`` is the number of images."""
+        return int(self._open_images()[2][i])
+
+    def image(self, j: int) -> bytes:
+        """The reference of the cache's ``j``-th image (a path or encoded bytes: ``meta["images"]``)."""
+        blob, image_offsets, _, _ = self._open_images()
+        return blob[int(image_offsets[j]):int(image_offsets[j + 1])].tobytes()
 
     def image_counts(self) -> np.ndarray:
         """Images per document (int64, n_docs)."""

@@ -9,9 +9,9 @@ worker processes, never in the training loop. The row's ``pixel_values`` are (n,
 
 A document cut by the row's end continues in the next row (packing's rule for long documents). An image whose run
 is cut goes with both rows: the first row's shorter run takes the image's first features (the model's rule for a
-cut run, as MiniMind-V's truncation), and so does the continuation's run at the next row's start, although its
-tokens stood for the image's last features; its answers still see the image, with those positions' features in
-another order.
+cut run, as MiniMind-V's truncation), and the continuation's run, which opens the next row, takes its last features
+(the model's rule for a short run at a row's first position: ``vision.vlm.image_slots``), the features its tokens
+stood for.
 
 An image that is missing or does not decode raises :class:`~minimind_pl.data.cache.DataFormatError` naming the
 data file, the line (jsonl) or row (Parquet) and the image; with ``skip_invalid`` that document's piece of the row
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,17 +34,12 @@ from torch.utils.data import Dataset
 from minimind_pl.vision.preprocess import ImageError, ImageSpec, decode_image
 
 from .cache import SKIP_INVALID_HINT, DataFormatError, TokenCache
-from .formats.vlm import image_location, image_starts
+from .formats.vlm import image_starts
 from .packing import IGNORE_INDEX, DocumentStream, PackedDataset, PaddedDataset, collate
+from .resized_images import ResizedImages, image_reference
 
 PIXEL_VALUES = "pixel_values"
 SKIPPED_DOCUMENTS = "skipped_documents"
-
-
-def image_reference(cache: TokenCache, reference: bytes) -> Union[Path, bytes]:
-    """What to decode for one stored image reference: the file (a path relative to the data file's folder) or the
-    encoded bytes (Parquet)."""
-    return image_location(cache.meta["source"], reference, cache.meta["images"] == "paths")
 
 
 def describe_image(cache: TokenCache, k: int, j: int, data: Union[Path, bytes]) -> str:
@@ -64,11 +59,15 @@ class ImageRows(Dataset):
         image_token_len: its tokens per image.
         pad_id: the id a skipped document's tokens become.
         skip_invalid: skip documents whose image is missing or broken (else raise).
+        resized: per cache (its path), its images already resized for ``image_spec``
+            (:mod:`minimind_pl.data.resized_images`): those are only normalised; the others are decoded.
     """
 
     def __init__(self, rows: Union[PackedDataset, PaddedDataset], image_spec: ImageSpec, image_token_id: int,
-                 image_token_len: int, pad_id: int, skip_invalid: bool = False) -> None:
+                 image_token_len: int, pad_id: int, skip_invalid: bool = False,
+                 resized: Optional[dict[str, ResizedImages]] = None) -> None:
         self.rows = rows
+        self.resized = dict(resized or {})
         self.image_spec = image_spec
         self.image_token_id, self.image_token_len = int(image_token_id), int(image_token_len)
         self.pad_id = int(pad_id)
@@ -110,9 +109,13 @@ class ImageRows(Dataset):
         return [self.load(cache, k, int(j), references[j]) for j in overlapping]
 
     def load(self, cache: TokenCache, k: int, j: int, reference: bytes) -> torch.Tensor:
-        """Image ``j`` of document ``k`` of ``cache``, decoded and preprocessed; :class:`DataFormatError` naming it
-        when it is missing or broken."""
+        """Image ``j`` of document ``k`` of ``cache``, preprocessed (from its stored resized pixels when the cache
+        has them, else decoded); :class:`DataFormatError` naming it when it is missing or broken."""
         data = image_reference(cache, reference)
+        resized = self.resized.get(str(cache.path))
+        stored = resized.pixels(cache.first_image(k) + j, data) if resized is not None else None
+        if stored is not None:
+            return self.image_spec.normalised(stored)
         try:
             return self.image_spec(decode_image(data))
         except FileNotFoundError:

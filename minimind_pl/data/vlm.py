@@ -16,6 +16,7 @@ from minimind_pl.vision.preprocess import ImageSpec
 from .formats.vlm import DEFAULT_IMAGE_TOKEN, DEFAULT_IMAGE_TOKEN_LEN, VisionSFTEncoder
 from .image_rows import SKIPPED_DOCUMENTS, ImageRows, collate_images, count_images
 from .packing import DocumentStream
+from .resized_images import ResizedImages
 from .sft import SFTDataModule
 
 
@@ -31,7 +32,7 @@ class VLMDataModule(SFTDataModule):
 
     Its arguments are those of :class:`SFTDataModule` (``train_path`` and ``val_path`` may be Parquet files;
     ``skip_invalid`` also skips lines whose tags and images disagree, and, when rows are loaded, documents whose
-    image is missing or broken, counted and reported) and the three below.
+    image is missing or broken, counted and reported) and the four below.
 
     Args:
         vision_encoder: the vision tower's folder: its ``preprocessor_config.json`` says how an image is
@@ -40,17 +41,28 @@ class VLMDataModule(SFTDataModule):
             ``@``); one token of the tokenizer.
         image_token_len: image tokens per ``<image>`` (the tower's patch features: minimind-3v 64,
             MiniMind2-V 196).
+        store_resized_images: keep every image decoded and resized for the tower beside the token cache
+            (:mod:`minimind_pl.data.resized_images`, written once at setup), so the loader workers only normalise
+            them (1.4-2.2 times the rows/s, bench/RESULTS.md); costs height × width × 3 bytes of disk per image
+            (196 KB at 256×256, about 6 times a MiniMind-V JPEG). false: decode each image whenever it is read.
         args: the positional arguments of :class:`SFTDataModule` (``train_path``, ``seq_len``, ...).
         kwargs: the keyword arguments of :class:`SFTDataModule`.
     """
 
     def __init__(self, *args: Any, vision_encoder: str, image_token: str = DEFAULT_IMAGE_TOKEN,
-                 image_token_len: int = DEFAULT_IMAGE_TOKEN_LEN, **kwargs: Any) -> None:
+                 image_token_len: int = DEFAULT_IMAGE_TOKEN_LEN, store_resized_images: bool = True,
+                 **kwargs: Any) -> None:
         self.image_token, self.image_token_len = image_token, int(image_token_len)
+        self.store_resized_images = bool(store_resized_images)
         super().__init__(*args, **kwargs)  # builds the encoder, which checks the image token
         self.vision_encoder = vision_encoder
         self.image_spec = ImageSpec.from_folder(vision_encoder)
         self.skipped_documents = 0
+
+    @property
+    def image_token_id(self) -> int:
+        """The id of ``image_token`` in the data's tokenizer (what the model's placeholder id must be)."""
+        return self.encoder.image_token_id
 
     def make_encoder(self) -> VisionSFTEncoder:
         """SFT's encoder with ``<image>`` expanded into image tokens and the images kept per document."""
@@ -59,9 +71,12 @@ class VLMDataModule(SFTDataModule):
                                 empty_think_drop_ratio=self.empty_think_drop_ratio)
 
     def make_dataset(self, stream: DocumentStream) -> Dataset:
-        """SFT's rows (packed or padded), each with its images."""
+        """SFT's rows (packed or padded), each with its images (with ``store_resized_images``, stored resized for
+        the tower's ImageSpec beside each cache, written the first time: ``data.resized_images``)."""
+        resized = {str(cache.path): ResizedImages(cache, self.image_spec) for cache in stream.caches
+                   if cache.has_images and self.store_resized_images}
         return ImageRows(super().make_dataset(stream), self.image_spec, self.encoder.image_token_id,
-                         self.image_token_len, self.tokenizer.pad_id, skip_invalid=self.skip_invalid)
+                         self.image_token_len, self.tokenizer.pad_id, skip_invalid=self.skip_invalid, resized=resized)
 
     @property
     def collate_fn(self) -> Callable[[Sequence[Any]], dict]:

@@ -12,131 +12,25 @@ embed each image and its caption; every image is scored against every caption of
 * ``tower_folder``: at the end of training the tower is written as a Hugging Face SigLIP vision folder
   (``config.json`` + ``model.safetensors`` + ``preprocessor_config.json``) that ``vision.tower.load_vision_tower``
   (and transformers' ``SiglipVisionModel``) read back.
-* Data: ``ImageCaptionDataModule`` reads VLM jsonl rows (``{"conversations": [...], "images": [...]}``); a pair is
+* Data: ``data.image_captions.ImageCaptionDataModule`` reads VLM jsonl rows (``{"conversations": [...], "images": [...]}``); a pair is
   a row's first image and its first assistant answer. Images are decoded and preprocessed in the loader workers.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from minimind_pl.data.formats.vlm import check_vlm_record, record_images
-from minimind_pl.data.jsonl import read_jsonl
+from minimind_pl.data.image_captions import ImageCaptionPairs
 from minimind_pl.errors import UserError
 from minimind_pl.losses import siglip_loss
 from minimind_pl.stages.base import Stage
-from minimind_pl.tokenizer import Tokenizer
-from minimind_pl.vision.preprocess import ImageSpec, decode_image
-from minimind_pl.vision.tower import VISION_PREFIX, TowerConfig, VisionTransformer
-
-SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)  # SigLIP's image processors normalise to [-1, 1]
-
-
-def tower_image_spec(image_size: int) -> ImageSpec:
-    """The preprocessing of the trained tower (SigLIP's: bicubic resize to a square, to [-1, 1])."""
-    return ImageSpec(height=image_size, width=image_size, mean=SIGLIP_MEAN_STD, std=SIGLIP_MEAN_STD)
-
-
-# ----------------------------------------------------------------------------- data
-
-def first_image_and_answer(row: Any, where: str) -> tuple[str, str]:
-    """A VLM row's first image path and its first assistant answer (the row checked as the vlm data format checks
-    its rows); a UserError naming the row otherwise."""
-    problem = check_vlm_record(row)
-    answers = [] if problem else [t["content"] for t in row["conversations"] if t["role"] == "assistant" and t["content"]]
-    if problem or not record_images(row) or not answers:
-        raise UserError(f"{where}: {problem or 'an image-caption pair needs an image and an assistant answer'}")
-    return record_images(row)[0], answers[0]
-
-
-class ImageCaptionPairs(Dataset):
-    """(pixel tensor, caption token ids) of each row of a VLM jsonl file; captions are encoded up front
-    (``<bos>`` caption ``<eos>``, cut to ``seq_len``), images are decoded when an item is read."""
-
-    def __init__(self, path: str | Path, tokenizer: Tokenizer, spec: ImageSpec, seq_len: int) -> None:
-        folder = Path(path).parent
-        pairs = [first_image_and_answer(row, f"{path}:{line}") for line, row in read_jsonl(path)]
-        self.images = [folder / image for image, _ in pairs]
-        self.captions = [caption for _, caption in pairs]
-        self.ids = [(tokenizer.encode_text(c) + [tokenizer.eos_id])[-seq_len:] for c in self.captions]
-        self.spec, self.pad_id = spec, tokenizer.pad_id
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[int]]:
-        try:
-            image = decode_image(self.images[i])
-        except (ValueError, OSError) as error:
-            raise UserError(f"{self.images[i]} (row {i + 1}): {error}") from None
-        return self.spec(image), self.ids[i]
-
-    def collate(self, items: list[tuple[torch.Tensor, list[int]]]) -> dict[str, torch.Tensor]:
-        """``pixel_values`` (B, 3, H, W), ``input_ids`` (B, T) right-padded, ``last_index`` (B,): each caption's
-        last token, ``real_tokens`` (0-d): the caption tokens."""
-        lengths = torch.tensor([len(ids) for _, ids in items])
-        input_ids = torch.full((len(items), int(lengths.max())), self.pad_id, dtype=torch.long)
-        for row, (_, ids) in enumerate(items):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-        return {"pixel_values": torch.stack([pixels for pixels, _ in items]), "input_ids": input_ids,
-                "last_index": lengths - 1, "real_tokens": lengths.sum()}
-
-
-class ImageCaptionDataModule(L.LightningDataModule):
-    """(image, caption) pairs from VLM jsonl files for the SigLIP stage."""
-
-    def __init__(self, train_path: str, tokenizer: str, val_path: Optional[str] = None, image_size: int = 64,
-                 seq_len: int = 32, batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
-        """Read the pairs.
-
-        Args:
-            train_path: VLM jsonl file to train on (``{"conversations": [...], "images": [...]}``, image paths
-                relative to the file): each row's first image and first assistant answer make a pair.
-            tokenizer: Tokenizer directory of the text tower.
-            val_path: VLM jsonl file for validation (loss and in-batch retrieval accuracy).
-            image_size: Side of the square the images are resized to; must be the stage's ``image_size``.
-            seq_len: Caption tokens kept (the last ones, so the final ``<eos>`` stays).
-            batch_size: Pairs per batch: each image is contrasted with the batch's other captions, so larger
-                batches give more negatives. Training drops the last incomplete batch.
-            num_workers: DataLoader worker processes that decode and resize the images (0: in the training process).
-            seed: Seed of the training order (reshuffled every epoch).
-        """
-        super().__init__()
-        self.save_hyperparameters()
-        self.datasets: dict[str, ImageCaptionPairs] = {}
-
-    def setup(self, stage: str | None = None) -> None:
-        tokenizer = Tokenizer.from_file(self.hparams.tokenizer)
-        spec = tower_image_spec(self.hparams.image_size)
-        for split in ("train", "val"):
-            path = self.hparams[f"{split}_path"]
-            if path and split not in self.datasets:
-                self.datasets[split] = ImageCaptionPairs(path, tokenizer, spec, self.hparams.seq_len)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.datasets[split]
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          collate_fn=dataset.collate, num_workers=self.hparams.num_workers, generator=generator,
-                          persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup("fit")
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.setup("validate")
-        return self._loader("val", shuffle=False) if "val" in self.datasets else []
-
+from minimind_pl.vision.tower import TowerConfig, VisionTransformer, save_tower_folder, tower_image_spec
 
 # ----------------------------------------------------------------------------- the stage
 
@@ -261,29 +155,3 @@ class SigLIP(Stage):
     def save_tower(self, folder: str | Path) -> Path:
         """Write the tower as a Hugging Face SigLIP vision folder; returns it."""
         return save_tower_folder(self.vision, tower_image_spec(self.tower_config.image_size), folder)
-
-
-def save_tower_folder(vision: VisionTransformer, spec: ImageSpec, folder: str | Path) -> Path:
-    """A SigLIP ``VisionTransformer`` as a Hugging Face ``siglip_vision_model`` folder: config.json (without the
-    attention-pooling head, which MiniMind-V never reads), model.safetensors (``vision_model.*`` names, float32)
-    and preprocessor_config.json (``spec``: resize straight to a square, rescale, normalise)."""
-    from safetensors.torch import save_file
-
-    config = vision.config
-    if config.family != "siglip" or spec.shortest_edge is not None or spec.resample != "bicubic":
-        raise UserError("only a SigLIP tower with SigLIP's preprocessing (bicubic resize to a square) is written")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    hf_config = {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
-                 "vision_use_head": False, **{k: getattr(config, k) for k in (
-                     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-                     "image_size", "patch_size", "hidden_act", "layer_norm_eps")}}
-    processor = {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
-                 "size": {"height": spec.height, "width": spec.width}, "resample": 3, "do_rescale": True,
-                 "rescale_factor": spec.rescale, "do_normalize": True, "image_mean": list(spec.mean),
-                 "image_std": list(spec.std)}
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
-    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
-    state = {VISION_PREFIX + k: v.detach().float().contiguous().cpu() for k, v in vision.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder

@@ -39,7 +39,7 @@ from minimind_pl.lora import count_parameters
 from minimind_pl.stages.pretrain import SFT
 from minimind_pl.vision.config import VisionConfig
 from minimind_pl.vision.tower import VisionTower, check_same_tower, load_vision_tower, tower_record
-from minimind_pl.vision.vlm import MiniMindVLM
+from minimind_pl.vision.vlm import MiniMindVLM, image_slots
 
 Trainable = Literal["projector", "first_last", "all"]
 TRAINABLE: tuple[str, ...] = ("projector", "first_last", "all")
@@ -52,11 +52,15 @@ IMAGE_TAG = "<image>"
 class ImageSample:
     """One image of a batch as TensorBoard shows it, and its conversation: ``image`` (3, H, W) in [0, 1] on the CPU,
     ``prompt`` (the text up to the answer, each image's placeholder run written ``<image>``), ``reference`` (the
-    labelled answer)."""
+    labelled answer); what the model needs to answer it itself: ``prompt_ids`` (the prompt's tokens, placeholders
+    included) and ``pixels`` (N, 3, H, W), the preprocessed images of the prompt's runs, on the batch's device
+    (None: the prompt has none)."""
 
     image: torch.Tensor
     prompt: str
     reference: str
+    prompt_ids: list[int]
+    pixels: Optional[torch.Tensor]
 
 
 class VisionLanguage(SFT):
@@ -192,10 +196,17 @@ class VisionLanguage(SFT):
         tokens, labels = ids[row][document], batch["labels"][row][document]
         labelled = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
         prompt_end = labelled[0] + 1 if labelled else len(tokens)  # labels[t] is the token at t + 1
-        placeholder = re.escape(self.model.vision_config.image_token)
-        prompt = re.sub(f"(?:{placeholder})+", IMAGE_TAG, self.tokenizer.decode(tokens[:prompt_end].tolist()))
-        return ImageSample(viewable(pixel_values[row, 0], self.tower.image_spec), prompt,
-                           self.tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()))
+        vision = self.model.vision_config
+        _, image, _ = image_slots(ids[row:row + 1], vision.image_token_id, vision.image_token_len)
+        in_prompt = is_image[row] & document & (torch.cumsum(document, 0) <= prompt_end)
+        first = int(image[0][is_image[row] & document].min())  # the document's first image
+        prompt_images = image[0][in_prompt]  # none when the document's images are in its answers only
+        placeholder = re.escape(vision.image_token)
+        prompt_ids = tokens[:prompt_end].tolist()
+        prompt = re.sub(f"(?:{placeholder})+", IMAGE_TAG, self.tokenizer.decode(prompt_ids))
+        return ImageSample(viewable(pixel_values[row, first], self.tower.image_spec), prompt,
+                           self.tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()), prompt_ids,
+                           pixel_values[row, first:int(prompt_images.max()) + 1] if len(prompt_images) else None)
 
 
 class VLMPretrain(VisionLanguage):
@@ -254,12 +265,15 @@ def check_same_vision(recorded: VisionConfig, current: VisionConfig, where: str)
 
 
 def check_data_agrees(datamodule: Any, vision: VisionConfig, vision_encoder: str) -> None:
-    """Refuse a DataModule whose placeholder, its count per image or tower folder differ from the model's (a
+    """Refuse a DataModule whose placeholder, its id, its count per image or tower folder differ from the model's (a
     DataModule without images, or without these attributes, is not checked)."""
     problems = []
     if getattr(datamodule, "image_token", vision.image_token) != vision.image_token:
         problems.append(f"--data.image_token {datamodule.image_token!r} but the model's placeholder is "
                         f"{vision.image_token!r} (--model.vision_preset)")
+    if getattr(datamodule, "image_token_id", vision.image_token_id) != vision.image_token_id:
+        problems.append(f"the data's tokenizer writes {vision.image_token!r} as id {datamodule.image_token_id} but the "
+                        f"model reads id {vision.image_token_id} (--data.tokenizer and --model.tokenizer differ?)")
     if getattr(datamodule, "image_token_len", vision.image_token_len) != vision.image_token_len:
         problems.append(f"--data.image_token_len {datamodule.image_token_len} but the tower gives "
                         f"{vision.image_token_len} features per image")

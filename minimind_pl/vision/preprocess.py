@@ -10,6 +10,8 @@ then float32, the normalisation in float32), so its tensors equal theirs (tests/
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -133,6 +135,11 @@ class ImageSpec:
                    rescale=raw.get("rescale_factor", 1 / 255) if raw.get("do_rescale", True) else 1.0,
                    resample=RESAMPLE_NAMES[resample], shortest_edge=shortest)
 
+    def key(self) -> str:
+        """A short stable name of these settings (the resized-image sidecar of a token cache is kept per spec)."""
+        fields = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(fields.encode()).hexdigest()[:16]
+
     def resized(self, image: Image.Image) -> Image.Image:
         """``image`` in RGB at height × width (resized, and centre-cropped when ``shortest_edge`` is set)."""
         image = image.convert("RGB")
@@ -149,7 +156,12 @@ class ImageSpec:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """(3, height, width) float32: the resized image's pixels rescaled and normalised per channel."""
-        pixels = torch.from_numpy(np.array(self.resized(image))).permute(2, 0, 1)  # (3, H, W) uint8
+        return self.normalised(np.asarray(self.resized(image)))
+
+    def normalised(self, resized: np.ndarray) -> torch.Tensor:
+        """(3, height, width) float32 from an image already resized by :meth:`resized`, as (H, W, 3) uint8 (what
+        a token cache's resized-image sidecar stores: ``data.resized_images``)."""
+        pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W) uint8, a copy
         scaled = (pixels.to(torch.float64) * self.rescale).to(torch.float32)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)

@@ -15,6 +15,7 @@ width.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,3 +328,39 @@ def check_same_tower(recorded: str | None, tower: VisionTower, model: str, allow
     message = (f"{model} was trained with another vision tower than {tower.folder} (weight fingerprints "
                f"{recorded[:12]} != {tower.fingerprint[:12]}): its projector would read features it never saw")
     refuse_mismatch(message, "Give the vision encoder folder it was trained with", allow, flag)
+
+
+# ----------------------------------------------------------------------------- writing a SigLIP folder
+
+SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)  # SigLIP's image processors normalise to [-1, 1]
+
+
+def tower_image_spec(image_size: int) -> ImageSpec:
+    """The preprocessing of the trained tower (SigLIP's: bicubic resize to a square, to [-1, 1])."""
+    return ImageSpec(height=image_size, width=image_size, mean=SIGLIP_MEAN_STD, std=SIGLIP_MEAN_STD)
+
+
+def save_tower_folder(vision: VisionTransformer, spec: ImageSpec, folder: str | Path) -> Path:
+    """A SigLIP ``VisionTransformer`` as a Hugging Face ``siglip_vision_model`` folder: config.json (without the
+    attention-pooling head, which MiniMind-V never reads), model.safetensors (``vision_model.*`` names, float32)
+    and preprocessor_config.json (``spec``: resize straight to a square, rescale, normalise)."""
+    from safetensors.torch import save_file
+
+    config = vision.config
+    if config.family != "siglip" or spec.shortest_edge is not None or spec.resample != "bicubic":
+        raise UserError("only a SigLIP tower with SigLIP's preprocessing (bicubic resize to a square) is written")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_config = {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
+                 "vision_use_head": False, **{k: getattr(config, k) for k in (
+                     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                     "image_size", "patch_size", "hidden_act", "layer_norm_eps")}}
+    processor = {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+                 "size": {"height": spec.height, "width": spec.width}, "resample": 3, "do_rescale": True,
+                 "rescale_factor": spec.rescale, "do_normalize": True, "image_mean": list(spec.mean),
+                 "image_std": list(spec.std)}
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
+    state = {VISION_PREFIX + k: v.detach().float().contiguous().cpu() for k, v in vision.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder

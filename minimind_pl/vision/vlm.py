@@ -43,26 +43,50 @@ class VisionProjector(nn.Module):
         return (self.mlp if self.kind == "mlp" else self.vision_proj)(features)
 
 
-def merge_image_features(input_ids: Tensor, embeds: Tensor, features: Tensor, image_token_id: int) -> Tensor:
-    """Rows of token embeddings with image features in place of the image placeholders.
-
-    input_ids (B, T), embeds (B, T, C), features (B, N, L, C) -> (B, T, C). MiniMind-V's rule: the k-th run of
-    ``image_token_id`` in a row takes the row's k-th image, feature by feature; a run shorter than L (cut by
-    truncation) takes the first features; runs beyond the row's N images stay token embeddings, and so images
-    no run asks for (a row's zero padding) are unused. One extension: a run longer than L is consecutive images
-    (``<image><image>`` written without a separator), where MiniMind-V would drop the run's tail and shorten the
-    row. Vectorised, no host sync: positions pick (image, feature) by index and ``torch.where`` merges.
-    """
+def image_slots(input_ids: Tensor, image_token_id: int, image_token_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Which image and which of its features each position of the rows stands for (MiniMind-V's rule, see
+    ``merge_image_features``): ``is_image`` (B, T) bool, ``image`` (B, T) the row's image index (-1 before its first
+    run), ``feature`` (B, T) the feature index in [0, L). Vectorised, no host sync."""
     b, t = input_ids.shape
-    n, length = features.shape[1], features.shape[2]
+    length = image_token_len
     is_image = input_ids == image_token_id  # (B, T)
     run_start = is_image & ~F.pad(is_image, (1, 0))[:, :-1]  # first placeholder of each run
     position = torch.arange(t, device=input_ids.device).expand(b, t)
     offset = position - torch.where(run_start, position, 0).cummax(dim=1).values  # place inside the run
-    image = (is_image & (offset % length == 0)).cumsum(dim=1) - 1  # which of the row's images
+    # a run at the row's first position shorter than L is the tail of an image cut by the previous row's end
+    # (packing): its tokens stand for that image's last features
+    leading = is_image.long().cumprod(dim=1).sum(dim=1, keepdim=True)  # (B, 1) length of the run at position 0
+    tail = (leading > 0) & (leading < length) & (position < leading)
+    feature = torch.where(tail, offset + length - leading, offset) % length
+    image = (is_image & ((offset % length == 0) | run_start)).cumsum(dim=1) - 1
+    return is_image, image, feature
+
+
+def images_used(input_ids: Tensor, image_token_id: int, image_token_len: int, images: int) -> Tensor:
+    """(B, N) bool: which of the rows' ``images`` slots a placeholder run takes (the others are a batch's zero
+    padding, or images beyond the row's runs: the tower need not read them)."""
+    is_image, image, _ = image_slots(input_ids, image_token_id, image_token_len)
+    count = torch.where(is_image, image + 1, 0).amax(dim=1, keepdim=True)  # (B, 1) images the row's runs take
+    return torch.arange(images, device=input_ids.device) < count
+
+
+def merge_image_features(input_ids: Tensor, embeds: Tensor, features: Tensor, image_token_id: int) -> Tensor:
+    """Rows of token embeddings with image features in place of the image placeholders.
+
+    input_ids (B, T), embeds (B, T, C), features (B, N, L, C) -> (B, T, C). MiniMind-V's rule: the k-th run of
+    ``image_token_id`` in a row takes the row's k-th image, feature by feature; a run shorter than L cut by the row's
+    end (truncation) takes the first features; runs beyond the row's N images stay token embeddings, and so images
+    no run asks for (a row's zero padding) are unused. Two extensions: a run longer than L is consecutive images
+    (``<image><image>`` written without a separator), where MiniMind-V would drop the run's tail and shorten the
+    row; a run shorter than L at the row's first position is the rest of an image whose first tokens ended the
+    previous packed row, and takes that image's last features (the data gives that image to both rows).
+    Vectorised, no host sync: positions pick (image, feature) by index and ``torch.where`` merges.
+    """
+    b, n, length = features.shape[:3]
+    is_image, image, feature = image_slots(input_ids, image_token_id, length)
     used = is_image & (image < n)
     rows = torch.arange(b, device=input_ids.device)[:, None]
-    picked = features[rows, image.clamp(0, n - 1), offset % length]  # (B, T, C)
+    picked = features[rows, image.clamp(0, n - 1), feature]  # (B, T, C)
     return torch.where(used[..., None], picked.to(embeds.dtype), embeds)
 
 
@@ -88,17 +112,29 @@ class MiniMindVLM(MiniMindForCausalLM):
                              f"{self.vision_config.image_hidden_size}")
         self.__dict__["tower"] = tower  # a plain attribute, not a submodule
 
-    def image_features(self, pixel_values: Tensor) -> Tensor:
-        """pixel_values (B, N, 3, H, W) -> projected features (B, N, L, C)."""
+    def image_features(self, pixel_values: Tensor, used: Optional[Tensor] = None) -> Tensor:
+        """pixel_values (B, N, 3, H, W) -> projected features (B, N, L, C); ``used`` (B, N) bool: only those images
+        go through the tower and the projector (the others' features are zeros), e.g. not a batch's zero padding."""
         if self.tower is None:
             raise ValueError("this model has no vision tower: load it with vision_encoder=DIR (a SigLIP / CLIP "
                              "folder) or call attach_tower")
         b, n = pixel_values.shape[:2]
         if next(self.tower.parameters()).device != pixel_values.device:
             self.tower.to(pixel_values.device)
-        features = self.tower(pixel_values.flatten(0, 1))  # (B*N, L, F), no gradients
-        projected = self.vision_proj(features.to(self.vision_proj_dtype()))  # (B*N, L, C)
-        return projected.view(b, n, *projected.shape[1:])
+        if used is None:
+            used = torch.ones(b, n, dtype=torch.bool, device=pixel_values.device)
+        selected = pixel_values[used]  # (used images, 3, H, W)
+        if len(selected):
+            features = self.tower(selected)  # (used images, L, F), no gradients
+        else:  # no run takes an image: the tower cannot run on none; the projector still joins the graph
+            vision = self.vision_config
+            features = pixel_values.new_zeros(0, vision.image_token_len, vision.image_hidden_size)
+        projected = self.vision_proj(features.to(self.vision_proj_dtype()))  # (used images, L, C)
+        # scatter back: zeros for the unused slots (a projector-free zero, so an all-unused batch still has the
+        # projector in its graph)
+        out = projected.new_zeros(b, n, *projected.shape[1:])
+        out[used] = projected
+        return out
 
     def vision_proj_dtype(self) -> torch.dtype:
         return next(self.vision_proj.parameters()).dtype
@@ -110,8 +146,9 @@ class MiniMindVLM(MiniMindForCausalLM):
             raise ValueError(f"pixel_values must be (batch, images, 3, H, W) with batch {input_ids.shape[0]}, "
                              f"got {tuple(pixel_values.shape)}")
         embeds = self.model.embed_tokens(input_ids) if embeds is None else embeds
-        return merge_image_features(input_ids, embeds, self.image_features(pixel_values),
-                                    self.vision_config.image_token_id)
+        vision = self.vision_config
+        used = images_used(input_ids, vision.image_token_id, vision.image_token_len, pixel_values.shape[1])
+        return merge_image_features(input_ids, embeds, self.image_features(pixel_values, used), vision.image_token_id)
 
     def forward(self, input_ids: Tensor, pixel_values: Optional[Tensor] = None, **kwargs: Any) -> CausalLMOutput:
         """The text model's forward (``MiniMindForCausalLM.forward``: its other arguments by keyword) with

@@ -22,6 +22,7 @@ from minimind_pl.data.formats.vlm import DEFAULT_IMAGE_TOKEN_LEN
 from minimind_pl.data.packing import IGNORE_INDEX
 from minimind_pl.errors import UserError
 from minimind_pl.vision.preprocess import ImageSpec
+from minimind_pl.vision.vlm import image_slots
 
 IMAGE_ID = 12  # <|image_pad|> in MiniMind's tokenizer
 RUN = 3  # image tokens per image in these tests (small rows)
@@ -148,6 +149,10 @@ def test_a_document_cut_inside_an_image_run_gives_its_image_to_both_rows(data, t
     assert torch.equal(rows[1]["pixel_values"], pixels(tower, img / "green.png", img / "blue.png"))
     batch = dm.collate_fn(rows)
     assert batch["pixel_values"].shape == (2, 2, 3, SIZE, SIZE)
+    # the model reads row 0's cut run as green's first feature, row 1's rest of it as green's last two
+    _, image, feature = image_slots(batch["input_ids"], IMAGE_ID, RUN)
+    assert (image[0, -1].item(), feature[0, -1].item()) == (1, 0)
+    assert image[1, :RUN - 1].tolist() == [0] * (RUN - 1) and feature[1, :RUN - 1].tolist() == list(range(1, RUN))
 
 
 def test_rows_with_fewer_images_are_zero_padded_and_a_batch_without_images_has_no_pixel_values(
@@ -243,15 +248,23 @@ def test_decoding_runs_in_the_loader_workers(data, tower, tok_dir, tmp_path):
 
 
 class RecordingSpec:
-    """An ImageSpec that writes the id of the process it runs in to a file (picklable, for the workers)."""
+    """An ImageSpec that writes the id of the process it runs in to a file (picklable, for the workers), whether it
+    preprocesses a decoded image or normalises one the token cache stores resized."""
 
     def __init__(self, spec: ImageSpec, log: Path) -> None:
         self.spec, self.log = spec, log
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def record(self) -> None:
         with open(self.log, "a") as handle:
             handle.write(f"{os.getpid()}\n")
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        self.record()
         return self.spec(image)
+
+    def normalised(self, resized: np.ndarray) -> torch.Tensor:  # an image stored resized in the token cache
+        self.record()
+        return self.spec.normalised(resized)
 
 
 def png_bytes(colour: str) -> bytes:
@@ -337,3 +350,31 @@ def test_parquet_without_pyarrow_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
     with pytest.raises(UserError, match=r'pip install -e "\.\[vlm\]"'):
         require_pyarrow()
+
+
+# ----------------------------------------------------------------------------- images stored resized in the cache
+
+def test_images_stored_resized_are_only_normalised_and_equal_decoding(data, tower, tok_dir, tmp_path, monkeypatch):
+    """The cache keeps each image resized for the tower's ImageSpec (one sidecar per spec): a worker decodes nothing
+    and gets the very tensors decoding would give; a file changed since is decoded again."""
+    import minimind_pl.data.image_rows as image_rows
+
+    dm = module(data, tower, tok_dir, tmp_path)
+    spec = ImageSpec.from_folder(tower)
+    assert len(list((tmp_path / "cache").glob(f"*/resized-{spec.key()}/pixels.bin"))) == 1
+    other = ImageSpec(height=SIZE, width=SIZE, mean=(0.5,) * 3, std=(0.5,) * 3)  # another tower's preprocessing
+    assert other.key() != spec.key()
+
+    def no_decoding(data):
+        raise AssertionError(f"decoded {data}")
+
+    monkeypatch.setattr(image_rows, "decode_image", no_decoding)
+    img = data.parent / "img"
+    expected = pixels(tower, *(img / f"{c}.png" for c in ("red", "green", "blue")))
+    assert torch.equal(dm.train_dataset[0]["pixel_values"], expected)  # bit for bit
+    monkeypatch.undo()
+    draw(img / "green.png", "grey")  # changed after the cache was written: decoded again
+    os.utime(img / "green.png", ns=(1, 1))
+    expected = pixels(tower, *(img / f"{c}.png" for c in ("red", "grey", "blue")))
+    assert torch.equal(module(data, tower, tok_dir, tmp_path).train_dataset[0]["pixel_values"], expected)
+    assert module(data, tower, tok_dir, tmp_path, store_resized_images=False).train_dataset.resized == {}

@@ -216,9 +216,24 @@ def test_tensorboard_gets_the_first_image_of_the_validation_and_its_reference(to
     tokenizer = Tokenizer.from_file(str(tokenizer_dir))
     prompt = tokenizer.decode([1, 40, 41, 42]) + "<image>"
     colour = int(image_row["input_ids"][-2] - ANSWERS[0])
-    assert caption == f"**{prompt}** → reference: {tokenizer.decode([ANSWERS[colour], 2])}"
+    assert caption == (f"**{prompt}** → model: {tokenizer.decode(greedy(module.model, image_row, pixels[1]))} · "
+                       f"reference: {tokenizer.decode([ANSWERS[colour], 2])}")
     logger.on_validation_epoch_end(trainer, module)  # the sample is logged once per validation
     assert len(recorder.calls) == 2
+
+
+def greedy(model, row: dict, pixels: torch.Tensor, steps: int = 48) -> list[int]:
+    """The model's greedy answer to ``row``'s prompt (up to its first label) and image, one full forward per token
+    (no cache), ended by eos (2)."""
+    ids = row["input_ids"][:int((row["labels"] != IGNORE_INDEX).nonzero()[0]) + 1].tolist()
+    out = []
+    with torch.no_grad():
+        while len(out) < steps:
+            token = int(model(torch.tensor([ids + out]), pixel_values=pixels[None]).logits[0, -1].argmax())
+            if token == 2:
+                break
+            out.append(token)
+    return out
 
 
 def cli_run(tmp_path, tower, tokenizer_dir, steps: int, extra=()) -> list[str]:
@@ -274,3 +289,18 @@ def test_two_ddp_ranks_train_the_projector_and_end_blocks_only(tower, tokenizer_
         trained = name.startswith(("model.layers.0.", f"model.layers.{last}."))
         assert torch.equal(saved["model." + name], value) != trained, name
     assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_data_that_write_another_placeholder_id_or_count_or_tower_are_refused(tower, other_tower, tokenizer_dir):
+    from types import SimpleNamespace
+
+    from minimind_pl.stages.vision_language import check_data_agrees
+
+    vision = stage(VLMSFT, tower, tokenizer_dir).model.vision_config
+    data = dict(image_token=vision.image_token, image_token_id=IMAGE_ID, image_token_len=PATCHES, vision_encoder=tower)
+    check_data_agrees(SimpleNamespace(**data), vision, str(tower))  # the same: accepted
+    for change, message in [({"image_token_id": 99}, "writes '<|image_pad|>' as id 99 but the model reads id 12"),
+                            ({"image_token_len": 4}, f"image_token_len 4 but the tower gives {PATCHES}"),
+                            ({"vision_encoder": other_tower}, "--data.vision_encoder")]:
+        with pytest.raises(UserError, match=message.replace("|", r"\|")):
+            check_data_agrees(SimpleNamespace(**{**data, **change}), vision, str(tower))

@@ -39,7 +39,15 @@ def test_the_kth_run_takes_the_kth_image():
 
 def test_a_truncated_run_takes_the_first_features():
     assert merged_sources([[5, P, P, P, 9, P]], n=2, length=3) == [[_, (0, 0), (0, 1), (0, 2), _, (1, 0)]]
-    assert merged_sources([[P, P, 4, 4]], n=1, length=3) == [[(0, 0), (0, 1), _, _]]
+    assert merged_sources([[4, P, P]], n=1, length=3) == [[_, (0, 0), (0, 1)]]
+
+
+def test_a_short_run_opening_the_row_is_the_rest_of_a_cut_image_and_takes_its_last_features():
+    """A packed row that starts inside an image (the previous row ended in its first tokens): the tail's tokens
+    stand for the image's last features; the row's next run is its second image, from the first feature."""
+    assert merged_sources([[P, P, 4, P, P, P, 5]], n=2, length=3) == [[(0, 1), (0, 2), _, (1, 0), (1, 1), (1, 2), _]]
+    assert merged_sources([[P, 4, 4]], n=1, length=3) == [[(0, 2), _, _]]
+    assert merged_sources([[P, P, P, 4]], n=1, length=3) == [[(0, 0), (0, 1), (0, 2), _]]  # a whole image
 
 
 def test_rows_without_images_and_padding_images_stay_unused():
@@ -66,6 +74,29 @@ def test_merged_features_carry_gradients_to_the_projector_side():
     out = merge_image_features(torch.tensor([[P, P, 3]]), torch.zeros(1, 3, 4), features, P)
     out.sum().backward()
     assert features.grad[0, 0].eq(1).all() and features.grad[0, 1].eq(0).all()  # the unused image gets none
+
+
+def test_only_the_images_a_run_takes_go_through_the_tower(tmp_path):
+    """Row 0 takes two images, row 1 one (its second slot is the batch's zero padding), row 2 none: the tower reads
+    3 images, and the logits are those of a tower that read all six."""
+    model = tiny_vlm(tmp_path, "siglip", "mlp")
+    run = [P] * 16  # the tiny tower's features per image
+    ids = torch.tensor([[5, *run, 6, *run, 7], [5, *run, 6, *[8] * 17], [5, *[9] * 34]])
+    pixels = torch.randn(3, 2, 3, 32, 32)
+    seen = []
+    hook = model.tower.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    with torch.no_grad():
+        logits = model(ids, pixel_values=pixels).logits
+    assert seen == [3]
+    with torch.no_grad():  # every image through the tower, then merged by the same rule
+        features = model.vision_proj(model.tower(pixels.flatten(0, 1))).view(3, 2, 16, -1)
+        embeds = merge_image_features(ids, model.model.embed_tokens(ids), features, P)
+        expected = MiniMindForCausalLM.forward(model, ids, inputs_embeds=embeds).logits
+    assert torch.allclose(logits, expected, atol=1e-6)
+    with torch.no_grad():  # images that no run takes: the tower is not called, the text's logits are unchanged
+        alone = model(ids[2:], pixel_values=pixels[2:]).logits
+    hook.remove()
+    assert seen == [3, 6] and torch.equal(alone, model(ids[2:]).logits)  # 6: the reference's own call
 
 
 # ----------------------------------------------------------------------------- the whole model
