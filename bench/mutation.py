@@ -48,7 +48,7 @@ DPO = "minimind_pl.stages.dpo."
 CHECKPOINT_TESTS = ("tests/checkpoints", "tests/commands/test_export.py")
 MODULES: dict[str, Target] = {
     "losses": Target(("minimind_pl/losses.py",), ("tests/test_losses.py",)),
-    "rewards": Target(("minimind_pl/rewards.py",), ("tests/test_rewards.py",)),
+    "rewards": Target(("minimind_pl/rewards.py",), ("tests/test_rewards.py", "tests/test_agent_rewards.py")),
     "generation": Target(("minimind_pl/generation.py",), ("tests/test_generation.py",)),
     # the serve tests (~50 s) are left out: tests/test_chat_format.py checks the output parser directly
     "chat_format": Target(("minimind_pl/chat_format.py",),
@@ -98,6 +98,16 @@ MODULES: dict[str, Target] = {
     **{f"checkpoints/{name}": Target(tuple(f"minimind_pl/checkpoints/{f}.py" for f in files), CHECKPOINT_TESTS)
        for name, files in (("minimind", ("minimind", "files")), ("huggingface", ("huggingface",)),
                            ("adapters", ("adapters",)), ("loading", ("loading", "sharded")))},
+    # llama.cpp's file: the tests run it in llama.cpp itself (llama-cpp-python)
+    "checkpoints/gguf": Target(("minimind_pl/checkpoints/gguf.py",), ("tests/checkpoints/test_gguf.py",)),
+    # lm-evaluation-harness's model and the scoring it shares with eval (against lm-eval's HF backend)
+    "commands/harness": Target(("minimind_pl/commands/harness.py", "minimind_pl/commands/scoring.py"),
+                               ("tests/commands/test_harness.py",)),
+    # tool use: the tools, the tool-call benchmark and its intervals, multi-turn episodes
+    "tools": Target(("minimind_pl/tools.py",), ("tests/test_tools.py",)),
+    "tool_eval": Target(("minimind_pl/commands/tool_eval.py", "minimind_pl/stats.py"),
+                        ("tests/commands/test_tool_eval.py",)),
+    "stages/agent_rollout": Target(("minimind_pl/stages/agent_rollout.py",), ("tests/test_agent_rollout.py",)),
     # the server's request checks and its protection (host/origin guard, API key, body size limit)
     "serve": Target(("minimind_pl/commands/serve/requests.py", "minimind_pl/commands/serve/app.py"),
                     ("tests/commands/test_serve.py",),
