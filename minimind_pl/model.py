@@ -204,7 +204,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask = None, dropo
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
     cpu = q.device.type == "cpu"
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if gqa and (mask is not None and not cpu or cpu and backward):
+    if gqa and ((mask is not None and not cpu) or (cpu and backward)):
         # On CUDA, K/V heads are broadcast (enable_gqa) only by the flash kernel, which takes no dense mask:
         # the memory-efficient kernel, the one for masks, has no broadcast (SDPA would fall back to the math
         # kernel). The CPU kernels broadcast them bit for bit as repeated heads in the forward (3-10x faster
