@@ -109,6 +109,16 @@ def test_stream_generate_leaves_no_inference_mode_and_restores_train_mode() -> N
     assert model.training
 
 
+def test_a_model_in_training_mode_generates_as_in_eval_mode() -> None:
+    """Dropout is off while generating (RL rollouts run on a policy in training mode), and training mode returns."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(ModelConfig.from_preset("debug", dropout=0.5))
+    reference = generate(model.eval(), [PROMPTS[0]], max_new_tokens=12, do_sample=False, eos_token_id=None)
+    model.train()
+    assert generate(model, [PROMPTS[0]], max_new_tokens=12, do_sample=False, eos_token_id=None) == reference
+    assert model.training
+
+
 def test_strong_repetition_penalty_avoids_seen_tokens() -> None:
     model = debug_model()
     out = generate(model, [PROMPTS[0]], max_new_tokens=20, do_sample=False, repetition_penalty=1e6,
